@@ -1,0 +1,26 @@
+"""``cloche.load``: the front door for a local model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cloche.model.loader import load_hf
+from cloche.probes.store import SaveStore
+from cloche.runtime.model import Model
+
+
+def load(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None, max_saved_bytes: int | None = None) -> Model:
+    """Load a Hugging Face model from a local directory (the shipped default when ``None``).
+
+    ``max_saved_bytes`` caps the memory that save contexts may hold (a clear
+    ``ResourceLimit`` error instead of running out of memory).
+    """
+    if path is None:
+        from cloche.default_model import weights_dir
+
+        path = weights_dir()
+    loaded = load_hf(path, device=device, dtype=dtype)
+    return Model(loaded, store=SaveStore(max_bytes=max_saved_bytes))

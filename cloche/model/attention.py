@@ -1,0 +1,102 @@
+"""Probes inside attention: q, k, v, pattern and z.
+
+Hugging Face models call attention through ``AttentionInterface``; cloche registers one more
+implementation, ``"cloche"``, that computes eager attention and lets probes read or replace the
+per-head queries, keys, values, pattern and mixed values. It is switched on for one run only, and
+only when a probe is attached to an attention internal: otherwise the model runs its own attention
+(sdpa, flash, ...) unchanged. The matching mask function must be registered as well, or the masks
+transformers builds for an unknown implementation are silently wrong.
+
+Canonical layouts: q/k/v/z are ``(batch, seq, head, d_head)`` (keys and values of grouped-query
+attention expanded to every query head); pattern is ``(batch, head, query, key)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+IMPLEMENTATION = "cloche"
+
+# (attention module -> layer index, apply(layer, which, tensor) -> tensor); None outside runs
+Tap = tuple[dict[int, int], Callable[[int, str, torch.Tensor], torch.Tensor]]
+_ACTIVE: ContextVar[Tap | None] = ContextVar("cloche_attention_tap", default=None)
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(IMPLEMENTATION, probed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    _registered = True
+
+
+def _expand_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def probed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with probe taps, in the layout transformers passes (batch, head, seq, d)."""
+    tap = _ACTIVE.get()
+    layer = tap[0].get(id(module)) if tap is not None else None
+    n_rep = query.shape[1] // key.shape[1]
+    key = _expand_heads(key, n_rep)
+    value = _expand_heads(value, n_rep)
+    if layer is not None:
+        apply = tap[1]
+        query = apply(layer, "q", query.transpose(1, 2)).transpose(1, 2)
+        key = apply(layer, "k", key.transpose(1, 2)).transpose(1, 2)
+        value = apply(layer, "v", value.transpose(1, 2)).transpose(1, 2)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
+    if layer is not None:
+        pattern = apply(layer, "pattern", pattern)
+    z = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    if layer is not None:
+        z = apply(layer, "z", z)
+    return z, pattern
+
+
+@contextlib.contextmanager
+def attention_taps(
+    hf_model: nn.Module,
+    layer_of_module: dict[int, int],
+    apply: Callable[[int, str, torch.Tensor], torch.Tensor],
+) -> Iterator[None]:
+    """Route ``hf_model``'s attention through :func:`probed_attention` for the duration."""
+    _register()
+    config = hf_model.config
+    previous = config._attn_implementation
+    token = _ACTIVE.set((layer_of_module, apply))
+    config._attn_implementation = IMPLEMENTATION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _ACTIVE.reset(token)

@@ -1,0 +1,146 @@
+"""The catalog of probe points: canonical names, aliases, and where each point is hooked.
+
+Canonical names are architecture independent (``layers.3.mlp.post``); ``module:<path>:input``
+and ``module:<path>:output`` reach any module. TransformerLens names
+(``blocks.3.hook_resid_pre``) are accepted as aliases and resolved to canonical ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from cloche.errors import UnknownProbePoint
+from cloche.model.adapters import Adapter, Site
+
+ATTENTION_INTERNALS = ("q", "k", "v", "pattern", "z")
+
+_BLOCK_ORDER = (
+    "resid_pre", "ln1", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out",
+    "resid_mid", "ln2", "mlp.pre", "mlp.pre_linear", "mlp.post", "mlp.out", "resid_post",
+)
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    """A named place in the model where a probe can read or replace a tensor.
+
+    ``shape`` uses the strings ``"batch"`` and ``"seq"`` for the dimensions that depend on the
+    input; ``None`` when the shape is not known (a module that never ran on a probe input).
+    """
+
+    name: str
+    kind: str
+    layer: int | None
+    shape: tuple[str | int, ...] | None = None
+    module: str | None = None
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """Where and how a point is hooked (internal to the runtime)."""
+
+    name: str
+    kind: str
+    layer: int | None
+    site: Site | None = None  # absolute module path
+    attention: str | None = None  # one of ATTENTION_INTERNALS
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _kind_of(suffix: str) -> str:
+    return suffix.split(".")[0] if "." in suffix else ("resid" if suffix.startswith("resid") else "ln")
+
+
+def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, PointSpec]:
+    """Every canonical point of ``hf_model`` (plus module points), in forward order."""
+    modules = dict(hf_model.named_modules())
+    specs: dict[str, PointSpec] = {}
+    if adapter is not None and adapter.layers in modules:
+        config = hf_model.config
+        parallel = bool(getattr(config, "use_parallel_residual", False))
+        if adapter.embed in modules:
+            specs["embed"] = PointSpec("embed", "embed", None, Site(adapter.embed, "output"))
+        layers = modules[adapter.layers]
+        for i in range(len(layers)):
+            base = f"{adapter.layers}.{i}"
+            for suffix in _BLOCK_ORDER:
+                name = f"layers.{i}.{suffix}"
+                if suffix.startswith("attn.") and suffix[5:] in ATTENTION_INTERNALS:
+                    if adapter.attention and _join(base, adapter.attention) in modules:
+                        specs[name] = PointSpec(name, "attn", i, attention=suffix[5:])
+                    continue
+                site = adapter.block_sites.get(suffix)
+                if site is None or (suffix == "resid_mid" and parallel):
+                    continue
+                path = _join(base, site.module)
+                if path in modules:
+                    specs[name] = PointSpec(name, _kind_of(suffix), i, Site(path, site.where))
+        if adapter.final_norm and adapter.final_norm in modules:
+            specs["final_norm"] = PointSpec(
+                "final_norm", "ln", None, Site(adapter.final_norm, "output")
+            )
+        if adapter.logits in modules:
+            specs["logits"] = PointSpec("logits", "logits", None, Site(adapter.logits, "output"))
+    for path in modules:
+        if not path:
+            continue
+        for where in ("input", "output"):
+            name = f"module:{path}:{where}"
+            specs[name] = PointSpec(name, "module", _layer_of(path, adapter), Site(path, where))
+    return specs
+
+
+def _layer_of(path: str, adapter: Adapter | None) -> int | None:
+    if adapter is None or not path.startswith(adapter.layers + "."):
+        return None
+    head = path[len(adapter.layers) + 1 :].split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+_TL_BLOCK = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn.out",
+    "hook_mlp_out": "mlp.out",
+    "attn.hook_q": "attn.q",
+    "attn.hook_k": "attn.k",
+    "attn.hook_v": "attn.v",
+    "attn.hook_rot_q": "attn.q",
+    "attn.hook_rot_k": "attn.k",
+    "attn.hook_pattern": "attn.pattern",
+    "attn.hook_z": "attn.z",
+    "mlp.hook_pre": "mlp.pre",
+    "mlp.hook_pre_linear": "mlp.pre_linear",
+    "mlp.hook_post": "mlp.post",
+    "ln1.hook_normalized": "ln1",
+    "ln2.hook_normalized": "ln2",
+}
+_TL_GLOBAL = {"hook_embed": "embed", "ln_final.hook_normalized": "final_norm"}
+_TL_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def canonical_name(name: str, specs: dict[str, PointSpec]) -> str:
+    """Resolve ``name`` (canonical, TransformerLens alias, or module point) to a canonical name."""
+    if name in specs:
+        return name
+    resolved = _TL_GLOBAL.get(name)
+    match = _TL_RE.match(name)
+    if match and match.group(2) in _TL_BLOCK:
+        resolved = f"layers.{match.group(1)}.{_TL_BLOCK[match.group(2)]}"
+    if resolved is not None and resolved in specs:
+        return resolved
+    if name.startswith("module:") and not name.endswith((":input", ":output")):
+        hint = " (module points end in ':input' or ':output')"
+    else:
+        canonical = [s for s in specs if not s.startswith("module:")]
+        close = difflib.get_close_matches(name, canonical, n=4, cutoff=0.6)
+        hint = f"; did you mean one of {close}?" if close else ""
+    raise UnknownProbePoint(f"unknown probe point {name!r}{hint}")

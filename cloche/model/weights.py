@@ -1,0 +1,83 @@
+"""Canonical weight names: per-head attention matrices, MLP in/out, embeddings, norms.
+
+Canonical layouts follow TransformerLens, so results read the same as in its papers and
+tutorials: ``W_Q/W_K/W_V`` are ``(n_heads, d_model, d_head)``, ``W_O`` is
+``(n_heads, d_head, d_model)``, ``W_in``/``W_gate`` are ``(d_model, d_mlp)``, ``W_out`` is
+``(d_mlp, d_model)``, ``W_E`` is ``(d_vocab, d_model)`` and ``W_U`` is ``(d_model, d_vocab)``.
+Each is a view or a cheap reshape of the raw parameter, never a copy of the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cloche.model.adapters import Adapter, WeightRule
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+
+
+def head_shape(config: object) -> HeadShape:
+    """Attention geometry from a Hugging Face config."""
+    n_heads = int(getattr(config, "num_attention_heads"))
+    d_model = int(getattr(config, "hidden_size"))
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+    return HeadShape(n_heads, n_kv, d_head, d_model)
+
+
+def _split_heads_in(w_in_out: torch.Tensor, heads: int, d_head: int) -> torch.Tensor:
+    """(d_model, heads*d_head) -> (heads, d_model, d_head)."""
+    return w_in_out.reshape(w_in_out.shape[0], heads, d_head).permute(1, 0, 2)
+
+
+def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Tensor:
+    """Turn a raw parameter into its canonical layout."""
+    layout, part = rule.layout, rule.part
+    if layout == "identity":
+        return raw
+    if layout == "linear_in_out":
+        return raw.T
+    if layout == "linear_heads_in":
+        return _split_heads_in(raw.T, hs.n_heads, hs.d_head)
+    if layout == "linear_kv_heads_in":
+        return _split_heads_in(raw.T, hs.n_kv_heads, hs.d_head)
+    if layout == "linear_heads_out":
+        return raw.T.reshape(hs.n_heads, hs.d_head, raw.shape[0])
+    if layout == "bias_heads":
+        return raw.reshape(hs.n_heads, hs.d_head)
+    if layout == "bias_kv_heads":
+        return raw.reshape(hs.n_kv_heads, hs.d_head)
+    width = hs.n_heads * hs.d_head
+    if layout == "conv1d_qkv_heads":
+        return _split_heads_in(raw[:, part * width : (part + 1) * width], hs.n_heads, hs.d_head)
+    if layout == "qkv_bias_heads":
+        return raw[part * width : (part + 1) * width].reshape(hs.n_heads, hs.d_head)
+    if layout == "conv1d_out_heads":
+        return raw.reshape(hs.n_heads, hs.d_head, raw.shape[1])
+    if layout == "neox_qkv_heads":
+        per_head = raw.reshape(hs.n_heads, 3, hs.d_head, raw.shape[1])[:, part]
+        return per_head.transpose(1, 2)
+    if layout == "neox_qkv_bias_heads":
+        return raw.reshape(hs.n_heads, 3, hs.d_head)[:, part]
+    raise ValueError(f"unknown weight layout {layout!r}")
+
+
+def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple[str, WeightRule]]:
+    """Canonical name -> (raw parameter name, rule) for every weight the adapter knows."""
+    if adapter is None:
+        return {}
+    table: dict[str, tuple[str, WeightRule]] = {}
+    for name, rule in adapter.global_weights.items():
+        table[name] = (rule.param, rule)
+    for i in range(n_layers):
+        for suffix, rule in adapter.block_weights.items():
+            table[f"layers.{i}.{suffix}"] = (f"{adapter.layers}.{i}.{rule.param}", rule)
+    return table

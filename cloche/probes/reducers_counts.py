@@ -1,0 +1,114 @@
+"""Order statistics that merge by counting or comparing: ``Histogram`` and ``MinMax``.
+
+Both merge exactly (integer counts add, minima compare), so the split of the data into
+batches or ranks cannot change the answer at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cloche.errors import UsageError
+from cloche.probes.reducers_base import Reducer, check_float, check_int
+
+__all__ = ["Histogram", "MinMax"]
+
+_F64 = torch.float64
+
+
+class Histogram(Reducer):
+    """Counts of values in ``bins`` equal-width bins over [low, high], per unit or pooled.
+
+    Bin ``i`` holds ``edges[i] <= x < edges[i + 1]``; the last bin also holds ``x == high``
+    (as ``numpy.histogram``). Values below ``low`` count as ``underflow``, above ``high`` as
+    ``overflow``, NaNs as ``nan``; nothing is dropped. Comparisons are made in float64
+    against ``edges = linspace(low, high, bins + 1)`` (float64).
+
+    Result: ``count`` (rows seen), ``counts`` (d, bins) — or (bins,) with ``per_unit=False``,
+    which pools every unit — ``underflow``, ``overflow`` and ``nan`` ((d,) or scalars), all
+    int64, and ``edges`` (bins + 1,) float64.
+    """
+
+    kind = "histogram"
+    _config_keys = ("bins", "low", "high", "per_unit")
+
+    def __init__(self, bins: int, low: float, high: float, per_unit: bool = True) -> None:
+        super().__init__()
+        self.bins = check_int("Histogram", "bins", bins, 1)
+        self.low = check_float("Histogram", "low", low)
+        self.high = check_float("Histogram", "high", high)
+        if not self.low < self.high:
+            raise UsageError(f"Histogram: low ({low}) must be below high ({high})")
+        if not isinstance(per_unit, bool):
+            raise UsageError(f"Histogram: per_unit must be a bool, got {per_unit!r}")
+        self.per_unit = per_unit
+
+    def edges(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The bin edges, (bins + 1,) float64."""
+        return torch.linspace(self.low, self.high, self.bins + 1, dtype=_F64, device=device)
+
+    def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
+        # One tally row per unit: [underflow, bin 0 .. bin bins-1, overflow, nan].
+        shape = (d, self.bins + 3) if self.per_unit else (self.bins + 3,)
+        return {"tally": torch.zeros(shape, dtype=torch.int64, device=device)}
+
+    def _update_rows(self, rows: torch.Tensor, n: int) -> None:
+        tally = self._state["tally"]
+        r = rows.to(_F64)
+        slot = torch.bucketize(r, self.edges(r.device), right=True)  # 0 below, bins+1 at/above
+        slot.masked_fill_(r == self.high, self.bins)
+        slot.masked_fill_(r.isnan(), self.bins + 2)
+        width = self.bins + 3
+        if self.per_unit:
+            d = r.shape[1]
+            slot += torch.arange(d, device=r.device) * width
+            tally += torch.bincount(slot.view(-1), minlength=d * width).view(d, width)
+        else:
+            tally += torch.bincount(slot.view(-1), minlength=width)
+
+    def _merge_state(self, other: dict[str, torch.Tensor], n_other: int) -> None:
+        self._state["tally"] += other["tally"]
+
+    def _result(self) -> dict[str, torch.Tensor]:
+        tally = self._state["tally"]
+        return {
+            "count": torch.tensor(self._count, dtype=torch.int64),
+            "counts": tally[..., 1:-2].clone(),
+            "underflow": tally[..., 0].clone(),
+            "overflow": tally[..., -2].clone(),
+            "nan": tally[..., -1].clone(),
+            "edges": self.edges(),
+        }
+
+
+class MinMax(Reducer):
+    """Per-unit minimum and maximum. Result: ``count``, ``min``, ``max`` — NaN while empty."""
+
+    kind = "minmax"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"min": torch.full((d,), float("inf"), dtype=_F64, device=device),
+                "max": torch.full((d,), float("-inf"), dtype=_F64, device=device)}
+
+    def _update_rows(self, rows: torch.Tensor, n: int) -> None:
+        lo, hi = torch.aminmax(rows, dim=0)
+        self._fold(lo.to(_F64), hi.to(_F64))
+
+    def _merge_state(self, other: dict[str, torch.Tensor], n_other: int) -> None:
+        self._fold(other["min"], other["max"])
+
+    def _fold(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        torch.minimum(self._state["min"], lo, out=self._state["min"])
+        torch.maximum(self._state["max"], hi, out=self._state["max"])
+
+    def _result(self) -> dict[str, torch.Tensor]:
+        nan = float("nan")
+        empty = self._count == 0
+        return {
+            "count": torch.tensor(self._count, dtype=torch.int64),
+            "min": torch.full_like(self._state["min"], nan) if empty else self._state["min"].clone(),
+            "max": torch.full_like(self._state["max"], nan) if empty else self._state["max"].clone(),
+        }

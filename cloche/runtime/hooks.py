@@ -1,0 +1,203 @@
+"""Attach probes to a Hugging Face model for one forward (and backward) pass, then detach.
+
+Hooks are installed only where a probe is attached and only for the duration of a run; every
+handle is removed in ``finally`` (also on error or cancellation), so the next plain run is the
+plain model. Three kinds of site exist (see ``model.adapters.Site``): a module's output (forward
+hook), a module's input (forward pre-hook) and an input that the model also keeps for a
+residual add (``input_inplace``: a replacement is written into the tensor itself, so the
+residual stream sees it too). Attention internals go through ``model.attention``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cloche.errors import Cancelled, ClocheError, ProbeError
+from cloche.model.attention import attention_taps
+from cloche.model.points import PointSpec
+from cloche.probes.context import ProbeContext, RunInfo
+
+ProbeFn = Callable[[ProbeContext, torch.Tensor], Any]
+
+
+def _qualname(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _check_replacement(point: str, fn: Any, x: torch.Tensor, out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise ProbeError(
+            f"probe {_qualname(fn)} at {point!r} returned {type(out).__name__};"
+            " a probe returns None (keep x) or a tensor of x's shape",
+            point=point, probe=_qualname(fn),
+        )
+    if out.shape != x.shape:
+        raise ProbeError(
+            f"probe {_qualname(fn)} at {point!r} returned shape {tuple(out.shape)},"
+            f" expected {tuple(x.shape)}",
+            point=point, probe=_qualname(fn),
+        )
+    if out.dtype != x.dtype or out.device != x.device:
+        out = out.to(device=x.device, dtype=x.dtype)
+    return out
+
+
+def call_probes(fns: Sequence[ProbeFn], ctx: ProbeContext, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``fns`` in order; each sees the previous one's result. Errors name the point."""
+    for fn in fns:
+        try:
+            out = fn(ctx, x)
+        except ClocheError:
+            raise
+        except Exception as exc:
+            raise ProbeError(
+                f"probe {_qualname(fn)} at {ctx.point!r} raised {type(exc).__name__}: {exc}",
+                point=ctx.point, probe=_qualname(fn),
+            ) from exc
+        if out is not None:
+            x = _check_replacement(ctx.point, fn, x, out)
+    return x
+
+
+@dataclass
+class ProbePlan:
+    """The probes of one run, by canonical point name."""
+
+    forward: dict[str, list[ProbeFn]] = field(default_factory=dict)
+    backward: dict[str, list[ProbeFn]] = field(default_factory=dict)
+
+    def points(self) -> list[str]:
+        return list(dict.fromkeys([*self.forward, *self.backward]))
+
+
+def _first_tensor(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], Any]]:
+    """The tensor a point means inside a module's output, and how to put a replacement back."""
+    if isinstance(value, torch.Tensor):
+        return value, lambda new: new
+    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+        return value[0], lambda new: (new, *value[1:])
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return value[0], lambda new: [new, *value[1:]]
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):  # a ModelOutput
+        for key in value.keys():
+            item = value[key]
+            if isinstance(item, torch.Tensor):
+                def rebuild(new: torch.Tensor, key: str = key) -> Any:
+                    value[key] = new
+                    return value
+                return item, rebuild
+    return None, lambda new: new
+
+
+class Attachment:
+    """Installs the hooks of one plan on one model; ``detach`` removes them all."""
+
+    def __init__(self, hf_model: nn.Module, specs: dict[str, PointSpec], plan: ProbePlan,
+                 run: Callable[[], RunInfo], cancel: Any = None,
+                 block_paths: Sequence[str] = (), attention_paths: dict[str, int] | None = None
+                 ) -> None:
+        self._model = hf_model
+        self._specs = specs
+        self._plan = plan
+        self._run = run
+        self._cancel = cancel
+        self._modules = dict(hf_model.named_modules())
+        self._handles: list[Any] = []
+        self._block_paths = block_paths
+        self._attention_paths = attention_paths or {}
+
+    def _ctx(self, name: str) -> ProbeContext:
+        spec = self._specs[name]
+        return ProbeContext(self._run(), name, spec.layer)
+
+    def _apply(self, name: str, x: torch.Tensor, *, grads: bool = True) -> torch.Tensor:
+        fns = self._plan.forward.get(name)
+        if fns:
+            x = call_probes(fns, self._ctx(name), x)
+        if grads:
+            self._watch_grad(name, x)
+        return x
+
+    def _watch_grad(self, name: str, x: torch.Tensor) -> None:
+        fns = self._plan.backward.get(name)
+        if fns and x.requires_grad:
+            x.register_hook(lambda g: call_probes(fns, self._ctx(name), g))
+
+    def _output_hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            x, rebuild = _first_tensor(output)
+            if x is None:
+                return None
+            y = self._apply(name, x)
+            return None if y is x else rebuild(y)
+        return hook
+
+    def _input_hook(self, name: str, inplace: bool) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+            else:
+                key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+                if key is None:
+                    return None
+                x = kwargs[key]
+            if inplace:
+                # probes see a copy, so what they save does not change when we write into x
+                if self._plan.forward.get(name):
+                    y = self._apply(name, x.clone(), grads=False)
+                    if not torch.equal(y, x):
+                        x.copy_(y)
+                self._watch_grad(name, x)
+                return None
+            y = self._apply(name, x)
+            if y is x:
+                return None
+            if args and args[0] is x:
+                return (y, *args[1:]), kwargs
+            return args, {**kwargs, key: y}
+        return hook
+
+    def _attention_apply(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        name = f"layers.{layer}.attn.{which}"
+        if name in self._plan.forward or name in self._plan.backward:
+            return self._apply(name, x)
+        return x
+
+    def _cancel_hook(self, module: nn.Module, args: Any) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("the request was cancelled")
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.detach)
+            uses_attention = False
+            for name in self._plan.points():
+                spec = self._specs[name]
+                if spec.attention is not None:
+                    uses_attention = True
+                    continue
+                module = self._modules[spec.site.module]
+                if spec.site.where == "output":
+                    self._handles.append(module.register_forward_hook(self._output_hook(name)))
+                else:
+                    hook = self._input_hook(name, spec.site.where == "input_inplace")
+                    self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if self._cancel is not None:
+                for path in self._block_paths:
+                    handle = self._modules[path].register_forward_pre_hook(self._cancel_hook)
+                    self._handles.append(handle)
+            if uses_attention:
+                layer_of = {id(self._modules[p]): i for p, i in self._attention_paths.items()}
+                stack.enter_context(attention_taps(self._model, layer_of, self._attention_apply))
+            yield
+
+    def detach(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()

@@ -1,0 +1,223 @@
+"""The server: accept connections, queue model work fairly, run it on one worker thread.
+
+Threads: one accepting connections, one per connection (handshake, then reading requests and
+answering light ones), one worker executing heavy requests on the model one at a time (the
+model is not safe to run concurrently: probes are hooks on shared modules), and one janitor
+expiring idle sessions. ``Server`` talks to its model only through the Model API, so the same
+class serves a local :class:`cloche.Model` or a sharded model with the same API.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from typing import Any
+
+from cloche import errors
+from cloche.server.config import ServerConfig
+from cloche.server.connection import Job, ServerConnection
+from cloche.server.fairqueue import FairQueue
+from cloche.server.handlers import CallContext
+from cloche.server.sessions import Session, SessionRegistry
+from cloche.server.view import SessionModelView
+from cloche.wire import transport
+
+__all__ = ["Server"]
+
+log = logging.getLogger("cloche.server")
+
+
+class Server:
+    """Serve ``model`` as configured; ``start()`` returns once it is listening."""
+
+    def __init__(self, model: Any, config: ServerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.rank = getattr(model, "rank", 0)
+        self.sessions = SessionRegistry(config.session_idle_expiry)
+        self.queue: FairQueue[Job] = FairQueue()
+        self.info: dict[str, Any] = {}
+        self._ssl = (
+            transport.server_ssl_context(config.tls_cert, config.tls_key)
+            if config.tls_cert else None
+        )
+        self._listener: socket.socket | None = None
+        self._connections: set[ServerConnection] = set()
+        self._conn_lock = threading.Lock()
+        self._positions_lock = threading.Lock()
+        self._running: Job | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise errors.UsageError("the server is not listening yet")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def start(self) -> tuple[str, int]:
+        # Probe-point shapes are discovered with a forward pass: do it now, before any client
+        # can ask for them concurrently with a run.
+        self.model.probe_points()
+        self.info = dict(self.model.info())
+        self.info.update(name=self.model.name, device=str(self.model.device))
+        self._listener = transport.listen(self.config.host, self.config.port)
+        for target, name in (
+            (self._accept_loop, "cloche-accept"),
+            (self._work_loop, "cloche-worker"),
+            (self._janitor_loop, "cloche-janitor"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self.address
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`shutdown` (True) or the timeout (False)."""
+        return self._stop.wait(timeout)
+
+    def shutdown(self) -> None:
+        """Stop accepting, cancel all work, close every connection."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        for job in self.queue.close():
+            job.cancel.set()
+        running = self._running
+        if running is not None:
+            running.cancel.set()
+        with self._conn_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.framed.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------- connections
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            with self._conn_lock:
+                full = len(self._connections) >= self.config.max_connections
+            if full:
+                log.warning("refused %s: %d connections already open", peer, len(self._connections))
+                sock.close()
+                continue
+            transport.accepted(sock)
+            if self._ssl is not None:
+                try:
+                    sock = self._ssl.wrap_socket(sock, server_side=True,
+                                                 do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("refused %s: %s", peer, exc)
+                    sock.close()
+                    continue
+            conn = ServerConnection(self, sock, peer)
+            with self._conn_lock:
+                self._connections.add(conn)
+            threading.Thread(target=conn.serve, name=f"cloche-conn-{peer}", daemon=True).start()
+
+    def forget(self, conn: ServerConnection) -> None:
+        with self._conn_lock:
+            self._connections.discard(conn)
+
+    @property
+    def connection_count(self) -> int:
+        with self._conn_lock:
+            return len(self._connections)
+
+    # ----------------------------------------------------------------- the queue
+    def enqueue(self, job: Job) -> None:
+        self.sessions.acquire(job.session)
+        self.queue.put(job.session.id, job)
+        self._announce_positions()
+
+    def cancel_job(self, job: Job) -> None:
+        job.cancel.set()
+        if self.queue.remove(job.session.id, job):
+            self._complete(job, error=errors.Cancelled("cancelled while queued",
+                                                       request_id=job.request.id))
+            self._announce_positions()
+
+    def _announce_positions(self) -> None:
+        with self._positions_lock:
+            for job, position in self.queue.positions():
+                if job.position != position:
+                    job.position = position
+                    job.emit({"type": "queued", "position": position})
+
+    def _complete(self, job: Job, *, value: Any = None, error: BaseException | None = None) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        try:
+            if error is None:
+                job.conn.send_result(job.request.id, value)
+            else:
+                job.conn.send_error(job.request.id, error)
+        finally:
+            job.conn.finish(job)
+            self.sessions.release(job.session)
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.queue.get()
+            if job is None:
+                return
+            self._announce_positions()
+            if job.cancel.is_set():
+                self._complete(job, error=errors.Cancelled("cancelled while queued",
+                                                           request_id=job.request.id))
+                continue
+            self._running = job
+            try:
+                job.emit({"type": "started"})
+                context = CallContext(
+                    view=SessionModelView(self.model, job.session, job.cancel),
+                    cancel=job.cancel,
+                    emit=job.emit,
+                    progress_interval=self.config.progress_interval,
+                )
+                value = job.method.fn(context, *job.request.args, **job.request.kwargs)
+            except Exception as exc:
+                self._complete(job, error=exc)
+            else:
+                self._complete(job, value=value)
+            finally:
+                self._running = None
+
+    # ----------------------------------------------------------------- sessions
+    def _janitor_loop(self) -> None:
+        expiry = self.config.session_idle_expiry
+        if expiry is None:
+            return
+        interval = min(max(expiry / 4, 0.05), 30.0)
+        while not self._stop.wait(interval):
+            try:
+                for sid in self.sessions.expire(self._drop_session):
+                    log.info("session %s expired after %.0f s idle", sid[:8], expiry)
+            except Exception:
+                log.exception("expiring sessions failed")
+
+    def _drop_session(self, session: Session) -> None:
+        SessionModelView(self.model, session).drop_all()

@@ -1,0 +1,211 @@
+"""One client connection on the server: handshake, then requests until the peer leaves.
+
+Nothing from the peer is unpickled until it has proven it knows the token; before that, frames
+are limited to 4 KiB and must be one of the handshake messages. A frame that breaks the
+protocol closes the connection (the byte stream can no longer be trusted); a request that fails
+is answered with an error and the connection goes on. When the connection drops, its queued and
+running requests are cancelled; its session stays for a reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from typing import TYPE_CHECKING, Any
+
+from cloche import errors
+from cloche.server.handlers import METHODS, CallContext, Method
+from cloche.server.sessions import Session
+from cloche.server.view import SessionModelView
+from cloche.wire import codec, messages, remote_errors
+from cloche.wire.frames import Limits
+from cloche.wire.handshake import ServerHandshake
+from cloche.wire.transport import FramedSocket
+
+if TYPE_CHECKING:
+    from cloche.server.app import Server
+
+__all__ = ["Job", "ServerConnection"]
+
+log = logging.getLogger("cloche.server")
+
+
+class Job:
+    """A heavy request waiting for, or running on, the worker."""
+
+    def __init__(self, conn: ServerConnection, request: messages.Request, method: Method) -> None:
+        self.conn = conn
+        self.request = request
+        self.method = method
+        self.session: Session = conn.session  # type: ignore[assignment]
+        self.cancel = threading.Event()
+        self.position: int | None = None
+        self.finished = False
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.conn.send(messages.event(self.request.id, event))
+
+
+class ServerConnection:
+    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.peer = peer
+        self.framed = FramedSocket(sock, limits=Limits.handshake())
+        self.session: Session | None = None
+        self.jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+    def serve(self) -> None:
+        try:
+            if self._handshake():
+                self._loop()
+        except errors.ConnectionError as exc:
+            log.debug("connection %s lost: %s", self.peer, exc)
+        except errors.ProtocolError as exc:
+            log.warning("closing connection %s: protocol error: %s", self.peer, exc)
+            self.send(messages.error(None, remote_errors.to_payload(exc, None)))
+        except Exception:  # the server never dies from a connection
+            log.exception("unexpected error on connection %s", self.peer)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.framed.close()
+        with self._lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            self.server.cancel_job(job)
+        session, self.session = self.session, None
+        if session is not None:
+            self.server.sessions.release(session)
+        self.server.forget(self)
+
+    def _handshake(self) -> bool:
+        sock = self.framed.sock
+        sock.settimeout(self.server.config.handshake_timeout)
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("refused %s: TLS handshake failed: %s", self.peer, exc)
+                return False
+        shake = ServerHandshake(self.server.config.token)
+        try:
+            hello = self.framed.recv(allow_code=False)
+            if hello is None:
+                return False
+            self.framed.send(shake.receive(hello))
+            auth = self.framed.recv(allow_code=False)
+            if auth is None:
+                return False
+            welcome = shake.receive(auth)
+        except errors.AuthError as exc:
+            log.warning("refused %s: %s", self.peer, exc)
+            self.send(ServerHandshake.refusal("authentication failed"))
+            return False
+        except errors.ProtocolError as exc:
+            log.warning("refused %s: not a cloche client (%s)", self.peer, exc)
+            self.send(ServerHandshake.refusal(f"protocol error: {exc}"))
+            return False
+        session, resumed = self.server.sessions.open(shake.session)
+        self.session = session
+        welcome.update(session=session.id, resumed=resumed, info=self.server.info)
+        self.framed.send(welcome)
+        self.framed.limits = Limits(max_body=self.server.config.max_frame_bytes)
+        sock.settimeout(None)
+        log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened", self.peer)
+        return True
+
+    # ----------------------------------------------------------------- requests
+    def _loop(self) -> None:
+        while True:
+            pending = self.framed.recv_pending(allow_code=True)
+            if pending is None:
+                return
+            try:
+                msg = pending.finish()
+            except errors.UsageError as exc:  # shipped code that cannot load here
+                peeked = pending.peek()
+                rid = peeked.get("id") if type(peeked) is dict else None
+                self.send_error(rid if type(rid) is int else None, exc)
+                continue
+            try:
+                request = messages.parse_request_or_cancel(msg)
+            except errors.ProtocolError as exc:
+                rid = msg.get("id") if type(msg) is dict else None
+                log.warning("bad request from %s: %s", self.peer, exc)
+                self.send_error(rid if type(rid) is int else None, exc)
+                continue
+            self._dispatch(request)
+
+    def _dispatch(self, request: messages.Request) -> None:
+        if request.method is None:  # cancel
+            with self._lock:
+                job = self.jobs.get(request.id)
+            if job is not None:
+                self.server.cancel_job(job)
+            return
+        method = METHODS.get(request.method)
+        if method is None:
+            self.send_error(request.id, errors.UsageError(f"unknown method {request.method!r}"))
+            return
+        if not method.heavy:
+            self._run_light(request, method)
+            return
+        with self._lock:
+            if request.id in self.jobs:
+                duplicate = True
+            else:
+                duplicate = False
+                job = Job(self, request, method)
+                self.jobs[request.id] = job
+        if duplicate:
+            self.send_error(request.id, errors.UsageError(f"request id {request.id} is in use"))
+            return
+        self.server.enqueue(job)
+
+    def _run_light(self, request: messages.Request, method: Method) -> None:
+        assert self.session is not None
+        context = CallContext(
+            view=SessionModelView(self.server.model, self.session),
+            cancel=threading.Event(),
+            emit=lambda event: self.send(messages.event(request.id, event)),
+        )
+        try:
+            value = method.fn(context, *request.args, **request.kwargs)
+        except Exception as exc:
+            self.send_error(request.id, exc)
+            return
+        self.send_result(request.id, value)
+
+    def finish(self, job: Job) -> None:
+        with self._lock:
+            self.jobs.pop(job.request.id, None)
+
+    # ----------------------------------------------------------------- replies
+    def send(self, message: Any) -> bool:
+        """Send; False when the peer is gone (the reader will notice and clean up)."""
+        try:
+            self.framed.send(message)
+            return True
+        except (errors.ConnectionError, errors.UsageError):
+            return False
+
+    def send_result(self, rid: int, value: Any) -> None:
+        try:
+            encoded = codec.encode(messages.result(rid, value))
+        except errors.UsageError as exc:
+            self.send_error(rid, errors.UsageError(f"the result cannot be sent: {exc}"))
+            return
+        try:
+            self.framed.send_encoded(encoded)
+        except errors.ConnectionError:
+            pass  # the peer left; its reader thread cleans up
+
+    def send_error(self, rid: int | None, exc: BaseException) -> None:
+        if not isinstance(exc, (errors.Cancelled, errors.UsageError)):
+            log.info("request %s from %s failed: %s: %s", rid, self.peer, type(exc).__name__, exc)
+        self.send(messages.error(rid, remote_errors.to_payload(exc, rid, rank=self.server.rank)))

@@ -1,0 +1,129 @@
+"""Message kinds and their shapes: builders for the sender, validators for the receiver.
+
+Every message is a msgpack map with a ``kind``. After the handshake a client sends ``request``
+and ``cancel``; a server answers each request id with any number of ``event`` messages
+(queue position, progress) followed by exactly one ``result`` or ``error``. Validators raise
+:class:`~cloche.errors.ProtocolError` for anything out of shape. Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cloche.errors import ProtocolError
+
+__all__ = [
+    "AUTH",
+    "CANCEL",
+    "CHALLENGE",
+    "ERROR",
+    "EVENT",
+    "HELLO",
+    "REFUSED",
+    "REQUEST",
+    "RESULT",
+    "WELCOME",
+    "Request",
+    "cancel",
+    "error",
+    "event",
+    "parse_request_or_cancel",
+    "parse_response",
+    "request",
+    "result",
+]
+
+HELLO = "hello"
+CHALLENGE = "challenge"
+AUTH = "auth"
+WELCOME = "welcome"
+REFUSED = "refused"
+REQUEST = "request"
+CANCEL = "cancel"
+RESULT = "result"
+ERROR = "error"
+EVENT = "event"
+
+_MAX_ID = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request (``method`` is None for a cancel of request ``id``)."""
+
+    id: int
+    method: str | None
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+def request(rid: int, method: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
+    return {"kind": REQUEST, "id": rid, "method": method, "args": list(args), "kwargs": kwargs}
+
+
+def cancel(rid: int) -> dict:
+    return {"kind": CANCEL, "id": rid}
+
+
+def result(rid: int, value: Any) -> dict:
+    return {"kind": RESULT, "id": rid, "value": value}
+
+
+def error(rid: int | None, payload: dict[str, Any]) -> dict:
+    return {"kind": ERROR, "id": rid, "error": payload}
+
+
+def event(rid: int, payload: dict[str, Any]) -> dict:
+    return {"kind": EVENT, "id": rid, "event": payload}
+
+
+def _kind(msg: Any) -> str:
+    if type(msg) is not dict or not isinstance(msg.get("kind"), str):
+        raise ProtocolError("a message must be a map with a string 'kind'")
+    return msg["kind"]
+
+
+def _id(msg: dict, *, optional: bool = False) -> int | None:
+    rid = msg.get("id")
+    if rid is None and optional:
+        return None
+    if type(rid) is not int or not 0 <= rid <= _MAX_ID:
+        raise ProtocolError(f"bad request id {rid!r}"[:100])
+    return rid
+
+
+def parse_request_or_cancel(msg: Any) -> Request:
+    """Validate what an authenticated client sent."""
+    kind = _kind(msg)
+    if kind == CANCEL:
+        return Request(_id(msg), None, [], {})
+    if kind != REQUEST:
+        raise ProtocolError(f"unexpected message kind {kind!r} from a client"[:100])
+    rid = _id(msg)
+    method, args, kwargs = msg.get("method"), msg.get("args", []), msg.get("kwargs", {})
+    if not isinstance(method, str) or not method:
+        raise ProtocolError("a request needs a method name")
+    if type(args) is not list:
+        raise ProtocolError("request args must be a list")
+    if type(kwargs) is not dict or not all(isinstance(key, str) for key in kwargs):
+        raise ProtocolError("request kwargs must be a map with string keys")
+    return Request(rid, method, args, kwargs)
+
+
+def parse_response(msg: Any) -> tuple[str, int | None, Any]:
+    """Validate what a server sent after the handshake: (kind, request id, payload)."""
+    kind = _kind(msg)
+    if kind == RESULT:
+        return kind, _id(msg), msg.get("value")
+    if kind == ERROR:
+        payload = msg.get("error")
+        if type(payload) is not dict:
+            raise ProtocolError("an error message needs an 'error' map")
+        return kind, _id(msg, optional=True), payload
+    if kind == EVENT:
+        payload = msg.get("event")
+        if type(payload) is not dict:
+            raise ProtocolError("an event message needs an 'event' map")
+        return kind, _id(msg), payload
+    raise ProtocolError(f"unexpected message kind {kind!r} from a server"[:100])

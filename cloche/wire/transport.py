@@ -1,0 +1,187 @@
+"""The thin socket layer: frames in and out of a (possibly TLS) socket.
+
+Everything protocol-shaped lives in :mod:`frames`, :mod:`codec` and :mod:`handshake`; this module
+only moves bytes. Bodies are sent in chunks straight from the tensors' memory and received with
+``recv_into`` straight into the tensors the codec allocated (no intermediate copies). OS-level
+failures become :class:`cloche.errors.ConnectionError` here, once.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Any
+
+from cloche import errors
+from cloche.wire import codec, frames
+
+__all__ = [
+    "FramedSocket",
+    "client_ssl_context",
+    "listen",
+    "open_connection",
+    "server_ssl_context",
+]
+
+_CHUNK = 64 * 1024 * 1024
+_SMALL = 64 * 1024
+
+
+class FramedSocket:
+    """Sends and receives whole messages on one socket.
+
+    ``send`` is thread-safe (one frame at a time); ``recv`` must be called from one thread only.
+    ``limits`` may be replaced after the handshake (small before, large after).
+    """
+
+    def __init__(self, sock: socket.socket, *, limits: frames.Limits | None = None) -> None:
+        self.sock = sock
+        self.limits = limits or frames.Limits()
+        self._send_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ sending
+    def send(self, message: Any) -> None:
+        self.send_encoded(codec.encode(message))
+
+    def send_encoded(self, encoded: codec.Encoded) -> None:
+        body_len = encoded.body_len
+        head = frames.encode_preamble(len(encoded.header), body_len) + encoded.header
+        try:
+            with self._send_lock:
+                if body_len <= _SMALL:
+                    self.sock.sendall(b"".join([head, *encoded.buffers]))
+                    return
+                self.sock.sendall(head)
+                for buf in encoded.buffers:
+                    for start in range(0, buf.nbytes, _CHUNK):
+                        self.sock.sendall(buf[start : start + _CHUNK])
+        except (OSError, ValueError) as exc:  # ValueError: a closed SSL socket
+            raise errors.ConnectionError(f"connection lost while sending: {exc}") from exc
+
+    # ---------------------------------------------------------------- receiving
+    def recv(self, *, allow_code: bool = False) -> Any:
+        """The next message, or None when the peer closed the connection between frames."""
+        pending = self.recv_pending(allow_code=allow_code)
+        return None if pending is None else pending.finish()
+
+    def recv_pending(self, *, allow_code: bool = False) -> codec.PendingMessage | None:
+        """Like :meth:`recv` but leaves pickled fields to ``finish()`` (see PendingMessage)."""
+        raw = bytearray(frames.PREAMBLE_SIZE)
+        if not self._fill(memoryview(raw), at_boundary=True):
+            return None
+        preamble = frames.parse_preamble(raw, self.limits)
+        if preamble.extended:
+            extra = bytearray(frames.EXTENDED_SIZE)
+            self._fill(memoryview(extra))
+            preamble = frames.parse_extended(preamble, extra, self.limits)
+        header = bytearray(preamble.header_len)
+        self._fill(memoryview(header))
+        pending = codec.decode_header(header, preamble.body_len, allow_code=allow_code)
+        for target in pending.targets:
+            if target.nbytes:
+                self._fill(target)
+        return pending
+
+    def _fill(self, view: memoryview, *, at_boundary: bool = False) -> bool:
+        total = view.nbytes
+        got = 0
+        try:
+            while got < total:
+                n = self.sock.recv_into(view[got:], min(total - got, _CHUNK))
+                if n == 0:
+                    if at_boundary and got == 0:
+                        return False
+                    raise errors.ConnectionError("connection closed in the middle of a frame")
+                got += n
+        except socket.timeout as exc:
+            raise errors.ConnectionError("timed out waiting for the peer") from exc
+        except (OSError, ValueError) as exc:
+            raise errors.ConnectionError(f"connection lost while receiving: {exc}") from exc
+        return True
+
+    # ------------------------------------------------------------------ closing
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected: nothing to shut down
+        self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def open_connection(
+    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, timeout: float | None = 30.0
+) -> socket.socket:
+    """A connected TCP (or TLS) socket; raises cloche ConnectionError/AuthError on failure."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise errors.ConnectionError(f"cannot connect to {host}:{port}: {exc}") from exc
+    _tune(sock)
+    if ssl_context is not None:
+        try:
+            sock = ssl_context.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise errors.AuthError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise errors.ConnectionError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
+    sock.settimeout(None)
+    return sock
+
+
+def listen(host: str, port: int, *, backlog: int = 64) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise errors.ConnectionError(f"cannot listen on {host}:{port}: {exc}") from exc
+    sock.listen(backlog)
+    return sock
+
+
+def accepted(sock: socket.socket) -> socket.socket:
+    """Tune a freshly accepted socket like a connecting one."""
+    _tune(sock)
+    return sock
+
+
+def server_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.UsageError(f"cannot load TLS certificate {certfile!r}: {exc}") from exc
+    return context
+
+
+def client_ssl_context(tls: bool | str | ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """``True``: verify against the system CAs; a path: trust that CA/certificate file."""
+    if tls is None or tls is False:
+        return None
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is True:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(tls))
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.UsageError(f"cannot load TLS CA file {tls!r}: {exc}") from exc

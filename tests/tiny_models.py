@@ -1,0 +1,56 @@
+"""Tiny real Hugging Face models built from configs and saved with save_pretrained.
+
+Tests load them back through the real loading path (``cloche.load`` / ``from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+import transformers
+
+VOCAB = 101
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
+    t = transformers
+    return {
+        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **_COMMON)),
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **_COMMON)),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **_COMMON)),
+        "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **_COMMON)),
+        "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, **_COMMON)),
+        "gpt_neox_sequential": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, use_parallel_residual=False, **_COMMON)),
+        "bert": (t.BertForMaskedLM, t.BertConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, **_COMMON)),
+    }
+
+
+FAMILIES = tuple(_configs())
+CAUSAL = tuple(f for f in FAMILIES if f != "bert")
+
+
+def save_tiny(family: str, directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Build the tiny ``family`` model with random weights and save it to ``directory``."""
+    cls, config = _configs()[family]
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():  # random, non-trivial norms and biases so that mistakes show
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return directory

@@ -1,0 +1,71 @@
+"""Frames over a real socket pair: zero-copy receive, EOF handling, limits."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import pytest
+import torch
+
+from cloche.errors import ConnectionError, FrameTooLarge, ProtocolError
+from cloche.wire import frames
+from cloche.wire.transport import FramedSocket
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    left, right = FramedSocket(a), FramedSocket(b)
+    yield left, right
+    left.close()
+    right.close()
+
+
+def test_large_tensor_round_trip(pair):
+    left, right = pair
+    tensor = torch.randn(3, 1 << 18)  # 3 MiB: the chunked path
+    sender = threading.Thread(target=left.send, args=({"t": tensor, "n": 1},))
+    sender.start()
+    out = right.recv()
+    sender.join()
+    assert torch.equal(out["t"], tensor) and out["n"] == 1
+
+
+def test_clean_eof_between_frames_is_none(pair):
+    left, right = pair
+    left.send({"a": 1})
+    left.close()
+    assert right.recv() == {"a": 1}
+    assert right.recv() is None
+
+
+def test_eof_inside_a_frame_is_a_connection_error(pair):
+    left, right = pair
+    left.sock.sendall(frames.encode_preamble(10, 0) + b"\x81")
+    left.close()
+    with pytest.raises(ConnectionError, match="middle of a frame"):
+        right.recv()
+
+
+def test_oversize_is_refused_before_reading_the_body(pair):
+    left, right = pair
+    right.limits = frames.Limits.handshake()
+    left.sock.sendall(frames.encode_preamble(1, 1 << 30))
+    with pytest.raises(FrameTooLarge):
+        right.recv()
+
+
+def test_garbage_is_a_protocol_error(pair):
+    left, right = pair
+    left.sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(ProtocolError):
+        right.recv()
+
+
+def test_bad_version_is_a_protocol_error(pair):
+    left, right = pair
+    left.sock.sendall(b"CLCH" + bytes([7, 0, 0, 0]) + struct.pack(">II", 1, 0) + b"\xc0")
+    with pytest.raises(ProtocolError, match="version 7"):
+        right.recv()
