@@ -55,7 +55,8 @@ class ProbeContext:
 
     @property
     def example_ids(self) -> torch.Tensor | None:
-        """Stable dataset example ids of the batch rows, during dataset runs."""
+        """Ids of the batch rows: dataset example ids in dataset runs; otherwise the running
+        count of rows this save context has seen in plain runs (0, 1, 2, ... across runs)."""
         return self._run.example_ids
 
     @property

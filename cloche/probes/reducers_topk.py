@@ -8,6 +8,7 @@ split into batches or ranks, and merging partial top-k lists is exact.
 Each update selects a per-unit candidate set from the batch with ``torch.topk`` (ties at the
 k-th value are resolved by row order, which is made equal to (example id, position) order),
 then merges it with the kept rows by a stable lexicographic sort over at most 2k rows.
+The batch is worked on unit-major, (d, n), where topk and cumsum run fastest.
 """
 
 from __future__ import annotations
@@ -59,25 +60,30 @@ class TopK(Reducer):
         mask: torch.Tensor | None = None,
     ) -> None:
         """Fold a batch in; ``example_ids`` is required (see the class docstring)."""
-        rows, ids, pos = self._flatten(x, example_ids, mask)
-        n = rows.shape[0]
+        key, ids, pos = self._flatten(x, example_ids, mask)
+        d, n = key.shape
         if n == 0:
             return
-        key = rows if self.largest else rows.neg()
+        if not self.largest:
+            key.neg_()  # our own copy; negation is exact, so it is undone exactly below
         kk = min(self.k, n)
         if kk < n:
-            pick = self._pick_rows(key, kk)  # (kk, d) row indices
+            pick = self._pick_columns(key, kk)  # (d, kk) sample indices
         else:
-            pick = torch.arange(n, device=rows.device).unsqueeze(1).expand(n, rows.shape[1])
-        self._fold(rows.gather(0, pick).to(_F64), ids[pick], pos[pick])
+            pick = torch.arange(n, device=key.device).expand(d, n)
+        values = key.gather(1, pick)
+        if not self.largest:
+            values.neg_()
+        self._fold(values.T.to(_F64), ids[pick].T, pos[pick].T)
         self._count += n
 
     def _flatten(
         self, x: torch.Tensor, example_ids: torch.Tensor | None, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validate the inputs; return kept rows (n, d), ids (n,), positions (n,).
+        """Validate the inputs; return the kept values transposed, (d, n), ids and positions (n,).
 
-        Rows come out ordered by (example id, position), so that row order is tie order.
+        Samples come out ordered by (example id, position), so that sample order is tie order.
+        The values are a fresh copy laid out unit-major, which is where topk and cumsum are fast.
         """
         me = self._describe()
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
@@ -114,24 +120,27 @@ class TopK(Reducer):
         # (id, position) order: positions already ascend within a batch row, so a stable
         # sort on ids suffices unless an id repeats across rows; sorting by position first
         # makes it right in that case too.
-        order = torch.argsort(pos, stable=True)
-        order = order[torch.argsort(ids[order], stable=True)]
+        order = torch.argsort(ids, stable=True)
         ids, pos = ids[order], pos[order]
-        rows = rows.index_select(0, order if keep is None else keep[order])
-        return rows, ids, pos
+        values = rows.T.index_select(1, order if keep is None else keep[order])
+        return values, ids, pos
 
-    def _pick_rows(self, key: torch.Tensor, kk: int) -> torch.Tensor:
-        """Per column, the indices of the kk rows with the largest key, earlier rows on ties."""
-        n = key.shape[0]
-        threshold = torch.topk(key, kk, dim=0, sorted=False).values.amin(0)  # kk-th largest
+    def _pick_columns(self, key: torch.Tensor, kk: int) -> torch.Tensor:
+        """Per unit (row of ``key``, (d, n)), the kk samples with the largest key.
+
+        Ties at the kk-th value go to the earlier samples: everything above the threshold is
+        taken, then tied samples in order until kk are chosen.
+        """
+        n = key.shape[1]
+        threshold = torch.topk(key, kk, dim=1, sorted=False).values.amin(1, keepdim=True)
         above = key > threshold
         at = key == threshold
-        room = kk - above.sum(0, dtype=torch.int32)  # how many tied rows still fit
-        chosen = above | (at & (at.cumsum(0, dtype=torch.int32) <= room))
-        # Exactly kk rows are chosen per column; topk on (n - row) among them recovers them.
+        room = kk - above.sum(1, keepdim=True, dtype=torch.int32)  # tied samples that still fit
+        chosen = above | (at & (at.cumsum(1, dtype=torch.int32) <= room))
+        # Exactly kk samples are chosen per unit; topk on (n - index) among them recovers them.
         index_dtype = torch.int32 if n < 2**31 - 1 else _I64
-        rank = torch.arange(n, 0, -1, dtype=index_dtype, device=key.device).unsqueeze(1)
-        return torch.topk(torch.where(chosen, rank, 0), kk, dim=0, sorted=False).indices
+        rank = torch.arange(n, 0, -1, dtype=index_dtype, device=key.device)
+        return torch.topk(torch.where(chosen, rank, 0), kk, dim=1, sorted=False).indices
 
     def _fold(self, values: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> None:
         """Merge candidate rows (m, d) into the kept rows: sort lexicographically, keep k."""

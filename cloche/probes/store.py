@@ -50,6 +50,7 @@ class SaveContext:
         self.state: dict[str, Any] = {}
         self.reducers: dict[str, Reducer] = {}
         self.num_runs = 0
+        self.num_examples = 0
 
     def nbytes(self) -> int:
         return (
@@ -69,11 +70,16 @@ class PendingWrites:
         self.reducers: dict[str, Reducer] = {}
         self._state: dict[str, Any] | None = None
         self.runs = 0
-        self.nbytes = 0
+        self.examples = 0
 
     @property
     def run_index(self) -> int:
         return self._committed.num_runs + self.runs
+
+    @property
+    def examples_seen(self) -> int:
+        """Rows this context has seen in plain runs: the ids given to the next batch's rows."""
+        return self._committed.num_examples + self.examples
 
     @property
     def state(self) -> dict[str, Any]:
@@ -151,6 +157,7 @@ class Transaction:
                     else:
                         ctx.reducers[rname] = staged
                 ctx.num_runs += pending.runs
+                ctx.num_examples += pending.examples
         self._pending.clear()
 
     def rollback(self) -> None:

@@ -235,6 +235,10 @@ class Model:
             if txn is None:
                 txn = stack.enter_context(self._transaction())
             writes = txn.writes(save or DEFAULT_CONTEXT)
+            if example_ids is None:  # plain runs number their rows per save context
+                start = writes.examples_seen
+                example_ids = torch.arange(start, start + ids.shape[0], device=self.device)
+                writes.examples += ids.shape[0]
             if grad:
                 self.hf_model.zero_grad(set_to_none=True)
             out = self._forward(ids, mask, plan, writes, example_ids, cancel, grad=grad)

@@ -1,0 +1,179 @@
+"""The ``cloche`` command line: ``cloche serve`` (and room for more subcommands).
+
+Each subcommand is a small trio: ``add_<name>_parser`` declares its flags, a function turns the
+parsed flags into configuration objects, ``run_<name>`` does the work. This is the only place
+that reads ``sys.argv`` or the environment (``CLOCHE_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cloche.errors import ClocheError, UsageError
+
+__all__ = ["build_parser", "main", "parse_duration", "parse_size", "serve_config"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes (k/M/G/T are powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 500MB)")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def parse_duration(text: str) -> float | None:
+    """``"90"`` (seconds), ``"30m"``, ``"2h"``, ``"1d"``; ``"never"`` or ``"0"`` -> None."""
+    if text.strip().lower() in ("never", "none", "0"):
+        return None
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 3600, 30m, 2h, never)")
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[(match.group(2) or "s").lower()]
+    return float(match.group(1)) * scale
+
+
+# --------------------------------------------------------------------------------- serve
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model to cloche clients",
+        description=(
+            "Load a model and serve it to `cloche.connect(...)` clients. Clients must know the "
+            "token: it is read from --token-file, else from $CLOCHE_TOKEN, else generated and "
+            "printed. The server listens on loopback unless --host says otherwise; anyone with "
+            "the token can run code on this machine, so use TLS and a strong token off loopback."
+        ),
+    )
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="Hugging Face model directory to load (default: the model shipped "
+                             "with cloche)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, loopback only; "
+                             "0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7450,
+                        help="TCP port (default: 7450; 0 picks a free port, printed at start)")
+    parser.add_argument("--token-file", metavar="FILE", default=None,
+                        help="file holding the shared token (default: $CLOCHE_TOKEN, else a "
+                             "random token is generated and printed)")
+    parser.add_argument("--tls-cert", metavar="PEM", default=None,
+                        help="serve TLS with this certificate (chain) file; clients pass "
+                             "tls=True or tls='ca.pem'")
+    parser.add_argument("--tls-key", metavar="PEM", default=None,
+                        help="private key for --tls-cert (if not inside the certificate file)")
+    parser.add_argument("--max-saved-bytes", type=parse_size, default=None, metavar="SIZE",
+                        help="cap on memory held by save contexts of all sessions, e.g. 8GiB; "
+                             "a run that would exceed it fails with ResourceLimit and is rolled "
+                             "back (default: no cap)")
+    parser.add_argument("--session-idle-expiry", type=parse_duration, default=24 * 3600.0,
+                        metavar="DURATION",
+                        help="drop a session and its save contexts after it has had no "
+                             "connection for this long: 3600, 30m, 2h, never (default: 24h)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to load the model on (default: cpu)")
+    parser.add_argument("--dtype", default=None,
+                        help="load the weights in this dtype, e.g. float16 (default: as saved)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="server log verbosity on stderr (default: INFO)")
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:
+    """(token, generated): from the file, else $CLOCHE_TOKEN, else a fresh random one."""
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file {token_file!r}: {exc}") from exc
+        if not token:
+            raise UsageError(f"--token-file {token_file!r} is empty")
+        return token, False
+    token = environ.get("CLOCHE_TOKEN", "").strip()
+    if token:
+        return token, False
+    return secrets.token_urlsafe(24), True
+
+
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Any, bool]:
+    """The :class:`ServerConfig` for parsed ``serve`` flags, and whether the token is new."""
+    from cloche.server.config import ServerConfig
+
+    token, generated = resolve_token(args.token_file, environ)
+    config = ServerConfig(
+        token=token, host=args.host, port=args.port, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
+    )
+    return config, generated
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    import cloche
+
+    return cloche.load(args.model, device=args.device, dtype=args.dtype,
+                       max_saved_bytes=args.max_saved_bytes)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from cloche.server.app import Server
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    config, generated = serve_config(args, os.environ)
+    model = load_model(args)
+    server = Server(model, config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    host, port = server.start()
+    print(f"cloche: serving {model.name} ({model.n_layers} layers) on {model.device}", flush=True)
+    if generated:
+        print(f"cloche: token {config.token}", flush=True)
+    print(f"listening on {host}:{port}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        print("cloche: server stopped", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloche",
+        description="cloche: a self-hostable server and client for interpretability research.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClocheError as exc:
+        print(f"cloche: error: {exc}", file=sys.stderr)
+        return 2

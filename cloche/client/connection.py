@@ -1,0 +1,197 @@
+"""One client connection: handshake, a reader thread, and request ids mapped to futures.
+
+Requests are sent from the caller's thread (one frame at a time); a single reader thread
+receives every reply and resolves the matching future, feeding queue-position and progress
+events to the request's callback on the way. Cancelling a future sends a ``cancel`` for its id
+and leaves the connection usable. If the stream may be corrupt (a send was interrupted halfway
+through a frame) the connection is closed; the owner reconnects with the same session.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cloche import errors
+from cloche.wire import messages, remote_errors
+from cloche.wire.frames import Limits
+from cloche.wire.handshake import ClientHandshake
+from cloche.wire.transport import FramedSocket, open_connection
+
+__all__ = ["ClientConnection", "RemoteFuture"]
+
+log = logging.getLogger("cloche.client")
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+class RemoteFuture(concurrent.futures.Future):
+    """A request in flight. ``cancel()`` also stops it on the server (at the next layer)."""
+
+    def __init__(self, conn: ClientConnection, rid: int, method: str) -> None:
+        super().__init__()
+        self.request_id = rid
+        self.method = method
+        self._conn = conn
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        self._conn.send_cancel(self.request_id)
+        return super().cancel()
+
+    def __repr__(self) -> str:
+        return f"<RemoteFuture {self.method} #{self.request_id} {self._state.lower()}>"
+
+
+class ClientConnection:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str,
+        session: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.address = f"{host}:{port}"
+        sock = open_connection(host, port, ssl_context=ssl_context, timeout=timeout)
+        self._framed = FramedSocket(sock, limits=Limits())
+        self._calls: dict[int, tuple[RemoteFuture, EventCallback | None]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = False
+        try:
+            welcome = self._handshake(token, session, timeout)
+        except BaseException:
+            self._framed.close()
+            raise
+        self.session: str = welcome["session"]
+        self.resumed: bool = bool(welcome.get("resumed"))
+        self.info: dict[str, Any] = dict(welcome.get("info") or {})
+        self._reader = threading.Thread(target=self._read_loop, name=f"cloche-client-{self.address}",
+                                        daemon=True)
+        self._reader.start()
+
+    def _handshake(self, token: str, session: str | None, timeout: float) -> dict:
+        shake = ClientHandshake(token, session=session)
+        self._framed.sock.settimeout(timeout)
+        self._framed.send(shake.start())
+        while not shake.done:
+            msg = self._framed.recv(allow_code=False)
+            if msg is None:
+                raise errors.AuthError(f"{self.address} closed the connection during the handshake")
+            reply = shake.receive(msg)
+            if reply is not None:
+                self._framed.send(reply)
+        self._framed.sock.settimeout(None)
+        welcome = shake.welcome or {}
+        if not isinstance(welcome.get("session"), str):
+            raise errors.ProtocolError("the server's welcome lacks a session id")
+        return welcome
+
+    # ----------------------------------------------------------------- requests
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, method: str, args: tuple | list = (), kwargs: dict | None = None, *,
+               on_event: EventCallback | None = None) -> RemoteFuture:
+        if self._closed:
+            raise errors.ConnectionError(f"the connection to {self.address} is closed")
+        rid = next(self._ids)
+        future = RemoteFuture(self, rid, method)
+        with self._lock:
+            self._calls[rid] = (future, on_event)
+        message = messages.request(rid, method, list(args), kwargs or {})
+        try:
+            self._framed.send(message)
+        except errors.ConnectionError as exc:
+            self._fail_all(exc)
+            raise
+        except errors.UsageError:
+            with self._lock:
+                self._calls.pop(rid, None)
+            raise
+        except BaseException:  # interrupted halfway through a frame: the stream is unusable
+            self.close()
+            raise
+        return future
+
+    def send_cancel(self, rid: int) -> None:
+        if self._closed:
+            return
+        try:
+            self._framed.send(messages.cancel(rid))
+        except errors.ConnectionError:
+            pass  # the connection is gone, and with it the request on the server
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._framed.close()
+        self._fail_all(errors.ConnectionError(f"the connection to {self.address} was closed"))
+
+    # ----------------------------------------------------------------- replies
+    def _read_loop(self) -> None:
+        failure: errors.ClocheError = errors.ConnectionError(
+            f"the server at {self.address} closed the connection")
+        try:
+            while True:
+                msg = self._framed.recv(allow_code=True)
+                if msg is None:
+                    break
+                kind, rid, payload = messages.parse_response(msg)
+                if kind == messages.EVENT:
+                    self._event(rid, payload)
+                elif rid is None:  # the server reports a protocol error and will close
+                    failure = remote_errors.from_payload(payload)
+                else:
+                    self._resolve(kind, rid, payload)
+        except errors.ClocheError as exc:
+            if not self._closed:
+                failure = exc if not isinstance(exc, errors.ConnectionError) else errors.ConnectionError(
+                    f"lost the connection to {self.address}: {exc}")
+        finally:
+            self._closed = True
+            self._framed.close()
+            self._fail_all(failure)
+
+    def _event(self, rid: int | None, payload: dict) -> None:
+        with self._lock:
+            entry = self._calls.get(rid) if rid is not None else None
+        if entry is None or entry[1] is None:
+            return
+        try:
+            entry[1](payload)
+        except Exception:  # a broken progress callback must not kill the connection
+            log.exception("progress callback for request %s raised", rid)
+
+    def _resolve(self, kind: str, rid: int, payload: Any) -> None:
+        with self._lock:
+            entry = self._calls.pop(rid, None)
+        if entry is None:
+            return
+        future = entry[0]
+        try:
+            if kind == messages.RESULT:
+                future.set_result(payload)
+            else:
+                future.set_exception(remote_errors.from_payload(payload))
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled on this side already
+
+    def _fail_all(self, exc: errors.ClocheError) -> None:
+        with self._lock:
+            entries = list(self._calls.values())
+            self._calls.clear()
+        for future, _ in entries:
+            try:
+                future.set_exception(exc)
+            except concurrent.futures.InvalidStateError:
+                pass  # already cancelled or resolved

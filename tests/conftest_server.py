@@ -1,0 +1,144 @@
+"""Helpers and fixtures for tests that run a real ``cloche serve`` subprocess on 127.0.0.1.
+
+``tests/conftest.py`` (and the server/client test packages) import from here. The server is the
+real command line (``python -m cloche serve --port 0``) serving a tiny GPT-2 with a real
+byte-level BPE tokenizer, saved with ``save_pretrained`` in a temporary directory; the token
+travels through ``$CLOCHE_TOKEN``; the test reads the machine-readable ``listening on
+host:port`` line from the server's stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+__all__ = [
+    "CORPUS",
+    "ServerProcess",
+    "save_tiny_gpt2_with_tokenizer",
+    "server_model_dir",
+    "served",
+    "server_token",
+]
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nimport sys\nprint(os.getcwd(), sys.argv)\n",
+    "while True:\n    break\n",
+    "the quick brown fox jumps over the lazy dog\n",
+] * 4
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def save_tiny_gpt2_with_tokenizer(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A 2-layer GPT-2 (d_model 32) and a ~300-token byte-level BPE, saved for ``cloche.load``."""
+    import transformers
+
+    from cloche.default_model.tokenizer import save, train_tokenizer
+
+    tok = train_tokenizer(CORPUS, vocab_size=300)
+    save(tok, directory)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=tok.get_vocab_size(),
+        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return directory
+
+
+class ServerProcess:
+    """``python -m cloche serve`` in a subprocess; ``address`` once it listens."""
+
+    def __init__(self, model_dir: pathlib.Path, token: str, *args: str,
+                 startup_timeout: float = 120.0, log_path: pathlib.Path | None = None) -> None:
+        env = dict(os.environ, CLOCHE_TOKEN=token, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self.token = token
+        self._log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cloche", "serve", "--model", str(model_dir), "--port", "0",
+             "--log-level", "WARNING", *args],
+            stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=str(REPO),
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + startup_timeout
+        self.address = ""
+        while not self.address:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError("the server did not start listening in time") from None
+            if line.startswith("listening on "):
+                self.address = line.split()[-1]
+            elif not line and self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}")
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
+        self.lines.put("")
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server_model_dir(tmp_path_factory) -> pathlib.Path:
+    return save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("tiny-gpt2-served"))
+
+
+@pytest.fixture(scope="session")
+def server_token() -> str:
+    return secrets.token_urlsafe(16)
+
+
+@pytest.fixture(scope="module")
+def served(server_model_dir, server_token, tmp_path_factory):
+    """A running server (one per test module)."""
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    server = ServerProcess(server_model_dir, server_token, log_path=log)
+    yield server
+    server.stop()
