@@ -65,7 +65,7 @@ class TopK(Reducer):
         if n == 0:
             return
         if not self.largest:
-            key.neg_()  # our own copy; negation is exact, so it is undone exactly below
+            key.abs_()  # our own copy; negation is exact, so it is undone exactly below
         kk = min(self.k, n)
         if kk < n:
             pick = self._pick_columns(key, kk)  # (d, kk) sample indices
@@ -120,7 +120,8 @@ class TopK(Reducer):
         # (id, position) order: positions already ascend within a batch row, so a stable
         # sort on ids suffices unless an id repeats across rows; sorting by position first
         # makes it right in that case too.
-        order = torch.argsort(ids, stable=True)
+        order = torch.argsort(pos, stable=True)
+        order = order[torch.argsort(ids[order], stable=True)]
         ids, pos = ids[order], pos[order]
         values = rows.T.index_select(1, order if keep is None else keep[order])
         return values, ids, pos
