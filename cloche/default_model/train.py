@@ -63,6 +63,8 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     synthetic_max_steps: int = 4000
     synthetic_vocab_start: int = 64
+    synthetic_len_start: int = 32
+    init_std: float = 0.02
     repeat_fraction: float = 0.25
     threads: int = 2
     log: Path | None = None
@@ -83,6 +85,7 @@ def build_model(cfg: TrainConfig):
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=1,
+        initializer_range=cfg.init_std,
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
@@ -112,6 +115,16 @@ class Batcher:
         self.cfg = cfg
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.synthetic_high = min(cfg.vocab_size, N_SPECIAL + cfg.synthetic_vocab_start)
+        self.synthetic_len = min(cfg.seq_len, cfg.synthetic_len_start)
+
+    @property
+    def curriculum_done(self) -> bool:
+        return self.synthetic_high >= self.cfg.vocab_size and self.synthetic_len >= self.cfg.seq_len
+
+    def grow(self) -> None:
+        """Next curriculum stage: 4x the synthetic vocabulary, 2x the synthetic row length."""
+        self.synthetic_high = min(self.cfg.vocab_size, 4 * self.synthetic_high)
+        self.synthetic_len = min(self.cfg.seq_len, 2 * self.synthetic_len)
 
     def _randint(self, low: int, high: int) -> int:
         return int(torch.randint(low, high, (1,), generator=self.gen))
@@ -121,8 +134,8 @@ class Batcher:
         return torch.randint(N_SPECIAL, high, (n,), generator=self.gen)
 
     def synthetic_row(self) -> torch.Tensor:
-        n = self.cfg.seq_len
-        length = self._randint(4, n // 2 + 1)
+        n = self.synthetic_len
+        length = self._randint(2, n // 2 + 1)
         start = self._randint(0, n - 2 * length + 1)
         seq = self._random_tokens(length, self.synthetic_high)
         reps = math.ceil((n - start) / length)
@@ -142,6 +155,9 @@ class Batcher:
 
     def batch(self, phase: int) -> torch.Tensor:
         rows = []
+        if phase == 1:
+            count = self.cfg.batch_size * self.cfg.seq_len // self.synthetic_len
+            return torch.stack([self.synthetic_row() for _ in range(count)])
         for _ in range(self.cfg.batch_size):
             if phase == 1:
                 rows.append(self.synthetic_row())
@@ -260,22 +276,26 @@ def train(cfg: TrainConfig) -> dict:
             ind = measure_induction(model, batch=16)
             layer, head, score = ind.best
             sub = None
-            if phase == 1 and batcher.synthetic_high < cfg.vocab_size:
-                sub = measure_induction(model, batch=16, high=batcher.synthetic_high)
+            if phase == 1 and not batcher.curriculum_done:
+                sub = measure_induction(model, batch=16, high=batcher.synthetic_high,
+                                        half=batcher.synthetic_len // 2)
             log({"step": step + 1, "phase": phase, "elapsed_s": round(elapsed, 1),
                  "lr": round(_lr_at(step, cfg), 6), "train_loss": round(running / running_n, 4),
                  "heldout_loss": round(heldout_loss(model, probe_rows), 4),
                  "induction": f"{layer}.{head}", "induction_score": round(score, 4),
                  "loss_ratio": round(ind.loss_ratio, 4),
                  "synthetic_vocab": batcher.synthetic_high - N_SPECIAL if phase == 1 else None,
+                 "synthetic_len": batcher.synthetic_len if phase == 1 else None,
+                 "sub_head": "%d.%d" % sub.best[:2] if sub else None,
                  "sub_score": round(sub.best[2], 4) if sub else None,
                  "sub_ratio": round(sub.loss_ratio, 4) if sub else None})
             running, running_n = 0.0, 0
             if sub is not None and sub.passes():
-                batcher.synthetic_high = min(cfg.vocab_size, 4 * batcher.synthetic_high)
-                log({"event": "synthetic_vocab", "step": step + 1,
-                     "size": batcher.synthetic_high - N_SPECIAL})
-            if phase == 1 and (ind.passes() or step + 1 >= cfg.synthetic_max_steps):
+                batcher.grow()
+                log({"event": "curriculum", "step": step + 1,
+                     "vocab": batcher.synthetic_high - N_SPECIAL, "len": batcher.synthetic_len})
+            if phase == 1 and ((batcher.curriculum_done and ind.passes())
+                               or step + 1 >= cfg.synthetic_max_steps):
                 phase, switch_step = 2, step + 1
                 log({"event": "phase2", "step": step + 1, "induction_passed": ind.passes()})
         state.update({"steps_done": step + 1, "synthetic_steps": switch_step or step + 1,
@@ -297,9 +317,10 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--out", type=Path, default=defaults.out,
                    help="output folder (default: the package's weights folder)")
     for name in ("seed", "hidden", "layers", "heads", "batch_size", "warmup", "steps",
-                 "eval_every", "synthetic_max_steps", "synthetic_vocab_start", "threads"):
+                 "eval_every", "synthetic_max_steps", "synthetic_vocab_start", "synthetic_len_start",
+                 "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "repeat_fraction", "checkpoint_minutes", "weight_decay"):
+    for name in ("lr", "repeat_fraction", "checkpoint_minutes", "weight_decay", "init_std"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (and save) after this much wall time")

@@ -27,6 +27,7 @@ __all__ = ["REDUCERS", "Reducer"]
 #: kind -> class, filled in by ``Reducer.__init_subclass__``.
 REDUCERS: dict[str, type[Reducer]] = {}
 
+
 class Reducer(ABC):
     """A mergeable statistic over the units (last dimension) of activations.
 
@@ -157,8 +158,12 @@ class Reducer(ABC):
         Keys: ``kind``, the config values, ``d`` and ``count`` (plain ints or ``None``), and the
         state tensors (absent while ``d`` is ``None``).
         """
-        out: dict[str, Any] = {"kind": self.kind, **self.config(), "d": self._d,
-                               "count": self._count}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            **self.config(),
+            "d": self._d,
+            "count": self._count,
+        }
         out.update(self._state)
         return out
 
@@ -167,8 +172,9 @@ class Reducer(ABC):
         """Rebuild a reducer of this class from ``state_dict()`` output."""
         kind = state.get("kind")
         if kind != cls.kind:
-            raise UsageError(f"state of kind {kind!r} cannot rebuild a {cls.__name__} "
-                             f"(kind {cls.kind!r})")
+            raise UsageError(
+                f"state of kind {kind!r} cannot rebuild a {cls.__name__} (kind {cls.kind!r})"
+            )
         config = {}
         for name in cls._config_keys:
             if name not in state:
@@ -192,8 +198,10 @@ class Reducer(ABC):
                 raise UsageError(f"{cls.__name__} state lacks tensor {name!r}")
             fixed = slice(1, None) if name in cls._growing else slice(None)
             if t.dim() != zero.dim() or t.shape[fixed] != zero.shape[fixed]:
-                raise UsageError(f"{cls.__name__} state tensor {name!r} has shape "
-                                 f"{tuple(t.shape)}, expected {tuple(zero.shape)}")
+                raise UsageError(
+                    f"{cls.__name__} state tensor {name!r} has shape "
+                    f"{tuple(t.shape)}, expected {tuple(zero.shape)}"
+                )
             loaded[name] = t.to(dtype=zero.dtype)
         devices = {t.device for t in loaded.values()}
         if len(devices) > 1:
@@ -230,20 +238,25 @@ class Reducer(ABC):
 
     def _check_compatible(self, other: Reducer) -> None:
         if not isinstance(other, Reducer):
-            raise UsageError(f"cannot merge {self._describe()} with {type(other).__name__!s}: "
-                             "not a reducer")
+            raise UsageError(
+                f"cannot merge {self._describe()} with {type(other).__name__!s}: not a reducer"
+            )
         if type(other) is not type(self) or other.config() != self.config():
-            raise UsageError(f"cannot merge {self._describe()} with {other._describe()}: "
-                             "reducers differ in kind or configuration")
+            raise UsageError(
+                f"cannot merge {self._describe()} with {other._describe()}: "
+                "reducers differ in kind or configuration"
+            )
 
     def _rows(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Validate ``x``/``mask``, fix ``d`` and return the kept rows as (n, d) on our device."""
         if not isinstance(x, torch.Tensor):
-            raise UsageError(f"{self._describe()}.update expects a torch.Tensor, "
-                             f"got {type(x).__name__}")
+            raise UsageError(
+                f"{self._describe()}.update expects a torch.Tensor, got {type(x).__name__}"
+            )
         if x.dim() < 1:
-            raise UsageError(f"{self._describe()}.update expects x of shape (..., d), "
-                             "got a 0-d tensor")
+            raise UsageError(
+                f"{self._describe()}.update expects x of shape (..., d), got a 0-d tensor"
+            )
         if x.is_complex():
             raise UsageError(f"{self._describe()}.update does not take complex tensors")
         d = x.shape[-1]
@@ -259,11 +272,15 @@ class Reducer(ABC):
 
     def _mask(self, mask: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise UsageError(f"{self._describe()}.update: mask must be a bool tensor, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
+            raise UsageError(
+                f"{self._describe()}.update: mask must be a bool tensor, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         if mask.shape != lead:
-            raise UsageError(f"{self._describe()}.update: mask has shape {tuple(mask.shape)}, "
-                             f"expected x's leading shape {tuple(lead)}")
+            raise UsageError(
+                f"{self._describe()}.update: mask has shape {tuple(mask.shape)}, "
+                f"expected x's leading shape {tuple(lead)}"
+            )
         return mask
 
     def _fix_d(self, d: int, device: torch.device) -> None:
@@ -273,8 +290,10 @@ class Reducer(ABC):
             self._state = self._init_state(d, device)
             self._d = d
         elif d != self._d:
-            raise UsageError(f"{self._describe()}.update: x has {d} units in its last dim, but "
-                             f"this reducer was started with d={self._d}")
+            raise UsageError(
+                f"{self._describe()}.update: x has {d} units in its last dim, but "
+                f"this reducer was started with d={self._d}"
+            )
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> int:

@@ -90,8 +90,10 @@ class MinMax(Reducer):
         super().__init__()
 
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"min": torch.full((d,), float("inf"), dtype=_F64, device=device),
-                "max": torch.full((d,), float("-inf"), dtype=_F64, device=device)}
+        return {
+            "min": torch.full((d,), float("inf"), dtype=_F64, device=device),
+            "max": torch.full((d,), float("-inf"), dtype=_F64, device=device),
+        }
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:
         lo, hi = torch.aminmax(rows, dim=0)
@@ -109,6 +111,10 @@ class MinMax(Reducer):
         empty = self._count == 0
         return {
             "count": torch.tensor(self._count, dtype=torch.int64),
-            "min": torch.full_like(self._state["min"], nan) if empty else self._state["min"].clone(),
-            "max": torch.full_like(self._state["max"], nan) if empty else self._state["max"].clone(),
+            "min": torch.full_like(self._state["min"], nan)
+            if empty
+            else self._state["min"].clone(),
+            "max": torch.full_like(self._state["max"], nan)
+            if empty
+            else self._state["max"].clone(),
         }

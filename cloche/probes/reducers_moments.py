@@ -73,8 +73,10 @@ class Variance(Reducer):
         super().__init__()
 
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"mean": torch.zeros(d, dtype=_F64, device=device),
-                "m2": torch.zeros(d, dtype=_F64, device=device)}
+        return {
+            "mean": torch.zeros(d, dtype=_F64, device=device),
+            "m2": torch.zeros(d, dtype=_F64, device=device),
+        }
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:
         r = rows.to(_F64)
@@ -121,8 +123,10 @@ class Covariance(Reducer):
         super().__init__()
 
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"mean": torch.zeros(d, dtype=_F64, device=device),
-                "comoment": torch.zeros(d, d, dtype=_F64, device=device)}
+        return {
+            "mean": torch.zeros(d, dtype=_F64, device=device),
+            "comoment": torch.zeros(d, d, dtype=_F64, device=device),
+        }
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:
         r = rows.to(_F64)

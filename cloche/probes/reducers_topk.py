@@ -48,9 +48,11 @@ class TopK(Reducer):
         self.largest = largest
 
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"values": torch.zeros(0, d, dtype=_F64, device=device),
-                "example_ids": torch.zeros(0, d, dtype=_I64, device=device),
-                "positions": torch.zeros(0, d, dtype=_I64, device=device)}
+        return {
+            "values": torch.zeros(0, d, dtype=_F64, device=device),
+            "example_ids": torch.zeros(0, d, dtype=_I64, device=device),
+            "positions": torch.zeros(0, d, dtype=_I64, device=device),
+        }
 
     def update(
         self,
@@ -65,7 +67,7 @@ class TopK(Reducer):
         if n == 0:
             return
         if not self.largest:
-            key.abs_()  # our own copy; negation is exact, so it is undone exactly below
+            key.neg_()  # our own copy; negation is exact, so it is undone exactly below
         kk = min(self.k, n)
         if kk < n:
             pick = self._pick_columns(key, kk)  # (d, kk) sample indices
@@ -88,8 +90,9 @@ class TopK(Reducer):
         me = self._describe()
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise UsageError(f"{me}.update expects x of shape (batch, seq, d) or (batch, d), "
-                             f"got {shape}")
+            raise UsageError(
+                f"{me}.update expects x of shape (batch, seq, d) or (batch, d), got {shape}"
+            )
         if x.is_complex():
             raise UsageError(f"{me}.update does not take complex tensors")
         if example_ids is None:
@@ -99,8 +102,10 @@ class TopK(Reducer):
             raise UsageError(f"{me}.update: example_ids must be integers, got {ids.dtype}")
         batch, d = x.shape[0], x.shape[-1]
         if tuple(ids.shape) != (batch,):
-            raise UsageError(f"{me}.update: example_ids has shape {tuple(ids.shape)}, "
-                             f"expected ({batch},) — one id per batch row")
+            raise UsageError(
+                f"{me}.update: example_ids has shape {tuple(ids.shape)}, "
+                f"expected ({batch},) — one id per batch row"
+            )
         self._fix_d(d, x.device)
         device = self.device
         seq = x.shape[1] if x.dim() == 3 else 1
@@ -153,11 +158,14 @@ class TopK(Reducer):
         order = torch.argsort(pos, dim=0, stable=True)
         order = order.gather(0, torch.argsort(ids.gather(0, order), dim=0, stable=True))
         key = values.gather(0, order)
-        order = order.gather(0, torch.argsort(key, dim=0, descending=self.largest,
-                                              stable=True))[: self.k]
-        self._state = {"values": values.gather(0, order),
-                       "example_ids": ids.gather(0, order),
-                       "positions": pos.gather(0, order)}
+        order = order.gather(0, torch.argsort(key, dim=0, descending=self.largest, stable=True))[
+            : self.k
+        ]
+        self._state = {
+            "values": values.gather(0, order),
+            "example_ids": ids.gather(0, order),
+            "positions": pos.gather(0, order),
+        }
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:  # pragma: no cover
         raise AssertionError("TopK overrides update()")
@@ -169,9 +177,13 @@ class TopK(Reducer):
         shapes = {tuple(t.shape) for t in self._state.values()}
         m = self._state["values"].shape[0]
         if len(shapes) != 1 or m != min(self.k, self._count):
-            raise UsageError(f"{self._describe()} state is inconsistent: tensor shapes "
-                             f"{sorted(shapes)} for k={self.k}, count={self._count}")
+            raise UsageError(
+                f"{self._describe()} state is inconsistent: tensor shapes "
+                f"{sorted(shapes)} for k={self.k}, count={self._count}"
+            )
 
     def _result(self) -> dict[str, torch.Tensor]:
-        return {"count": torch.tensor(self._count, dtype=_I64),
-                **{k: v.clone() for k, v in self._state.items()}}
+        return {
+            "count": torch.tensor(self._count, dtype=_I64),
+            **{k: v.clone() for k, v in self._state.items()},
+        }

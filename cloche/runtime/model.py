@@ -29,14 +29,32 @@ from cloche.runtime.inputs import encode_inputs, next_token_loss
 DEFAULT_CONTEXT = "default"
 
 
-@dataclass
 class RunResult:
-    """What ``run`` returns: logits (detached), the mean next-token loss, the tokens."""
+    """What ``run`` returns: logits (detached), the mean next-token loss, the tokens.
 
-    logits: torch.Tensor | None
-    loss: float | None
-    tokens: torch.Tensor
-    attention_mask: torch.Tensor
+    ``loss`` is computed on first access from the logits (a cross-entropy over the whole
+    vocabulary is not free, and most probing runs never look at it).
+    """
+
+    def __init__(self, logits: torch.Tensor | None, loss: float | None, tokens: torch.Tensor,
+                 attention_mask: torch.Tensor, *, causal: bool = True) -> None:
+        self.logits = logits
+        self.tokens = tokens
+        self.attention_mask = attention_mask
+        self._loss = loss
+        self._loss_known = loss is not None or logits is None or not causal
+
+    @property
+    def loss(self) -> float | None:
+        if not self._loss_known:
+            value = next_token_loss(self.logits, self.tokens, self.attention_mask)
+            self._loss = None if value is None else float(value)
+            self._loss_known = True
+        return self._loss
+
+    def __repr__(self) -> str:
+        shape = None if self.logits is None else tuple(self.logits.shape)
+        return f"RunResult(logits={shape}, loss={self.loss}, tokens={tuple(self.tokens.shape)})"
 
 
 @dataclass
@@ -243,17 +261,22 @@ class Model:
                 self.hf_model.zero_grad(set_to_none=True)
             out = self._forward(ids, mask, plan, writes, example_ids, cancel, grad=grad)
             logits = out.logits if hasattr(out, "logits") else out[0]
-            loss = next_token_loss(logits, ids, mask) if self.causal else None
+            loss = None
             if grad:
                 with torch.enable_grad():
+                    if self.causal:
+                        loss = next_token_loss(logits, ids, mask)
                     objective = loss if backward is True else self._user_objective(
                         backward, Outputs(logits, loss, ids, mask))
                     if objective is None:
                         raise UsageError("nothing to backprop: the inputs have a single token")
                     objective.backward()
+            elif not return_logits and self.causal:
+                loss = next_token_loss(logits, ids, mask)
             writes.runs += 1
         return RunResult(logits.detach() if return_logits else None,
-                         None if loss is None else float(loss.detach()), ids, mask)
+                         None if loss is None else float(loss.detach()), ids, mask,
+                         causal=self.causal)
 
     @staticmethod
     def _user_objective(fn: Callable[[Outputs], Any], outputs: Outputs) -> torch.Tensor:

@@ -9,6 +9,7 @@ tie-breaking, on data full of ties.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -66,8 +67,7 @@ def feed(reducer: Reducer, part: np.ndarray, mask: np.ndarray | None, rng) -> No
     x = torch.from_numpy(part)
     m = None if mask is None else torch.from_numpy(mask)
     lead = [(len(part),), (1, len(part)), (len(part), 1)][rng.integers(3)]
-    reducer.update(x.reshape(*lead, part.shape[1]),
-                   mask=None if m is None else m.reshape(lead))
+    reducer.update(x.reshape(*lead, part.shape[1]), mask=None if m is None else m.reshape(lead))
 
 
 def merged_in_random_order(parts: list[Reducer], rng) -> Reducer:
@@ -88,7 +88,7 @@ def one_shot_and_split(proto: Reducer, data, mask, cuts, rng) -> tuple[dict, dic
     feed(whole, data, mask, rng)
     bounds = [0, *cuts, len(data)]
     parts = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         r = proto.empty_like()
         feed(r, data[a:b], None if mask is None else mask[a:b], rng)
         parts.append(r)
@@ -98,8 +98,13 @@ def one_shot_and_split(proto: Reducer, data, mask, cuts, rng) -> tuple[dict, dic
 
 def close(actual: torch.Tensor, expected, *, scale: float, rel: float = 1e-9) -> None:
     assert actual.dtype == torch.float64 and actual.device.type == "cpu"
-    np.testing.assert_allclose(actual.numpy(), np.asarray(expected, dtype=np.float64),
-                               rtol=rel, atol=rel * scale, equal_nan=True)
+    np.testing.assert_allclose(
+        actual.numpy(),
+        np.asarray(expected, dtype=np.float64),
+        rtol=rel,
+        atol=rel * scale,
+        equal_nan=True,
+    )
 
 
 def magnitude(rows: np.ndarray) -> float:
@@ -155,8 +160,12 @@ def test_covariance_matches_numpy_for_any_split(case):
         cov = np.cov(rows.T, bias=True).reshape(d, d) if n else nan
         close(res["mean"], rows.mean(0) if n else np.full(d, np.nan), scale=magnitude(rows))
         close(res["cov"], cov, scale=scale, rel=1e-8)
-        close(res["cov_sample"], np.cov(rows.T, ddof=1).reshape(d, d) if n > 1 else nan,
-              scale=scale, rel=1e-8)
+        close(
+            res["cov_sample"],
+            np.cov(rows.T, ddof=1).reshape(d, d) if n > 1 else nan,
+            scale=scale,
+            rel=1e-8,
+        )
         if n > 1:
             close(res["corr"], reference_corr(cov), scale=1.0, rel=1e-6)
         # The diagonal of the covariance is the variance.
@@ -166,8 +175,12 @@ def test_covariance_matches_numpy_for_any_split(case):
 
 # ----- counts -------------------------------------------------------------------------------
 @PROPERTY
-@given(row_data(ties=True), st.integers(1, 9), st.sampled_from([(-2.0, 2.0), (-3.5, 1.0),
-                                                                 (0.0, 0.5)]), st.booleans())
+@given(
+    row_data(ties=True),
+    st.integers(1, 9),
+    st.sampled_from([(-2.0, 2.0), (-3.5, 1.0), (0.0, 0.5)]),
+    st.booleans(),
+)
 def test_histogram_matches_numpy_for_any_split(case, bins, bounds, per_unit):
     # Integer data on these bounds lands exactly on edges (and on `high`) often.
     data, mask, cuts, rng = case
@@ -214,10 +227,12 @@ def test_minmax_matches_numpy_for_any_split(case):
     for res in one_shot_and_split(MinMax(), data, mask, cuts, rng):
         assert res["count"].item() == len(rows)
         # Comparisons only: exact.
-        np.testing.assert_array_equal(res["min"].numpy(),
-                                      rows.min(0) if len(rows) else np.full(d, np.nan))
-        np.testing.assert_array_equal(res["max"].numpy(),
-                                      rows.max(0) if len(rows) else np.full(d, np.nan))
+        np.testing.assert_array_equal(
+            res["min"].numpy(), rows.min(0) if len(rows) else np.full(d, np.nan)
+        )
+        np.testing.assert_array_equal(
+            res["max"].numpy(), rows.max(0) if len(rows) else np.full(d, np.nan)
+        )
 
 
 # ----- top-k --------------------------------------------------------------------------------
@@ -226,15 +241,19 @@ def brute_force_topk(values, ids, positions, k: int, largest: bool):
     d = values.shape[1]
     out_v, out_i, out_p = [], [], []
     for j in range(d):
-        entries = sorted(zip(values[:, j].tolist(), ids.tolist(), positions.tolist()),
-                         key=lambda e: ((-e[0] if largest else e[0]), e[1], e[2]))[:k]
+        entries = sorted(
+            zip(values[:, j].tolist(), ids.tolist(), positions.tolist()),
+            key=lambda e: ((-e[0] if largest else e[0]), e[1], e[2]),
+        )[:k]
         out_v.append([e[0] for e in entries])
         out_i.append([e[1] for e in entries])
         out_p.append([e[2] for e in entries])
     m = min(k, len(values))
-    return (np.array(out_v, dtype=np.float64).reshape(d, m).T,
-            np.array(out_i, dtype=np.int64).reshape(d, m).T,
-            np.array(out_p, dtype=np.int64).reshape(d, m).T)
+    return (
+        np.array(out_v, dtype=np.float64).reshape(d, m).T,
+        np.array(out_i, dtype=np.int64).reshape(d, m).T,
+        np.array(out_p, dtype=np.int64).reshape(d, m).T,
+    )
 
 
 @st.composite
@@ -264,13 +283,17 @@ def topk_reference(x, ids, mask, k, largest):
         positions = np.full(x.shape[:1], -1)
         row_ids = ids
     keep = np.ones(x.shape[:-1], bool) if mask is None else mask
-    return brute_force_topk(x[keep].astype(np.float64), row_ids[keep], positions[keep],
-                            k, largest), int(keep.sum())
+    return brute_force_topk(
+        x[keep].astype(np.float64), row_ids[keep], positions[keep], k, largest
+    ), int(keep.sum())
 
 
 def topk_feed(r: TopK, x, ids, mask) -> None:
-    r.update(torch.from_numpy(x), example_ids=torch.from_numpy(ids),
-             mask=None if mask is None else torch.from_numpy(mask))
+    r.update(
+        torch.from_numpy(x),
+        example_ids=torch.from_numpy(ids),
+        mask=None if mask is None else torch.from_numpy(mask),
+    )
 
 
 @PROPERTY
@@ -282,7 +305,7 @@ def test_topk_equals_brute_force_for_any_split(case, k, largest):
     topk_feed(whole, x, ids, mask)
     bounds = [0, *cuts, len(x)]
     parts = [TopK(k, largest=largest)]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         parts.append(TopK(k, largest=largest))
         topk_feed(parts[-1], x[a:b], ids[a:b], None if mask is None else mask[a:b])
     for r in (whole, merged_in_random_order(parts, rng)):
@@ -329,8 +352,16 @@ def test_topk_accepts_half_precision_and_keeps_values_exact():
 
 # ----- persistence ------------------------------------------------------------------------
 def all_reducers() -> list[Reducer]:
-    return [Mean(), Variance(), Covariance(), Histogram(5, -1.0, 1.5), Histogram(3, 0, 1, False),
-            MinMax(), TopK(3), TopK(2, largest=False)]
+    return [
+        Mean(),
+        Variance(),
+        Covariance(),
+        Histogram(5, -1.0, 1.5),
+        Histogram(3, 0, 1, False),
+        MinMax(),
+        TopK(3),
+        TopK(2, largest=False),
+    ]
 
 
 def fill(r: Reducer, x: torch.Tensor) -> None:
@@ -343,8 +374,11 @@ def through_wire(state: dict) -> dict:
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
             raw = bytearray(value.contiguous().numpy().tobytes())
-            out[key] = torch.frombuffer(raw, dtype=value.dtype).reshape(value.shape) \
-                if raw else torch.zeros(value.shape, dtype=value.dtype)
+            out[key] = (
+                torch.frombuffer(raw, dtype=value.dtype).reshape(value.shape)
+                if raw
+                else torch.zeros(value.shape, dtype=value.dtype)
+            )
         else:
             assert value is None or isinstance(value, (int, float, str, bool)), (key, value)
             out[key] = value
@@ -375,8 +409,10 @@ def test_state_dict_round_trip_then_keeps_going(reducer):
         fill(rebuilt, x)
     assert_same_result(rebuilt, reducer)
     assert reducer.nbytes() == sum(
-        v.numel() * v.element_size() for v in reducer.state_dict().values()
-        if isinstance(v, torch.Tensor))
+        v.numel() * v.element_size()
+        for v in reducer.state_dict().values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def test_state_dict_fits_safetensors(tmp_path):
@@ -388,7 +424,7 @@ def test_state_dict_fits_safetensors(tmp_path):
     path = tmp_path / "r.safetensors"
     safetensors.torch.save_file(tensors, str(path), metadata={"plain": json.dumps(plain)})
     with safetensors.safe_open(str(path), framework="pt") as f:
-        loaded = {k: f.get_tensor(k) for k in f.keys()}
+        loaded = {k: f.get_tensor(k) for k in f}
         loaded.update(json.loads(f.metadata()["plain"]))
     assert_same_result(reducer_from_state(loaded), r)
 
@@ -406,8 +442,14 @@ def test_registry_knows_every_kind():
         {**Mean().state_dict(), "d": 3, "count": 2, "mean": torch.zeros(4)},
         {**Mean().state_dict(), "d": 3, "count": 2},
         {**Histogram(2, 0, 1).state_dict(), "bins": None},
-        {**TopK(2).state_dict(), "d": 1, "count": 5, "values": torch.zeros(1, 1),
-         "example_ids": torch.zeros(1, 1), "positions": torch.zeros(1, 1)},
+        {
+            **TopK(2).state_dict(),
+            "d": 1,
+            "count": 5,
+            "values": torch.zeros(1, 1),
+            "example_ids": torch.zeros(1, 1),
+            "positions": torch.zeros(1, 1),
+        },
     ],
 )
 def test_bad_states_are_refused(state):
@@ -418,8 +460,9 @@ def test_bad_states_are_refused(state):
 # ----- empties and identities ---------------------------------------------------------------
 @pytest.mark.parametrize("reducer", all_reducers(), ids=lambda r: repr(r))
 def test_fully_masked_update_fixes_d_and_reports_count_zero(reducer):
-    reducer.update(torch.randn(2, 3, 4), mask=torch.zeros(2, 3, dtype=torch.bool),
-                   example_ids=torch.arange(2))
+    reducer.update(
+        torch.randn(2, 3, 4), mask=torch.zeros(2, 3, dtype=torch.bool), example_ids=torch.arange(2)
+    )
     assert reducer.d == 4 and reducer.count == 0
     res = reducer.result()
     assert res["count"].item() == 0
@@ -532,8 +575,14 @@ def test_bad_updates_are_refused(update, match):
         (lambda r: r.update(torch.zeros(2, 3, 4, 5), example_ids=torch.arange(2)), "batch, seq"),
         (lambda r: r.update(torch.zeros(2, 3), example_ids=torch.arange(3)), r"\(2,\)"),
         (lambda r: r.update(torch.zeros(2, 3), example_ids=torch.zeros(2)), "integers"),
-        (lambda r: r.update(torch.zeros(2, 3, 4), example_ids=torch.arange(2),
-                            mask=torch.ones(2, dtype=torch.bool)), "mask"),
+        (
+            lambda r: r.update(
+                torch.zeros(2, 3, 4),
+                example_ids=torch.arange(2),
+                mask=torch.ones(2, dtype=torch.bool),
+            ),
+            "mask",
+        ),
     ],
 )
 def test_bad_topk_updates_are_refused(update, match):
@@ -546,8 +595,7 @@ def test_bad_topk_updates_are_refused(update, match):
 def test_state_stays_on_the_input_device_and_merge_moves_the_other():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 5, 3, generator=gen)
-    for make in (Mean, Variance, Covariance, MinMax, lambda: Histogram(4, -1, 1),
-                 lambda: TopK(4)):
+    for make in (Mean, Variance, Covariance, MinMax, lambda: Histogram(4, -1, 1), lambda: TopK(4)):
         on_gpu, on_cpu, reference = make(), make(), make()
         on_gpu.update(x[:3].cuda(), example_ids=torch.arange(3).cuda())
         on_cpu.update(x[3:], example_ids=torch.arange(3, 6))
