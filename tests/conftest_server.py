@@ -120,6 +120,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
         return self.proc.returncode

@@ -86,9 +86,6 @@ class MinMax(Reducer):
 
     kind = "minmax"
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {
             "min": torch.full((d,), float("inf"), dtype=_F64, device=device),

@@ -37,9 +37,6 @@ class Mean(Reducer):
 
     kind = "mean"
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {"mean": torch.zeros(d, dtype=_F64, device=device)}
 
@@ -68,9 +65,6 @@ class Variance(Reducer):
     """
 
     kind = "variance"
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {
@@ -118,9 +112,6 @@ class Covariance(Reducer):
     """
 
     kind = "covariance"
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def _init_state(self, d: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {

@@ -98,16 +98,16 @@ def _first_tensor(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tens
 class Attachment:
     """Installs the hooks of one plan on one model; ``detach`` removes them all."""
 
-    def __init__(self, hf_model: nn.Module, specs: dict[str, PointSpec], plan: ProbePlan,
-                 run: Callable[[], RunInfo], cancel: Any = None,
-                 block_paths: Sequence[str] = (), attention_paths: dict[str, int] | None = None
-                 ) -> None:
+    def __init__(self, hf_model: nn.Module, modules: dict[str, nn.Module],
+                 specs: dict[str, PointSpec], plan: ProbePlan, run: Callable[[], RunInfo],
+                 cancel: Any = None, block_paths: Sequence[str] = (),
+                 attention_paths: dict[str, int] | None = None) -> None:
         self._model = hf_model
         self._specs = specs
         self._plan = plan
         self._run = run
         self._cancel = cancel
-        self._modules = dict(hf_model.named_modules())
+        self._modules = modules
         self._handles: list[Any] = []
         self._block_paths = block_paths
         self._attention_paths = attention_paths or {}

@@ -104,6 +104,7 @@ class Model:
         self._shapes: dict[str, tuple[str | int, ...] | None] | None = None
         self._weights = canonical_weights(self.adapter, self.n_layers)
         self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
+        self._modules = dict(self.hf_model.named_modules())
         if self.adapter is not None:
             layers = self.adapter.layers
             self._block_paths = [f"{layers}.{i}" for i in range(self.n_layers)]
@@ -203,7 +204,7 @@ class Model:
         ids, mask = ids.to(device), mask.to(device)
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
                        model=self, rank=self.rank)
-        attachment = Attachment(self.hf_model, self._specs, plan, lambda: info, cancel,
+        attachment = Attachment(self.hf_model, self._modules, self._specs, plan, lambda: info, cancel,
                                 self._block_paths, self._attention_paths)
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf_model(input_ids=ids, attention_mask=mask, **(extra or {}))
@@ -324,7 +325,7 @@ class Model:
                 if isinstance(kwargs.get("attention_mask"), torch.Tensor):
                     info.attention_mask = kwargs["attention_mask"]
 
-            attachment = Attachment(self.hf_model, self._specs, plan, lambda: info, cancel,
+            attachment = Attachment(self.hf_model, self._modules, self._specs, plan, lambda: info, cancel,
                                     self._block_paths, self._attention_paths)
             handle = self.hf_model.register_forward_pre_hook(track, with_kwargs=True)
             try:

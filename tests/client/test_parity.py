@@ -49,6 +49,11 @@ def assert_identical(a, b, path="out"):
         assert type(a) is type(b) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"[:300]
         for i, (x, y) in enumerate(zip(a, b)):
             assert_identical(x, y, f"{path}[{i}]")
+    elif type(a).__module__.startswith("cloche."):  # result objects: compare public attributes
+        assert type(a) is type(b), path
+        public = [k for k in dir(a) if not k.startswith("_") and not callable(getattr(a, k))]
+        for key in public:
+            assert_identical(getattr(a, key), getattr(b, key), f"{path}.{key}")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
@@ -86,7 +91,7 @@ def probes_and_save_contexts(m):
     fresh(m, "acts")
 
     def keep(ctx, x):
-        ctx.save("resid", x)
+        ctx.save("resid", x[:, :3])
         ctx.state["calls"] = ctx.state.get("calls", 0) + 1
 
     def last(ctx, x):
