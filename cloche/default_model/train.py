@@ -159,11 +159,8 @@ class Batcher:
             count = self.cfg.batch_size * self.cfg.seq_len // self.synthetic_len
             return torch.stack([self.synthetic_row() for _ in range(count)])
         for _ in range(self.cfg.batch_size):
-            if phase == 1:
-                rows.append(self.synthetic_row())
-            else:
-                repeat = float(torch.rand((), generator=self.gen)) < self.cfg.repeat_fraction
-                rows.append(self.code_row(repeat))
+            repeat = float(torch.rand((), generator=self.gen)) < self.cfg.repeat_fraction
+            rows.append(self.code_row(repeat))
         return torch.stack(rows)
 
 

@@ -7,7 +7,9 @@ encoder-only families with ``AutoModelForMaskedLM``, anything else with ``AutoMo
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ def _auto_class(config: Any) -> Any:
     import transformers
 
     architectures = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return transformers.AutoModelForCausalLM
     if config.model_type in _MASKED_LM_TYPES:
         return transformers.AutoModelForMaskedLM
@@ -59,6 +61,20 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return value
 
 
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No per-tensor progress bar from transformers while loading (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf(
     path: str | os.PathLike[str],
     *,
@@ -79,7 +95,8 @@ def load_hf(
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _parse_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    hf_model = _auto_class(config).from_pretrained(directory, **kwargs)
+    with _quiet_progress():
+        hf_model = _auto_class(config).from_pretrained(directory, **kwargs)
     hf_model.to(device)
     hf_model.eval()
     tokenizer = None

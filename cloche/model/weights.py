@@ -26,8 +26,8 @@ class HeadShape:
 
 def head_shape(config: object) -> HeadShape:
     """Attention geometry from a Hugging Face config."""
-    n_heads = int(getattr(config, "num_attention_heads"))
-    d_model = int(getattr(config, "hidden_size"))
+    n_heads = int(config.num_attention_heads)
+    d_model = int(config.hidden_size)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
     d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
     return HeadShape(n_heads, n_kv, d_head, d_model)

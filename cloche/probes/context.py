@@ -32,7 +32,7 @@ class RunInfo:
 class ProbeContext:
     """Handed to each probe call; cheap to make (one per point per forward pass)."""
 
-    __slots__ = ("_run", "point", "layer")
+    __slots__ = ("_run", "layer", "point")
 
     def __init__(self, run: RunInfo, point: str, layer: int | None) -> None:
         self._run = run

@@ -93,7 +93,7 @@ class TensorRef:
     handle applies the ops to the stored tensor, a remote one sends them to the server.
     """
 
-    __slots__ = ("_fetch", "ops", "description")
+    __slots__ = ("_fetch", "description", "ops")
 
     def __init__(self, fetch: Callable[[list[Op]], torch.Tensor], ops: list[Op] | None = None,
                  description: str = "") -> None:

@@ -85,7 +85,7 @@ def _first_tensor(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tens
     if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
         return value[0], lambda new: [new, *value[1:]]
     if hasattr(value, "keys") and hasattr(value, "__getitem__"):  # a ModelOutput
-        for key in value.keys():
+        for key in list(value.keys()):
             item = value[key]
             if isinstance(item, torch.Tensor):
                 def rebuild(new: torch.Tensor, key: str = key) -> Any:

@@ -1,0 +1,347 @@
+"""What probes cost: cloche against plain Hugging Face, TransformerLens and NNsight, in one run.
+
+One GPT-2-architecture model is built from a config, saved with ``save_pretrained`` to a
+temporary directory, and every tool loads its own copy from that directory (same weights). One
+batch of token ids is timed through:
+
+1. plain HF: ``model(input_ids, attention_mask)`` under ``torch.no_grad`` (the baseline);
+2. plain HF with eager attention (a reference: TransformerLens, NNsight-with-patterns and
+   cloche's attention probes all compute attention eagerly);
+3. ``cloche.Model.run`` with no probes;
+4. cloche with a no-op probe (returns ``None``) at every canonical point;
+5. the same without the attention internals (q/k/v/pattern/z), which alone switch attention
+   from sdpa to cloche's eager implementation;
+6. cloche capture-all: a probe at every canonical point that ``ctx.save``s ``x``, then every key
+   fetched from the save context (stacked, the default) and the context cleared;
+7. TransformerLens ``run_with_cache`` with all hooks, and with only the hooks matching cloche's
+   canonical points;
+8. an NNsight trace that saves the module inputs/outputs matching the canonical points.
+
+Every case is timed once per round, in shuffled order, after a warm-up; the table gives medians
+and ratios to plain HF. ``--profile CASE`` runs cProfile on one case instead of timing.
+
+    python benchmarks/probe_overhead.py              # the table in benchmarks/README.md
+    python benchmarks/probe_overhead.py --profile "cloche, no-op probe at every canonical point"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import platform
+import pstats
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Case, Timing, fix_threads, load_average, markdown_table, measure  # noqa: E402
+
+import cloche  # noqa: E402
+
+ATTENTION_INTERNALS = (".attn.q", ".attn.k", ".attn.v", ".attn.pattern", ".attn.z")
+
+# cloche canonical suffix -> TransformerLens (4.x TransformerBridge) hook name
+TL_BLOCK_HOOKS = {
+    "resid_pre": "hook_resid_pre", "ln1": "ln1.hook_normalized", "attn.q": "attn.hook_q",
+    "attn.k": "attn.hook_k", "attn.v": "attn.hook_v", "attn.pattern": "attn.hook_pattern",
+    "attn.z": "attn.hook_z", "attn.out": "hook_attn_out", "resid_mid": "hook_resid_mid",
+    "ln2": "ln2.hook_normalized", "mlp.pre": "mlp.hook_pre", "mlp.post": "mlp.hook_post",
+    "mlp.out": "hook_mlp_out", "resid_post": "hook_resid_post",
+}
+TL_GLOBAL_HOOKS = {"embed": "hook_embed", "final_norm": "ln_final.hook_normalized",
+                   "logits": "unembed.hook_out"}
+
+NNSIGHT_SAVED = (
+    "transformer.wte output (embed); per block: block input (resid_pre), ln_1 output (ln1), "
+    "attn.c_attn output (q, k, v fused in one (batch, seq, 3·d_model) tensor), attn.c_proj input "
+    "(z, heads merged), attn output tuple (attn.out and pattern: the model runs eager attention "
+    "so the pattern is returned), ln_2 input (resid_mid), ln_2 output (ln2), mlp.c_fc output "
+    "(mlp.pre), mlp.c_proj input (mlp.post), mlp output (mlp.out), block output (resid_post); "
+    "transformer.ln_f output (final_norm), lm_head output (logits)"
+)
+
+
+# ---------------------------------------------------------------------------- model and inputs
+def build_model(directory: Path, *, layers: int, d_model: int, heads: int, vocab: int,
+                seq: int, seed: int) -> None:
+    """A random GPT-2 and a word-level tokenizer over its vocabulary, saved to ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = transformers.GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads,
+                                     vocab_size=vocab, n_positions=max(seq, 128),
+                                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(seed)
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0",
+                                         pad_token="t1", unk_token="t2").save_pretrained(directory)
+
+
+def load_hf(directory: Path, attn: str | None = None) -> torch.nn.Module:
+    kwargs = {"local_files_only": True}
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- the cases
+def hf_case(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+            ) -> Callable[[], Any]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    return run
+
+
+def noop(ctx: Any, x: torch.Tensor) -> None:
+    return None
+
+
+def saver(ctx: Any, x: torch.Tensor) -> None:
+    ctx.save(ctx.point, x)
+
+
+def cloche_cases(model: cloche.Model, ids: torch.Tensor, points: list[str]) -> list[Case]:
+    outside = [p for p in points if not p.endswith(ATTENTION_INTERNALS)]
+    everywhere = {p: noop for p in points}
+    no_attention = {p: noop for p in outside}
+    capture = {p: saver for p in points}
+    handle = model.save_context("bench")
+
+    def capture_all() -> dict[str, torch.Tensor]:
+        model.run(ids, probes=capture, save="bench")
+        fetched = {key: handle.fetch(key) for key in handle.keys()}
+        handle.clear()
+        return fetched
+
+    return [
+        Case("cloche, no probes", lambda: model.run(ids)),
+        Case("cloche, no-op probe at every canonical point",
+             lambda: model.run(ids, probes=everywhere),
+             f"{len(points)} points; attention internals switch sdpa → eager"),
+        Case("cloche, no-op probes outside attention",
+             lambda: model.run(ids, probes=no_attention),
+             f"{len(outside)} points (no q/k/v/pattern/z): attention stays sdpa"),
+        Case("cloche, capture-all (save + fetch)", capture_all,
+             f"{len(points)} points saved, fetched (stacked), cleared"),
+    ]
+
+
+def transformer_lens_cases(directory: Path, ids: torch.Tensor, points: list[str],
+                           n_layers: int) -> list[Case]:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        str(directory), hf_model=load_hf(directory),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(directory), device="cpu")
+    names = [tl_name(p) for p in points]
+    missing = [n for n in names if n not in bridge.hook_dict]
+    if missing:
+        raise RuntimeError(f"TransformerLens has no hooks {missing[:5]}")
+
+    def run_all() -> Any:
+        with torch.no_grad():
+            return bridge.run_with_cache(ids)
+
+    def run_same() -> Any:
+        with torch.no_grad():
+            return bridge.run_with_cache(ids, names_filter=names)
+
+    _, cache = run_all()
+    return [
+        Case("TransformerLens run_with_cache, all hooks", run_all,
+             f"TransformerBridge {n_layers} layers; {len(cache)} hooks cached; eager attention"),
+        Case("TransformerLens run_with_cache, same points", run_same,
+             f"names_filter = the {len(names)} hooks matching cloche's canonical points"),
+    ]
+
+
+def tl_name(point: str) -> str:
+    if point in TL_GLOBAL_HOOKS:
+        return TL_GLOBAL_HOOKS[point]
+    _, layer, suffix = point.split(".", 2)
+    return f"blocks.{layer}.{TL_BLOCK_HOOKS[suffix]}"
+
+
+def nnsight_trace(lm: Any, ids: torch.Tensor, mask: torch.Tensor, n_layers: int
+                  ) -> dict[str, Any]:
+    """One trace saving the modules that correspond to cloche's canonical points, in order."""
+    saved: dict[str, Any] = {}
+    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask):
+        saved["embed"] = lm.transformer.wte.output.save()
+        for i in range(n_layers):
+            block = lm.transformer.h[i]
+            saved[f"{i}.resid_pre"] = block.input.save()
+            saved[f"{i}.ln1"] = block.ln_1.output.save()
+            saved[f"{i}.qkv"] = block.attn.c_attn.output.save()
+            saved[f"{i}.z"] = block.attn.c_proj.input.save()
+            saved[f"{i}.attn"] = block.attn.output.save()  # (attn.out, pattern)
+            saved[f"{i}.resid_mid"] = block.ln_2.input.save()
+            saved[f"{i}.ln2"] = block.ln_2.output.save()
+            saved[f"{i}.mlp.pre"] = block.mlp.c_fc.output.save()
+            saved[f"{i}.mlp.post"] = block.mlp.c_proj.input.save()
+            saved[f"{i}.mlp.out"] = block.mlp.output.save()
+            saved[f"{i}.resid_post"] = block.output.save()
+        saved["final_norm"] = lm.transformer.ln_f.output.save()
+        saved["logits"] = lm.lm_head.output.save()
+    return saved
+
+
+def nnsight_cases(directory: Path, ids: torch.Tensor, mask: torch.Tensor, n_layers: int
+                  ) -> list[Case]:
+    from nnsight import NNsight
+
+    lm = NNsight(load_hf(directory, attn="eager"))
+    saved = nnsight_trace(lm, ids, mask, n_layers)
+    pattern = saved["0.attn"][1]
+    if not isinstance(pattern, torch.Tensor) or pattern.dim() != 4:
+        raise RuntimeError("NNsight did not return the attention pattern")
+    return [Case("NNsight trace, same points", lambda: nnsight_trace(lm, ids, mask, n_layers),
+                 f"{len(saved)} module values saved (q/k/v fused); eager attention")]
+
+
+def peer_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# ---------------------------------------------------------------------------- checks
+def check_same_work(model: cloche.Model, hf: torch.nn.Module, ids: torch.Tensor,
+                    mask: torch.Tensor, points: list[str]) -> None:
+    """The timed cases compute what they claim: same logits, every point captured."""
+    with torch.no_grad():
+        reference = hf(input_ids=ids, attention_mask=mask).logits
+    plain = model.run(ids).logits
+    if not torch.equal(plain, reference):
+        raise RuntimeError("cloche with no probes does not reproduce plain HF logits exactly")
+    noop_logits = model.run(ids, probes={p: noop for p in points}).logits
+    if not torch.allclose(noop_logits, reference, atol=1e-4):
+        raise RuntimeError("no-op probes changed the logits")
+    model.run(ids, probes={p: saver for p in points}, save="__check__")
+    handle = model.save_context("__check__")
+    if sorted(handle.keys()) != sorted(points):
+        raise RuntimeError("capture-all did not save every point")
+    handle.clear()
+
+
+# ---------------------------------------------------------------------------- main
+def build_cases(args: argparse.Namespace, directory: Path
+                ) -> tuple[list[Case], dict[str, str], dict[str, str]]:
+    torch.manual_seed(args.seed)
+    ids = torch.randint(2, args.vocab, (args.batch, args.seq))
+    mask = torch.ones_like(ids)
+    hf = load_hf(directory)
+    model = cloche.load(directory)
+    points = [p.name for p in model.probe_points() if not p.name.startswith("module:")]
+    check_same_work(model, hf, ids, mask, points)
+    cases = [
+        Case("plain HF forward", hf_case(hf, ids, mask),
+             f"baseline; attention = {hf.config._attn_implementation}"),
+        Case("plain HF forward, eager attention", hf_case(load_hf(directory, "eager"), ids, mask),
+             "reference for the eager-attention cases"),
+        *cloche_cases(model, ids, points),
+    ]
+    skipped: dict[str, str] = {}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "transformer-lens": peer_version("transformer-lens"),
+                "nnsight": peer_version("nnsight")}
+    for label, make in (
+        ("TransformerLens run_with_cache", lambda: transformer_lens_cases(
+            directory, ids, points, args.layers)),
+        ("NNsight trace, same points", lambda: nnsight_cases(directory, ids, mask, args.layers)),
+    ):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cases.extend(make())
+        except Exception as exc:  # a missing or broken peer is reported, not fatal
+            skipped[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return cases, skipped, versions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for every case)")
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds (each case once a round)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each case first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="CASE", help="cProfile this case instead of timing")
+    p.add_argument("--profile-calls", type=int, default=10)
+    return p.parse_args(argv)
+
+
+def profile(case: Case, calls: int) -> str:
+    for _ in range(2):
+        case.fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        case.fn()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime")
+    out.write(f"cProfile of {case.name!r}, {calls} calls, sorted by own time\n")
+    stats.print_stats(30)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = fix_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="cloche-bench-") as tmp:
+        directory = Path(tmp)
+        build_model(directory, layers=args.layers, d_model=args.d_model, heads=args.heads,
+                    vocab=args.vocab, seq=args.seq, seed=args.seed)
+        with contextlib.redirect_stderr(io.StringIO()):
+            cases, skipped, versions = build_cases(args, directory)
+        if args.profile:
+            chosen = [c for c in cases if c.name == args.profile]
+            if not chosen:
+                print(f"no case {args.profile!r}; cases: {[c.name for c in cases]}")
+                return 2
+            print(profile(chosen[0], args.profile_calls))
+            return 0
+        load_before = load_average()
+        timings: list[Timing] = measure(cases, rounds=args.rounds, warmup=args.warmup,
+                                        seed=args.seed,
+                                        progress=lambda m: print(m, file=sys.stderr))
+        load_after = load_average()
+    print(f"GPT-2 architecture, {args.layers} layers, d_model {args.d_model}, {args.heads} heads,"
+          f" vocab {args.vocab}; batch {args.batch}×{args.seq} tokens; float32 on CPU")
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch"
+          f" thread(s) (asked {threads}); {args.rounds} interleaved rounds after"
+          f" {args.warmup} warm-up calls per case")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print()
+    print(markdown_table(timings, timings[0], skipped))
+    print()
+    print(f"NNsight saved: {NNSIGHT_SAVED}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

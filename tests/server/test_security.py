@@ -1,0 +1,110 @@
+"""Strangers: nothing is unpickled before authentication, refusals are logged, the server goes on."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+
+import msgpack
+import pytest
+
+from cloche.client import connect
+from cloche.errors import AuthError
+from cloche.wire import codec, frames
+from cloche.wire.handshake import ClientHandshake
+from tests.server.helpers import frame, raw_socket, read_until_closed
+
+
+class CreateFile:
+    """Unpickling this creates a file: the canary of code execution."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pickle_frame_header(path) -> bytes:
+    """A msgpack header whose hello carries a pickle field (EXT_PICKLE) that would create ``path``."""
+    payload = msgpack.packb([pickle.dumps(CreateFile(path)), []])
+    hello = {"kind": "hello", "proto": 1, "nonce": bytes(32),
+             "x": msgpack.ExtType(codec.EXT_PICKLE, payload)}
+    return msgpack.packb(hello)
+
+
+def attacks(path):
+    header = pickle_frame_header(path)
+    raw_pickle = pickle.dumps(CreateFile(path))
+    request = msgpack.packb({"kind": "request", "id": 1, "method": "call", "args": [
+        msgpack.ExtType(codec.EXT_PICKLE, msgpack.packb([raw_pickle, []]))], "kwargs": {}})
+    return {
+        # multiprocessing.connection style: a length prefix and a bare pickle
+        "bare pickle": struct.pack("!i", len(raw_pickle)) + raw_pickle,
+        # a valid cloche frame whose hello carries a pickled field
+        "pickle in hello": frames.encode_preamble(len(header), 0) + header,
+        # skip the handshake and send a request with pickled code straight away
+        "request without handshake": frames.encode_preamble(len(request), 0) + request,
+    }
+
+
+@pytest.mark.parametrize("attack", ["bare pickle", "pickle in hello", "request without handshake"])
+def test_unauthenticated_pickle_is_never_loaded(served, tmp_path, attack):
+    canary = tmp_path / f"pwned-{attack.replace(' ', '-')}"
+    with raw_socket(served.address) as sock:
+        sock.sendall(attacks(canary)[attack])
+        reply = read_until_closed(sock)
+    assert not canary.exists()
+    assert b"welcome" not in reply and b"result" not in reply
+    assert served.alive()
+    with connect(served.address, token=served.token) as model:
+        assert model.ping("still here") == "still here"
+
+
+def test_pickle_after_a_wrong_proof_is_never_loaded(served, tmp_path):
+    canary = tmp_path / "pwned-after-auth"
+    shake = ClientHandshake("not-the-token")
+    with raw_socket(served.address) as sock:
+        sock.sendall(frame(shake.start()))
+        from cloche.wire.transport import FramedSocket
+
+        framed = FramedSocket(sock)
+        auth = shake.receive(framed.recv())
+        sock.sendall(frame(auth))
+        refusal = framed.recv()
+        assert refusal["kind"] == "refused"
+        request = msgpack.packb({"kind": "request", "id": 1, "method": "call", "args": [
+            msgpack.ExtType(codec.EXT_PICKLE,
+                            msgpack.packb([pickle.dumps(CreateFile(canary)), []]))]})
+        try:
+            sock.sendall(frames.encode_preamble(len(request), 0) + request)
+        except OSError:
+            pass  # the server closed already: good
+        read_until_closed(sock)
+    assert not canary.exists()
+    assert served.alive()
+
+
+def test_wrong_token_is_refused(served):
+    with pytest.raises(AuthError, match="refused"):
+        connect(served.address, token="wrong")
+    with connect(served.address, token=served.token) as model:
+        assert model.ping(1) == 1
+
+
+def test_oversize_frame_before_auth_is_refused_without_reading_it(served):
+    with raw_socket(served.address) as sock:
+        sock.sendall(frames.encode_preamble(100, 1 << 40))
+        reply = read_until_closed(sock)
+    assert b"refused" in reply
+    assert served.alive()
+
+
+def test_silent_peer_is_dropped_after_the_handshake_timeout_not_blocking_others(served):
+    with raw_socket(served.address) as idle:
+        with connect(served.address, token=served.token) as model:
+            assert model.ping(2) == 2
+        idle.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            idle.recv(1)  # still open: nothing is sent to a peer that said nothing
