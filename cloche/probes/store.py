@@ -101,18 +101,15 @@ class PendingWrites:
         staged = self.reducers.get(name)
         if staged is None:
             base = self._committed.reducers.get(name)
-            if base is not None:
-                staged = base.empty_like()
-                if reducer is not None and reducer.config() != base.config():
-                    raise UsageError(
-                        f"reducer {name!r} already holds a {base.kind} with config {base.config()};"
-                        f" got {reducer.kind} with {reducer.config()} (clear the context first)"
-                    )
-            elif reducer is None:
+            if base is None and reducer is None:
                 raise UsageError(f"reducer {name!r} does not exist yet: pass a reducer to create it")
-            else:
-                staged = reducer.empty_like()
+            staged = (base if base is not None else reducer).empty_like()
             self.reducers[name] = staged
+        if reducer is not None and (reducer.kind, reducer.config()) != (staged.kind, staged.config()):
+            raise UsageError(
+                f"reducer {name!r} already holds a {staged.kind} with config {staged.config()};"
+                f" got {reducer.kind} with {reducer.config()} (use another name or clear the context)"
+            )
         staged.update(x.detach(), example_ids=example_ids, mask=mask)
         return staged
 
