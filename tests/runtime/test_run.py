@@ -256,3 +256,15 @@ def test_call_runs_next_to_the_model(gpt2):
     assert gpt2.call(lambda m, k: m.param("layers.0.mlp.W_in").shape[k], 1) == 128
     with pytest.raises(cloche.ProbeError, match="ZeroDivisionError"):
         gpt2.call(lambda m: 1 / 0)
+
+
+def test_a_reducer_name_keeps_its_kind(gpt2):
+    gpt2.run(IDS, probes={"layers.0.mlp.out": lambda c, x: c.reduce("r", x, cloche.Mean())}, save="k")
+    with pytest.raises(cloche.UsageError, match="already holds a mean"):
+        gpt2.run(IDS, probes={"layers.0.mlp.out": lambda c, x: c.reduce("r", x, cloche.MinMax())},
+                 save="k")
+    with pytest.raises(cloche.UsageError, match="already holds a mean"):
+        gpt2.run(IDS, probes={"layers.0.mlp.out": lambda c, x: c.reduce("s", x, cloche.Mean()),
+                              "layers.1.mlp.out": lambda c, x: c.reduce("s", x, cloche.MinMax())},
+                 save="k")
+    assert gpt2.save_context("k").result("r")["count"] == 18
