@@ -76,11 +76,12 @@ class ProbeContext:
         """Append ``value`` under ``key`` (kept as a tensor where it was made, until fetched)."""
         self._run.writes.save(key, value)
 
-    def reduce(self, name: str, x: torch.Tensor, reducer: Reducer | None = None) -> Reducer:
+    def reduce(self, name: str, x: torch.Tensor, reducer: Reducer | None = None) -> None:
         """Feed ``x`` (``(..., units)``) to the statistic ``name``, created from ``reducer``.
 
         Padding is left out automatically when ``x`` starts with the batch's ``(batch, seq)``
-        shape; dataset runs pass each row's example id (for top-k examples).
+        shape; dataset runs pass each row's example id (for top-k examples). Returns None, so
+        ``lambda ctx, x: ctx.reduce(...)`` is a valid probe.
         """
         mask = None
         am = self._run.attention_mask
@@ -89,7 +90,7 @@ class ProbeContext:
         ids = self._run.example_ids
         if ids is not None and (x.dim() < 2 or x.shape[0] != ids.shape[0]):
             ids = None
-        return self._run.writes.reduce(name, x, reducer, example_ids=ids, mask=mask)
+        self._run.writes.reduce(name, x, reducer, example_ids=ids, mask=mask)
 
     def __repr__(self) -> str:
         return f"ProbeContext(point={self.point!r}, run_index={self.run_index})"
