@@ -8,6 +8,7 @@ Everything a notebook does goes through this small API — ``probe_points``, ``r
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,8 @@ class Model:
         self._weights = canonical_weights(self.adapter, self.n_layers)
         self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
         self._modules = dict(self.hf_model.named_modules())
+        # one forward at a time: hooks and the attention switch are per model, not per thread
+        self._exec_lock = threading.RLock()
         if self.adapter is not None:
             layers = self.adapter.layers
             self._block_paths = [f"{layers}.{i}" for i in range(self.n_layers)]
@@ -189,8 +192,9 @@ class Model:
         plan = ProbePlan(forward={name: [reader] for name in self._specs})
         txn = self.store.begin()
         try:
-            self._forward(ids, torch.ones_like(ids), plan, txn.writes("__shapes__"), None, None,
-                          grad=False)
+            with self._exec_lock:
+                self._forward(ids, torch.ones_like(ids), plan, txn.writes("__shapes__"), None,
+                              None, grad=False)
         finally:
             txn.rollback()
         self._shapes = {name: seen.get(name) for name in self._specs}
@@ -217,7 +221,8 @@ class Model:
     def _transaction(self) -> Iterator[Transaction]:
         txn = self.store.begin()
         try:
-            yield txn
+            with self._exec_lock:
+                yield txn
         except BaseException:
             txn.rollback()
             raise
