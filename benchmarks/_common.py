@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -30,20 +31,30 @@ class Case:
     note: str = ""
 
 
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
 @dataclass
 class Timing:
-    """The per-round wall times (seconds) of one case."""
+    """The per-round times (seconds) of one case: wall clock and this process's CPU time.
+
+    With one torch thread all the work runs on the calling thread, so CPU time counts the work
+    itself and barely moves when another job competes for the cores; wall time is what a user
+    waits, contention included.
+    """
 
     case: Case
-    times: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
+    def median(self, clock: str = "wall") -> float:
+        return statistics.median(getattr(self, clock))
 
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.times)
-        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    def quantile(self, q: float, clock: str = "wall") -> float:
+        return _quantile(getattr(self, clock), q)
 
 
 def fix_threads(n: int) -> int:
@@ -54,6 +65,11 @@ def fix_threads(n: int) -> int:
     except RuntimeError:  # only settable before the first parallel op; keep the default then
         pass
     return torch.get_num_threads()
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: fresh memory the kernel had to map and zero."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(cases: list[Case], *, rounds: int, warmup: int, seed: int = 0,
@@ -69,17 +85,23 @@ def measure(cases: list[Case], *, rounds: int, warmup: int, seed: int = 0,
         rng.shuffle(order)
         for case in order:
             gc.collect()
-            start = time.perf_counter()
+            faults = minor_faults()
+            start, start_cpu = time.perf_counter(), time.process_time()
             case.fn()
-            timings[case.name].times.append(time.perf_counter() - start)
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            timing = timings[case.name]
+            timing.wall.append(wall)
+            timing.cpu.append(cpu)
+            timing.faults.append(minor_faults() - faults)
         if progress is not None:
             progress(f"round {r + 1}/{rounds} done")
     return [timings[case.name] for case in cases]
 
 
-def paired_ratio(timing: Timing, baseline: Timing) -> float:
+def paired_ratio(timing: Timing, baseline: Timing, clock: str = "wall") -> float:
     """Median over rounds of (this case's time / the baseline's time in the same round)."""
-    return statistics.median(t / b for t, b in zip(timing.times, baseline.times))
+    pairs = zip(getattr(timing, clock), getattr(baseline, clock))
+    return statistics.median(t / b for t, b in pairs)
 
 
 def load_average() -> str:
@@ -92,18 +114,25 @@ def load_average() -> str:
 
 def markdown_table(timings: list[Timing], baseline: Timing, skipped: dict[str, str] | None = None
                    ) -> str:
-    """A Markdown table: median, IQR, ratio of medians and paired ratio to ``baseline``."""
+    """A Markdown table of absolute medians and ratios to ``baseline``, on both clocks.
+
+    "× (CPU)" is the ratio of CPU-time medians, the steadiest number on a busy machine;
+    "× (wall, paired)" is the median of per-round wall-time ratios.
+    """
     lines = [
-        "| case | median ms | p25–p75 ms | × plain HF (medians) | × plain HF (paired) | note |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        ("| case | wall median ms (p25–p75) | CPU median ms (p25–p75) | × plain HF (CPU) |"
+         " × plain HF (wall, paired) | page faults / call | note |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for t in timings:
-        ratio = t.median / baseline.median
         lines.append(
-            f"| {t.case.name} | {t.median * 1e3:.1f} | {t.quantile(0.25) * 1e3:.1f}–"
-            f"{t.quantile(0.75) * 1e3:.1f} | {ratio:.3f} | {paired_ratio(t, baseline):.3f} |"
+            f"| {t.case.name} | {t.median() * 1e3:.1f} ({t.quantile(0.25) * 1e3:.1f}–"
+            f"{t.quantile(0.75) * 1e3:.1f}) | {t.median('cpu') * 1e3:.1f}"
+            f" ({t.quantile(0.25, 'cpu') * 1e3:.1f}–{t.quantile(0.75, 'cpu') * 1e3:.1f}) |"
+            f" {t.median('cpu') / baseline.median('cpu'):.3f} |"
+            f" {paired_ratio(t, baseline):.3f} | {statistics.median(t.faults):.0f} |"
             f" {t.case.note} |"
         )
     for name, why in (skipped or {}).items():
-        lines.append(f"| {name} | — | — | — | — | not run: {why} |")
+        lines.append(f"| {name} | — | — | — | — | — | not run: {why} |")
     return "\n".join(lines)

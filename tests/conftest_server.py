@@ -9,6 +9,7 @@ host:port`` line from the server's stdout.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
 import queue
@@ -26,8 +27,8 @@ __all__ = [
     "CORPUS",
     "ServerProcess",
     "save_tiny_gpt2_with_tokenizer",
-    "server_model_dir",
     "served",
+    "server_model_dir",
     "server_token",
 ]
 
@@ -74,7 +75,10 @@ class ServerProcess:
                    PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.token = token
-        self._log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL
+        self._log = (
+            open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stop()
+            if log_path is not None else subprocess.DEVNULL
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cloche", "serve", "--model", str(model_dir), "--port", "0",
              "--log-level", "WARNING", *args],
@@ -127,20 +131,35 @@ class ServerProcess:
         return self.proc.returncode
 
 
+# The fixtures below may be imported by several conftest files (tests/conftest.py, the server and
+# client test packages); pytest then sees several definitions, so the expensive objects are
+# cached here and shared: one model directory and one server process per test session.
+_SHARED: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def server_model_dir(tmp_path_factory) -> pathlib.Path:
-    return save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("tiny-gpt2-served"))
+    if "dir" not in _SHARED:
+        _SHARED["dir"] = save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("tiny-gpt2-served"))
+    return _SHARED["dir"]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="session")
 def server_token() -> str:
-    return secrets.token_urlsafe(16)
+    return _SHARED.setdefault("token", secrets.token_urlsafe(16))  # type: ignore[return-value]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(server_model_dir, server_token, tmp_path_factory):
-    """A running server (one per test module)."""
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    server = ServerProcess(server_model_dir, server_token, log_path=log)
-    yield server
-    server.stop()
+    """A running server, shared by the test session (starting one costs seconds of imports).
+
+    Stopped (SIGTERM) when the test process exits. Tests that need other flags start their
+    own :class:`ServerProcess`.
+    """
+    server = _SHARED.get("server")
+    if not isinstance(server, ServerProcess) or not server.alive():
+        log = tmp_path_factory.mktemp("server-log") / "server.log"
+        server = ServerProcess(server_model_dir, server_token, log_path=log)
+        _SHARED["server"] = server
+        atexit.register(server.stop)
+    return server

@@ -7,7 +7,10 @@ results come back in the order of the addresses.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from cloche import errors
 from cloche.client.connection import RemoteFuture
@@ -63,7 +66,7 @@ class Pool:
         for model in self.models:
             model.close()
 
-    def __enter__(self) -> Pool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

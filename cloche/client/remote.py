@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import pathlib
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from cloche import errors
 from cloche.client.connection import ClientConnection, RemoteFuture
@@ -27,6 +32,7 @@ from cloche.wire.transport import client_ssl_context
 
 __all__ = ["RemoteModel", "connect", "parse_address"]
 
+_UNSET = object()
 _SUBMITTABLE = {
     "run", "generate", "run_dataset", "call", "probe_points", "resolve", "param", "param_names",
     "tokenize", "decode", "to_str_tokens", "save_contexts", "ping",
@@ -75,6 +81,7 @@ class RemoteModel:
         self._lock = threading.Lock()
         self._conn = self._open(session)
         self._config: Any = None
+        self._tokenizer: Any = _UNSET
 
     # ----------------------------------------------------------------- connection
     def _open(self, session: str | None) -> ClientConnection:
@@ -112,7 +119,7 @@ class RemoteModel:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> RemoteModel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,7 +127,16 @@ class RemoteModel:
 
     # ----------------------------------------------------------------- requests
     def _submit(self, method: str, *args: Any, _on_event: Any = None, **kwargs: Any) -> RemoteFuture:
-        return self._connection().submit(method, args, kwargs, on_event=_on_event)
+        conn = self._connection()
+        try:
+            return conn.submit(method, args, kwargs, on_event=_on_event)
+        except errors.ConnectionError:
+            # The connection died before the request left: a dead connection's requests are
+            # cancelled by the server, so sending it again on a fresh one is safe.
+            with self._lock:
+                if self._conn is conn:
+                    conn.close()
+            return self._connection().submit(method, args, kwargs, on_event=_on_event)
 
     def _call(self, method: str, *args: Any, _on_event: Any = None, _cancel: Any = None,
               **kwargs: Any) -> Any:
@@ -146,19 +162,31 @@ class RemoteModel:
             raise errors.Cancelled("the request was cancelled",
                                    request_id=future.request_id) from None
 
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> RemoteFuture:
+    def submit(self, method: str, *args: Any,
+               on_event: Callable[[dict[str, Any]], None] | None = None,
+               **kwargs: Any) -> RemoteFuture:
         """Start ``method(*args, **kwargs)`` on the server; returns a future at once.
 
-        ``future.cancel()`` stops the work on the server at its next layer boundary. For
-        ``run_dataset``, a callable ``progress=`` receives the progress events.
+        ``future.cancel()`` stops the work on the server at its next layer boundary.
+        ``on_event`` receives the request's events as they arrive (on the client's reader
+        thread): ``{"type": "queued", "position": n}`` (1 = next), ``{"type": "started"}`` and,
+        for ``run_dataset``, ``{"type": "progress", "done", "total", "tokens", "eta", ...}``.
+        For ``run_dataset``, a callable ``progress=`` receives the progress dicts.
         """
         if method not in _SUBMITTABLE:
             raise errors.UsageError(f"submit takes one of {sorted(_SUBMITTABLE)}, not {method!r}")
-        on_event = None
         if method == "run_dataset":
             progress = kwargs.pop("progress", None)
-            kwargs["progress"] = callable(progress)
-            on_event = ProgressReporter(progress if callable(progress) else None, "")
+            kwargs["progress"] = callable(progress) or on_event is not None
+            reporter = ProgressReporter(progress if callable(progress) else None, "")
+            forward = on_event
+
+            def both(event: dict[str, Any]) -> None:
+                reporter(event)
+                if forward is not None:
+                    forward(event)
+
+            on_event = both
         return self._submit(method, *args, _on_event=on_event, **kwargs)
 
     def ping(self, value: Any = None) -> Any:
@@ -194,6 +222,25 @@ class RemoteModel:
                 AutoConfig.for_model(model_type, **values) if model_type else values
             )
         return self._config
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded locally from the server's files (None if it has none)."""
+        if self._tokenizer is _UNSET:
+            files = self._call("tokenizer_files")
+            if files is None:
+                self._tokenizer = None
+            else:
+                from transformers import AutoTokenizer
+
+                with tempfile.TemporaryDirectory() as directory:
+                    for name, data in files.items():
+                        if "/" in name or "\\" in name or name.startswith("."):
+                            raise errors.ProtocolError(f"bad tokenizer file name {name!r}")
+                        (pathlib.Path(directory) / name).write_bytes(data)
+                    self._tokenizer = AutoTokenizer.from_pretrained(directory,
+                                                                    local_files_only=True)
+        return self._tokenizer
 
     def probe_points(self) -> list[Any]:
         return self._call("probe_points")

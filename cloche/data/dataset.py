@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cloche.errors import UsageError
@@ -42,13 +43,17 @@ class Dataset:
             if n == 0:
                 raise UsageError(f"example {i} of dataset {name!r} has no tokens")
             if n > seq_len:
-                raise UsageError(f"example {i} of dataset {name!r} is longer than seq_len "
-                                 f"({n} > {seq_len})")
+                raise UsageError(
+                    f"example {i} of dataset {name!r} is longer than seq_len ({n} > {seq_len})"
+                )
         self.name = name
         self.seq_len = seq_len
         self.pad_id = pad_id
-        flat = [t for e in examples for t in e]
-        self._tokens = torch.tensor(flat, dtype=torch.int32)
+        parts = [np.asarray(e, dtype=np.int64) for e in examples]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= 2**31):
+            raise UsageError(f"dataset {name!r} has token ids outside [0, 2**31)")
+        self._tokens = torch.from_numpy(flat.astype(np.int32))
         self._offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
         if lengths:
             self._offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
@@ -62,13 +67,16 @@ class Dataset:
         if isinstance(i, bool) or not isinstance(i, int):
             raise UsageError(f"example ids are ints, got {type(i).__name__}")
         if not 0 <= i < len(self):
-            raise UsageError(f"example id {i} is out of range for dataset {self.name!r} "
-                             f"({len(self)} examples)")
+            raise UsageError(
+                f"example id {i} is out of range for dataset {self.name!r} ({len(self)} examples)"
+            )
         return self._tokens[self._offsets[i] : self._offsets[i + 1]].long()
 
     def __repr__(self) -> str:
-        return (f"Dataset(name={self.name!r}, examples={len(self)}, seq_len={self.seq_len}, "
-                f"tokens={self.num_tokens})")
+        return (
+            f"Dataset(name={self.name!r}, examples={len(self)}, seq_len={self.seq_len}, "
+            f"tokens={self.num_tokens})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -81,8 +89,9 @@ class Dataset:
         if batch_size < 1:
             raise UsageError(f"batch_size ({batch_size}) must be at least 1")
         if not 0 <= start <= len(self):
-            raise UsageError(f"start ({start}) is out of range for dataset {self.name!r} "
-                             f"({len(self)} examples)")
+            raise UsageError(
+                f"start ({start}) is out of range for dataset {self.name!r} ({len(self)} examples)"
+            )
         if limit is not None and limit < 0:
             raise UsageError(f"limit ({limit}) must not be negative")
         stop = len(self) if limit is None else min(len(self), start + limit)

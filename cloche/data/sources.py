@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cloche.data.dataset import Dataset
 from cloche.errors import UsageError
 
@@ -54,18 +56,20 @@ def _pad_id(tok: Any) -> int:
 def _encode(tok: Any, texts: list[str], *, special: bool) -> list[list[int]]:
     if not texts:
         return []
-    return list(tok(texts, add_special_tokens=special)["input_ids"])
+    # verbose=False: documents longer than model_max_length are expected here (they are
+    # chunked afterwards), so the tokenizer's "sequence too long" message would only mislead.
+    return list(tok(texts, add_special_tokens=special, verbose=False)["input_ids"])
 
 
-def chunk_documents(docs: Iterable[Sequence[int]], eos_id: int, seq_len: int) -> list[list[int]]:
+def chunk_documents(docs: Iterable[Sequence[int]], eos_id: int, seq_len: int) -> list[np.ndarray]:
     """Join documents into one stream, each preceded by ``eos_id``, cut into ``seq_len`` rows.
 
     Only the last row may be shorter than ``seq_len``.
     """
-    stream: list[int] = []
-    for doc in docs:
-        stream.append(eos_id)
-        stream.extend(doc)
+    parts = [np.asarray([eos_id, *doc], dtype=np.int64) for doc in docs]
+    if not parts:
+        return []
+    stream = np.concatenate(parts)
     return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
 
 
@@ -88,8 +92,12 @@ def _read_documents(path: Path, field: str) -> list[str]:
         raise UsageError(f"no such file or directory: {str(path)!r}")
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+            (
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         return [_read_text(p) for p in files]
@@ -155,8 +163,9 @@ def default(split: str = "heldout", *, tokenizer: Any = None, seq_len: int = 128
             if key in _cache:
                 return _cache[key]
     files = corpus.heldout_files() if split == "heldout" else corpus.train_files()
-    ds = _from_documents([f.text for f in files], _tokenizer(tokenizer), seq_len=seq_len,
-                         name=DEFAULT_PREFIX + split)
+    ds = _from_documents(
+        [f.text for f in files], _tokenizer(tokenizer), seq_len=seq_len, name=DEFAULT_PREFIX + split
+    )
     if tokenizer is None:
         with _cache_lock:
             _cache.setdefault(key, ds)
@@ -166,5 +175,5 @@ def default(split: str = "heldout", *, tokenizer: Any = None, seq_len: int = 128
 def get(name: str, tokenizer: Any = None, seq_len: int = 128) -> Dataset:
     """A dataset by name: ``"default:heldout"``, ``"default:train"``, or a filesystem path."""
     if name.startswith(DEFAULT_PREFIX):
-        return default(name[len(DEFAULT_PREFIX):], tokenizer=tokenizer, seq_len=seq_len)
+        return default(name[len(DEFAULT_PREFIX) :], tokenizer=tokenizer, seq_len=seq_len)
     return from_path(name, tokenizer, seq_len=seq_len)

@@ -80,9 +80,7 @@ def is_heldout(relpath: str) -> bool:
 def _excluded(rel: Path) -> bool:
     if any(part in _EXCLUDED_DIRS for part in rel.parts[:-1]):
         return True
-    if rel.parts[0].startswith("config-") or rel.name.startswith("_sysconfigdata"):
-        return True
-    return False
+    return rel.parts[0].startswith("config-") or rel.name.startswith("_sysconfigdata")
 
 
 def scan_stdlib(root: Path | None = None) -> Iterator[CorpusFile]:
@@ -126,8 +124,9 @@ def write_heldout(files: list[CorpusFile], directory: Path | None = None) -> Pat
     return path
 
 
-def write_manifest(files: list[CorpusFile], python_version: str,
-                   directory: Path | None = None) -> Path:
+def write_manifest(
+    files: list[CorpusFile], python_version: str, directory: Path | None = None
+) -> Path:
     """Record which training files (path and sha256) a model was trained on."""
     directory = data_dir() if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,8 +164,11 @@ class ManifestDiff:
         if self.identical:
             return "training split identical to the shipped model's manifest"
         parts = []
-        for label, names in (("missing here", self.missing), ("new here", self.added),
-                             ("changed", self.changed)):
+        for label, names in (
+            ("missing here", self.missing),
+            ("new here", self.added),
+            ("changed", self.changed),
+        ):
             if names:
                 shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
                 parts.append(f"{len(names)} {label} ({shown})")

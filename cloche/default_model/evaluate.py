@@ -51,8 +51,11 @@ def heldout_cross_entropy(model, dataset, batch_size: int = 64) -> tuple[float, 
         logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
         targets = batch.tokens[:, 1:].clone()
         targets[batch.attention_mask[:, 1:] == 0] = -100
-        total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
-                                       ignore_index=-100, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="sum"
+            )
+        )
         count += int((targets != -100).sum())
     return total / count, count
 
@@ -82,8 +85,9 @@ def evaluate(directory: Path | None = None) -> dict:
     tok = data.sources._tokenizer(directory)
     heldout = data.default("heldout", tokenizer=tok)
     ce, n_targets = heldout_cross_entropy(model, heldout)
-    bigram, k = bigram_cross_entropy(data.default("train", tokenizer=tok), heldout,
-                                     model.config.vocab_size)
+    bigram, k = bigram_cross_entropy(
+        data.default("train", tokenizer=tok), heldout, model.config.vocab_size
+    )
     ind = measure_induction(model)
     return {
         "heldout_ce": round(ce, 5),
@@ -102,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Quality figures of the default model.")
     p.add_argument("--dir", type=Path, default=None, help="model folder (default: shipped)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--write", action="store_true",
-                   help=f"store the figures in {METRICS_FILE} inside the model folder")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help=f"store the figures in {METRICS_FILE} inside the model folder",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate(args.dir)

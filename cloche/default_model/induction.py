@@ -24,6 +24,7 @@ class InductionResult:
     scores: torch.Tensor  # (layers, heads): mean attention to t - L + 1
     first_half_loss: float
     repeated_half_loss: float
+    prev_scores: torch.Tensor  # (layers, heads): mean attention to t - 1 (previous token)
 
     @property
     def best(self) -> tuple[int, int, float]:
@@ -49,6 +50,9 @@ class InductionResult:
             "repeated_half_loss": round(self.repeated_half_loss, 4),
             "loss_ratio": round(self.loss_ratio, 4),
             "induction_scores": [[round(float(v), 4) for v in row] for row in self.scores],
+            "previous_token_scores": [
+                [round(float(v), 4) for v in row] for row in self.prev_scores
+            ],
         }
 
 
@@ -94,9 +98,11 @@ def measure_induction(
     scores = torch.stack(
         [att[:, :, queries, keys].mean(dim=(0, 2)) for att in out.attentions]
     ).float()
+    pos = torch.arange(1, 2 * half)
+    prev = torch.stack([att[:, :, pos, pos - 1].mean(dim=(0, 2)) for att in out.attentions])
     losses = F.cross_entropy(
         out.logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none"
     )  # losses[:, j] is the loss of target j + 1
     first = losses[:, : half - 1].mean().item()  # targets 1 .. half-1
     repeated = losses[:, half:].mean().item()  # targets half+1 .. 2*half-1
-    return InductionResult(scores, first, repeated)
+    return InductionResult(scores, first, repeated, prev.float())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-__all__ = ["EOS", "PAD", "VOCAB_SIZE", "train_tokenizer", "wrap", "save"]
+__all__ = ["EOS", "PAD", "VOCAB_SIZE", "save", "train_tokenizer", "wrap"]
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -1,13 +1,18 @@
+# LEAD NOTE for the helper: read /tmp/LEAD_NOTE_default_model.md now (measured induction recipe), then delete this line.
 """Train the embedded default model on CPU: ``python -m cloche.default_model.train``.
 
 The recipe, in two phases (see ``docs/default-model.md``):
 
-1. **Synthetic opening.** Every row is random tokens (uniform over the non-special vocabulary)
-   in which a random sequence of length 4..64 starts at a random offset and then repeats until
-   the row ends (so it occurs at least twice). Nothing but copying can lower this loss, which
-   pulls an induction circuit into existence far sooner than natural text does. The induction
-   test (:mod:`cloche.default_model.induction`) runs every ``--eval-every`` steps; once it
-   passes (or after ``--synthetic-max-steps``), training switches to phase 2.
+1. **Opening.** Every ``--opening-code-every``-th step is a plain code batch (see phase 2,
+   without repeats: it grows previous-token heads and useful embeddings); the other steps are
+   synthetic batches (same number of tokens): each row is random tokens (uniform over the
+   non-special vocabulary, or its first ``V`` ids) in which a random sequence of length
+   2..S/2 starts at a random offset and then repeats until the row of length ``S`` ends.
+   Nothing but copying can lower that loss. A curriculum starts at ``S = 32`` (short rows
+   dilute attention less, so the copying gradient is stronger) and, each time the induction
+   test on that distribution passes, doubles ``S`` (and quadruples ``V``) up to 128 (and the
+   whole vocabulary). Once the full induction test (:mod:`cloche.default_model.induction`)
+   passes, or the synthetic budget is spent, training switches to phase 2.
 2. **Code.** Rows are random 128-token windows of the training split (files joined, each
    preceded by ``<|endoftext|>``); a fraction ``--repeat-fraction`` of rows has a span of
    ``2 L`` tokens (L in 4..64, random place) overwritten by a random sequence repeated twice,
@@ -21,10 +26,10 @@ induction score.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from cloche.default_model import corpus, weights_dir
 from cloche.default_model import tokenizer as tok_mod
 from cloche.default_model.induction import measure_induction
+from cloche.errors import UsageError
 
 __all__ = ["TrainConfig", "build_model", "main", "train"]
 
@@ -48,22 +54,25 @@ class TrainConfig:
     out: Path = field(default_factory=weights_dir)
     seed: int = 0
     hidden: int = 128
-    layers: int = 2
+    layers: int = 3
+    attention_bias: bool = True
     heads: int = 4
     seq_len: int = 128
     vocab_size: int = tok_mod.VOCAB_SIZE
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 200
     weight_decay: float = 0.01
-    steps: int = 10000
+    steps: int = 40000
     max_minutes: float | None = None
     eval_every: int = 200
     checkpoint_minutes: float = 5.0
-    synthetic_max_steps: int = 4000
-    synthetic_vocab_start: int = 64
+    synthetic_max_steps: int = 1_000_000
+    synthetic_max_minutes: float | None = None
+    synthetic_vocab_start: int = tok_mod.VOCAB_SIZE - N_SPECIAL
     synthetic_len_start: int = 32
+    opening_code_every: int = 2
     init_std: float = 0.02
     repeat_fraction: float = 0.25
     threads: int = 2
@@ -86,15 +95,23 @@ def build_model(cfg: TrainConfig):
         eos_token_id=0,
         pad_token_id=1,
         initializer_range=cfg.init_std,
+        attention_bias=cfg.attention_bias,
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine to ``min_lr_ratio * lr``.
+
+    The cosine follows whichever budget is further spent: steps, or (with ``max_minutes``)
+    wall time, so that a run cut short by its time budget still ends at a low learning rate.
+    """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.max_minutes:
+        progress = max(progress, min(1.0, elapsed_s / (60 * cfg.max_minutes)))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
@@ -153,8 +170,11 @@ class Batcher:
             row[start : start + 2 * length] = torch.cat([seq, seq])
         return row
 
-    def batch(self, phase: int) -> torch.Tensor:
+    def batch(self, phase: int, step: int = 0) -> torch.Tensor:
         rows = []
+        every = self.cfg.opening_code_every
+        if phase == 1 and every and step % every == 0:
+            return torch.stack([self.code_row(False) for _ in range(self.cfg.batch_size)])
         if phase == 1:
             count = self.cfg.batch_size * self.cfg.seq_len // self.synthetic_len
             return torch.stack([self.synthetic_row() for _ in range(count)])
@@ -197,23 +217,29 @@ def save_checkpoint(model, out: Path, extra: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Run the whole recipe; returns the state also stored in ``training.json``."""
+    with contextlib.ExitStack() as stack:
+        log_fh = stack.enter_context(open(cfg.log, "a", encoding="utf-8")) if cfg.log else None
+
+        def log(record: dict) -> None:
+            line = json.dumps(record)
+            print(line, flush=True)
+            if log_fh:
+                log_fh.write(line + "\n")
+                log_fh.flush()
+
+        return _run(cfg, log)
+
+
+def _run(cfg: TrainConfig, log) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    log_fh = open(cfg.log, "a", encoding="utf-8") if cfg.log else None
-
-    def log(record: dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        if log_fh:
-            log_fh.write(line + "\n")
-            log_fh.flush()
-
     files = corpus.train_files()
     try:
         diff = corpus.compare_manifest(files, corpus.load_manifest())
         print(diff.summary(), file=sys.stderr, flush=True)
-    except Exception as exc:  # no shipped manifest yet: first training run
+    except UsageError as exc:  # no shipped manifest yet: first training run
         print(f"no shipped manifest to compare with ({exc})", file=sys.stderr, flush=True)
     official = cfg.out.resolve() == weights_dir().resolve()
     python_version = ".".join(map(str, sys.version_info[:3]))
@@ -223,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
         corpus.write_manifest(files, python_version, cfg.out)
     try:
         held = corpus.heldout_files()
-    except Exception:
+    except UsageError:  # first run on a fresh tree: bootstrap the shipped held-out split
         held = [f for f in corpus.scan_stdlib() if corpus.is_heldout(f.path)]
         corpus.write_heldout(held)
 
@@ -235,8 +261,15 @@ def train(cfg: TrainConfig) -> dict:
     n_rows = len(held_stream) // cfg.seq_len
     held_rows = held_stream[: n_rows * cfg.seq_len].view(n_rows, cfg.seq_len)
     probe_rows = held_rows[torch.linspace(0, n_rows - 1, 64).long()]
-    log({"event": "data", "train_tokens": len(stream), "heldout_tokens": len(held_stream),
-         "train_files": len(files), "heldout_files": len(held)})
+    log(
+        {
+            "event": "data",
+            "train_tokens": len(stream),
+            "heldout_tokens": len(held_stream),
+            "train_files": len(files),
+            "heldout_files": len(held),
+        }
+    )
 
     model = build_model(cfg)
     model.train()
@@ -244,22 +277,28 @@ def train(cfg: TrainConfig) -> dict:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
     )
     batcher = Batcher(stream, cfg)
     phase, switch_step = 1, None
     last_ckpt = time.time()
     running, running_n = 0.0, 0
-    state: dict = {"config": {k: str(v) if isinstance(v, Path) else v
-                              for k, v in asdict(cfg).items()},
-                   "parameters": n_params, "python_version": python_version}
+    state: dict = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "parameters": n_params,
+        "python_version": python_version,
+    }
     step = 0
     for step in range(cfg.steps):
+        lr = _lr_at(step, cfg, time.time() - t0)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        loss = lm_loss(model, batcher.batch(phase))
+            group["lr"] = lr
+        loss = lm_loss(model, batcher.batch(phase, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -274,53 +313,105 @@ def train(cfg: TrainConfig) -> dict:
             layer, head, score = ind.best
             sub = None
             if phase == 1 and not batcher.curriculum_done:
-                sub = measure_induction(model, batch=16, high=batcher.synthetic_high,
-                                        half=batcher.synthetic_len // 2)
-            log({"step": step + 1, "phase": phase, "elapsed_s": round(elapsed, 1),
-                 "lr": round(_lr_at(step, cfg), 6), "train_loss": round(running / running_n, 4),
-                 "heldout_loss": round(heldout_loss(model, probe_rows), 4),
-                 "induction": f"{layer}.{head}", "induction_score": round(score, 4),
-                 "loss_ratio": round(ind.loss_ratio, 4),
-                 "synthetic_vocab": batcher.synthetic_high - N_SPECIAL if phase == 1 else None,
-                 "synthetic_len": batcher.synthetic_len if phase == 1 else None,
-                 "sub_head": "%d.%d" % sub.best[:2] if sub else None,
-                 "sub_score": round(sub.best[2], 4) if sub else None,
-                 "sub_ratio": round(sub.loss_ratio, 4) if sub else None})
+                sub = measure_induction(
+                    model, batch=16, high=batcher.synthetic_high, half=batcher.synthetic_len // 2
+                )
+            log(
+                {
+                    "step": step + 1,
+                    "phase": phase,
+                    "elapsed_s": round(elapsed, 1),
+                    "lr": round(lr, 6),
+                    "train_loss": round(running / running_n, 4),
+                    "heldout_loss": round(heldout_loss(model, probe_rows), 4),
+                    "induction": f"{layer}.{head}",
+                    "induction_score": round(score, 4),
+                    "prev_token": [round(float(v), 3) for v in ind.prev_scores.max(dim=1).values],
+                    "loss_ratio": round(ind.loss_ratio, 4),
+                    "synthetic_vocab": batcher.synthetic_high - N_SPECIAL if phase == 1 else None,
+                    "synthetic_len": batcher.synthetic_len if phase == 1 else None,
+                    "sub_head": f"{sub.best[0]}.{sub.best[1]}" if sub else None,
+                    "sub_score": round(sub.best[2], 4) if sub else None,
+                    "sub_ratio": round(sub.loss_ratio, 4) if sub else None,
+                }
+            )
             running, running_n = 0.0, 0
             if sub is not None and sub.passes():
                 batcher.grow()
-                log({"event": "curriculum", "step": step + 1,
-                     "vocab": batcher.synthetic_high - N_SPECIAL, "len": batcher.synthetic_len})
-            if phase == 1 and ((batcher.curriculum_done and ind.passes())
-                               or step + 1 >= cfg.synthetic_max_steps):
+                log(
+                    {
+                        "event": "curriculum",
+                        "step": step + 1,
+                        "vocab": batcher.synthetic_high - N_SPECIAL,
+                        "len": batcher.synthetic_len,
+                    }
+                )
+            synthetic_spent = step + 1 >= cfg.synthetic_max_steps or (
+                cfg.synthetic_max_minutes is not None and elapsed > 60 * cfg.synthetic_max_minutes
+            )
+            if phase == 1 and ((batcher.curriculum_done and ind.passes()) or synthetic_spent):
                 phase, switch_step = 2, step + 1
                 log({"event": "phase2", "step": step + 1, "induction_passed": ind.passes()})
-        state.update({"steps_done": step + 1, "synthetic_steps": switch_step or step + 1,
-                      "phase": phase, "train_seconds": round(time.time() - t0, 1)})
+        state.update(
+            {
+                "steps_done": step + 1,
+                "synthetic_steps": switch_step or step + 1,
+                "phase": phase,
+                "train_seconds": round(time.time() - t0, 1),
+            }
+        )
         if last or time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
             save_checkpoint(model, cfg.out, state)
             last_ckpt = time.time()
             log({"event": "checkpoint", "step": step + 1})
         if out_of_time:
             break
-    if log_fh:
-        log_fh.close()
     return state
 
 
 def _parse(argv: list[str] | None) -> TrainConfig:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=defaults.out,
-                   help="output folder (default: the package's weights folder)")
-    for name in ("seed", "hidden", "layers", "heads", "batch_size", "warmup", "steps",
-                 "eval_every", "synthetic_max_steps", "synthetic_vocab_start", "synthetic_len_start",
-                 "threads"):
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=defaults.out,
+        help="output folder (default: the package's weights folder)",
+    )
+    for name in (
+        "seed",
+        "hidden",
+        "layers",
+        "heads",
+        "batch_size",
+        "warmup",
+        "steps",
+        "eval_every",
+        "synthetic_max_steps",
+        "synthetic_vocab_start",
+        "synthetic_len_start",
+        "opening_code_every",
+        "threads",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "repeat_fraction", "checkpoint_minutes", "weight_decay", "init_std"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop (and save) after this much wall time")
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop (and save) after this much wall time"
+    )
+    p.add_argument(
+        "--synthetic-max-minutes",
+        type=float,
+        default=None,
+        help="switch to the code phase after this much wall time at the latest",
+    )
+    p.add_argument(
+        "--attention-bias",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.attention_bias,
+        help="biases on q/k/v/o (a constant query/key part lets layer 0 learn a "
+        "previous-token head; on by default)",
+    )
     p.add_argument("--log", type=Path, default=None, help="append JSON-lines records here")
     args = p.parse_args(argv)
     return TrainConfig(**vars(args))

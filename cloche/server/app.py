@@ -13,7 +13,10 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from cloche import errors
 from cloche.server.config import ServerConfig
@@ -86,6 +89,10 @@ class Server:
             return
         self._stop.set()
         if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass  # not connected in the TCP sense on some platforms; close() still works
             self._listener.close()
         for job in self.queue.close():
             job.cancel.set()
@@ -99,7 +106,7 @@ class Server:
         for thread in self._threads:
             thread.join(timeout=10)
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -199,7 +206,7 @@ class Server:
                     progress_interval=self.config.progress_interval,
                 )
                 value = job.method.fn(context, *job.request.args, **job.request.kwargs)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
                 self._complete(job, error=exc)
             else:
                 self._complete(job, value=value)

@@ -156,27 +156,28 @@ class ServerConnection:
             self._run_light(request, method)
             return
         with self._lock:
-            if request.id in self.jobs:
-                duplicate = True
-            else:
-                duplicate = False
-                job = Job(self, request, method)
+            job = None if request.id in self.jobs else Job(self, request, method)
+            if job is not None:
                 self.jobs[request.id] = job
-        if duplicate:
+        if job is None:
             self.send_error(request.id, errors.UsageError(f"request id {request.id} is in use"))
             return
         self.server.enqueue(job)
 
     def _run_light(self, request: messages.Request, method: Method) -> None:
         assert self.session is not None
+
+        def emit(event: dict[str, Any]) -> None:
+            self.send(messages.event(request.id, event))
+
         context = CallContext(
             view=SessionModelView(self.server.model, self.session),
             cancel=threading.Event(),
-            emit=lambda event: self.send(messages.event(request.id, event)),
+            emit=emit,
         )
         try:
             value = method.fn(context, *request.args, **request.kwargs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
             self.send_error(request.id, exc)
             return
         self.send_result(request.id, value)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from typing import Generic, Hashable, TypeVar
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 __all__ = ["FairQueue"]
 
@@ -64,7 +65,8 @@ class FairQueue(Generic[T]):
             row = [lane[depth] for lane in lanes if depth < len(lane)]
             if not row:
                 return order
-            order.extend((item, len(order) + i + 1) for i, item in enumerate(row))
+            base = len(order)
+            order.extend([(item, base + i + 1) for i, item in enumerate(row)])
             depth += 1
 
     def __len__(self) -> int:

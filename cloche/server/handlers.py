@@ -8,10 +8,12 @@ Methods reach the model only through the Model API, via the session's :class:`Se
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cloche.server.view import SessionModelView
@@ -53,6 +55,16 @@ def _config(c: CallContext) -> dict[str, Any]:
     return c.view.config.to_dict()
 
 
+def _tokenizer_files(c: CallContext) -> dict[str, bytes] | None:
+    """The tokenizer as the files ``save_pretrained`` writes, for the client to load locally."""
+    tokenizer = c.view.tokenizer
+    if tokenizer is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
 def _ping(c: CallContext, value: Any = None) -> Any:
     return value
 
@@ -84,6 +96,7 @@ METHODS: dict[str, Method] = {
     "ping": Method(False, _ping),
     "info": Method(False, _info),
     "config": Method(False, _config),
+    "tokenizer_files": Method(False, _tokenizer_files),
     **{
         name: Method(False, _model_method(name))
         for name in (

@@ -46,9 +46,9 @@ __all__ = [
     "EXT_SLICE",
     "EXT_TENSOR",
     "EXT_TUPLE",
+    "TORCH_DTYPES",
     "Encoded",
     "PendingMessage",
-    "TORCH_DTYPES",
     "decode",
     "decode_header",
     "encode",
@@ -242,7 +242,7 @@ class _Encoder:
         if tensor.numel() == 0:
             buf = memoryview(b"")
         else:
-            buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            buf = tensor.reshape(-1).view(torch.uint8).numpy().data
         index = len(self.buffers)
         self.buffers.append(buf)
         return msgpack.ExtType(EXT_TENSOR, self.pack([name, list(tensor.shape), index]))
@@ -250,7 +250,7 @@ class _Encoder:
     def ndarray(self, obj: np.ndarray) -> msgpack.ExtType:
         name = obj.dtype.name
         array = obj.astype(_NUMPY_DTYPES[name], order="C", copy=False)  # keeps 0-d arrays 0-d
-        buf = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+        buf = array.reshape(-1).view(np.uint8).data if array.size else memoryview(b"")
         index = len(self.buffers)
         self.buffers.append(buf)
         return msgpack.ExtType(EXT_NDARRAY, self.pack([name, list(array.shape), index]))
@@ -278,6 +278,7 @@ class _BufferPickler(cloudpickle.Pickler):
 
     def persistent_id(self, obj: Any) -> int | None:
         kind = type(obj)
+        make: Any
         if kind is torch.Tensor and obj.layout == torch.strided and obj.dtype in _TORCH_NAMES:
             make = self.encoder.tensor
         elif kind is np.ndarray and obj.dtype.name in _NUMPY_DTYPES:
@@ -369,15 +370,15 @@ class _Decoder:
             return self._buffer(data, tensor=False)
         if code == EXT_NPSCALAR:
             name, raw = self._list(data, 2, "numpy scalar")
-            dtype = _NUMPY_DTYPES.get(name) if isinstance(name, str) else None
-            if dtype is None or type(raw) is not bytes or len(raw) != dtype.itemsize:
+            np_dtype = _NUMPY_DTYPES.get(name) if isinstance(name, str) else None
+            if np_dtype is None or type(raw) is not bytes or len(raw) != np_dtype.itemsize:
                 raise ProtocolError("malformed numpy scalar")
-            return np.frombuffer(raw, dtype=dtype)[0].astype(np.dtype(name))
+            return np.frombuffer(raw, dtype=np_dtype)[0].astype(np.dtype(name))
         if code == EXT_DTYPE:
-            dtype = TORCH_DTYPES.get(data.decode("ascii", "replace"))
-            if dtype is None:
+            torch_dtype = TORCH_DTYPES.get(data.decode("ascii", "replace"))
+            if torch_dtype is None:
                 raise ProtocolError(f"unknown dtype {data[:40]!r}")
-            return dtype
+            return torch_dtype
         if code == EXT_SLICE:
             start, stop, step = self._list(data, 3, "slice")
             return slice(start, stop, step)
@@ -403,7 +404,7 @@ class _Decoder:
 
     def _buffer(self, data: bytes, *, tensor: bool) -> Any:
         name, shape, index = self._list(data, 3, "buffer reference")
-        dtypes = TORCH_DTYPES if tensor else _NUMPY_DTYPES
+        dtypes: dict[str, Any] = TORCH_DTYPES if tensor else _NUMPY_DTYPES
         if not isinstance(name, str) or name not in dtypes:
             raise ProtocolError(f"unknown {'tensor' if tensor else 'array'} dtype {name!r}")
         if (
@@ -422,18 +423,16 @@ class _Decoder:
                 f"{self.remaining} left"
             )
         self.remaining -= nbytes
+        value: Any
+        target = memoryview(bytearray())
         if tensor:
             value = torch.empty(shape, dtype=dtypes[name])
-            target = (
-                memoryview(value.reshape(-1).view(torch.uint8).numpy())
-                if nbytes
-                else memoryview(bytearray())
-            )
+            if nbytes:
+                target = value.reshape(-1).view(torch.uint8).numpy().data
         else:
             value = np.empty(shape, dtype=np.dtype(name))
-            target = memoryview(value.reshape(-1).view(np.uint8)) if nbytes else memoryview(
-                bytearray()
-            )
+            if nbytes:
+                target = value.reshape(-1).view(np.uint8).data
         self.targets.append(target)
         return value
 

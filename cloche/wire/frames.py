@@ -28,10 +28,10 @@ from cloche.errors import FrameTooLarge, ProtocolError
 
 __all__ = [
     "EXTENDED_SIZE",
-    "Limits",
     "MAGIC",
     "PREAMBLE_SIZE",
     "PROTOCOL_VERSION",
+    "Limits",
     "Preamble",
     "encode_preamble",
     "parse_extended",

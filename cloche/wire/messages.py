@@ -84,10 +84,8 @@ def _kind(msg: Any) -> str:
     return msg["kind"]
 
 
-def _id(msg: dict, *, optional: bool = False) -> int | None:
+def _id(msg: dict) -> int:
     rid = msg.get("id")
-    if rid is None and optional:
-        return None
     if type(rid) is not int or not 0 <= rid <= _MAX_ID:
         raise ProtocolError(f"bad request id {rid!r}"[:100])
     return rid
@@ -120,7 +118,7 @@ def parse_response(msg: Any) -> tuple[str, int | None, Any]:
         payload = msg.get("error")
         if type(payload) is not dict:
             raise ProtocolError("an error message needs an 'error' map")
-        return kind, _id(msg, optional=True), payload
+        return kind, None if msg.get("id") is None else _id(msg), payload
     if kind == EVENT:
         payload = msg.get("event")
         if type(payload) is not dict:

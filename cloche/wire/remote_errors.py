@@ -68,12 +68,10 @@ def from_payload(payload: dict) -> errors.ClocheError:
     if cls is None:
         cls = errors.RemoteError
         message = f"{kind}: {message}"
-    common = {
-        "request_id": _int(payload.get("request_id")),
-        "rank": _int(payload.get("rank")),
-        "remote_traceback": _text(payload.get("traceback")),
-    }
+    request_id = _int(payload.get("request_id"))
+    rank = _int(payload.get("rank"))
+    remote_traceback = _text(payload.get("traceback"))
     if issubclass(cls, errors.ProbeError):
         return cls(message, point=_text(payload.get("point")), probe=_text(payload.get("probe")),
-                   **common)
-    return cls(message, **common)
+                   request_id=request_id, rank=rank, remote_traceback=remote_traceback)
+    return cls(message, request_id=request_id, rank=rank, remote_traceback=remote_traceback)

@@ -95,7 +95,7 @@ class FramedSocket:
                         return False
                     raise errors.ConnectionError("connection closed in the middle of a frame")
                 got += n
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise errors.ConnectionError("timed out waiting for the peer") from exc
         except (OSError, ValueError) as exc:
             raise errors.ConnectionError(f"connection lost while receiving: {exc}") from exc

@@ -84,7 +84,9 @@ def params(m):
 
 def tokens(m):
     ids = m.tokenize("import os\nprint(os.getcwd())")
-    return [ids, m.decode(ids), m.to_str_tokens(ids), m.tokenize(["a b", "while True:"])]
+    return [ids, m.decode(ids), m.to_str_tokens(ids), m.tokenize(["a b", "while True:"]),
+            m.tokenizer("def f(x):\n")["input_ids"], m.tokenizer.decode([5, 6, 7]),
+            m.tokenizer.eos_token_id, m.tokenizer.pad_token_id]
 
 
 def probes_and_save_contexts(m):

@@ -141,8 +141,10 @@ def test_from_path_jsonl_field(tokenizer, tmp_path):
 def test_get_routes_paths_and_rejects_unknown(tokenizer, tmp_path):
     path = tmp_path / "one.txt"
     path.write_text(TEXTS[0], encoding="utf-8")
-    assert data.get(str(path), tokenizer, seq_len=8).fingerprint() == data.from_path(
-        path, tokenizer, seq_len=8).fingerprint()
+    assert (
+        data.get(str(path), tokenizer, seq_len=8).fingerprint()
+        == data.from_path(path, tokenizer, seq_len=8).fingerprint()
+    )
     with pytest.raises(UsageError, match="no such file"):
         data.get(str(tmp_path / "missing.txt"), tokenizer)
     with pytest.raises(UsageError, match="split"):

@@ -67,8 +67,11 @@ def test_heldout_loss_matches_model_card(model, metrics):
         for batch in heldout.batches(128):
             logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
             targets = batch.tokens[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
-            total += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
-                                           ignore_index=-100, reduction="sum"))
+            total += float(
+                F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+                )
+            )
             count += int((targets != -100).sum())
     ce = total / count
     assert count == metrics["heldout_targets"]
@@ -90,8 +93,9 @@ def test_has_an_induction_head(model, metrics):
     with torch.no_grad():
         out = model(tokens, output_attentions=True)
     queries = torch.arange(half, 2 * half)
-    scores = torch.stack([a[:, :, queries, queries - half + 1].mean(dim=(0, 2))
-                          for a in out.attentions])
+    scores = torch.stack(
+        [a[:, :, queries, queries - half + 1].mean(dim=(0, 2)) for a in out.attentions]
+    )
     assert float(scores.max()) >= 0.4
     layer, head = metrics["induction_layer"], metrics["induction_head"]
     assert float(scores[layer, head]) >= 0.4

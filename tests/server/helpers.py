@@ -45,3 +45,51 @@ def authenticated(address: str, token: str) -> FramedSocket:
         if reply is not None:
             framed.send(reply)
     return framed
+
+
+def hook_count(model) -> int:
+    """Hooks attached anywhere in the served model (counted on the server)."""
+
+    def count(m):
+        return sum(
+            len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks)
+            + len(mod._backward_pre_hooks)
+            for mod in m.hf_model.modules()
+        )
+
+    return model.call(count)
+
+
+def server_threads(model) -> int:
+    def count(m):
+        import threading
+
+        return threading.active_count()
+
+    return model.call(count)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class InProcessServer:
+    """A :class:`cloche.server.Server` in this process (cheap: no interpreter start-up)."""
+
+    def __init__(self, model, token: str = "in-process-token", **config) -> None:
+        from cloche.server import Server, ServerConfig
+
+        self.token = token
+        self.server = Server(model, ServerConfig(token=token, port=0, **config))
+        host, port = self.server.start()
+        self.address = f"{host}:{port}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()

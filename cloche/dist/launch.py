@@ -1,0 +1,177 @@
+"""Start a sharded model on this machine: rank 0 in this process, the others as subprocesses.
+
+The CLI calls :func:`serve_distributed` for ``cloche serve --world-size N``; tests and notebooks
+call :func:`start_local` for a :class:`~cloche.dist.model.DistributedModel` they drive directly.
+Each worker process runs ``python -m cloche.dist.worker`` — the same entry point ``torchrun``
+runs across machines — with the rank and rendezvous in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cloche.dist.layout import DistConfig
+from cloche.dist.worker import EXIT_WORKER_LOST, join
+from cloche.errors import UsageError, WorkerLost
+
+__all__ = ["LocalGroup", "serve_distributed", "start_local"]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalGroup:
+    """The worker processes of a group started on this machine."""
+
+    def __init__(self, processes: dict[int, subprocess.Popen]) -> None:
+        self.processes = processes
+
+    def dead(self) -> dict[int, int | None]:
+        """Ranks whose process has exited, with exit codes (rank 0's liveness check)."""
+        return {r: p.returncode for r, p in self.processes.items() if p.poll() is not None}
+
+    def kill(self, rank: int) -> None:
+        self.processes[rank].kill()
+
+    def terminate(self, grace_s: float = 5.0) -> None:
+        for p in self.processes.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + grace_s
+        for p in self.processes.values():
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def wait(self, timeout_s: float) -> dict[int, int | None]:
+        deadline = time.monotonic() + timeout_s
+        for p in self.processes.values():
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return {r: p.poll() for r, p in self.processes.items()}
+
+
+def _spawn_workers(model_dir: str, world_size: int, port: int, options: list[str],
+                   master_addr: str, device: str | None) -> LocalGroup:
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    processes = {}
+    for rank in range(1, world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR=master_addr, MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+        cmd = [sys.executable, "-m", "cloche.dist.worker", "--model", model_dir,
+               "--store-port-offset", "0", *options]
+        if device is not None:
+            cmd += ["--device", device]
+        processes[rank] = subprocess.Popen(cmd, env=env)
+    return LocalGroup(processes)
+
+
+def _options(layers_per_rank: Sequence[int] | None, backend: str | None, dtype: str | None,
+             timeout_s: float, micro_batches: int, threads: int | None) -> list[str]:
+    opts = ["--timeout", str(timeout_s), "--micro-batches", str(micro_batches)]
+    if layers_per_rank is not None:
+        opts += ["--layers-per-rank", ",".join(str(int(n)) for n in layers_per_rank)]
+    if backend is not None:
+        opts += ["--backend", backend]
+    if dtype is not None:
+        opts += ["--dtype", str(dtype).removeprefix("torch.")]
+    if threads is not None:
+        opts += ["--threads", str(threads)]
+    return opts
+
+
+def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
+                layers_per_rank: Sequence[int] | None = None, backend: str | None = None,
+                device: str | None = None, dtype: str | None = None, timeout_s: float = 60.0,
+                micro_batches: int = 1, threads: int | None = None,
+                master_addr: str = "127.0.0.1", port: int | None = None,
+                on_lost: Callable[[WorkerLost], None] | None = None) -> Any:
+    """A :class:`DistributedModel` over ``world_size`` ranks of this machine (rank 0 here).
+
+    ``model.group`` holds the worker processes; ``model.close()`` shuts them down.
+    """
+    from cloche.dist.model import DistributedModel
+
+    model_dir = str(Path(model_dir).expanduser())
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
+        raise UsageError(f"world_size ({world_size!r}) must be an int >= 2")
+    port = port or _free_port(master_addr)
+    options = _options(layers_per_rank, backend, dtype, timeout_s, micro_batches, threads)
+    group = _spawn_workers(model_dir, world_size, port, options, master_addr,
+                           "cuda" if device and device.startswith("cuda") else device)
+    config = DistConfig(model_dir=model_dir, rank=0, world_size=world_size,
+                        master_addr=master_addr, master_port=port, store_is_master=True,
+                        backend=backend, device=device, dtype=dtype,
+                        layers_per_rank=tuple(layers_per_rank) if layers_per_rank else None,
+                        timeout_s=timeout_s, micro_batches=micro_batches, threads=threads)
+    try:
+        rank = join(config, local_check=group.dead)
+    except BaseException:
+        group.terminate()
+        raise
+    model = DistributedModel(rank, on_lost=on_lost, micro_batches=micro_batches)
+    model.group = group
+    original_close = model.close
+
+    def close() -> None:
+        try:
+            original_close()
+        finally:
+            codes = group.wait(timeout_s=10)
+            if any(code is None for code in codes.values()):
+                group.terminate()
+
+    model.close = close
+    return model
+
+
+def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
+                      serve_fn: Callable[[Any], Any], *,
+                      layers_per_rank: Sequence[int] | None = None, backend: str | None = None,
+                      device: str | None = None, dtype: str | None = None,
+                      timeout_s: float = 60.0, micro_batches: int = 1,
+                      threads: int | None = None, master_addr: str = "127.0.0.1",
+                      port: int | None = None) -> int:
+    """``cloche serve --world-size N``: start N ranks here and call ``serve_fn(model)`` on rank 0.
+
+    Returns 0 when ``serve_fn`` returns (the workers are shut down). If a rank is lost, the
+    request in flight fails with ``WorkerLost`` (the client sees it), a message naming the rank
+    goes to stderr, the other workers are stopped and the process exits with code 3 — the
+    group is not restarted; a supervisor (systemd, k8s, torchrun --max-restarts) may restart it.
+    """
+    group_box: list[LocalGroup] = []
+
+    def on_lost(exc: WorkerLost) -> None:
+        time.sleep(min(2.0, timeout_s))  # let the failing request reach its client first
+        print(f"cloche serve: {exc}; shutting down (exit code {EXIT_WORKER_LOST})",
+              file=sys.stderr, flush=True)
+        if group_box:
+            group_box[0].terminate(grace_s=2.0)
+        os._exit(EXIT_WORKER_LOST)
+
+    model = start_local(model_dir, world_size, layers_per_rank=layers_per_rank,
+                        backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
+                        micro_batches=micro_batches, threads=threads, master_addr=master_addr,
+                        port=port, on_lost=on_lost)
+    group_box.append(model.group)
+    try:
+        serve_fn(model)
+    finally:
+        model.close()
+    return 0

@@ -1,0 +1,144 @@
+"""The process-group layout: world size, ranks, devices, groups and the control store.
+
+One object owns all of it; everything else asks it. Tensors (activations, gradients, logits)
+travel on the *tensor group* — NCCL on GPUs, gloo on CPUs. Everything else (commands, results,
+saved data, heartbeats, cancellation) travels on the *control plane*: a TCP key-value store
+(``torch.distributed.TCPStore``) whose waits can be sliced and retried, and a gloo group for
+pickled objects. No collective is ever started without a timeout, and no data-plane operation is
+posted before its peer has announced it (see ``dist.p2p``), so the process-group timeout bounds
+only transfers, never a peer's thinking time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+
+from cloche.errors import UsageError, WorkerLost
+
+__all__ = ["DistConfig", "Layout"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """How one rank joins the group. Parsed once at the entry point (never from os.environ here).
+
+    ``timeout_s`` is the fault bound: a rank that dies or stops answering is reported as
+    ``WorkerLost`` within about this many seconds. ``connect_timeout_s`` bounds start-up (all
+    ranks loading and meeting). ``store_is_master`` is False under torchrun, whose agent already
+    hosts the store at ``master_addr:master_port``.
+    """
+
+    model_dir: str
+    rank: int
+    world_size: int
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    store_is_master: bool | None = None
+    store_prefix: str = "cloche"
+    backend: str | None = None
+    device: str | None = None
+    local_rank: int = 0
+    dtype: str | None = None
+    layers_per_rank: tuple[int, ...] | None = None
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 300.0
+    micro_batches: int = 1
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) \
+                or self.world_size < 2:
+            raise UsageError(f"world_size ({self.world_size!r}) must be an int >= 2"
+                             " (world size 1 is the plain local model)")
+        if not 0 <= self.rank < self.world_size:
+            raise UsageError(f"rank ({self.rank}) must be in [0, {self.world_size})")
+        if not self.timeout_s > 0:
+            raise UsageError(f"timeout_s ({self.timeout_s}) must be positive")
+        if self.backend not in (None, "gloo", "nccl"):
+            raise UsageError(f"backend ({self.backend!r}) must be 'gloo', 'nccl' or None")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
+                or self.micro_batches < 1:
+            raise UsageError(f"micro_batches ({self.micro_batches!r}) must be a positive int")
+
+    @property
+    def heartbeat_s(self) -> float:
+        return min(max(self.timeout_s / 6.0, 0.05), 5.0)
+
+
+class Layout:
+    """Joins the process group described by a :class:`DistConfig` and owns its groups."""
+
+    def __init__(self, config: DistConfig) -> None:
+        self.config = config
+        self.rank = config.rank
+        self.world_size = config.world_size
+        backend = config.backend
+        device = config.device
+        if device is None:
+            device = f"cuda:{config.local_rank}" if backend == "nccl" else "cpu"
+        if backend is None:
+            backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        if backend == "nccl" and not str(device).startswith("cuda"):
+            raise UsageError(f"the nccl backend needs a cuda device, not {device!r}")
+        self.backend = backend
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        is_master = config.store_is_master
+        if is_master is None:
+            is_master = config.rank == 0
+        self._store_args = (config.master_addr, config.master_port)
+        connect = datetime.timedelta(seconds=config.connect_timeout_s)
+        try:
+            base = tdist.TCPStore(config.master_addr, config.master_port, None,
+                                  is_master=is_master, timeout=connect, wait_for_workers=False)
+        except (RuntimeError, tdist.DistStoreError) as exc:
+            raise WorkerLost(f"rank {self.rank} could not reach the control store at"
+                             f" {config.master_addr}:{config.master_port}: {exc}") from exc
+        self._base_store = base  # keeps the server alive on the hosting rank
+        self.store = tdist.PrefixStore(f"{config.store_prefix}/", base)
+        self._meet(connect)
+        timeout = datetime.timedelta(seconds=config.timeout_s)
+        tdist.init_process_group(backend, store=tdist.PrefixStore("pg/", self.store),
+                                 rank=self.rank, world_size=self.world_size, timeout=timeout)
+        self.tensor_group = tdist.group.WORLD
+        if backend == "gloo":
+            self.object_group = self.tensor_group
+        else:
+            self.object_group = tdist.new_group(backend="gloo", timeout=timeout)
+
+    def _meet(self, timeout: datetime.timedelta) -> None:
+        """Wait (bounded) until every rank has reached the store, so the group forms at once."""
+        self.store.set(f"hb/{self.rank}", "0")
+        self.store.add("joined", 1)
+        deadline = time.monotonic() + timeout.total_seconds()
+        while int(self.store.add("joined", 0)) < self.world_size:
+            if time.monotonic() > deadline:
+                raise WorkerLost(f"only {int(self.store.add('joined', 0))} of {self.world_size}"
+                                 f" ranks joined within {timeout.total_seconds():.0f} s")
+            time.sleep(0.05)
+
+    @property
+    def last(self) -> int:
+        return self.world_size - 1
+
+    def new_store_client(self) -> tdist.Store:
+        """A separate connection to the control store (one per thread that waits on it)."""
+        host, port = self._store_args
+        client = tdist.TCPStore(host, port, None, is_master=False,
+                                timeout=datetime.timedelta(seconds=self.config.connect_timeout_s),
+                                wait_for_workers=False)
+        return tdist.PrefixStore(f"{self.config.store_prefix}/", client)
+
+    def close(self) -> None:
+        if tdist.is_initialized():
+            try:
+                tdist.destroy_process_group()
+            except (RuntimeError, ValueError):
+                pass

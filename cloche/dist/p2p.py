@@ -1,0 +1,129 @@
+"""Point-to-point transfers that never wait on a peer that is thinking, dead or gone.
+
+A message has a key both sides compute (``"{command}/{pass}/act/0>1"``). The sender posts the
+tensor with a non-blocking ``isend`` (gloo and NCCL both hold it until the receiver posts its
+``recv``) and announces it in the store with its shape and dtype. The receiver waits for the
+announcement on the control plane (sliced, liveness- and abort-checked, see ``dist.control``),
+then posts a ``recv`` that completes at once, and acknowledges. A sender keeps at most
+``window`` unacknowledged messages per peer, which bounds memory and lets consecutive
+micro-batches overlap across ranks.
+
+If a command is aborted, a sender does not wait for acknowledgements that will never come: the
+unreceived sends are parked (their buffers are small and unique tags keep them from matching a
+later receive).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from cloche.dist.control import Aborted, Control
+from cloche.errors import Cancelled, WorkerLost
+
+__all__ = ["Channel"]
+
+
+def _tag(key: str) -> int:
+    return zlib.crc32(key.encode()) & 0x3FFFFFFF
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+class Channel:
+    """Sends and receives tensors and objects between this rank and its peers."""
+
+    def __init__(self, control: Control, rank: int, device: torch.device,
+                 tensor_group: Any, object_group: Any, window: int = 2) -> None:
+        self.control = control
+        self.rank = rank
+        self.device = device
+        self.tensor_group = tensor_group
+        self.object_group = object_group
+        self.window = window
+        self._pending: dict[tuple[int, str | None],
+                            collections.deque[tuple[str, Any, torch.Tensor]]] = {}
+        self._parked: list[tuple[Any, torch.Tensor]] = []
+        self.command: int | None = None
+
+    # ----------------------------------------------------------------- sending
+    def send(self, dst: int, key: str, tensor: torch.Tensor, *, objects: bool = False,
+             stream: str | None = None) -> None:
+        """Post ``tensor`` for ``dst`` under ``key`` (returns without waiting for ``dst``).
+
+        Messages of one ``stream`` (e.g. the activations to the next rank) are received in the
+        order they are sent, so at most ``window`` of them are kept in flight; other messages
+        are only settled at :meth:`flush` (their receiver may take them in another order).
+        """
+        group = self.object_group if objects else self.tensor_group
+        queue = self._pending.setdefault((dst, stream), collections.deque())
+        while stream is not None and len(queue) >= self.window:
+            self._settle(queue.popleft())
+        if not objects and tensor.device != self.device:
+            tensor = tensor.to(self.device)
+        tensor = tensor.detach().contiguous()
+        work = tdist.isend(tensor, dst, group=group, tag=_tag(key))
+        header = f"{'x'.join(map(str, tensor.shape))};{tensor.dtype};{int(objects)}"
+        self.control.store.set(f"m/{key}", header)
+        queue.append((key, work, tensor))
+
+    def send_object(self, dst: int, key: str, value: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        self.send(dst, key, data, objects=True)
+
+    def _settle(self, item: tuple[str, Any, torch.Tensor], *, abortable: bool = True) -> None:
+        key, work, tensor = item
+        try:
+            self.control.wait(f"a/{key}", command=self.command, abortable=abortable)
+        except (Aborted, Cancelled):
+            self._parked.append((work, tensor))
+            raise
+        self.control.store.delete_key(f"a/{key}")
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            raise WorkerLost(f"sending {key} failed: {exc}") from exc
+
+    def flush(self, *, aborted: bool = False) -> None:
+        """Wait until every message of this command was received (park them when aborted)."""
+        for queue in self._pending.values():
+            while queue:
+                item = queue.popleft()
+                if aborted or self.control.abort_event.is_set():
+                    self._parked.append((item[1], item[2]))
+                    continue
+                try:
+                    self._settle(item)
+                except (Aborted, Cancelled):
+                    aborted = True
+
+    # ----------------------------------------------------------------- receiving
+    def recv(self, src: int, key: str, *, abortable: bool = True) -> torch.Tensor:
+        """The tensor ``src`` sent under ``key`` (on this rank's device)."""
+        raw = self.control.wait(f"m/{key}", command=self.command, abortable=abortable).decode()
+        self.control.store.delete_key(f"m/{key}")
+        shape_text, dtype_name, objects = raw.split(";")
+        shape = tuple(int(s) for s in shape_text.split("x")) if shape_text else ()
+        is_object = objects == "1"
+        device = torch.device("cpu") if is_object else self.device
+        out = torch.empty(shape, dtype=_dtype(dtype_name), device=device)
+        group = self.object_group if is_object else self.tensor_group
+        try:
+            tdist.recv(out, src, group=group, tag=_tag(key))
+        except RuntimeError as exc:
+            raise WorkerLost(f"rank {src} was lost while sending {key}: {exc}", rank=src) from exc
+        self.control.store.set(f"a/{key}", "1")
+        return out
+
+    def recv_object(self, src: int, key: str, *, abortable: bool = True) -> Any:
+        data = self.recv(src, key, abortable=abortable)
+        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)

@@ -1,0 +1,276 @@
+"""Build one rank's shard: a model skeleton on the meta device with only owned modules real.
+
+The skeleton is built from the config on the ``meta`` device (no memory), modules owned by other
+ranks are swapped for stubs (``dist.stubs``), what is left is materialised with ``to_empty`` and
+filled from the safetensors files — reading only the tensors this rank needs, with
+``safe_open``. Buffers that are not in the checkpoint (rotary ``inv_freq``) are recomputed,
+since ``to_empty`` leaves them as garbage.
+
+:class:`Ownership` answers "which rank holds this module / probe point / parameter" for a plan;
+rank 0 uses it to route requests, every rank to pick its own probes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cloche.dist.plan import ShardPlan, balanced_plan
+from cloche.dist.stubs import (LogitsStub, PassBlock, Passthrough, Pipeline, ReceiveBlock,
+                               SendBlock, ZeroEmbedding, ZeroHidden)
+from cloche.errors import UsageError
+from cloche.model.adapters import Adapter, adapter_for
+from cloche.model.loader import Loaded, _auto_class, _parse_dtype
+from cloche.model.points import PointSpec
+
+__all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "skeleton"]
+
+
+@dataclass
+class Skeleton:
+    """The whole model on the meta device: its structure, names and sizes, but no memory."""
+
+    path: Path
+    config: Any
+    adapter: Adapter
+    meta_model: nn.Module
+    dtype: torch.dtype
+
+
+def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> Skeleton:
+    import transformers
+
+    directory = Path(model_dir).expanduser()
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"{str(directory)!r} is not a model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    adapter = adapter_for(getattr(config, "model_type", None))
+    if adapter is None:
+        raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
+                         " needs to know where the blocks are")
+    resolved = _parse_dtype(dtype)
+    if resolved == "auto":
+        resolved = getattr(config, "dtype", None) or torch.float32
+        if isinstance(resolved, str):
+            resolved = getattr(torch, resolved)
+    with torch.device("meta"):
+        meta_model = _auto_class(config).from_config(config, dtype=resolved)
+    meta_model.eval()
+    return Skeleton(directory, config, adapter, meta_model, resolved)
+
+
+class Ownership:
+    """Which rank holds each module, probe point and parameter under ``plan``."""
+
+    def __init__(self, sk: Skeleton, plan: ShardPlan) -> None:
+        self.plan = plan
+        self.layers = sk.adapter.layers
+        self.unembed = sk.adapter.unembed
+        self._names = [n for n, _ in sk.meta_model.named_modules()]
+        self._layers_index = self._names.index(self.layers)
+
+    def side(self, path: str) -> str:
+        """``"layer"``, ``"head"`` (before the blocks), ``"tail"`` (after) or ``"outer"``."""
+        if path == self.layers or path.startswith(self.layers + "."):
+            return "layer"
+        if path == "" or self.layers.startswith(path + "."):
+            return "outer"
+        return "head" if self._names.index(path) < self._layers_index else "tail"
+
+    def layer_of(self, path: str) -> int | None:
+        if not path.startswith(self.layers + "."):
+            return None
+        head = path[len(self.layers) + 1:].split(".")[0]
+        return int(head) if head.isdigit() else None
+
+    def module_owner(self, path: str) -> int:
+        side = self.side(path)
+        if side == "head":
+            return 0
+        if side == "layer":
+            layer = self.layer_of(path)
+            return self.plan.last if layer is None else self.plan.owner_of_layer(layer)
+        return self.plan.last
+
+    def point_owner(self, spec: PointSpec) -> int:
+        if spec.layer is not None:
+            return self.plan.owner_of_layer(spec.layer)
+        if spec.name == "embed":
+            return 0
+        if spec.site is not None:
+            return self.module_owner(spec.site.module)
+        return self.plan.last
+
+    def param_owner(self, raw_name: str) -> int:
+        return self.module_owner(raw_name.rpartition(".")[0])
+
+
+def _direct_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def make_plan(sk: Skeleton, world_size: int,
+              layers_per_rank: tuple[int, ...] | list[int] | None = None) -> ShardPlan:
+    """A plan balanced by parameter count (or the explicit ``layers_per_rank``)."""
+    modules = dict(sk.meta_model.named_modules())
+    layers = modules[sk.adapter.layers]
+    blocks = [sum(p.numel() for p in block.parameters()) for block in layers]
+    head = tail = 0
+    probe = Ownership.__new__(Ownership)
+    probe.layers = sk.adapter.layers
+    probe._names = list(modules)
+    probe._layers_index = probe._names.index(sk.adapter.layers)
+    for path, module in modules.items():
+        side = probe.side(path)
+        if side == "head":
+            head += _direct_params(module)
+        elif side in ("tail", "outer"):
+            tail += _direct_params(module)
+    return balanced_plan(world_size, blocks, head_params=head, tail_params=tail,
+                         layers_per_rank=layers_per_rank)
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def _install_stubs(sk: Skeleton, own: Ownership, rank: int, stage: Pipeline) -> nn.Module:
+    model = sk.meta_model
+    plan = own.plan
+    start, stop = plan.ranges[rank]
+    layers = model.get_submodule(sk.adapter.layers)
+    for i in range(plan.n_layers):
+        if start <= i < stop:
+            continue
+        if rank > 0 and i == start - 1:
+            layers[i] = ReceiveBlock(i, stage)
+        elif rank < plan.last and i == stop:
+            layers[i] = SendBlock(i, stage)
+        else:
+            layers[i] = PassBlock(i)
+    replaced: list[str] = []
+    for path, module in list(model.named_modules()):
+        if not path or any(path.startswith(p + ".") for p in replaced):
+            continue
+        side = own.side(path)
+        if _direct_params(module) == 0 and not (side == "tail" and path == own.unembed):
+            continue
+        if side == "head" and rank != 0:
+            if isinstance(module, nn.Embedding):
+                _replace(model, path, ZeroEmbedding(module.embedding_dim, sk.dtype))
+            elif path in (sk.adapter.embed,) or "embed" in path.split(".")[-1]:
+                _replace(model, path, ZeroHidden(sk.config.hidden_size, sk.dtype))
+            else:
+                _replace(model, path, Passthrough())
+            replaced.append(path)
+        elif side == "tail" and rank != plan.last:
+            if path == own.unembed or own.unembed.startswith(path + "."):
+                _replace(model, path, LogitsStub(int(sk.config.vocab_size), stage))
+            else:
+                _replace(model, path, Passthrough())
+            replaced.append(path)
+    return model
+
+
+def _checkpoint_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file that holds it."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise UsageError(f"{str(directory)!r} has no safetensors weights (model.safetensors or"
+                         " model.safetensors.index.json); distributed loading reads only those")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _load_owned(model: nn.Module, sk: Skeleton, device: torch.device) -> None:
+    from safetensors import safe_open
+
+    files = _checkpoint_files(sk.path)
+    tied = dict(getattr(model, "_tied_weights_keys", None) or {}) \
+        if getattr(sk.config, "tie_word_embeddings", False) else {}
+    prefix = getattr(model, "base_model_prefix", "")
+    wanted: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        candidates = [name, tied.get(name)]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1:])
+        key = next((c for c in candidates if c is not None and c in files), None)
+        if key is None:
+            raise UsageError(f"the checkpoint in {str(sk.path)!r} has no tensor for {name!r}")
+        wanted.setdefault(files[key], []).append((key, tensor))
+    with torch.no_grad():
+        for file, items in wanted.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key, target in items:
+                    value = f.get_tensor(key)
+                    if tuple(value.shape) != tuple(target.shape):
+                        raise UsageError(f"checkpoint tensor {key!r} has shape"
+                                         f" {tuple(value.shape)}, the model expects"
+                                         f" {tuple(target.shape)}")
+                    target.copy_(value.to(device=device, dtype=target.dtype))
+                    del value
+
+
+def _recompute_buffers(model: nn.Module, persistent: set[str], device: torch.device) -> None:
+    """Non-persistent buffers are not in the checkpoint and ``to_empty`` left them as garbage."""
+    for path, module in model.named_modules():
+        own = [(n, b) for n, b in module.named_buffers(recurse=False)
+               if f"{path}.{n}".lstrip(".") not in persistent]
+        if not own:
+            continue
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(config=module.config)
+            for name, value in fresh.named_buffers(recurse=False):
+                getattr(module, name).copy_(value.to(device))
+            continue
+        for name, buffer in own:
+            if name == "position_ids":
+                buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+            elif name == "token_type_ids":
+                buffer.zero_()
+            else:
+                raise UsageError(f"cannot rebuild buffer {path}.{name} of {type(module).__name__}"
+                                 " after loading a shard; this architecture is not supported")
+
+
+def _tokenizer(directory: Path) -> Any:
+    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                               "vocab.txt")):
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return None
+
+
+def build_shard(sk: Skeleton, plan: ShardPlan, rank: int, stage: Pipeline,
+                device: torch.device | str = "cpu") -> Loaded:
+    """Rank ``rank``'s model: owned modules loaded from disk, every other module a stub.
+
+    ``sk`` is consumed (its meta model becomes the shard).
+    """
+    device = torch.device(device)
+    own = Ownership(sk, plan)
+    model = _install_stubs(sk, own, rank, stage)
+    persistent = set(model.state_dict().keys())
+    model.to_empty(device=device)
+    _load_owned(model, sk, device)
+    _recompute_buffers(model, persistent, device)
+    if (sk.path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(sk.path)
+    model.eval()
+    return Loaded(model, _tokenizer(sk.path), sk.path)

@@ -1,0 +1,482 @@
+"""One rank's part of every command: the local runtime, run on this rank's shard.
+
+Every rank — rank 0 included — executes each command with a :class:`Stage`. A forward pass is
+the Hugging Face model's own ``forward()`` on the shard; the stubs call back into the stage to
+receive the previous rank's hidden state, ship this rank's on, and stand in for logits. Probes
+are attached only at the points this rank owns. A backward pass runs rank by rank from the
+last: each rank backprops the gradient it received into its shard and sends the gradient of its
+input on. Writes to save contexts are staged in a transaction that is committed (or rolled
+back) only when rank 0 has heard from every rank — so a run that fails or is cancelled on any
+rank leaves every rank's contexts as they were.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cloche.dist.channel_keys import keys
+from cloche.dist.control import Aborted, Control
+from cloche.dist.p2p import Channel
+from cloche.dist.plan import ShardPlan
+from cloche.dist.shard import Ownership, Skeleton, build_shard
+from cloche.errors import Cancelled, UsageError
+from cloche.model.points import PointSpec, build_specs
+from cloche.probes.context import RunInfo
+from cloche.probes.handle import SaveContextHandle, combine
+from cloche.probes.refs import apply_ops
+from cloche.probes.store import PendingWrites, Transaction
+from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
+from cloche.runtime.inputs import next_token_loss
+from cloche.runtime.model import Model, Outputs
+
+__all__ = ["Command", "Stage", "error_envelope"]
+
+
+@dataclass
+class Command:
+    """What rank 0 asks of every rank. ``decide`` settles the previous run's transaction."""
+
+    seq: int
+    op: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    decide: tuple[int, bool] | None = None
+
+
+OrderKey = tuple[int, int, int, int, int]
+
+
+class OrderedWrites:
+    """A run's pending writes, remembering where each ``ctx.save`` fell in the global order.
+
+    Saves of one run happen on several ranks; the key (command, pass, phase, rank, n) sorts
+    them into the order a single process would have produced (forward passes in rank order,
+    backward passes in reverse rank order).
+    """
+
+    def __init__(self, pending: PendingWrites, stage: Stage) -> None:
+        self._pending = pending
+        self._stage = stage
+        self.order: dict[str, list[OrderKey]] = {}
+        self._n = 0
+
+    @property
+    def run_index(self) -> int:
+        return self._pending.run_index
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._pending.state
+
+    @property
+    def runs(self) -> int:
+        return self._pending.runs
+
+    @runs.setter
+    def runs(self, value: int) -> None:
+        self._pending.runs = value
+
+    def save(self, key: str, value: Any) -> None:
+        self._pending.save(key, value)
+        self._n += 1
+        self.order.setdefault(key, []).append(self._stage.order_key(self._n))
+
+    def reduce(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pending.reduce(*args, **kwargs)
+
+
+def error_envelope(exc: BaseException, *, aborted: bool) -> dict[str, Any]:
+    """A failure as plain data (exceptions with keyword-only fields do not pickle faithfully)."""
+    return {
+        "ok": False,
+        "type": type(exc).__name__,
+        "message": getattr(exc, "message", None) or str(exc),
+        "point": getattr(exc, "point", None),
+        "probe": getattr(exc, "probe", None),
+        "rank": getattr(exc, "rank", None),
+        "traceback": getattr(exc, "remote_traceback", None) or "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "aborted": aborted,
+    }
+
+
+class Stage:
+    """This rank's shard and the code that runs commands on it."""
+
+    def __init__(self, sk: Skeleton, plan: ShardPlan, rank: int, device: torch.device,
+                 control: Control, channel: Channel) -> None:
+        self.rank = rank
+        self.plan = plan
+        self.last = plan.last
+        self.device = device
+        self.control = control
+        self.channel = channel
+        self.adapter = sk.adapter
+        self.ownership = Ownership(sk, plan)
+        self.full_specs: dict[str, PointSpec] = build_specs(sk.meta_model, sk.adapter)
+        loaded = build_shard(sk, plan, rank, self, device)
+        self.hf = loaded.hf_model
+        self.local = Model(loaded, rank=rank)
+        self.config = self.hf.config
+        self.specs = build_specs(self.hf, self.adapter)
+        self.modules = dict(self.hf.named_modules())
+        start, stop = plan.ranges[rank]
+        layers = self.adapter.layers
+        self.block_paths = [f"{layers}.{i}" for i in range(plan.n_layers)]
+        attn = self.adapter.attention
+        self.attention_paths = ({f"{layers}.{i}.{attn}": i for i in range(start, stop)}
+                                if attn else {})
+        self.order: dict[tuple[str, str], list[OrderKey]] = {}
+        self._held: tuple[int, Transaction, OrderedWrites, str] | None = None
+        self.last_exception: BaseException | None = None
+        self._seq = 0
+        self._pass = 0
+        self._phase = 0
+        self._mode = "run"
+        self._received: list[torch.Tensor] = []
+        self._sent: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
+        self.hf.register_forward_pre_hook(self._begin_pass)
+        self.hf.register_forward_hook(self._end_pass)
+
+    # ----------------------------------------------------------------- pipeline callbacks
+    def order_key(self, n: int) -> OrderKey:
+        return (self._seq, self._pass, self._phase,
+                self.rank if self._phase == 0 else -self.rank, n)
+
+    def _begin_pass(self, module: Any, args: Any) -> None:
+        self._pass += 1
+
+    def _end_pass(self, module: Any, args: Any, output: Any) -> None:
+        if self.rank != self.last:
+            return
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if self._mode == "generate":
+            for dst in range(self.last):
+                self.channel.send(dst, keys.logits(self._seq, self._pass, dst), logits,
+                                  stream="logits")
+        elif self._mode == "run":
+            self._logits.append(logits)
+
+    def receive_activation(self, like: torch.Tensor) -> torch.Tensor:
+        key = keys.act(self._seq, self._pass, self.rank - 1, self.rank)
+        hidden = self.channel.recv(self.rank - 1, key).to(dtype=like.dtype)
+        if torch.is_grad_enabled():
+            hidden.requires_grad_(True)
+            self._received.append(hidden)
+            return hidden.clone()
+        return hidden
+
+    def send_activation(self, hidden: torch.Tensor) -> None:
+        key = keys.act(self._seq, self._pass, self.rank, self.rank + 1)
+        self.channel.send(self.rank + 1, key, hidden, stream="act")
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            self._sent.append(hidden)
+
+    def logits_for(self, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+        if self._mode == "generate":
+            key = keys.logits(self._seq, self._pass, self.rank)
+            return self.channel.recv(self.last, key).to(dtype=hidden.dtype)
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
+
+    # ----------------------------------------------------------------- commands
+    def execute(self, cmd: Command, **local: Any) -> dict[str, Any]:
+        """Run ``cmd`` on this rank and describe the outcome as an envelope (never raises)."""
+        if cmd.decide is not None:
+            self._settle(*cmd.decide)
+        self._seq = cmd.seq
+        self._pass = 0
+        self._phase = 0
+        self._received, self._sent, self._logits = [], [], []
+        self.channel.command = cmd.seq
+        self.last_exception = None
+        handler = getattr(self, f"op_{cmd.op}", None)
+        try:
+            if handler is None:
+                raise UsageError(f"unknown distributed command {cmd.op!r}")
+            value = handler(**cmd.kwargs, **local)
+        except BaseException as exc:  # reported to rank 0, which raises it for the client
+            self.last_exception = exc
+            aborted = self.control.abort_event.is_set() and \
+                self.control.abort_origin not in (None, self.rank)
+            if not aborted:
+                self.control.abort(cmd.seq, type(exc).__name__)
+            self.channel.flush(aborted=True)
+            if not isinstance(exc, Exception):
+                raise
+            return error_envelope(exc, aborted=aborted or isinstance(exc, Aborted))
+        finally:
+            self._received, self._sent, self._logits = [], [], []
+            self._mode = "run"
+        try:
+            self.channel.flush()
+        except (Aborted, Cancelled) as exc:
+            return error_envelope(exc, aborted=isinstance(exc, Aborted))
+        return {"ok": True, "value": value}
+
+    def _settle(self, seq: int, commit: bool) -> None:
+        held, self._held = self._held, None
+        if held is None or held[0] != seq:
+            return
+        _, txn, writes, name = held
+        if not commit:
+            txn.rollback()
+            return
+        txn.commit()
+        for key, order in writes.order.items():
+            self.order.setdefault((name, key), []).extend(order)
+
+    def _hold(self, txn: Transaction, writes: OrderedWrites, save: str) -> None:
+        self._held = (self._seq, txn, writes, save)
+
+    def _owned_plan(self, forward: dict[str, list[ProbeFn]],
+                    backward: dict[str, list[ProbeFn]]) -> ProbePlan:
+        def mine(probes: dict[str, list[ProbeFn]]) -> dict[str, list[ProbeFn]]:
+            return {n: f for n, f in probes.items()
+                    if self.ownership.point_owner(self.full_specs[n]) == self.rank}
+        return ProbePlan(mine(forward), mine(backward))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan, writes: Any,
+                 example_ids: torch.Tensor | None, *, grad: bool) -> Any:
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if example_ids is not None:
+            example_ids = example_ids.to(self.device)
+        info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
+                       model=self.local, rank=self.rank)
+        attachment = self._attachment(plan, info)
+        with attachment.attached(), torch.set_grad_enabled(grad):
+            return self.hf(input_ids=ids, attention_mask=mask)
+
+    def _attachment(self, plan: ProbePlan, info: RunInfo) -> Attachment:
+        return Attachment(hf_model=self.hf, modules=self.modules, specs=self.specs, plan=plan,
+                          run=lambda: info, cancel=self.control.abort_event,
+                          block_paths=self.block_paths, attention_paths=self.attention_paths)
+
+    def _begin(self, save: str) -> tuple[Transaction, OrderedWrites]:
+        txn = self.local.store.begin()
+        return txn, OrderedWrites(txn.writes(save), self)
+
+    def op_run(self, ids: torch.Tensor, mask: torch.Tensor, forward: dict, backward_probes: dict,
+               save: str, backward: Any, return_logits: bool, micro_batches: int) -> Any:
+        plan = self._owned_plan(forward, backward_probes)
+        grad = bool(backward)
+        txn, writes = self._begin(save)
+        try:
+            if grad:
+                self.hf.zero_grad(set_to_none=True)
+            n = 1 if grad else max(1, min(micro_batches, ids.shape[0]))
+            for chunk_ids, chunk_mask in zip(ids.chunk(n), mask.chunk(n)):
+                self._forward(chunk_ids, chunk_mask, plan, writes, None, grad=grad)
+            value: dict[str, Any] = {}
+            if self.rank == self.last:
+                logits = self._logits[0] if len(self._logits) == 1 else torch.cat(self._logits)
+                loss = next_token_loss(logits, ids.to(logits.device), mask) \
+                    if self.local.causal else None
+                if grad:
+                    self._backward_last(backward, logits, loss, ids, mask)
+                value["loss"] = None if loss is None else float(loss.detach())
+                if return_logits:
+                    self.channel.send(0, keys.final_logits(self._seq), logits.detach())
+            elif grad:
+                self._backward_inner()
+            if grad:
+                self._send_input_grad()
+                self._sum_tied_grads()
+            writes.runs += 1
+        except BaseException:
+            txn.rollback()
+            raise
+        self._hold(txn, writes, save)
+        return value
+
+    def _backward_last(self, backward: Any, logits: torch.Tensor, loss: torch.Tensor | None,
+                       ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self._phase = 1
+        with torch.enable_grad():
+            if backward is True:
+                objective = loss
+            else:
+                outputs = Outputs(logits, loss, ids.to(logits.device), mask.to(logits.device))
+                objective = Model._user_objective(backward, outputs)
+            if objective is None:
+                raise UsageError("nothing to backprop: the inputs have a single token")
+            objective.backward()
+
+    def _backward_inner(self) -> None:
+        self._phase = 1
+        grads = []
+        for i, sent in enumerate(self._sent):
+            key = keys.grad(self._seq, i, self.rank + 1, self.rank)
+            grads.append(self.channel.recv(self.rank + 1, key).to(dtype=sent.dtype))
+        with torch.enable_grad():
+            torch.autograd.backward(self._sent, grads)
+
+    def _send_input_grad(self) -> None:
+        if self.rank == 0:
+            return
+        for i, received in enumerate(self._received):
+            grad = received.grad if received.grad is not None else torch.zeros_like(received)
+            self.channel.send(self.rank - 1, keys.grad(self._seq, i, self.rank, self.rank - 1),
+                              grad)
+
+    def _sum_tied_grads(self) -> None:
+        """A tied embedding/unembedding lives on rank 0 and the last rank: add both gradients."""
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return
+        tied = dict(getattr(self.hf, "_tied_weights_keys", None) or {})
+        params = dict(self.hf.named_parameters())
+        for target, source in sorted(tied.items()):
+            owners = (self.ownership.param_owner(source), self.ownership.param_owner(target))
+            if owners[0] == owners[1] or self.rank not in owners:
+                continue
+            mine = params[source if self.rank == owners[0] else target]
+            peer = owners[1] if self.rank == owners[0] else owners[0]
+            grad = mine.grad if mine.grad is not None else torch.zeros_like(mine)
+            self.channel.send(peer, keys.tied(self._seq, target, self.rank), grad)
+            other = self.channel.recv(peer, keys.tied(self._seq, target, peer))
+            first, second = (grad, other) if self.rank == owners[0] else (other, grad)
+            mine.grad = first + second
+
+    def op_generate(self, ids: torch.Tensor, mask: torch.Tensor, forward: dict, save: str,
+                    options: dict, seed: int) -> torch.Tensor:
+        plan = self._owned_plan(forward, {})
+        txn, writes = self._begin(save)
+        self._mode = "generate"
+        try:
+            info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=None,
+                           model=self.local, rank=self.rank)
+
+            def track(module: Any, args: Any, kwargs: dict) -> None:
+                if isinstance(kwargs.get("input_ids"), torch.Tensor):
+                    info.tokens = kwargs["input_ids"]
+                if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                    info.attention_mask = kwargs["attention_mask"]
+
+            attachment = self._attachment(plan, info)
+            handle = self.hf.register_forward_pre_hook(track, with_kwargs=True)
+            try:
+                with torch.random.fork_rng(devices=[]), attachment.attached(), torch.no_grad():
+                    torch.manual_seed(seed)
+                    out = self.hf.generate(input_ids=ids.to(self.device),
+                                           attention_mask=mask.to(self.device), **options)
+            finally:
+                handle.remove()
+            writes.runs += 1
+        except BaseException:
+            txn.rollback()
+            raise
+        self._hold(txn, writes, save)
+        return out.cpu() if self.rank == 0 else None
+
+    def op_dataset(self, dataset: Any, batch_size: int, limit: int | None, forward: dict,
+                   save: str, micro_batches: int, progress: Any = None,
+                   cancel: Any = None) -> dict[str, int]:
+        from cloche.runtime.datasets import iterate
+
+        plan = self._owned_plan(forward, {})
+        txn, writes = self._begin(save)
+        self._mode = "dataset"
+        totals = {"examples": 0, "tokens": 0}
+        watch = cancel if cancel is not None else self.control.abort_event
+        try:
+            for batch in iterate(dataset, batch_size, limit, progress, totals, watch):
+                if self.control.abort_event.is_set():
+                    raise Cancelled("the dataset run was cancelled")
+                n = max(1, min(micro_batches, batch.tokens.shape[0]))
+                for ids, mask, ex in zip(batch.tokens.chunk(n), batch.attention_mask.chunk(n),
+                                         batch.example_ids.chunk(n)):
+                    self._forward(ids, mask, plan, writes, ex, grad=False)
+                writes.runs += 1
+        except BaseException:
+            txn.rollback()
+            raise
+        self._hold(txn, writes, save)
+        return totals
+
+    def op_shapes(self, batch: int, seq: int) -> dict[str, tuple]:
+        seen: dict[str, tuple] = {}
+
+        def reader(ctx: Any, x: torch.Tensor) -> None:
+            dims: list[str | int] = []
+            for i, d in enumerate(x.shape):
+                dims.append("batch" if i == 0 and d == batch else "seq" if d == seq else int(d))
+            seen[ctx.point] = tuple(dims)
+
+        names = [n for n in self.full_specs
+                 if self.ownership.point_owner(self.full_specs[n]) == self.rank]
+        ids = torch.arange(seq).remainder(max(self.local.d_vocab, 1)).repeat(batch, 1)
+        plan = ProbePlan(forward={n: [reader] for n in names})
+        txn = self.local.store.begin()
+        try:
+            self._forward(ids, torch.ones_like(ids), plan, txn.writes("__shapes__"), None,
+                          grad=False)
+        finally:
+            txn.rollback()
+        return seen
+
+    # ----------------------------------------------------------------- save contexts
+    def op_ctx(self, name: str, action: str, args: tuple = (), ranks: list[int] | None = None
+               ) -> Any:
+        if ranks is not None and self.rank not in ranks:
+            return None
+        handle = SaveContextHandle(self.local.store, name)
+        ctx = self.local.store.find(name)
+        if action == "names":
+            return [n for n in self.local.store.names() if n != "__shapes__"]
+        if action == "summary":
+            if ctx is None:
+                return None
+            return {"keys": {k: len(v) for k, v in ctx.entries.items()},
+                    "reducers": sorted(ctx.reducers), "num_runs": ctx.num_runs,
+                    "nbytes": ctx.nbytes(), "has_state": bool(ctx.state)}
+        if action == "entries":
+            (key,) = args
+            values = handle._values(key)
+            order = self.order.get((name, key), [])
+            if len(order) != len(values):
+                order = [(0, 0, 0, self.rank, i) for i in range(len(values))]
+            return {"order": order, "values": [v.cpu() for v in values]}
+        if action == "fetch":
+            key, mode, ops = args
+            joined = combine(handle._values(key), mode, key)
+            if ops:
+                joined = apply_ops(joined, ops)
+            return [v.cpu() for v in joined] if isinstance(joined, list) else joined.cpu()
+        if action == "state":
+            return handle.state if ctx is not None else {}
+        if action == "reducers":
+            if ctx is None:
+                return {}
+            return {n: r.state_dict() for n, r in ctx.reducers.items()}
+        if action == "clear":
+            handle.clear()
+            for k in [k for k in self.order if k[0] == name]:
+                del self.order[k]
+            return None
+        if action == "put":
+            (ctx_obj,) = args
+            self.local.store.put(ctx_obj)
+            return None
+        raise UsageError(f"unknown save-context action {action!r}")
+
+    # ----------------------------------------------------------------- weights and code
+    def op_param(self, name: str, grad: bool, target: int) -> Any:
+        if self.rank != target:
+            return None
+        return self.local.param(name, grad=grad).cpu().clone()
+
+    def op_call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, targets: list[int]
+                ) -> Any:
+        if self.rank not in targets:
+            return None
+        return self.local.call(fn, *args, **kwargs)
+
+    def op_ping(self) -> int:
+        return self.rank
+
+    def op_shutdown(self) -> None:
+        return None

@@ -1,0 +1,183 @@
+"""Attention heads and the residual stream: head scores, attention patterns, the logit lens.
+
+Head scores follow the usual recipe: batches of random token sequences, each repeated twice
+(seeded, so every caller sees the same batch). On such inputs
+
+- a **previous-token** head attends from position ``t`` to ``t - 1``;
+- a **duplicate-token** head attends from a second-half position ``t`` to ``t - L``, the
+  earlier copy of the same token;
+- an **induction** head attends from ``t`` to ``t - L + 1``, the token that followed the
+  earlier copy.
+
+The score is the mean attention weight on that key, over the batch and the relevant queries.
+It is computed by probes at every ``layers.{i}.attn.pattern`` that reduce to one number per
+head on the server; only the (n_layers, n_heads) table crosses the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloche.errors import UsageError
+from cloche.experiments._common import as_tensor, scratch
+
+__all__ = ["HEAD_SCORE_KINDS", "LogitLens", "attention_patterns", "head_scores", "logit_lens",
+           "repeated_tokens", "top_heads"]
+
+HEAD_SCORE_KINDS = ("previous_token", "induction", "duplicate_token")
+
+
+def default_low(d_vocab: int) -> int:
+    """Lowest token id used for random sequences: skips the low ids where special tokens live."""
+    return max(2, min(64, d_vocab // 4))
+
+
+def repeated_tokens(model: Any, *, batch: int = 16, half: int = 32, seed: int = 0,
+                    low: int | None = None, high: int | None = None) -> torch.Tensor:
+    """``(batch, 2 * half)`` token ids: ``half`` uniform random tokens from ``[low, high)``, twice.
+
+    Seeded (``torch.Generator().manual_seed(seed)``), so the same arguments give the same batch.
+    """
+    d_vocab = int(model.d_vocab)
+    low = default_low(d_vocab) if low is None else int(low)
+    high = d_vocab if high is None else int(high)
+    if not 0 <= low < high <= d_vocab:
+        raise UsageError(f"token range [{low}, {high}) must lie within the vocabulary ({d_vocab})")
+    if half < 2:
+        raise UsageError(f"half ({half}) must be at least 2")
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(low, high, (batch, half), generator=gen)
+    return torch.cat([first, first], dim=1)
+
+
+def _score_probe(kind: str, half: int, name: str) -> Any:
+    def score_probe(ctx: Any, pattern: torch.Tensor) -> None:
+        from cloche import Mean
+
+        seq = pattern.shape[-1]
+        if kind == "previous_token":
+            q = torch.arange(1, seq, device=pattern.device)
+            k = q - 1
+        else:
+            q = torch.arange(half, seq, device=pattern.device)
+            k = q - half + (1 if kind == "induction" else 0)
+        per_row = pattern[:, :, q, k].float().mean(-1)  # (batch, head)
+        ctx.reduce(f"{name}.{ctx.layer}", per_row, Mean())
+
+    return score_probe
+
+
+def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed: int = 0,
+                low: int | None = None, high: int | None = None) -> np.ndarray:
+    """(n_layers, n_heads) scores of ``kind``: ``"previous_token"``, ``"induction"`` or
+    ``"duplicate_token"`` (see the module docstring), on :func:`repeated_tokens` inputs."""
+    if kind not in HEAD_SCORE_KINDS:
+        raise UsageError(f"kind must be one of {HEAD_SCORE_KINDS}, not {kind!r}")
+    tokens = repeated_tokens(model, batch=batch, half=half, seed=seed, low=low, high=high)
+    n_layers = int(model.n_layers)
+    points = [f"layers.{i}.attn.pattern" for i in range(n_layers)]
+    probe = _score_probe(kind, half, "score")
+    with scratch(model, "heads") as name:
+        model.run(tokens, probes={p: probe for p in points}, save=name, return_logits=False)
+        handle = model.save_context(name)
+        rows = [np.asarray(handle.result(f"score.{i}")["mean"], dtype=np.float64)
+                for i in range(n_layers)]
+    return np.stack(rows)
+
+
+def top_heads(scores: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
+    """The ``n`` highest entries of a head-score table as (layer, head, score), best first."""
+    flat = np.argsort(-scores, axis=None, kind="stable")[:n]
+    return [(int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.flat[i]))
+            for i in flat]
+
+
+def attention_patterns(model: Any, text: Any, layer: int, heads: Any = None
+                       ) -> dict[str, Any]:
+    """Attention of ``layer`` on one prompt: ``{"tokens": [str], "pattern": (heads, q, k)}``.
+
+    ``text`` is a string or a 1-D tensor of token ids; ``heads`` an int, a list, or None (all).
+    Only the requested heads' patterns for this one prompt cross the network.
+    """
+    ids = model.tokenize(text) if isinstance(text, str) else as_tensor(text).long().reshape(-1)
+    sel = None if heads is None else [heads] if isinstance(heads, int) else list(heads)
+
+    def keep_pattern(ctx: Any, pattern: torch.Tensor) -> None:
+        p = pattern[0] if sel is None else pattern[0, sel]
+        ctx.save("pattern", p.float())
+
+    with scratch(model, "pattern") as name:
+        model.run(ids, probes={f"layers.{layer}.attn.pattern": keep_pattern}, save=name,
+                  return_logits=False)
+        pattern = model.save_context(name).fetch("pattern")[0]
+    try:
+        tokens = model.to_str_tokens(ids)
+    except UsageError:
+        tokens = [f"<{int(i)}>" for i in ids]
+    return {"tokens": tokens, "pattern": pattern.numpy(), "heads": sel}
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """What each layer's residual stream predicts, read through the final norm and unembedding.
+
+    ``logprobs`` (n_layers, seq, k) and ``token_ids`` (n_layers, seq, k) are the top-k next
+    tokens per layer and position; ``top_tokens`` their decoded strings; ``target_logprob``
+    (n_layers, seq - 1) the log-probability each layer gives the actual next token.
+    """
+
+    tokens: list[str]
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    top_tokens: list[list[list[str]]]
+    target_logprob: np.ndarray
+
+
+def logit_lens(model: Any, text: Any, *, k: int = 5) -> LogitLens:
+    """The logit lens on one prompt, computed on the server.
+
+    Each layer's ``resid_post`` is fed to the final norm in place of the last layer's
+    (a probe on the norm's input), so the lens uses the model's own norm and unembedding.
+    """
+    ids = model.tokenize(text) if isinstance(text, str) else as_tensor(text).long().reshape(-1)
+    out = model.call(_logit_lens, ids, int(k))
+    return LogitLens(**out)
+
+
+def _logit_lens(m: Any, ids: torch.Tensor, k: int) -> dict[str, Any]:
+    """Runs on the server: one run to read every resid_post, one per layer to read the lens."""
+    import numpy as np
+    import torch
+
+    from cloche.errors import UsageError
+    from cloche.experiments._common import scratch, str_tokens
+
+    norm = next((p.module for p in m.probe_points() if p.name == "final_norm"), None)
+    if norm is None:
+        raise UsageError("this model has no final norm point: the logit lens needs one")
+    n = int(m.n_layers)
+    with scratch(m, "lens") as name:
+        m.run(ids, probes={f"layers.{i}.resid_post": (lambda c, x: c.save(f"r{c.layer}", x))
+                           for i in range(n)}, save=name, return_logits=False)
+        handle = m.save_context(name)
+        resid = [handle.fetch(f"r{i}")[0] for i in range(n)]
+    logprobs, top_ids, target = [], [], []
+    for r in resid:
+        logits = m.run(ids, probes={f"module:{norm}:input": lambda c, x, r=r: r.to(x)}).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)
+        v, i = lp.topk(k, -1)
+        logprobs.append(v.numpy())
+        top_ids.append(i.numpy())
+        target.append(lp[:-1].gather(-1, ids.reshape(-1)[1:, None].to(lp.device))[:, 0].numpy())
+    token_ids = np.stack(top_ids)
+    return {
+        "tokens": str_tokens(m, ids.reshape(-1).tolist()),
+        "token_ids": token_ids,
+        "logprobs": np.stack(logprobs),
+        "top_tokens": [[str_tokens(m, row) for row in layer] for layer in token_ids.tolist()],
+        "target_logprob": np.stack(target),
+    }

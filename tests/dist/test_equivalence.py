@@ -1,0 +1,212 @@
+"""A model sharded over 2 and 3 gloo ranks gives what the single-process model gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cloche
+from cloche.data import Dataset
+from cloche.dist.launch import start_local
+from tests.dist.conftest import TIMEOUT_S, ids_batch
+from tests.tiny_models import VOCAB
+
+ATOL = 1e-5
+CONFIGS = [("gpt2", 2, None), ("gpt2", 3, (1, 2, 1)), ("llama", 2, None), ("llama", 3, None)]
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[0]}-ws{c[1]}")
+def pair(request, tiny4_dir):
+    family, world_size, layers = request.param
+    directory = tiny4_dir(family)
+    model = start_local(directory, world_size, layers_per_rank=layers, timeout_s=TIMEOUT_S,
+                        threads=1)
+    try:
+        yield cloche.load(directory), model
+    finally:
+        model.close()
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def saver(ctx, x):
+    ctx.save(ctx.point, x)
+
+
+def zero_neuron(ctx, x):
+    x = x.clone()
+    x[..., 3] = 0
+    return x
+
+
+def test_logits_and_loss(pair):
+    local, dist = pair
+    inputs = ids_batch()
+    got, want = dist.run(inputs), local.run(inputs)
+    close(got.logits, want.logits)
+    assert got.loss == pytest.approx(want.loss, abs=ATOL)
+    split = dist.run(inputs, micro_batches=3)
+    close(split.logits, want.logits)
+
+
+def test_every_canonical_point_is_captured_identically(pair):
+    local, dist = pair
+    names = [p.name for p in local.probe_points() if not p.name.startswith("module:")]
+    assert [p.name for p in dist.probe_points() if not p.name.startswith("module:")] == names
+    owners = {dist.owner_of(n) for n in names}
+    assert owners == set(range(dist.world_size))
+    inputs = ids_batch(seed=2)
+    for model in (local, dist):
+        model.save_context("all").clear()
+        model.run(inputs, probes={n: saver for n in names}, save="all")
+    want, got = local.save_context("all"), dist.save_context("all")
+    assert got.keys() == want.keys() == sorted(names)
+    for name in names:
+        close(got.fetch(name), want.fetch(name))
+    close(got["layers.1.mlp.post"][0, :, -1, 5:9].fetch(),
+          want["layers.1.mlp.post"][0, :, -1, 5:9].fetch())
+    local.save_context("all").clear()
+    got.clear()
+    assert "all" not in dist.save_contexts()
+
+
+def test_ablation_on_every_rank(pair):
+    local, dist = pair
+    inputs = ids_batch(seed=3)
+    probes = {f"layers.{i}.mlp.post": zero_neuron for i in range(local.n_layers)}
+    plain = local.run(inputs).logits
+    want = local.run(inputs, probes=probes).logits
+    got = dist.run(inputs, probes=probes).logits
+    assert (want - plain).abs().max() > 1e-4  # the ablation changes something
+    close(got, want)
+
+
+def test_activation_and_parameter_gradients(pair):
+    local, dist = pair
+    inputs = ids_batch(seed=4)
+    grad_probes = {f"layers.{i}.resid_pre": saver for i in range(local.n_layers)}
+    for model in (local, dist):
+        model.save_context("g").clear()
+        model.run(inputs, grad_probes=grad_probes, backward=True, save="g")
+    for name in grad_probes:
+        close(dist.save_context("g").fetch(name), local.save_context("g").fetch(name))
+    weights = ["embed.W_E", "unembed.W_U", "ln_final.w",
+               *(f"layers.{i}.mlp.W_in" for i in range(local.n_layers)), "layers.2.attn.W_Q"]
+    for name in weights:
+        close(dist.param(name), local.param(name))
+        close(dist.param(name, grad=True), local.param(name, grad=True))
+
+    def objective(out):
+        return out.logits[:, -1, 7].sum()
+
+    local.run(inputs, backward=objective)
+    dist.run(inputs, backward=objective)
+    close(dist.param("layers.0.mlp.W_out", grad=True), local.param("layers.0.mlp.W_out", grad=True))
+    local.save_context("g").clear()
+    dist.save_context("g").clear()
+
+
+def test_generate(pair):
+    local, dist = pair
+    prompt = torch.tensor([5, 17, 42, 9])
+    want, got = local.generate(prompt, 8), dist.generate(prompt, 8)
+    assert torch.equal(got.tokens, want.tokens)
+    batch = {"input_ids": torch.tensor([[2, 5, 17, 42], [8, 17, 42, 9]]),
+             "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])}
+    assert torch.equal(dist.generate(batch, 6).tokens, local.generate(batch, 6).tokens)
+    sampled = [m.generate(prompt, 6, temperature=1.0, seed=3).tokens for m in (local, dist)]
+    assert torch.equal(sampled[0], sampled[1])
+    name = f"layers.{local.n_layers - 1}.resid_post"
+    for model in (local, dist):
+        model.save_context("gen").clear()
+        model.generate(prompt, 3, probes={name: lambda c, x: c.save("last", x[:, -1])},
+                       save="gen")
+    close(dist.save_context("gen").fetch("last"), local.save_context("gen").fetch("last"))
+
+
+def _dataset():
+    g = torch.Generator().manual_seed(5)
+    examples = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist()
+                for n in torch.randint(4, 12, (11,), generator=g)]
+    return Dataset(examples, name="random", seq_len=12, pad_id=2)
+
+
+def reduce_all(ctx, x):
+    ctx.reduce(f"var:{ctx.point}", x, cloche.Variance())
+    ctx.reduce(f"top:{ctx.point}", x, cloche.TopK(k=3))
+    ctx.state[ctx.point] = ctx.state.get(ctx.point, 0) + int(x.shape[0])
+
+
+def test_dataset_reductions(pair):
+    local, dist = pair
+    probes = {"embed": reduce_all, "layers.1.mlp.post": reduce_all,
+              f"layers.{local.n_layers - 1}.resid_post": reduce_all, "logits": reduce_all}
+    results = []
+    for model in (local, dist):
+        model.save_context("ds").clear()
+        results.append(model.run_dataset(_dataset(), probes=probes, save="ds", batch_size=4))
+    want, got = results
+    assert got["examples"] == want["examples"] and got["tokens"] == want["tokens"]
+    assert got["state"] == want["state"]
+    assert set(got["reducers"]) == set(want["reducers"])
+    for name, values in want["reducers"].items():
+        for field, value in values.items():
+            if value.is_floating_point():
+                close(got["reducers"][name][field], value)
+            else:
+                assert torch.equal(got["reducers"][name][field], value), (name, field)
+    local.save_context("ds").clear()
+    dist.save_context("ds").clear()
+
+
+def test_saves_from_several_ranks_keep_single_process_order(pair):
+    local, dist = pair
+    first, last = "embed", f"layers.{local.n_layers - 1}.resid_post"
+
+    def tag(ctx, x):
+        ctx.save("both", x[:, :2, :4])
+
+    for model in (local, dist):
+        model.save_context("o").clear()
+        for seed in (6, 7):
+            model.run(ids_batch(seed=seed), probes={first: tag, last: tag}, save="o")
+    want, got = local.save_context("o"), dist.save_context("o")
+    close(got.fetch("both"), want.fetch("both"))
+    assert got.num_runs == want.num_runs == 2
+    assert got.nbytes() == want.nbytes()
+    want.clear()
+    got.clear()
+
+
+def test_probe_error_names_point_and_rank_and_rolls_back(pair):
+    local, dist = pair
+    point = f"layers.{local.n_layers - 1}.mlp.out"
+
+    def broken(ctx, x):
+        raise RuntimeError("boom")
+
+    dist.save_context("e").clear()
+    with pytest.raises(cloche.ProbeError) as info:
+        dist.run(ids_batch(), probes={"embed": saver, point: broken}, save="e")
+    assert info.value.point == point and info.value.rank == dist.world_size - 1
+    assert "boom" in str(info.value)
+    assert dist.save_context("e").keys() == []
+    close(dist.run(ids_batch()).logits, local.run(ids_batch()).logits)
+
+
+def test_call_and_params_by_rank(pair):
+    local, dist = pair
+
+    def layers_here(m):
+        return sorted({int(n.split(".")[2]) for n in m.param_names(canonical=False)
+                       if n.split(".")[2:3] and n.split(".")[2].isdigit()})
+
+    per_rank = dist.call(layers_here, rank="all")
+    assert sorted(per_rank) == list(range(dist.world_size))
+    owned = [layer for r in sorted(per_rank) for layer in per_rank[r]]
+    assert owned == list(range(local.n_layers))
+    assert dist.call(lambda m, k: m.n_layers * k, 2) == 2 * local.n_layers
+    assert dist.call(lambda m: m.rank, rank=dist.world_size - 1) == dist.world_size - 1
+    assert dist.info()["world_size"] == dist.world_size

@@ -1,0 +1,72 @@
+"""Each rank reads only its shard: its peak memory is well below loading the whole model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+MEASURE = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+import cloche
+from cloche.dist.shard import build_shard, make_plan, skeleton
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def current_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+import transformers.models.gpt2.modeling_gpt2  # imports are not the model
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
+
+directory, mode, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
+before = current_mb()
+if mode == "whole":
+    model = cloche.load(directory)
+else:
+    sk = skeleton(directory)
+    plan = make_plan(sk, world)
+    model = build_shard(sk, plan, int(mode), stage=None)
+print(json.dumps({"before": before, "after": peak_mb()}))
+"""
+
+
+def _peak_delta_mb(directory: Path, mode: str, world: int) -> float:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(directory), mode, str(world)],
+                         check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    numbers = json.loads(out.strip().splitlines()[-1])
+    return numbers["after"] - numbers["before"]
+
+
+@pytest.fixture(scope="module")
+def medium_dir(tmp_path_factory):
+    """~17 M parameters (~70 MB in float32): large enough to stand out from allocator noise."""
+    config = transformers.GPT2Config(n_layer=8, n_embd=384, n_head=6, n_positions=128,
+                                     vocab_size=8000)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("gpt2-medium")
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_middle_rank_peaks_far_below_the_whole_model(medium_dir):
+    whole = _peak_delta_mb(medium_dir, "whole", 4)
+    shard = _peak_delta_mb(medium_dir, "1", 4)
+    print(f"peak RSS growth while loading: whole {whole:.0f} MB, rank 1 of 4 {shard:.0f} MB")
+    assert whole > 60
+    assert shard < 0.5 * whole

@@ -1,0 +1,47 @@
+"""docs/tutorial.md runs as written, as a client of a real server on the default model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import cloche
+from tests.experiments.conftest import default_available, default_dir
+
+TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.mark.slow
+def test_tutorial_runs_against_a_server(capsys):
+    if not default_available():
+        pytest.skip("the default model's weights are not there yet")
+    if not hasattr(cloche, "connect"):
+        pytest.skip("cloche.connect is not exported from cloche/__init__.py yet")
+    from cloche.server.app import Server
+    from cloche.server.config import ServerConfig
+
+    server = Server(cloche.load(default_dir()), ServerConfig(token="tutorial-token", port=0))
+    host, port = server.start()
+    namespace: dict = {}
+    try:
+        for block in python_blocks(TUTORIAL.read_text()):
+            # the reader pastes their server's address and token; the test uses its own
+            code = re.sub(r"^ADDRESS = .*$", f'ADDRESS = "{host}:{port}"', block,
+                          flags=re.MULTILINE)
+            code = re.sub(r"^TOKEN = .*$", 'TOKEN = "tutorial-token"', code, flags=re.MULTILINE)
+            exec(compile(code, str(TUTORIAL), "exec"), namespace)  # noqa: S102 (the docs' own code)
+    finally:
+        if "model" in namespace:
+            namespace["model"].close()
+        server.shutdown()
+    printed = capsys.readouterr().out
+    assert "induction head: layers." in printed and "without the induction head" in printed
+    hit, miss = namespace["hit"], namespace["miss"]
+    assert hit.loss_ablated - hit.loss_clean > abs(miss.loss_ablated - miss.loss_clean)
+    assert len(namespace["grid"].grid) == namespace["model"].n_layers

@@ -1,0 +1,126 @@
+"""Several clients at once: fair queueing, queue positions, light requests never stuck, and
+nothing leaking between sessions."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import torch
+
+import cloche
+from cloche.client import connect
+from tests.server.test_cancel import LONG, save_everything
+
+torch.set_num_threads(1)
+
+TEXTS = ["def add(a, b):", "for i in range(3):", "import os", "class P:", "while x:",
+         "print(1)", "x = y", "return z"]
+
+
+@pytest.fixture(scope="module")
+def local(server_model_dir):
+    return cloche.load(server_model_dir)
+
+
+def test_eight_concurrent_clients_see_only_their_own_data(served, local):
+    shared = f"shared/all-{uuid.uuid4().hex[:8]}"
+    points = ["layers.0.mlp.post", "layers.1.resid_post", "layers.0.attn.pattern", "embed"]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def client(i: int) -> None:
+        try:
+            with connect(served.address, token=served.token) as m:
+                def mine(ctx, x, i=i):
+                    ctx.save("mine", torch.full((2,), float(i)))
+                    ctx.state["owner"] = i
+
+                def scale(ctx, x, i=i):
+                    return x * (1 + i / 10)
+
+                barrier.wait()
+                for _ in range(3):
+                    m.run(TEXTS[i], probes={points[i % 4]: mine}, save="acts")
+                m.run("shared", probes={"embed": mine}, save=shared)
+                results[i] = {
+                    "mine": m.save_context("acts").fetch("mine"),
+                    "state": m.save_context("acts").state,
+                    "contexts": m.save_contexts(),
+                    "patched": m.run(TEXTS[i], probes={points[i % 4]: scale}).logits,
+                }
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in range(8):
+        r = results[i]
+        assert torch.equal(r["mine"], torch.full((3, 2), float(i)))
+        assert r["state"] == {"owner": i}
+        assert "acts" in r["contexts"] and shared in r["contexts"]
+        assert not any(name.startswith("s/") for name in r["contexts"])
+
+        def scale(ctx, x, i=i):
+            return x * (1 + i / 10)
+
+        assert torch.equal(r["patched"],
+                           local.run(TEXTS[i], probes={points[i % 4]: scale}).logits)
+    with connect(served.address, token=served.token) as m:
+        values = m.save_context(shared).fetch("mine", mode="cat")
+        assert sorted(values[::2].tolist()) == [float(i) for i in range(8)]
+        assert "acts" not in m.save_contexts()  # a fresh session has none of theirs
+        m.save_context(shared).clear()
+
+
+def test_light_requests_are_not_stuck_behind_a_long_run(served):
+    with connect(served.address, token=served.token) as busy, \
+            connect(served.address, token=served.token) as light:
+        running = threading.Event()
+        future = busy.submit("run_dataset", LONG, probes={"layers.0.mlp.post": save_everything},
+                             save="long", batch_size=1, progress=lambda u: running.set())
+        assert running.wait(60)
+        assert light.param("embed.W_E").shape[1] == light.d_model
+        assert isinstance(light.save_contexts(), list)
+        assert light.probe_points()
+        assert light.save_context("nothing").keys() == []
+        assert not future.done()  # all of the above answered while the run was going
+        future.cancel()
+
+
+def test_waiting_clients_see_their_queue_position(served):
+    with connect(served.address, token=served.token) as a, \
+            connect(served.address, token=served.token) as b, \
+            connect(served.address, token=served.token) as c:
+        running = threading.Event()
+        long_run = a.submit("run_dataset", LONG * 20, batch_size=1, progress=lambda u: running.set())
+        assert running.wait(60)
+        b_events: list[dict] = []
+        c_events: list[dict] = []
+        b_future = b.submit("run", "def f():", on_event=b_events.append)
+        c_future = c.submit("run", "def g():", on_event=c_events.append)
+        # b and c arrive on different connections: either may be queued first
+        assert wait_until(lambda: b_events and c_events), (b_events, c_events)
+        assert {b_events[0]["position"], c_events[0]["position"]} == {1, 2}
+        assert all(e["type"] == "queued" for e in b_events + c_events)
+        second = b_events if b_events[0]["position"] == 2 else c_events
+        long_run.cancel()
+        b_future.result(timeout=60)
+        c_future.result(timeout=60)
+        assert {"type": "started"} in b_events and {"type": "started"} in c_events
+        assert {"type": "queued", "position": 1} in second  # moved up when the first started
+
+
+def wait_until(predicate, timeout=30.0):
+    done = threading.Event()
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return True
+        done.wait(0.02)
+    return False

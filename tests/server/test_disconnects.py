@@ -1,0 +1,93 @@
+"""Clients that vanish: killed mid-run, reset mid-transfer. The server cancels their work,
+frees their connection and serves the next client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+
+import cloche
+from cloche.client import connect
+from tests.conftest_server import REPO
+from tests.server.helpers import authenticated, hook_count, server_threads
+
+torch.set_num_threads(1)
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    from cloche.client import connect
+
+    model = connect(sys.argv[1], token=sys.argv[2])
+
+    def keep(ctx, x):
+        ctx.save("x", x)
+
+    texts = ["def add(a, b):\\n    return a + b\\n"] * 50000
+    future = model.submit("run_dataset", texts, probes={"layers.0.mlp.post": keep},
+                          save="doomed", batch_size=1,
+                          progress=lambda update: print("progress", flush=True))
+    time.sleep(600)
+    """
+)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_client_killed_mid_run(served, server_model_dir):
+    expected = cloche.load(server_model_dir).run("while True:")
+    with connect(served.address, token=served.token) as watcher:
+        threads_before = server_threads(watcher)
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        proc = subprocess.Popen([sys.executable, "-c", CLIENT, served.address, served.token],
+                                stdout=subprocess.PIPE, env=env)
+        try:
+            assert proc.stdout.readline().strip() == b"progress"
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        # A 50k-example run that kept going would hold the worker for minutes; the next run
+        # is answered promptly only because the dead client's run was cancelled.
+        future = watcher.submit("run", "while True:")
+        assert torch.equal(future.result(timeout=60).logits, expected.logits)
+        assert hook_count(watcher) == 0
+        assert wait_for(lambda: server_threads(watcher) <= threads_before)
+    assert served.alive()
+
+
+def test_client_reset_mid_transfer(served):
+    with connect(served.address, token=served.token) as model:
+        big = "shared/big-transfer"
+        model.save_context(big).clear()
+        model.run("x", probes={"embed": lambda ctx, x: ctx.save("t", torch.randn(2**23))},
+                  save=big)  # 32 MiB
+        threads_before = server_threads(model)
+        for _ in range(3):
+            framed = authenticated(served.address, served.token)
+            framed.send({"kind": "request", "id": 1, "method": "ctx.fetch",
+                         "args": [big, "t"], "kwargs": {}})
+            got = 0
+            while got < 1 << 20:  # a megabyte into the 32 MiB reply...
+                got += len(framed.sock.recv(65536))
+            framed.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            framed.sock.close()  # ...and gone, with a reset
+        fetched = model.save_context(big).fetch("t")
+        assert fetched.shape == (1, 2**23)
+        assert wait_for(lambda: server_threads(model) <= threads_before)
+        model.save_context(big).clear()
+    assert served.alive()
