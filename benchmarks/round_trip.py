@@ -21,10 +21,8 @@ import time
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the tiny test model and the server fixture live in tests/
 
-from cloche.client import connect  # noqa: E402
-from tests.conftest_server import ServerProcess, save_tiny_gpt2_with_tokenizer  # noqa: E402
 
 ECHO_SERVER = """
 import socket
@@ -54,6 +52,9 @@ def raw_echo(n: int) -> list[float]:
 
 
 def cloche_ping(n: int, model_dir: pathlib.Path) -> list[float]:
+    from cloche.client import connect
+    from tests.conftest_server import ServerProcess
+
     token = secrets.token_urlsafe(16)
     server = ServerProcess(model_dir, token)
     times = []
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from tests.conftest_server import save_tiny_gpt2_with_tokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny_gpt2_with_tokenizer(pathlib.Path(tmp))
         raw = raw_echo(args.n)

@@ -7,6 +7,7 @@ save across runs; reducers compute statistics next to the data.
 
 from cloche import errors
 from cloche._load import load
+from cloche.client import Pool, RemoteFuture, RemoteModel, RemoteSaveContext, connect
 from cloche.errors import (
     AuthError,
     Cancelled,
@@ -37,7 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthError", "Cancelled", "ClocheError", "Covariance", "GenerateResult", "Histogram",
-    "Mean", "MinMax", "Model", "Outputs", "ProbeContext", "ProbeError", "ProbePoint",
-    "Reducer", "RemoteError", "ResourceLimit", "RunResult", "SaveContextHandle", "TensorRef",
-    "TopK", "UnknownProbePoint", "UsageError", "Variance", "WorkerLost", "errors", "load",
+    "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError", "ProbePoint",
+    "Reducer", "RemoteError", "RemoteFuture", "RemoteModel", "RemoteSaveContext",
+    "ResourceLimit", "RunResult", "SaveContextHandle", "TensorRef", "TopK", "UnknownProbePoint",
+    "UsageError", "Variance", "WorkerLost", "connect", "errors", "load",
 ]

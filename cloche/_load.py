@@ -18,9 +18,13 @@ def load(path: str | os.PathLike[str] | None = None, *, device: str | torch.devi
     ``max_saved_bytes`` caps the memory that save contexts may hold (a clear
     ``ResourceLimit`` error instead of running out of memory).
     """
-    if path is None:
+    default = path is None
+    if default:
         from cloche.default_model import weights_dir
 
         path = weights_dir()
     loaded = load_hf(path, device=device, dtype=dtype)
-    return Model(loaded, store=SaveStore(max_bytes=max_saved_bytes))
+    model = Model(loaded, store=SaveStore(max_bytes=max_saved_bytes))
+    if default:
+        model.name = "cloche-default"
+    return model

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cloche
+from tests.conftest_server import served, server_model_dir, server_token  # noqa: F401
 from tests.tiny_models import save_tiny
 
 torch.set_num_threads(1)

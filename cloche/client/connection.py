@@ -61,7 +61,8 @@ class ClientConnection:
     ) -> None:
         self.address = f"{host}:{port}"
         sock = open_connection(host, port, ssl_context=ssl_context, timeout=timeout)
-        self._framed = FramedSocket(sock, limits=Limits())
+        # Small frames only until the server has proven it knows the token.
+        self._framed = FramedSocket(sock, limits=Limits(max_header=64 * 1024, max_body=0))
         self._calls: dict[int, tuple[RemoteFuture, EventCallback | None]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -71,6 +72,8 @@ class ClientConnection:
         except BaseException:
             self._framed.close()
             raise
+        # An authenticated server is trusted with big headers (large plain-data results).
+        self._framed.limits = Limits(max_header=1 << 30)
         self.session: str = welcome["session"]
         self.resumed: bool = bool(welcome.get("resumed"))
         self.info: dict[str, Any] = dict(welcome.get("info") or {})

@@ -34,7 +34,12 @@ class Dataset:
     """
 
     def __init__(
-        self, examples: Sequence[Sequence[int]], *, name: str, seq_len: int, pad_id: int
+        self,
+        examples: Sequence[Sequence[int] | np.ndarray],
+        *,
+        name: str,
+        seq_len: int,
+        pad_id: int,
     ) -> None:
         if seq_len < 1:
             raise UsageError(f"seq_len ({seq_len}) must be at least 1")

@@ -89,6 +89,10 @@ def evaluate(directory: Path | None = None) -> dict:
         data.default("train", tokenizer=tok), heldout, model.config.vocab_size
     )
     ind = measure_induction(model)
+    # The same head at another repeat length: a fixed-offset (positional) head would pass the
+    # length-64 test without matching content, and fail here.
+    other = measure_induction(model, half=48, seed=4321)
+    layer, head, _ = ind.best
     return {
         "heldout_ce": round(ce, 5),
         "heldout_targets": n_targets,
@@ -99,6 +103,8 @@ def evaluate(directory: Path | None = None) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         **ind.as_dict(),
         "induction_passes": ind.passes(),
+        "induction_score_half48": round(float(other.scores[layer, head]), 4),
+        "loss_ratio_half48": round(other.loss_ratio, 4),
     }
 
 

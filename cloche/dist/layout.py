@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
@@ -49,7 +49,6 @@ class DistConfig:
     connect_timeout_s: float = 300.0
     micro_batches: int = 1
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) \

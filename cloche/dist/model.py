@@ -36,6 +36,23 @@ __all__ = ["DistributedModel"]
 _TRANSACTIONAL = ("run", "generate", "dataset")
 
 
+def _shippable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, or the user function inside a ``functools.wraps`` wrapper that cannot travel.
+
+    The server wraps shipped functions to hand them its session view of the model; on another
+    rank that view does not exist (the function gets the rank's shard), so the wrapper —
+    which holds the view — stays behind.
+    """
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        return fn
+    try:
+        cloudpickle.dumps(fn)
+    except Exception:  # noqa: BLE001 - any pickling failure: fall back to the user function
+        return inner
+    return fn
+
+
 class DistributedModel:
     """A model sharded by layers over ``world_size`` ranks; this object lives on rank 0."""
 
@@ -146,7 +163,7 @@ class DistributedModel:
                             extra = after()
                         except WorkerLost:
                             raise
-                        except Exception as exc:
+                        except Exception as exc:  # noqa: BLE001 - reported like rank 0's own
                             own_error = exc
                             envelopes[0] = error_envelope(exc, aborted=isinstance(exc, Aborted))
                     for r in range(1, self.world_size):
@@ -161,7 +178,7 @@ class DistributedModel:
                 raise
             ok = all(e["ok"] for e in envelopes)
             if op in _TRANSACTIONAL:
-                self._stage._settle(seq, ok)
+                self._stage.settle(seq, ok)
                 self._decision = (seq, ok)
             if not ok:
                 raise self._failure(envelopes, own_error)
@@ -307,7 +324,8 @@ class DistributedModel:
         else:
             raise UsageError(f"rank must be None, 'all' or an int in [0, {self.world_size}),"
                              f" not {rank!r}")
-        values = self._command("call", fn=fn, args=args, kwargs=kwargs, targets=targets)
+        values = self._command("call", fn=_shippable(fn), args=args, kwargs=kwargs,
+                               targets=targets)
         if rank == "all":
             return dict(enumerate(values))
         return values[rank]
@@ -398,7 +416,7 @@ class DistributedModel:
             self._closed = True
             self._rank.close()
 
-    def __enter__(self) -> DistributedModel:
+    def __enter__(self) -> DistributedModel:  # noqa: PYI034 - py3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,8 +2,8 @@
 
 The skeleton is built from the config on the ``meta`` device (no memory), modules owned by other
 ranks are swapped for stubs (``dist.stubs``), what is left is materialised with ``to_empty`` and
-filled from the safetensors files — reading only the tensors this rank needs, with
-``safe_open``. Buffers that are not in the checkpoint (rotary ``inv_freq``) are recomputed,
+filled from the safetensors files — reading only the byte ranges of the tensors this
+rank needs (see :class:`_SafetensorsFile`). Buffers that are not in the checkpoint (rotary ``inv_freq``) are recomputed,
 since ``to_empty`` leaves them as garbage.
 
 :class:`Ownership` answers "which rank holds this module / probe point / parameter" for a plan;
@@ -13,6 +13,8 @@ rank 0 uses it to route requests, every rank to pick its own probes.
 from __future__ import annotations
 
 import json
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,16 @@ import torch
 from torch import nn
 
 from cloche.dist.plan import ShardPlan, balanced_plan
-from cloche.dist.stubs import (LogitsStub, PassBlock, Passthrough, Pipeline, ReceiveBlock,
-                               SendBlock, ZeroEmbedding, ZeroHidden)
+from cloche.dist.stubs import (
+    LogitsStub,
+    PassBlock,
+    Passthrough,
+    Pipeline,
+    ReceiveBlock,
+    SendBlock,
+    ZeroEmbedding,
+    ZeroHidden,
+)
 from cloche.errors import UsageError
 from cloche.model.adapters import Adapter, adapter_for
 from cloche.model.loader import Loaded, _auto_class, _parse_dtype
@@ -189,15 +199,66 @@ def _checkpoint_files(directory: Path) -> dict[str, Path]:
     if not single.is_file():
         raise UsageError(f"{str(directory)!r} has no safetensors weights (model.safetensors or"
                          " model.safetensors.index.json); distributed loading reads only those")
-    from safetensors import safe_open
+    reader = _SafetensorsFile(single)
+    try:
+        return {name: single for name in reader.header}
+    finally:
+        reader.close()
 
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _load_owned(model: nn.Module, sk: Skeleton, device: torch.device) -> None:
-    from safetensors import safe_open
+class _SafetensorsFile:
+    """Reads single tensors of a safetensors file straight into their destination.
 
+    ``safe_open`` maps the whole file, and every page it touches stays resident until the file
+    is closed, so a rank would briefly hold its shard twice. Reading each tensor's byte range
+    with ``readinto`` (the format is a JSON header, then raw little-endian data) keeps the peak
+    at the shard plus one tensor. The header is parsed with safetensors' own rules checked:
+    offsets inside the file, sizes matching dtype and shape.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close(), tensor by tensor
+        (length,) = struct.unpack("<Q", self._file.read(8))
+        self.header = json.loads(self._file.read(length))
+        self.header.pop("__metadata__", None)
+        self._base = 8 + length
+
+    def read_into(self, key: str, target: torch.Tensor) -> None:
+        info = self.header[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UsageError(f"{key!r} in {self.path.name} has unsupported dtype {info['dtype']}")
+        shape = tuple(info["shape"])
+        if shape != tuple(target.shape):
+            raise UsageError(f"checkpoint tensor {key!r} has shape {shape}, the model expects"
+                             f" {tuple(target.shape)}")
+        begin, end = info["data_offsets"]
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * torch.empty((), dtype=dtype).element_size():
+            raise UsageError(f"checkpoint tensor {key!r} in {self.path.name} is malformed")
+        direct = (target.device.type == "cpu" and target.dtype == dtype
+                  and target.is_contiguous() and sys.byteorder == "little")
+        buffer = target if direct else torch.empty(shape, dtype=dtype)
+        self._file.seek(self._base + begin)
+        view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if count else b""
+        if count and self._file.readinto(view) != end - begin:
+            raise UsageError(f"{self.path.name} ended inside tensor {key!r}")
+        if not direct:
+            target.copy_(buffer)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _load_owned(model: nn.Module, sk: Skeleton) -> None:
     files = _checkpoint_files(sk.path)
     tied = dict(getattr(model, "_tied_weights_keys", None) or {}) \
         if getattr(sk.config, "tie_word_embeddings", False) else {}
@@ -213,15 +274,12 @@ def _load_owned(model: nn.Module, sk: Skeleton, device: torch.device) -> None:
         wanted.setdefault(files[key], []).append((key, tensor))
     with torch.no_grad():
         for file, items in wanted.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            reader = _SafetensorsFile(file)
+            try:
                 for key, target in items:
-                    value = f.get_tensor(key)
-                    if tuple(value.shape) != tuple(target.shape):
-                        raise UsageError(f"checkpoint tensor {key!r} has shape"
-                                         f" {tuple(value.shape)}, the model expects"
-                                         f" {tuple(target.shape)}")
-                    target.copy_(value.to(device=device, dtype=target.dtype))
-                    del value
+                    reader.read_into(key, target.data)
+            finally:
+                reader.close()
 
 
 def _recompute_buffers(model: nn.Module, persistent: set[str], device: torch.device) -> None:
@@ -266,7 +324,7 @@ def build_shard(sk: Skeleton, plan: ShardPlan, rank: int, stage: Pipeline,
     model = _install_stubs(sk, own, rank, stage)
     persistent = set(model.state_dict().keys())
     model.to_empty(device=device)
-    _load_owned(model, sk, device)
+    _load_owned(model, sk)
     _recompute_buffers(model, persistent, device)
     if (sk.path / "generation_config.json").is_file():
         from transformers import GenerationConfig

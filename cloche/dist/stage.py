@@ -187,7 +187,7 @@ class Stage:
     def execute(self, cmd: Command, **local: Any) -> dict[str, Any]:
         """Run ``cmd`` on this rank and describe the outcome as an envelope (never raises)."""
         if cmd.decide is not None:
-            self._settle(*cmd.decide)
+            self.settle(*cmd.decide)
         self._seq = cmd.seq
         self._pass = 0
         self._phase = 0
@@ -218,7 +218,7 @@ class Stage:
             return error_envelope(exc, aborted=isinstance(exc, Aborted))
         return {"ok": True, "value": value}
 
-    def _settle(self, seq: int, commit: bool) -> None:
+    def settle(self, seq: int, commit: bool) -> None:
         held, self._held = self._held, None
         if held is None or held[0] != seq:
             return

@@ -113,11 +113,16 @@ def _import(spec: str) -> Callable[[Any], Any]:
 
 def default_serve(model: Any) -> None:
     """Serve ``model`` with the cloche server (token from CLOCHE_TOKEN, read at the entry)."""
+    import secrets
+
     from cloche.server.app import Server
     from cloche.server.config import ServerConfig
 
     options = getattr(model, "serve_options", {})
-    server = Server(model, ServerConfig(token=options.get("token", ""),
+    token = options.get("token") or secrets.token_urlsafe(24)
+    if not options.get("token"):
+        print(f"cloche: token {token}", flush=True)
+    server = Server(model, ServerConfig(token=token,
                                         host=options.get("host", "127.0.0.1"),
                                         port=int(options.get("port", 0))))
     host, port = server.start()

@@ -30,28 +30,27 @@ from cloche.runtime.inputs import encode_inputs, next_token_loss
 DEFAULT_CONTEXT = "default"
 
 
+@dataclass
 class RunResult:
     """What ``run`` returns: logits (detached), the mean next-token loss, the tokens.
 
-    ``loss`` is computed on first access from the logits (a cross-entropy over the whole
-    vocabulary is not free, and most probing runs never look at it).
+    ``loss`` is computed on first access from the logits when the run did not need it (a
+    cross-entropy over the whole vocabulary is not free, and most probing runs never look).
+    A plain record, so it crosses the wire as data.
     """
 
-    def __init__(self, logits: torch.Tensor | None, loss: float | None, tokens: torch.Tensor,
-                 attention_mask: torch.Tensor, *, causal: bool = True) -> None:
-        self.logits = logits
-        self.tokens = tokens
-        self.attention_mask = attention_mask
-        self._loss = loss
-        self._loss_known = loss is not None or logits is None or not causal
+    logits: torch.Tensor | None
+    loss_value: float | None
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    causal: bool = True
 
     @property
     def loss(self) -> float | None:
-        if not self._loss_known:
+        if self.loss_value is None and self.causal and self.logits is not None:
             value = next_token_loss(self.logits, self.tokens, self.attention_mask)
-            self._loss = None if value is None else float(value)
-            self._loss_known = True
-        return self._loss
+            self.loss_value = None if value is None else float(value)
+        return self.loss_value
 
     def __repr__(self) -> str:
         shape = None if self.logits is None else tuple(self.logits.shape)

@@ -10,6 +10,7 @@ running requests are cancelled; its session stays for a reconnect.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import ssl
 import threading
@@ -56,6 +57,10 @@ class ServerConnection:
         self.session: Session | None = None
         self.jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
+        # After the handshake every outgoing frame goes through one writer thread, so that the
+        # worker never blocks on a slow or vanished peer and frames keep their order.
+        self._outbox: queue.SimpleQueue[codec.Encoded | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def serve(self) -> None:
@@ -73,6 +78,9 @@ class ServerConnection:
             self.close()
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._outbox.put(None)  # flush what is queued (a final error, say), then stop
+            self._writer.join(timeout=5)
         self.framed.close()
         with self._lock:
             jobs = list(self.jobs.values())
@@ -116,6 +124,9 @@ class ServerConnection:
         self.framed.send(welcome)
         self.framed.limits = Limits(max_body=self.server.config.max_frame_bytes)
         sock.settimeout(None)
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name=f"cloche-writer-{self.peer}")
+        self._writer.start()
         log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened", self.peer)
         return True
 
@@ -187,12 +198,33 @@ class ServerConnection:
             self.jobs.pop(job.request.id, None)
 
     # ----------------------------------------------------------------- replies
-    def send(self, message: Any) -> bool:
-        """Send; False when the peer is gone (the reader will notice and clean up)."""
-        try:
-            self.framed.send(message)
+    def _write_loop(self) -> None:
+        while (encoded := self._outbox.get()) is not None:
+            try:
+                self.framed.send_encoded(encoded)
+            except errors.ConnectionError:
+                self.framed.close()  # wakes the reader, which cleans up; keep draining
+                while self._outbox.get() is not None:
+                    pass
+                return
+
+    def _post(self, encoded: codec.Encoded) -> bool:
+        if self._writer is None:  # still in the handshake: write directly
+            try:
+                self.framed.send_encoded(encoded)
+            except errors.ConnectionError:
+                return False
             return True
-        except (errors.ConnectionError, errors.UsageError):
+        if self.framed.closed:
+            return False
+        self._outbox.put(encoded)
+        return True
+
+    def send(self, message: Any) -> bool:
+        """Queue a message for the peer; False when it cannot be sent (the peer is gone)."""
+        try:
+            return self._post(codec.encode(message))
+        except errors.UsageError:
             return False
 
     def send_result(self, rid: int, value: Any) -> None:
@@ -201,10 +233,7 @@ class ServerConnection:
         except errors.UsageError as exc:
             self.send_error(rid, errors.UsageError(f"the result cannot be sent: {exc}"))
             return
-        try:
-            self.framed.send_encoded(encoded)
-        except errors.ConnectionError:
-            pass  # the peer left; its reader thread cleans up
+        self._post(encoded)
 
     def send_error(self, rid: int | None, exc: BaseException) -> None:
         if not isinstance(exc, (errors.Cancelled, errors.UsageError)):

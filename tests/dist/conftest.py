@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from tests.tiny_models import VOCAB, _COMMON
+from tests.tiny_models import _COMMON, VOCAB
 
 N_LAYERS = 4
 TIMEOUT_S = 5.0  # the fault bound the groups run with (default is 60 s)

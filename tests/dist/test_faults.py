@@ -75,10 +75,18 @@ def _slow_stats(ctx, x):
     ctx.reduce("mean_last", x, cloche.Mean())
 
 
-def test_cancel_during_dataset_run_then_normal_run(tiny4_dir):
+@pytest.fixture(scope="module")
+def group2(tiny4_dir):
     directory = tiny4_dir("gpt2")
-    local = cloche.load(directory)
     model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=1)
+    try:
+        yield cloche.load(directory), model
+    finally:
+        model.close()
+
+
+def test_cancel_during_dataset_run_then_normal_run(group2):
+    local, model = group2
     probes = {"layers.0.resid_post": _stats, "layers.3.resid_post": _slow_stats}
     try:
         cancel = threading.Event()
@@ -103,11 +111,11 @@ def test_cancel_during_dataset_run_then_normal_run(tiny4_dir):
         torch.testing.assert_close(model.run(ids_batch()).logits, local.run(ids_batch()).logits,
                                    atol=1e-5, rtol=0)
     finally:
-        model.close()
+        model.save_context("c").clear()
 
 
-def test_cancel_mid_run_reaches_every_rank(tiny4_dir):
-    model = start_local(tiny4_dir("llama"), 2, timeout_s=TIMEOUT_S, threads=1)
+def test_cancel_mid_run_reaches_every_rank(group2):
+    local, model = group2
     try:
         cancel = threading.Event()
         threading.Timer(0.3, cancel.set).start()
@@ -118,5 +126,7 @@ def test_cancel_mid_run_reaches_every_rank(tiny4_dir):
         assert time.monotonic() - started < 0.3 * 3 + SLACK_S
         assert model.save_context("mid").keys() == []
         assert model.ping() == [0, 1]
+        torch.testing.assert_close(model.run(ids_batch()).logits, local.run(ids_batch()).logits,
+                                   atol=1e-5, rtol=0)
     finally:
-        model.close()
+        model.save_context("mid").clear()

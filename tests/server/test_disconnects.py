@@ -91,3 +91,22 @@ def test_client_reset_mid_transfer(served):
         assert wait_for(lambda: server_threads(model) <= threads_before)
         model.save_context(big).clear()
     assert served.alive()
+
+
+def big_result(model):
+    return torch.zeros(2**24)  # 64 MiB: far more than the socket buffers hold
+
+
+def test_a_client_that_stops_reading_does_not_block_the_others(served):
+    stuck = authenticated(served.address, served.token)
+    try:
+        for rid in (1, 2):  # a heavy and a light request whose replies are never read
+            method, args = ("call", [big_result]) if rid == 1 else ("param", ["embed.W_E"])
+            stuck.send({"kind": "request", "id": rid, "method": method, "args": args,
+                        "kwargs": {}})
+        with connect(served.address, token=served.token) as other:
+            for _ in range(3):
+                assert other.submit("run", "def f():").result(timeout=60).logits.shape[0] == 1
+    finally:
+        stuck.close()
+    assert served.alive()

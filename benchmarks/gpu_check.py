@@ -1,0 +1,154 @@
+"""GPU check for a lent GPU machine: the NCCL path, a 1–3 B Llama-style model, capture throughput.
+
+    python benchmarks/gpu_check.py                 # GPU: ~1.1 B params, bf16, batch 8x512
+    python benchmarks/gpu_check.py --size 3b       # ~3 B params
+    python benchmarks/gpu_check.py --tiny          # CPU smoke test of this script (gloo)
+
+What it does, in order (every step prints one line; nothing is asserted on timings):
+
+1. builds a Llama-style model from a config with random weights (directly on the GPU, in
+   bf16) and saves it with ``save_pretrained`` to a temporary directory;
+2. plain Hugging Face forward throughput (tokens/s) — the baseline;
+3. cloche world size 1 (``cloche.load``): plain ``run`` and a capture run saving
+   ``resid_post`` of every block (``ctx.save``), with ratios to the baseline;
+4. cloche sharded over ``--world-size`` ranks (default: every GPU, at least 2): NCCL for
+   activations and gloo for control; checks logits against world size 1 (max |Δ|), then the
+   same two runs with ratios. On a single-GPU machine step 4 is skipped with that reason (NCCL
+   needs one GPU per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+SIZES = {  # Llama-style configs (parameters approximate, vocab 32000)
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 26,
+           "num_attention_heads": 24, "num_key_value_heads": 8},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test (tiny config, gloo)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--world-size", type=int, default=None)
+    args = parser.parse_args()
+
+    import transformers
+
+    import cloche
+    from cloche.dist.launch import start_local
+
+    if args.tiny:
+        args.size, args.batch, args.seq = "tiny", 2, 32
+        torch.set_num_threads(1)
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    world = args.world_size or (max(2, torch.cuda.device_count()) if cuda else 2)
+    print(f"device {device}, {torch.cuda.device_count() if cuda else 0} GPUs, dtype {dtype},"
+          f" torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+
+    config = transformers.LlamaConfig(vocab_size=32000 if not args.tiny else 512,
+                                      max_position_embeddings=max(2048, args.seq),
+                                      tie_word_embeddings=False, **SIZES[args.size])
+    with tempfile.TemporaryDirectory() as directory:
+        started = time.perf_counter()
+        with torch.device(device):
+            torch.manual_seed(0)
+            hf = transformers.LlamaForCausalLM(config).to(dtype)
+        n_params = sum(p.numel() for p in hf.parameters())
+        hf.save_pretrained(directory)
+        print(f"1. built and saved {n_params / 1e9:.2f} B params in"
+              f" {time.perf_counter() - started:.0f} s", flush=True)
+
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq),
+                            generator=torch.Generator().manual_seed(1))
+        tokens = args.batch * args.seq
+        hf.eval()
+
+        def plain() -> None:
+            with torch.no_grad():
+                hf(input_ids=ids.to(device))
+
+        base = timed(plain, device, args.repeats)
+        print(f"2. plain HF forward: {tokens / base:,.0f} tokens/s", flush=True)
+        hf = None  # free the baseline's memory before loading cloche's copy
+        if cuda:
+            torch.cuda.empty_cache()
+
+        points = [f"layers.{i}.resid_post" for i in range(config.num_hidden_layers)]
+
+        def capture(model) -> None:
+            model.save_context("gpu_check").clear()
+            model.run(ids, probes={p: (lambda c, x: c.save(c.point, x)) for p in points},
+                      save="gpu_check", return_logits=False)
+            model.save_context("gpu_check").clear()
+
+        local = cloche.load(directory, device=device, dtype=dtype)
+        t_run = timed(lambda: local.run(ids, return_logits=False), device, args.repeats)
+        t_cap = timed(lambda: capture(local), device, args.repeats)
+        print(f"3. cloche ws1: run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain);"
+              f" capture {len(points)} points {tokens / t_cap:,.0f} tokens/s"
+              f" ({base / t_cap:.2f}x plain)", flush=True)
+        reference = local.run(ids[:2, :64]).logits.float()
+        local = None
+        if cuda:
+            torch.cuda.empty_cache()
+
+        if cuda and torch.cuda.device_count() < world:
+            print(f"4. skipped: world size {world} needs {world} GPUs for NCCL, this machine has"
+                  f" {torch.cuda.device_count()}", flush=True)
+            return 0
+        started = time.perf_counter()
+        dist = start_local(directory, world, backend="nccl" if cuda else "gloo",
+                           device=device if cuda else None,
+                           dtype=str(dtype).removeprefix("torch."), timeout_s=120,
+                           threads=None if cuda else 1)
+        try:
+            print(f"4. sharded over {world} ranks {dist.plan.layers_per_rank()} in"
+                  f" {time.perf_counter() - started:.0f} s", flush=True)
+            delta = (dist.run(ids[:2, :64]).logits.float() - reference).abs().max().item()
+            print(f"   logits vs world size 1: max |delta| = {delta:.3g}", flush=True)
+            t_run = timed(lambda: dist.run(ids, return_logits=False), device, args.repeats)
+            t_mb = timed(lambda: dist.run(ids, return_logits=False, micro_batches=4), device,
+                         args.repeats)
+            t_cap = timed(lambda: capture(dist), device, args.repeats)
+            print(f"   run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain);"
+                  f" 4 micro-batches {tokens / t_mb:,.0f} tokens/s ({base / t_mb:.2f}x);"
+                  f" capture {tokens / t_cap:,.0f} tokens/s ({base / t_cap:.2f}x)", flush=True)
+        finally:
+            dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
