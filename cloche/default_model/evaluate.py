@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", type=Path, default=None, help="model folder (default: shipped)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
+        "--card",
+        type=Path,
+        default=None,
+        help="with --write: also fill the figures block of this model card",
+    )
+    p.add_argument(
         "--write",
         action="store_true",
         help=f"store the figures in {METRICS_FILE} inside the model folder",
@@ -125,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         directory = weights_dir() if args.dir is None else args.dir
         (Path(directory) / METRICS_FILE).write_text(text + "\n", encoding="utf-8")
+        if args.card is not None:
+            from cloche.default_model.card import update_card
+
+            update_card(args.card, Path(directory), result)
     ok = result["reduction_vs_bigram"] >= 0.2 and result["induction_passes"]
     print("criteria " + ("met" if ok else "NOT met"), file=sys.stderr)
 

@@ -77,6 +77,7 @@ class TrainConfig:
     repeat_fraction: float = 0.25
     threads: int = 2
     log: Path | None = None
+    init_from: Path | None = None
 
 
 def build_model(cfg: TrainConfig):
@@ -213,6 +214,7 @@ def save_checkpoint(model, out: Path, extra: dict) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         (Path(tmp) / "training.json").write_text(json.dumps(extra, indent=1) + "\n")
         for name in os.listdir(tmp):
+            os.chmod(Path(tmp) / name, 0o644)  # package data must be readable by every user
             os.replace(Path(tmp) / name, out / name)
 
 
@@ -253,7 +255,12 @@ def _run(cfg: TrainConfig, log) -> dict:
         held = [f for f in corpus.scan_stdlib() if corpus.is_heldout(f.path)]
         corpus.write_heldout(held)
 
-    tok = tok_mod.train_tokenizer(f.text for f in files)
+    if cfg.init_from is not None:  # keep the checkpoint's tokenizer: its ids are the model's
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(cfg.init_from) / "tokenizer.json"))
+    else:
+        tok = tok_mod.train_tokenizer(f.text for f in files)
     cfg.out.mkdir(parents=True, exist_ok=True)
     tok_mod.save(tok, cfg.out)
     stream = _encode_stream(files, tok)
@@ -271,7 +278,12 @@ def _run(cfg: TrainConfig, log) -> dict:
         }
     )
 
-    model = build_model(cfg)
+    if cfg.init_from is not None:  # continue from a checkpoint (weights only; fresh optimiser)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(cfg.init_from))
+    else:
+        model = build_model(cfg)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -411,6 +423,12 @@ def _parse(argv: list[str] | None) -> TrainConfig:
         default=defaults.attention_bias,
         help="biases on q/k/v/o (a constant query/key part lets layer 0 learn a "
         "previous-token head; on by default)",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights (same tokenizer) instead of fresh",
     )
     p.add_argument("--log", type=Path, default=None, help="append JSON-lines records here")
     args = p.parse_args(argv)

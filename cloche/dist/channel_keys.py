@@ -27,6 +27,10 @@ class _Keys:
         return f"{seq}/tied/{name}/{src}"
 
     @staticmethod
+    def light(rank: int, n: int) -> str:
+        return f"L{rank}/{n}/light"
+
+    @staticmethod
     def result(seq: int, rank: int) -> str:
         return f"{seq}/res/{rank}"
 

@@ -72,17 +72,20 @@ class Liveness:
 class Control:
     """One rank's control-plane state: the current command's abort flag and its waits."""
 
-    def __init__(self, store: tdist.Store, poll_store: tdist.Store, rank: int, world_size: int,
-                 timeout_s: float, heartbeat_s: float,
+    def __init__(self, store: tdist.Store, poll_store: tdist.Store | None, rank: int,
+                 world_size: int, timeout_s: float, heartbeat_s: float,
                  local_check: Callable[[], dict[int, int | None]] | None = None) -> None:
+        """``poll_store`` None: no heartbeat/abort thread (a second Control for another thread
+        of the same rank, which shares the first one's heartbeat)."""
         self.store = store
         self.rank = rank
         self.liveness = Liveness(store, rank, world_size, timeout_s, local_check)
         self.abort_event = threading.Event()
         self.abort_origin: int | None = None
         self.cancel: object | None = None  # the client's cancel event (rank 0 only)
-        self._poll_store = poll_store
-        self._poll_liveness = Liveness(poll_store, rank, world_size, timeout_s, local_check)
+        self._poll_store = poll_store if poll_store is not None else store
+        self._poll_liveness = Liveness(self._poll_store, rank, world_size, timeout_s,
+                                       local_check)
         self._command: int | None = None
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
@@ -91,7 +94,8 @@ class Control:
         self.watch_idle = False
         self._thread = threading.Thread(target=self._poll_loop, name=f"cloche-control-{rank}",
                                         daemon=True)
-        self._thread.start()
+        if poll_store is not None:
+            self._thread.start()
 
     # ----------------------------------------------------------------- per command
     def begin(self, command: int, cancel: object | None = None) -> None:
@@ -198,4 +202,5 @@ class Control:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)

@@ -127,17 +127,13 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
         raise
     model = DistributedModel(rank, on_lost=on_lost, micro_batches=micro_batches)
     model.group = group
-    original_close = model.close
 
-    def close() -> None:
-        try:
-            original_close()
-        finally:
-            codes = group.wait(timeout_s=10)
-            if any(code is None for code in codes.values()):
-                group.terminate()
+    def reap() -> None:
+        codes = group.wait(timeout_s=10)
+        if any(code is None for code in codes.values()):
+            group.terminate()
 
-    model.close = close
+    model.add_close_callback(reap)
     return model
 
 

@@ -81,6 +81,8 @@ class Layout:
         device = config.device
         if device is None:
             device = f"cuda:{config.local_rank}" if backend == "nccl" else "cpu"
+        if device == "cuda":
+            device = f"cuda:{config.local_rank}"
         if backend is None:
             backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl" and not str(device).startswith("cuda"):

@@ -21,9 +21,10 @@ import torch
 
 from cloche import errors
 from cloche.dist.channel_keys import keys
-from cloche.dist.control import Aborted
+from cloche.dist.control import Aborted, Control
 from cloche.dist.handle import DistSaveContextHandle
-from cloche.dist.stage import Command, error_envelope
+from cloche.dist.p2p import Channel
+from cloche.dist.stage import Command, Stage, error_envelope
 from cloche.dist.worker import Rank
 from cloche.errors import ClocheError, UnknownProbePoint, UsageError, WorkerLost
 from cloche.model.points import ProbePoint, canonical_name
@@ -66,7 +67,16 @@ class DistributedModel:
         self._channel = rank.channel
         self._lock = threading.RLock()
         self._seq = 0
-        self._decision: tuple[int, bool] | None = None
+        self._last_decided: int | None = None
+        self._light_lock = threading.Lock()
+        self._light_seq = [0] * rank.layout.world_size
+        light_control = Control(rank.layout.new_store_client(), None, 0,
+                                rank.layout.world_size, rank.config.timeout_s,
+                                rank.config.heartbeat_s)
+        light_control.liveness = self._control.liveness  # one view of who is alive
+        self._light_channel = Channel(light_control, 0, rank.layout.device,
+                                      rank.layout.tensor_group, rank.layout.object_group,
+                                      announce=False)
         self._broken: WorkerLost | None = None
         self._on_lost = on_lost
         self._shapes: dict[str, Any] | None = None
@@ -83,6 +93,8 @@ class DistributedModel:
         self.world_size = rank.layout.world_size
         self.rank = 0
         self.serve_options: dict[str, Any] = {}
+        self.group: Any = None  # the worker processes, when started by cloche.dist.launch
+        self._on_close: list[Callable[[], None]] = []
         self._local = local
         self._specs = self._stage.full_specs
         self._weights = canonical_weights(self.adapter, self.plan.n_layers)
@@ -143,8 +155,7 @@ class DistributedModel:
                 raise UsageError("the distributed model was closed")
             self._seq += 1
             seq = self._seq
-            cmd = Command(seq, op, kwargs, decide=self._decision)
-            self._decision = None
+            cmd = Command(seq, op, kwargs)
             try:
                 payload = cloudpickle.dumps(cmd)
             except Exception as exc:
@@ -179,7 +190,15 @@ class DistributedModel:
             ok = all(e["ok"] for e in envelopes)
             if op in _TRANSACTIONAL:
                 self._stage.settle(seq, ok)
-                self._decision = (seq, ok)
+                try:
+                    store.set(f"decide/{seq}", "1" if ok else "0")
+                    if self._last_decided is not None:  # every worker has read it by now
+                        store.delete_key(f"decide/{self._last_decided}")
+                except RuntimeError as exc:
+                    lost = WorkerLost(f"the control store failed: {exc}", rank=0)
+                    self._lost(lost)
+                    raise lost from exc
+                self._last_decided = seq
             if not ok:
                 raise self._failure(envelopes, own_error)
             values = [e["value"] for e in envelopes]
@@ -348,12 +367,49 @@ class DistributedModel:
 
     def save_contexts(self) -> list[str]:
         names: set[str] = set()
-        for found in self._command("ctx", name="", action="names"):
+        for found in self._ctx("", "names"):
             names.update(found)
         return sorted(names)
 
     def _ctx(self, name: str, action: str, *args: Any, ranks: list[int] | None = None) -> list:
-        return self._command("ctx", name=name, action=action, args=args, ranks=ranks)
+        kwargs: dict[str, Any] = {"name": name, "action": action, "args": args, "ranks": ranks}
+        if action in Stage.LIGHT_ACTIONS:
+            return self._light("ctx", kwargs, ranks)
+        return self._command("ctx", **kwargs)
+
+    def _light(self, op: str, kwargs: dict[str, Any], ranks: list[int] | None = None) -> list:
+        """A read-only request, answered beside a running command (see worker.LightService)."""
+        targets = list(range(self.world_size)) if ranks is None else list(ranks)
+        with self._light_lock:
+            if self._broken is not None:
+                raise WorkerLost(f"this sharded model is unusable: {self._broken.message}",
+                                 rank=self._broken.rank)
+            if self._closed:
+                raise UsageError("the distributed model was closed")
+            payload = cloudpickle.dumps((op, kwargs))
+            store = self._light_channel.control.store
+            values: list[Any] = [None] * self.world_size
+            sent = []
+            try:
+                for r in targets:
+                    if r == 0:
+                        continue
+                    self._light_seq[r] += 1
+                    store.set(f"light/{r}/{self._light_seq[r]}", payload)
+                    sent.append((r, self._light_seq[r]))
+                if 0 in targets:
+                    values[0] = self._stage.light(op, kwargs)
+                replies = [(r, self._light_channel.recv_object(r, keys.light(r, n),
+                                                               abortable=False))
+                           for r, n in sent]
+            except WorkerLost as exc:
+                self._lost(exc)
+                raise
+        for r, reply in replies:
+            if not reply["ok"]:
+                raise self._failure([{"ok": True}] * r + [reply], None)
+            values[r] = reply["value"]
+        return values
 
     # ----------------------------------------------------------------- weights and tokens
     def param_names(self, canonical: bool = True) -> list[str]:
@@ -387,7 +443,7 @@ class DistributedModel:
         owner = self._stage.ownership.param_owner(raw)
         if owner == 0:
             return self._local.param(name, grad=grad)
-        return self._command("param", name=name, grad=grad, target=owner)[owner]
+        return self._light("param", {"name": name, "grad": grad, "target": owner}, [owner])[owner]
 
     def tokenize(self, text: str | list[str]) -> torch.Tensor:
         return self._local.tokenize(text)
@@ -415,6 +471,12 @@ class DistributedModel:
         finally:
             self._closed = True
             self._rank.close()
+            for callback in self._on_close:
+                callback()
+
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after :meth:`close` (the launcher reaps its processes there)."""
+        self._on_close.append(callback)
 
     def __enter__(self) -> DistributedModel:  # noqa: PYI034 - py3.10 has no typing.Self
         return self

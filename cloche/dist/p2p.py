@@ -8,9 +8,11 @@ then posts a ``recv`` that completes at once, and acknowledges. A sender keeps a
 ``window`` unacknowledged messages per peer, which bounds memory and lets consecutive
 micro-batches overlap across ranks.
 
-If a command is aborted, a sender does not wait for acknowledgements that will never come: the
-unreceived sends are parked (their buffers are small and unique tags keep them from matching a
-later receive).
+If a command is aborted, a sender does not wait for acknowledgements that will never come: its
+unreceived sends are parked. Every announcement is also listed per command and receiver, and
+before the next command each rank receives and drops whatever was announced to it but not
+consumed (:meth:`Channel.drain`), so no stale message is ever matched by a later receive (NCCL
+matches messages by order, not by tag) and parked sends complete.
 """
 
 from __future__ import annotations
@@ -41,17 +43,20 @@ class Channel:
     """Sends and receives tensors and objects between this rank and its peers."""
 
     def __init__(self, control: Control, rank: int, device: torch.device,
-                 tensor_group: Any, object_group: Any, window: int = 2) -> None:
+                 tensor_group: Any, object_group: Any, window: int = 2,
+                 announce: bool = True) -> None:
         self.control = control
         self.rank = rank
         self.device = device
         self.tensor_group = tensor_group
         self.object_group = object_group
         self.window = window
+        self.announce = announce  # list messages for drain (off for the light channel)
         self._pending: dict[tuple[int, str | None],
                             collections.deque[tuple[str, Any, torch.Tensor]]] = {}
-        self._parked: list[tuple[Any, torch.Tensor]] = []
+        self._parked: list[tuple[int | None, Any, torch.Tensor]] = []
         self.command: int | None = None
+        self._consumed: set[str] = set()
 
     # ----------------------------------------------------------------- sending
     def send(self, dst: int, key: str, tensor: torch.Tensor, *, objects: bool = False,
@@ -72,6 +77,9 @@ class Channel:
         work = tdist.isend(tensor, dst, group=group, tag=_tag(key))
         header = f"{'x'.join(map(str, tensor.shape))};{tensor.dtype};{int(objects)}"
         self.control.store.set(f"m/{key}", header)
+        if self.announce:
+            self.control.store.append(  # type: ignore[attr-defined]  # TCPStore/PrefixStore have it
+                f"ann/{self.command}/{dst}", f"{self.rank}|{key}\n")
         queue.append((key, work, tensor))
 
     def send_object(self, dst: int, key: str, value: Any) -> None:
@@ -85,7 +93,7 @@ class Channel:
         try:
             self.control.wait(f"a/{key}", command=self.command, abortable=abortable)
         except (Aborted, Cancelled):
-            self._parked.append((work, tensor))
+            self._parked.append((self.command, work, tensor))
             raise
         self.control.store.delete_key(f"a/{key}")
         try:
@@ -99,7 +107,7 @@ class Channel:
             while queue:
                 item = queue.popleft()
                 if aborted or self.control.abort_event.is_set():
-                    self._parked.append((item[1], item[2]))
+                    self._parked.append((self.command, item[1], item[2]))
                     continue
                 try:
                     self._settle(item)
@@ -122,7 +130,37 @@ class Channel:
         except RuntimeError as exc:
             raise WorkerLost(f"rank {src} was lost while sending {key}: {exc}", rank=src) from exc
         self.control.store.set(f"a/{key}", "1")
+        self._consumed.add(key)
         return out
+
+    def drain(self, command: int) -> int:
+        """Receive and drop what was announced to this rank in ``command`` but not consumed.
+
+        Called when every rank has finished ``command`` (before the next one), so every
+        announced message has been posted. Returns how many messages were dropped.
+        """
+        key = f"ann/{command}/{self.rank}"
+        store = self.control.store
+        dropped = 0
+        if store.check([key]):
+            for line in bytes(store.get(key)).decode().split():
+                src, _, name = line.partition("|")
+                if name in self._consumed:
+                    continue
+                self.command = None
+                self.recv(int(src), name, abortable=False)
+                dropped += 1
+            store.delete_key(key)
+        self._consumed.clear()
+        # every rank drained command - 1 when it started ``command``: those sends are complete
+        done = [p for p in self._parked if p[0] is not None and p[0] < command]
+        self._parked = [p for p in self._parked if not (p[0] is not None and p[0] < command)]
+        for _, work, _tensor in done:
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                raise WorkerLost(f"a send of command {command - 1} failed: {exc}") from exc
+        return dropped
 
     def recv_object(self, src: int, key: str, *, abortable: bool = True) -> Any:
         data = self.recv(src, key, abortable=abortable)

@@ -2,9 +2,9 @@
 
 The skeleton is built from the config on the ``meta`` device (no memory), modules owned by other
 ranks are swapped for stubs (``dist.stubs``), what is left is materialised with ``to_empty`` and
-filled from the safetensors files — reading only the byte ranges of the tensors this
-rank needs (see :class:`_SafetensorsFile`). Buffers that are not in the checkpoint (rotary ``inv_freq``) are recomputed,
-since ``to_empty`` leaves them as garbage.
+filled from the safetensors files — reading only the byte ranges of the tensors this rank needs
+(see :class:`_SafetensorsFile`). Buffers that are not in the checkpoint (rotary ``inv_freq``)
+are recomputed, since ``to_empty`` leaves them as garbage.
 
 :class:`Ownership` answers "which rank holds this module / probe point / parameter" for a plan;
 rank 0 uses it to route requests, every rank to pick its own probes.
@@ -17,7 +17,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> S
     with torch.device("meta"):
         meta_model = _auto_class(config).from_config(config, dtype=resolved)
     meta_model.eval()
-    return Skeleton(directory, config, adapter, meta_model, resolved)
+    return Skeleton(directory, config, adapter, meta_model, cast(torch.dtype, resolved))
 
 
 class Ownership:
@@ -155,7 +155,7 @@ def _install_stubs(sk: Skeleton, own: Ownership, rank: int, stage: Pipeline) -> 
     model = sk.meta_model
     plan = own.plan
     start, stop = plan.ranges[rank]
-    layers = model.get_submodule(sk.adapter.layers)
+    layers: Any = model.get_submodule(sk.adapter.layers)  # an nn.ModuleList
     for i in range(plan.n_layers):
         if start <= i < stop:
             continue
@@ -248,8 +248,8 @@ class _SafetensorsFile:
                   and target.is_contiguous() and sys.byteorder == "little")
         buffer = target if direct else torch.empty(shape, dtype=dtype)
         self._file.seek(self._base + begin)
-        view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if count else b""
-        if count and self._file.readinto(view) != end - begin:
+        view = memoryview(buffer.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+        if self._file.readinto(view) != end - begin:
             raise UsageError(f"{self.path.name} ended inside tensor {key!r}")
         if not direct:
             target.copy_(buffer)
@@ -329,6 +329,7 @@ def build_shard(sk: Skeleton, plan: ShardPlan, rank: int, stage: Pipeline,
     if (sk.path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(sk.path)
+        generation = GenerationConfig.from_pretrained(sk.path)
+        model.generation_config = generation  # type: ignore[assignment]
     model.eval()
     return Loaded(model, _tokenizer(sk.path), sk.path)

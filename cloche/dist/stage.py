@@ -119,7 +119,7 @@ class Stage:
         self.ownership = Ownership(sk, plan)
         self.full_specs: dict[str, PointSpec] = build_specs(sk.meta_model, sk.adapter)
         loaded = build_shard(sk, plan, rank, self, device)
-        self.hf = loaded.hf_model
+        self.hf: Any = loaded.hf_model
         self.local = Model(loaded, rank=rank)
         self.config = self.hf.config
         self.specs = build_specs(self.hf, self.adapter)
@@ -188,6 +188,8 @@ class Stage:
         """Run ``cmd`` on this rank and describe the outcome as an envelope (never raises)."""
         if cmd.decide is not None:
             self.settle(*cmd.decide)
+        if cmd.seq > 1:
+            self.channel.drain(cmd.seq - 1)
         self._seq = cmd.seq
         self._pass = 0
         self._phase = 0
@@ -245,8 +247,8 @@ class Stage:
         ids, mask = ids.to(self.device), mask.to(self.device)
         if example_ids is not None:
             example_ids = example_ids.to(self.device)
-        info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
-                       model=self.local, rank=self.rank)
+        info = RunInfo(writes=writes, tokens=ids, attention_mask=mask,
+                       example_ids=example_ids, model=self.local, rank=self.rank)
         attachment = self._attachment(plan, info)
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf(input_ids=ids, attention_mask=mask)
@@ -342,12 +344,13 @@ class Stage:
             mine.grad = first + second
 
     def op_generate(self, ids: torch.Tensor, mask: torch.Tensor, forward: dict, save: str,
-                    options: dict, seed: int) -> torch.Tensor:
+                    options: dict, seed: int) -> torch.Tensor | None:
         plan = self._owned_plan(forward, {})
         txn, writes = self._begin(save)
         self._mode = "generate"
         try:
-            info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=None,
+            info = RunInfo(writes=writes,  # type: ignore[arg-type]  # OrderedWrites: duck-typed
+                           tokens=ids, attention_mask=mask, example_ids=None,
                            model=self.local, rank=self.rank)
 
             def track(module: Any, args: Any, kwargs: dict) -> None:
@@ -444,6 +447,9 @@ class Stage:
             key, mode, ops = args
             joined = combine(handle._values(key), mode, key)
             if ops:
+                if isinstance(joined, list):
+                    raise UsageError("slicing applies to stacked or concatenated entries, not"
+                                     " lists")
                 joined = apply_ops(joined, ops)
             return [v.cpu() for v in joined] if isinstance(joined, list) else joined.cpu()
         if action == "state":
@@ -462,6 +468,16 @@ class Stage:
             self.local.store.put(ctx_obj)
             return None
         raise UsageError(f"unknown save-context action {action!r}")
+
+    LIGHT_ACTIONS = ("names", "summary", "entries", "fetch", "state", "reducers")
+
+    def light(self, op: str, kwargs: dict[str, Any]) -> Any:
+        """A read-only request on committed data, served beside a running command."""
+        if op == "ctx" and kwargs.get("action") in self.LIGHT_ACTIONS:
+            return self.op_ctx(**kwargs)
+        if op == "param":
+            return self.op_param(**kwargs)
+        raise UsageError(f"{op} {kwargs.get('action', '')} is not a light request")
 
     # ----------------------------------------------------------------- weights and code
     def op_param(self, name: str, grad: bool, target: int) -> Any:

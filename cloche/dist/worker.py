@@ -16,6 +16,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from cloche.errors import UsageError, WorkerLost
 __all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main"]
 
 EXIT_WORKER_LOST = 3
+TRANSACTIONAL = ("run", "generate", "dataset")
 
 
 @dataclass
@@ -82,6 +84,8 @@ def command_loop(rank: Rank) -> int:
     control, stage, channel = rank.control, rank.stage, rank.channel
     control.on_lost = _lost_exit(rank.layout.rank)
     control.watch_idle = True
+    light = LightService(rank)
+    light.start()
     seq = 1
     while True:
         try:
@@ -97,11 +101,51 @@ def command_loop(rank: Rank) -> int:
                                     error_envelope(failure, aborted=False))
             channel.flush()
             control.end()
+            if cmd.op in TRANSACTIONAL:  # rank 0 decides once it heard from every rank
+                verdict = control.wait(f"decide/{seq}", abortable=False)
+                stage.settle(seq, verdict == b"1")
         except WorkerLost as exc:
             _lost_exit(rank.layout.rank)(exc)
         if cmd.op == "shutdown":
             return 0
         seq += 1
+
+
+class LightService(threading.Thread):
+    """Answers rank 0's read-only requests (fetch, keys, state, reducers, param) at once.
+
+    The server promises that reading saved data is never stuck behind a long run; on a worker
+    the main thread may be busy with a dataset run, so a second thread, with its own store
+    connection and message keys, serves reads of committed data meanwhile.
+    """
+
+    def __init__(self, rank: Rank) -> None:
+        super().__init__(name=f"cloche-light-{rank.layout.rank}", daemon=True)
+        layout = rank.layout
+        self.rank = layout.rank
+        self.stage = rank.stage
+        self.control = Control(layout.new_store_client(), None, layout.rank, layout.world_size,
+                               rank.config.timeout_s, rank.config.heartbeat_s)
+        self.channel = Channel(self.control, layout.rank, layout.device, layout.tensor_group,
+                               layout.object_group, announce=False)
+
+    def run(self) -> None:
+        n = 1
+        while True:
+            try:
+                key = f"light/{self.rank}/{n}"
+                raw = self.control.wait(key, abortable=False)
+                self.control.store.delete_key(key)
+                op, kwargs = cloudpickle.loads(raw)
+                try:
+                    reply = {"ok": True, "value": self.stage.light(op, kwargs)}
+                except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
+                    reply = error_envelope(exc, aborted=False)
+                self.channel.send_object(0, keys.light(self.rank, n), reply)
+                self.channel.flush()
+            except WorkerLost:
+                return  # the main thread reports it and exits
+            n += 1
 
 
 def _import(spec: str) -> Callable[[Any], Any]:

@@ -22,8 +22,10 @@ from torch import nn
 
 IMPLEMENTATION = "cloche"
 
-# (attention module -> layer index, apply(layer, which, tensor) -> tensor); None outside runs
-Tap = tuple[dict[int, int], Callable[[int, str, torch.Tensor], torch.Tensor]]
+# (attention module -> layer index, apply(layer, which, tensor) -> tensor,
+#  needs_pattern(layer) -> bool); None outside runs
+Tap = tuple[dict[int, int], Callable[[int, str, torch.Tensor], torch.Tensor],
+            Callable[[int], bool]]
 _ACTIVE: ContextVar[Tap | None] = ContextVar("cloche_attention_tap", default=None)
 _registered = False
 
@@ -70,6 +72,13 @@ def probed_attention(
         value = apply(layer, "v", value.transpose(1, 2)).transpose(1, 2)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    if layer is not None and not tap[2](layer):
+        # nobody looks at this layer's pattern: let the fused kernel mix the values
+        mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+        z = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
+            scale=scaling).transpose(1, 2).contiguous()
+        return tap[1](layer, "z", z), None
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
@@ -88,12 +97,13 @@ def attention_taps(
     hf_model: nn.Module,
     layer_of_module: dict[int, int],
     apply: Callable[[int, str, torch.Tensor], torch.Tensor],
+    needs_pattern: Callable[[int], bool],
 ) -> Iterator[None]:
     """Route ``hf_model``'s attention through :func:`probed_attention` for the duration."""
     _register()
     config = hf_model.config
     previous = config._attn_implementation
-    token = _ACTIVE.set((layer_of_module, apply))
+    token = _ACTIVE.set((layer_of_module, apply, needs_pattern))
     config._attn_implementation = IMPLEMENTATION
     try:
         yield

@@ -19,13 +19,19 @@ FETCH_MODES = ("stack", "cat", "list")
 
 
 def combine(values: list[torch.Tensor], mode: str, key: str) -> torch.Tensor | list[torch.Tensor]:
-    """Join the entries of one key: stacked along a new run axis, concatenated, or a list."""
+    """Join the entries of one key: stacked along a new run axis, concatenated, or a list.
+
+    A single entry comes back as a view of the stored tensor (no copy); treat fetched tensors
+    as read-only, or ``clone()`` them before writing in place.
+    """
     if mode not in FETCH_MODES:
         raise UsageError(f"fetch mode must be one of {FETCH_MODES}, not {mode!r}")
     if mode == "list":
         return list(values)
     if not values:
         raise UsageError(f"key {key!r} holds no entries")
+    if len(values) == 1:  # a view, not a copy: the common single-run fetch costs nothing
+        return values[0].unsqueeze(0) if mode == "stack" else values[0]
     try:
         return torch.stack(values) if mode == "stack" else torch.cat(values)
     except RuntimeError as exc:

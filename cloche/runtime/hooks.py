@@ -150,8 +150,10 @@ class Attachment:
             if inplace:
                 # probes see a copy, so what they save does not change when we write into x
                 if self._plan.forward.get(name):
-                    y = self._apply(name, x.clone(), grads=False)
-                    if not torch.equal(y, x):
+                    copy = x.clone()
+                    version = copy._version
+                    y = self._apply(name, copy, grads=False)
+                    if y is not copy or copy._version != version:  # replaced or edited in place
                         x.copy_(y)
                 self._watch_grad(name, x)
                 return None
@@ -168,6 +170,10 @@ class Attachment:
         if name in self._plan.forward or name in self._plan.backward:
             return self._apply(name, x)
         return x
+
+    def _needs_pattern(self, layer: int) -> bool:
+        name = f"layers.{layer}.attn.pattern"
+        return name in self._plan.forward or name in self._plan.backward
 
     def _cancel_hook(self, module: nn.Module, args: Any) -> None:
         if self._cancel is not None and self._cancel.is_set():
@@ -195,7 +201,8 @@ class Attachment:
                     self._handles.append(handle)
             if uses_attention:
                 layer_of = {id(self._modules[p]): i for p, i in self._attention_paths.items()}
-                stack.enter_context(attention_taps(self._model, layer_of, self._attention_apply))
+                stack.enter_context(attention_taps(self._model, layer_of, self._attention_apply,
+                                                   self._needs_pattern))
             yield
 
     def detach(self) -> None:

@@ -80,4 +80,5 @@ def test_model_and_checkpoint_load_with_plain_transformers(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(x).logits, loaded(x).logits, atol=1e-6)
     assert (cfg.out / "training.json").is_file()
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in cfg.out.iterdir()), "world-readable"
     assert not list(cfg.out.parent.glob(".ckpt-*")), "temporary folders are cleaned up"

@@ -130,3 +130,38 @@ def test_cancel_mid_run_reaches_every_rank(group2):
                                    atol=1e-5, rtol=0)
     finally:
         model.save_context("mid").clear()
+
+
+def test_reads_are_answered_while_a_dataset_run_is_in_progress(group2):
+    local, model = group2
+    model.save_context("before").clear()
+    model.run(ids_batch(), probes={"layers.3.mlp.out": lambda c, x: c.save("x", x)},
+              save="before")
+    done = threading.Event()
+    errors = []
+
+    def long_run():
+        try:
+            model.run_dataset(_dataset(), probes={"layers.3.resid_post": _slow_stats},
+                              save="long", batch_size=1)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=long_run)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        saved = model.save_context("before").fetch("x")  # held by rank 1, busy with the run
+        weight = model.param("layers.3.mlp.W_in")
+        names = model.save_contexts()
+        assert not done.is_set()  # all three were answered while the run was still going
+        assert saved.shape[0] == 1 and "before" in names
+        torch.testing.assert_close(weight, local.param("layers.3.mlp.W_in"))
+    finally:
+        worker.join()
+    assert not errors
+    assert model.save_context("long").num_runs == 40
+    model.save_context("long").clear()
+    model.save_context("before").clear()

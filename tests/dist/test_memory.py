@@ -74,7 +74,8 @@ def test_a_middle_rank_peaks_far_below_the_whole_model(medium_dir):
     whole_peak, whole = _growth_mb(medium_dir, "whole", 4)
     shard_peak, shard = _growth_mb(medium_dir, "1", 4)
     print(f"\nmemory growth (MB), peak while loading / resident after touching every weight:"
-          f" whole model {whole_peak:.0f} / {whole:.0f}; rank 1 of 4 {shard_peak:.0f} / {shard:.0f}")
+          f" whole model {whole_peak:.0f} / {whole:.0f};"
+          f" rank 1 of 4 {shard_peak:.0f} / {shard:.0f}")
     assert whole > 60  # float32 weights of the whole model: ~66 MB
     assert shard < 0.5 * whole
     assert shard_peak < 0.5 * max(whole, whole_peak)

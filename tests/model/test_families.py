@@ -177,3 +177,19 @@ def test_transformerlens_aliases(tiny_model):
         model.resolve("blocks.9.hook_resid_pre")
     with pytest.raises(cloche.UnknownProbePoint, match="did you mean"):
         model.resolve("layers.0.resid_prex")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_z_without_pattern_probe_uses_the_fused_kernel_and_agrees(family, tiny_model):
+    model = tiny_model(family)
+    everything = capture_all(model, ["layers.0.attn.z", "layers.0.attn.pattern"])
+    alone = capture_all(model, ["layers.0.attn.z"])
+    torch.testing.assert_close(alone["layers.0.attn.z"], everything["layers.0.attn.z"],
+                               atol=1e-5, rtol=0)
+    # replacing z (zeroing head 1) still reaches the output
+    def zero_head(ctx, z):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+    changed = model.run(IDS, probes={"layers.0.attn.z": zero_head}).logits
+    assert not torch.allclose(changed, model.run(IDS).logits)

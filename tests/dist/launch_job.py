@@ -1,0 +1,37 @@
+"""Serve functions for ``serve_distributed`` run in a subprocess (see test_launch.py).
+
+``python -m tests.dist.launch_job DIR MODE``: MODE ``ok`` checks the model and returns (exit 0);
+MODE ``lose`` kills rank 1 and keeps using the model, which must end the process with code 3.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from cloche.dist.launch import serve_distributed
+
+
+def check_and_return(model) -> None:
+    assert model.world_size == 2
+    assert model.run(torch.tensor([[5, 6, 7, 8]])).logits.shape == (1, 4, model.d_vocab)
+    print("served ok", flush=True)
+
+
+def lose_a_rank(model) -> None:
+    os.kill(model.group.processes[1].pid, signal.SIGKILL)
+    try:
+        model.run(torch.tensor([[5, 6, 7, 8]]))
+    except Exception as exc:  # noqa: BLE001 - the test reads what a client would see
+        print(f"client saw {type(exc).__name__}: {exc}", flush=True)
+    time.sleep(30)  # serve_distributed's handler exits the process before this ends
+
+
+if __name__ == "__main__":
+    directory, mode = sys.argv[1], sys.argv[2]
+    serve = check_and_return if mode == "ok" else lose_a_rank
+    sys.exit(serve_distributed(directory, 2, serve, timeout_s=5.0, threads=1))
