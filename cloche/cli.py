@@ -91,6 +91,21 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="server log verbosity on stderr (default: INFO)")
+    dist = parser.add_argument_group(
+        "sharding", "serve one model over several processes (layer pipeline, torch.distributed; "
+        "see docs/distributed.md for torchrun across machines)")
+    dist.add_argument("--world-size", type=int, default=1, metavar="N",
+                      help="number of ranks to start on this machine; each loads only its own "
+                           "layers (default: 1, no sharding)")
+    dist.add_argument("--layers-per-rank", default=None, metavar="A,B,...",
+                      help="override the balanced split, e.g. 3,5 (must sum to the layer count)")
+    dist.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                      help="split each batch into M micro-batches so ranks overlap (default: 1)")
+    dist.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                      help="tensor backend (default: nccl on GPUs, gloo on CPU)")
+    dist.add_argument("--worker-timeout", type=parse_duration, default=60.0, metavar="DURATION",
+                      help="a rank silent for this long is declared lost: clients get WorkerLost "
+                           "and the server exits with code 3 (default: 60s)")
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -131,13 +146,19 @@ def load_model(args: argparse.Namespace) -> Any:
                        max_saved_bytes=args.max_saved_bytes)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _layers_per_rank(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise UsageError(f"--layers-per-rank must be comma-separated ints, not {text!r}") from exc
+
+
+def serve_until_stopped(model: Any, config: Any, generated: bool) -> None:
+    """Serve ``model`` (local or sharded) until SIGINT/SIGTERM, then shut down cleanly."""
     from cloche.server.app import Server
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    config, generated = serve_config(args, os.environ)
-    model = load_model(args)
     server = Server(model, config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,7 +174,38 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
         print("cloche: server stopped", flush=True)
-    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    config, generated = serve_config(args, os.environ)
+    if args.world_size < 1:
+        raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
+    if args.world_size == 1:
+        serve_until_stopped(load_model(args), config, generated)
+        return 0
+    from cloche.default_model import weights_dir
+    from cloche.dist.launch import serve_distributed
+
+    return serve_distributed(
+        args.model or weights_dir(), args.world_size,
+        lambda model: serve_until_stopped(model, config, generated),
+        layers_per_rank=_layers_per_rank(args.layers_per_rank), backend=args.backend,
+        device=None if args.device == "cpu" else args.device, dtype=args.dtype,
+        timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches)
+
+
+# --------------------------------------------------------------------------------- demo
+
+
+def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "demo", add_help=False,
+        help="tour the default model: find its induction head, ablate it, read a neuron "
+             "(`cloche demo --help` for its flags)")
+    # listed here for `cloche --help`; main() hands `demo ...` to cloche.experiments.demo
+    return parser
 
 
 # --------------------------------------------------------------------------------- main
@@ -166,10 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own flags (argparse would eat `--help`)
+        from cloche.experiments.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
