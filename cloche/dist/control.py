@@ -92,6 +92,7 @@ class Control:
         self._lock = threading.Lock()
         self.on_lost: Callable[[WorkerLost], None] | None = None
         self.watch_idle = False
+        self.closing = threading.Event()  # set: waits give up (the thread is shutting down)
         self._thread = threading.Thread(target=self._poll_loop, name=f"cloche-control-{rank}",
                                         daemon=True)
         if poll_store is not None:
@@ -149,6 +150,8 @@ class Control:
                                  rank=0) from exc
             if abortable and command is not None and self.abort_event.is_set():
                 self._raise_aborted(command)
+            if self.closing.is_set():
+                raise Aborted(f"stopped waiting for {key}: shutting down")
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + _LIVENESS_EVERY_S

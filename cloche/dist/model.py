@@ -13,6 +13,7 @@ rank, every later request does too, and ``on_lost`` is called (the launcher exit
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -199,10 +200,32 @@ class DistributedModel:
                     self._lost(lost)
                     raise lost from exc
                 self._last_decided = seq
+                self._await_settled(seq)
             if not ok:
                 raise self._failure(envelopes, own_error)
             values = [e["value"] for e in envelopes]
             return (values, extra) if after is not None else values
+
+    def _await_settled(self, seq: int) -> None:
+        """Wait until every worker applied the decision, so reads that follow see it."""
+        store = self._control.store
+        deadline_checks = 0
+        delay = 1e-4
+        try:
+            while int(store.add(f"settled/{seq}", 0)) < self.world_size - 1:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.01)
+                deadline_checks += 1
+                if deadline_checks % 20 == 0:
+                    self._control.liveness.check()
+            store.delete_key(f"settled/{seq}")
+        except WorkerLost as exc:
+            self._lost(exc)
+            raise
+        except RuntimeError as exc:
+            lost = WorkerLost(f"the control store failed: {exc}", rank=0)
+            self._lost(lost)
+            raise lost from exc
 
     def _failure(self, envelopes: list[dict], own: BaseException | None) -> ClocheError:
         failed = [(r, e) for r, e in enumerate(envelopes) if not e["ok"]]

@@ -25,7 +25,7 @@ import cloudpickle
 import torch
 
 from cloche.dist.channel_keys import keys
-from cloche.dist.control import Control
+from cloche.dist.control import Aborted, Control
 from cloche.dist.layout import DistConfig, Layout
 from cloche.dist.p2p import Channel
 from cloche.dist.shard import make_plan, skeleton
@@ -104,9 +104,11 @@ def command_loop(rank: Rank) -> int:
             if cmd.op in TRANSACTIONAL:  # rank 0 decides once it heard from every rank
                 verdict = control.wait(f"decide/{seq}", abortable=False)
                 stage.settle(seq, verdict == b"1")
+                control.store.add(f"settled/{seq}", 1)  # reads after this see the outcome
         except WorkerLost as exc:
             _lost_exit(rank.layout.rank)(exc)
         if cmd.op == "shutdown":
+            light.stop()
             return 0
         seq += 1
 
@@ -143,9 +145,13 @@ class LightService(threading.Thread):
                     reply = error_envelope(exc, aborted=False)
                 self.channel.send_object(0, keys.light(self.rank, n), reply)
                 self.channel.flush()
-            except WorkerLost:
-                return  # the main thread reports it and exits
+            except (WorkerLost, Aborted):
+                return  # lost: the main thread reports it and exits; Aborted: shutting down
             n += 1
+
+    def stop(self) -> None:
+        self.control.closing.set()
+        self.join(timeout=5)
 
 
 def _import(spec: str) -> Callable[[Any], Any]:
@@ -249,4 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: C++ threads of the process group may still run

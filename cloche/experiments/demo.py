@@ -160,20 +160,29 @@ def run_demo(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     for kind, table in scores.items():
         say(f"  {kind}:\n{_table(table)}")
     layer, head, score = ex.top_heads(scores["induction"], 1)[0]
+    row = scores["induction"][layer]
+    heads = [h for h in range(model.n_heads) if row[h] >= max(0.3, score / 2)] or [head]
     found["induction_head"] = (layer, head, score)
+    found["induction_heads"] = [(layer, h, float(row[h])) for h in heads]
     say(f"  -> induction head: layers.{layer}.attn.head.{head} (score {score:.3f})")
+    if len(heads) > 1:
+        say(f"     (and {len(heads) - 1} more in layer {layer}: heads {heads})")
 
-    say("\n[2/4] zero-ablating it on repeated random sequences")
+    say("\n[2/4] zero-ablating the induction head(s) on repeated random sequences")
     tokens = ex.repeated_tokens(model, batch=16, half=32, seed=1)
-    hit = ex.ablate(model, f"layers.{layer}.attn.head.{head}", tokens)
-    other = int(np.random.default_rng(0).choice([h for h in range(model.n_heads) if h != head]))
-    miss = ex.ablate(model, f"layers.{layer}.attn.head.{other}", tokens)
-    found["ablation"] = {"clean": hit.loss_clean, "induction": hit.loss_ablated,
-                         "other_head": other, "other": miss.loss_ablated}
+    hit = ex.ablate(model, [f"layers.{layer}.attn.head.{h}" for h in heads], tokens)
+    found["ablation"] = {"heads": heads, "clean": hit.loss_clean, "ablated": hit.loss_ablated,
+                         "relative": hit.relative}
     say(f"  loss {hit.loss_clean:.3f} -> {hit.loss_ablated:.3f} ({hit.relative:+.0%}) "
-        f"without head {head}")
-    say(f"  loss {miss.loss_clean:.3f} -> {miss.loss_ablated:.3f} ({miss.relative:+.0%}) "
-        f"without head {other} (for contrast)")
+        f"without head{'s' if len(heads) > 1 else ''} {', '.join(map(str, heads))}")
+    others = [h for h in range(model.n_heads) if h not in heads]
+    if others:
+        other = int(np.random.default_rng(0).choice(others))
+        miss = ex.ablate(model, f"layers.{layer}.attn.head.{other}", tokens)
+        found["ablation"].update(other_head=other, other=miss.loss_ablated,
+                                 other_relative=miss.relative)
+        say(f"  loss {miss.loss_clean:.3f} -> {miss.loss_ablated:.3f} ({miss.relative:+.0%}) "
+            f"without head {other} (for contrast)")
 
     point = f"layers.{model.n_layers - 1}.mlp.post"
     say(f"\n[3/4] a neuron of {point} and its top examples in {args.dataset}")

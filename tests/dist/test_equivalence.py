@@ -27,6 +27,8 @@ def pair(request, tiny4_dir):
         yield cloche.load(directory), model
     finally:
         model.close()
+    assert {r: p.returncode for r, p in model.group.processes.items()} == \
+        dict.fromkeys(range(1, world_size), 0)  # workers shut down cleanly
 
 
 def close(a, b):

@@ -36,12 +36,19 @@ def namespaces():
     a, b = f"cla{tag}", f"clb{tag}"
     subnet = f"10.231.{os.getpid() % 250}"
     made = []
+    etc = Path("/etc/netns")
     try:
         for ns in (a, b):
             r = _ip("netns", "add", ns)
             if r.returncode != 0:
                 pytest.skip(f"network namespaces are unavailable here: {r.stderr.strip()}")
             made.append(ns)
+            # `ip netns exec` mounts these over /etc: names resolve locally, and lookups of the
+            # peer's address fail at once instead of waiting on an unreachable DNS server
+            (etc / ns).mkdir(parents=True, exist_ok=True)
+            (etc / ns / "hosts").write_text(f"127.0.0.1 localhost\n{subnet}.1 node-a\n"
+                                            f"{subnet}.2 node-b\n")
+            (etc / ns / "resolv.conf").write_text("options timeout:1 attempts:1\n")
         steps = [
             ("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"),
             ("link", "set", f"va{tag}", "netns", a),
@@ -59,6 +66,7 @@ def namespaces():
     finally:
         for ns in made:
             _ip("netns", "del", ns)
+            shutil.rmtree(etc / ns, ignore_errors=True)
 
 
 def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
@@ -85,7 +93,8 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("torchrun did not finish within 150 s")
+            tails = [q.communicate()[0][-2000:] for q in procs]
+            pytest.fail("torchrun did not finish within 150 s:\n" + "\n---\n".join(tails))
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
     got = torch.load(out)
     assert got["world_size"] == 2

@@ -28,12 +28,16 @@ def test_virtual_weights_equal_matrix_products(model):
     np.testing.assert_allclose(folded, (w(model, "layers.0.mlp.W_out") @ torch.diag(ln)
                                         @ w(model, "layers.1.mlp.W_in")).numpy(),
                                rtol=1e-5, atol=1e-6)
+    out_row = w(model, "layers.0.mlp.W_out")[3]
+    every = [(layer, n, float(v)) for layer in range(1, model.n_layers)
+             for n, v in enumerate(out_row @ w(model, f"layers.{layer}.mlp.W_in"))]
+    every.sort(key=lambda t: -abs(t[2]))
     top = ex.top_connections(model, 0, 3, k=4)
-    row = want[3]
-    assert [n for _, n, _ in top] == list(np.argsort(-np.abs(row), kind="stable")[:4])
-    assert all(layer == 1 for layer, _, _ in top)
+    assert [(layer, n) for layer, n, _ in top] == [(layer, n) for layer, n, _ in every[:4]]
+    assert [v for _, _, v in top] == pytest.approx([v for _, _, v in every[:4]], rel=1e-6)
     up = ex.top_connections(model, 1, 2, k=3, direction="upstream")
-    assert [n for _, n, _ in up] == list(np.argsort(-np.abs(want[:, 2]), kind="stable")[:3])
+    assert [(layer, n) for layer, n, _ in up] == [
+        (0, int(n)) for n in np.argsort(-np.abs(want[:, 2]), kind="stable")[:3]]
 
 
 def test_ov_and_qk_circuits_equal_dense_products(model):

@@ -137,16 +137,18 @@ def test_ablation_sweep_matches_single_ablations(model):
 
 def test_default_model_has_an_induction_head_that_matters(default_model):
     """The check from the issue, on the shipped model: the head-score sweep finds the induction
-    head; zero-ablating it raises the loss on repeated random sequences by >= 50%, while
+    head(s); zero-ablating them raises the loss on repeated random sequences by >= 50%, while
     ablating a random other head of the same layer changes it far less."""
     m = default_model
     scores = ex.head_scores(m, "induction")
-    layer, head, score = ex.top_heads(scores, 1)[0]
-    assert score > 0.3, f"no induction head: scores {np.round(scores, 3)}"
+    layer, _, best = ex.top_heads(scores, 1)[0]
+    assert best > 0.3, f"no induction head: scores {np.round(scores, 3)}"
+    induction = [h for h in range(m.n_heads) if scores[layer, h] >= max(0.3, best / 2)]
     tokens = ex.repeated_tokens(m, batch=16, half=32, seed=1)
-    hit = ex.ablate(m, f"layers.{layer}.attn.head.{head}", tokens)
-    others = [h for h in range(m.n_heads) if h != head]
-    other = int(np.random.default_rng(0).choice(others))
-    miss = ex.ablate(m, f"layers.{layer}.attn.head.{other}", tokens)
+    hit = ex.ablate(m, [f"layers.{layer}.attn.head.{h}" for h in induction], tokens)
     assert hit.relative >= 0.5, (hit, scores)
-    assert abs(miss.relative) < hit.relative / 3, (miss, hit)
+    others = [h for h in range(m.n_heads) if h not in induction]
+    if others:  # a layer of nothing but induction heads leaves no other head to compare with
+        other = int(np.random.default_rng(0).choice(others))
+        miss = ex.ablate(m, f"layers.{layer}.attn.head.{other}", tokens)
+        assert abs(miss.relative) < hit.relative / 3, (miss, hit)
