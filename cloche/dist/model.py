@@ -68,7 +68,6 @@ class DistributedModel:
         self._channel = rank.channel
         self._lock = threading.RLock()
         self._seq = 0
-        self._last_decided: int | None = None
         self._light_lock = threading.Lock()
         self._light_seq = [0] * rank.layout.world_size
         light_control = Control(rank.layout.new_store_client(), None, 0,
@@ -193,13 +192,10 @@ class DistributedModel:
                 self._stage.settle(seq, ok)
                 try:
                     store.set(f"decide/{seq}", "1" if ok else "0")
-                    if self._last_decided is not None:  # every worker has read it by now
-                        store.delete_key(f"decide/{self._last_decided}")
                 except RuntimeError as exc:
                     lost = WorkerLost(f"the control store failed: {exc}", rank=0)
                     self._lost(lost)
                     raise lost from exc
-                self._last_decided = seq
                 self._await_settled(seq)
             if not ok:
                 raise self._failure(envelopes, own_error)
@@ -219,6 +215,7 @@ class DistributedModel:
                 if deadline_checks % 20 == 0:
                     self._control.liveness.check()
             store.delete_key(f"settled/{seq}")
+            store.delete_key(f"decide/{seq}")  # every worker read it before counting itself
         except WorkerLost as exc:
             self._lost(exc)
             raise

@@ -39,12 +39,11 @@ __all__ = ["Command", "Stage", "error_envelope"]
 
 @dataclass
 class Command:
-    """What rank 0 asks of every rank. ``decide`` settles the previous run's transaction."""
+    """What rank 0 asks of every rank (a transactional one is settled by ``decide/{seq}``)."""
 
     seq: int
     op: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    decide: tuple[int, bool] | None = None
 
 
 OrderKey = tuple[int, int, int, int, int]
@@ -186,8 +185,6 @@ class Stage:
     # ----------------------------------------------------------------- commands
     def execute(self, cmd: Command, **local: Any) -> dict[str, Any]:
         """Run ``cmd`` on this rank and describe the outcome as an envelope (never raises)."""
-        if cmd.decide is not None:
-            self.settle(*cmd.decide)
         if cmd.seq > 1:
             self.channel.drain(cmd.seq - 1)
         self._seq = cmd.seq
