@@ -36,10 +36,12 @@ from cloche.runtime import GenerateResult, Model, Outputs, RunResult
 
 __version__ = "0.1.0"
 
+from cloche import data, experiments  # noqa: E402  (built on the names above)
+
 __all__ = [
     "AuthError", "Cancelled", "ClocheError", "Covariance", "GenerateResult", "Histogram",
     "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError", "ProbePoint",
     "Reducer", "RemoteError", "RemoteFuture", "RemoteModel", "RemoteSaveContext",
     "ResourceLimit", "RunResult", "SaveContextHandle", "TensorRef", "TopK", "UnknownProbePoint",
-    "UsageError", "Variance", "WorkerLost", "connect", "errors", "load",
+    "UsageError", "Variance", "WorkerLost", "connect", "data", "errors", "experiments", "load",
 ]

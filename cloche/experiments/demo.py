@@ -33,6 +33,8 @@ import numpy as np
 
 __all__ = ["build_parser", "main", "run_demo"]
 
+SKIP_FIRST = 4  # positions left out when choosing a neuron and its examples
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -125,8 +127,10 @@ def _pick_neuron(model: Any, point: str, dataset: Any, limit: int) -> tuple[int,
     from cloche import MinMax, Variance
 
     def probe(ctx: Any, x: Any) -> None:
-        ctx.reduce("var", x, Variance())
-        ctx.reduce("range", x, MinMax())
+        # past the first few positions, where units fire on the lack of context
+        rows = x[:, SKIP_FIRST:][ctx.attention_mask[:, SKIP_FIRST:].bool()]
+        ctx.reduce("var", rows, Variance())
+        ctx.reduce("range", rows, MinMax())
 
     name = f"exp/demo/{secrets.token_hex(6)}"
     try:
@@ -191,7 +195,7 @@ def run_demo(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     say(f"  neuron {unit}: max {summary['max']:.3f}, mean {summary['mean']:.3f}, "
         f"std {summary['std']:.3f}")
     examples = ex.top_examples(model, point, unit, args.dataset, k=8, limit=args.limit,
-                               progress=True)
+                               progress=True, skip_first=SKIP_FIRST)
     found["examples"] = examples
     for e in examples:
         say(f"  {e.activation:+7.3f}  #{e.example_id:<4} {e.context!r}")

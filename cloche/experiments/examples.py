@@ -61,38 +61,45 @@ def _single_unit(unit: Any) -> UnitSpec:
     return spec
 
 
-def _topk_probe(spec: UnitSpec, k: int, largest: bool, name: str) -> Any:
+def _topk_probe(spec: UnitSpec, k: int, largest: bool, name: str, skip_first: int = 0) -> Any:
     def topk_probe(ctx: Any, x: torch.Tensor) -> None:
         from cloche import TopK
 
-        ctx.reduce(name, select_units(x, spec), TopK(k, largest=largest))
+        values = select_units(x, spec)
+        if skip_first:
+            values = values.clone()
+            values[:, :skip_first] = float("-inf") if largest else float("inf")
+        ctx.reduce(name, values, TopK(k, largest=largest))
 
     return topk_probe
 
 
 def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *,
                  largest: bool = True, window: tuple[int, int] = (12, 4), batch_size: int = 8,
-                 limit: int | None = None, progress: Any = None) -> list[Example]:
+                 limit: int | None = None, progress: Any = None, skip_first: int = 0
+                 ) -> list[Example]:
     """The ``k`` contexts of ``dataset`` where ``unit`` at ``point`` is largest (or smallest).
 
     ``unit`` is a unit index (flattened over the point's trailing dims) or a direction vector.
     ``dataset`` is a ``cloche.data.Dataset``, a dataset name or a list of strings. ``window``
-    is how many tokens to show before and after the peak token.
+    is how many tokens to show before and after the peak token. ``skip_first`` leaves out the
+    first positions of every example (where many units fire on having no context).
     """
     if not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be a positive int, not {k!r}")
     spec = _single_unit(unit)
     point = model.resolve(point)
     with scratch(model, "topk") as ctx_name:
-        out = model.run_dataset(dataset, probes={point: _topk_probe(spec, k, largest, "top")},
-                                save=ctx_name, batch_size=batch_size, limit=limit,
-                                progress=progress)
+        probe = _topk_probe(spec, k, largest, "top", skip_first)
+        out = model.run_dataset(dataset, probes={point: probe}, save=ctx_name,
+                                batch_size=batch_size, limit=limit, progress=progress)
     if "top" not in out["reducers"]:
         return []
     top = out["reducers"]["top"]
-    ids = [int(i) for i in top["example_ids"][:, 0]]
-    positions = [int(p) for p in top["positions"][:, 0]]
-    values = [float(v) for v in top["values"][:, 0]]
+    keep = torch.as_tensor(top["values"][:, 0]).isfinite()  # short examples: skipped slots
+    ids = [int(i) for i in top["example_ids"][keep, 0]]
+    positions = [int(p) for p in top["positions"][keep, 0]]
+    values = [float(v) for v in top["values"][keep, 0]]
     windows = contexts(model, dataset, ids, positions, window)
     return [Example(i, p, v, w["tokens"], w["token_ids"], w["peak"])
             for i, p, v, w in zip(ids, positions, values, windows)]

@@ -242,7 +242,10 @@ class _Encoder:
         if tensor.numel() == 0:
             buf = memoryview(b"")
         else:
-            buf = tensor.reshape(-1).view(torch.uint8).numpy().data
+            flat = tensor.reshape(-1)
+            if flat.stride(0) != 1:  # a one-element tensor can be "contiguous" with any stride
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            buf = flat.view(torch.uint8).numpy().data
         index = len(self.buffers)
         self.buffers.append(buf)
         return msgpack.ExtType(EXT_TENSOR, self.pack([name, list(tensor.shape), index]))

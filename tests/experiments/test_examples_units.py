@@ -120,3 +120,11 @@ def test_top_activations_of_every_unit_in_one_pass(model):
     some = ex.top_activations(model, POINT, ds, k=2, units=[4, 1])
     np.testing.assert_array_equal(some["values"], top["values"][:2, [4, 1]])
     np.testing.assert_array_equal(some["units"], [4, 1])
+
+
+def test_top_examples_can_skip_the_first_positions(model):
+    ds = random_dataset(model, n=8, seed=13)
+    acts = activations_by_example(model, POINT, ds)
+    got = ex.top_examples(model, POINT, 0, ds, k=5, skip_first=3)
+    want = brute_force_top([a[3:] for a in acts], lambda a: a[:, 0], 5)
+    assert [(e.example_id, e.position) for e in got] == [(i, p + 3) for _, i, p in want]

@@ -199,3 +199,10 @@ def test_random_headers_raise_only_protocol_errors(header, body_len):
     except ProtocolError:
         return
     assert sum(t.nbytes for t in pending.targets) == body_len
+
+
+def test_one_element_views_with_odd_strides_round_trip():
+    base = torch.arange(15.0).reshape(3, 5)
+    for view in (base[:, 2:3][0:1], base.T[1:2, 0:1], base[1, 3:4]):
+        out = roundtrip({"t": view})["t"]
+        assert torch.equal(out, view)
