@@ -32,8 +32,10 @@ def figures_block(directory: Path, metrics: dict) -> str:
     training = _read(directory / "training.json")
     size = (directory / "model.safetensors").stat().st_size
     steps = training.get("steps_done", training.get("steps"))
-    switch = training.get("synthetic_steps", training.get("switch"))
+    switch = training.get("synthetic_steps",
+                          training.get("synthetic_phase_steps", training.get("switch")))
     seconds = training.get("train_seconds", training.get("seconds"))
+    stage1 = training.get("stage1")
     layer, head = metrics["induction_layer"], metrics["induction_head"]
     prev = metrics.get("previous_token_scores")
     prev_text = "not measured"
@@ -52,8 +54,11 @@ def figures_block(directory: Path, metrics: dict) -> str:
         ),
         f"| parameters | {metrics['parameters']:,} |",
         f"| weights file | {size / 2**20:.1f} MiB (safetensors, float32) |",
-        f"| training steps | {steps} (opening phase: {switch} steps) |",
-        f"| training wall time | {_minutes(seconds)} on 2 shared CPU cores |",
+        f"| training steps | {steps} (opening phase: {switch} steps)"
+        + (f", after stage 1's {stage1['steps']} steps |" if stage1 else " |"),
+        f"| training wall time | {_minutes(seconds)}"
+        + (f" + {_minutes(stage1['seconds'])} (stage 1)" if stage1 else "")
+        + " on 2 shared CPU cores |",
         (
             f"| held-out cross-entropy (nats/token, {metrics['heldout_targets']:,} targets) | "
             f"{metrics['heldout_ce']:.4f} |"

@@ -165,7 +165,7 @@ def train(stage: int, out: Path, minutes: float, steps: int | None, init: Path |
                 phase, switch = 2, step
                 log({"event": "phase2", "step": step, "passed": passed})
     state = {"recipe": "cloche.default_model.recipe", "stage": stage, "steps": step,
-             "synthetic_phase_steps": switch, "seconds": round(time.time() - started),
+             "switch": switch, "seconds": round(time.time() - started),
              "init": str(init) if init else None, "seed": seed}
     save_checkpoint(model, out, state)
     log({"event": "done", **state})
