@@ -91,7 +91,9 @@ def test_unit_stats_equal_brute_force(model):
     assert s.mean == pytest.approx(values.mean(), rel=1e-5, abs=1e-7)
     assert s.std == pytest.approx(values.std(), rel=1e-4, abs=1e-7)
     assert (s.min, s.max) == (pytest.approx(values.min()), pytest.approx(values.max()))
-    counts, _ = np.histogram(values, bins=10, range=(s.min, s.max))
+    # brute-force activations come from other batches (other padding), so they can differ from
+    # the server's in the last float32 bit: clip them to the server's range before binning
+    counts, _ = np.histogram(np.clip(values, s.min, s.max), bins=10, range=(s.min, s.max))
     assert counts.sum() == s.counts.sum() == len(values)
     assert np.abs(counts - s.counts).sum() <= 2  # float32 vs float64 edge rounding only
 
