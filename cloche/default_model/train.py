@@ -1,4 +1,3 @@
-# LEAD NOTE for the helper: read /tmp/LEAD_NOTE_default_model.md now (measured induction recipe), then delete this line.
 """Train the embedded default model on CPU: ``python -m cloche.default_model.train``.
 
 The recipe, in two phases (see ``docs/default-model.md``):
