@@ -36,7 +36,7 @@ from cloche.runtime import GenerateResult, Model, Outputs, RunResult
 
 __version__ = "0.1.0"
 
-from cloche import data, experiments  # noqa: E402  (built on the names above)
+from cloche import data, experiments
 
 __all__ = [
     "AuthError", "Cancelled", "ClocheError", "Covariance", "GenerateResult", "Histogram",

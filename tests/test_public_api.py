@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import cloche
-import cloche.errors as errors
+from cloche import errors
 
 
 def test_all_is_complete_and_importable():

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 VOCAB = 101
-_COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+_COMMON = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 
 
 def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:

@@ -25,5 +25,5 @@ def test_rows_repeat_a_span_at_a_random_offset():
     assert batch.shape == (recipe.BATCH, recipe.SEQ)
     for row in batch:  # some span of length >= 8 occurs twice back to back
         found = any(torch.equal(row[s:s + h], row[s + h:s + 2 * h])
-                    for h in range(8, 65) for s in range(0, recipe.SEQ - 2 * h + 1))
+                    for h in range(8, 65) for s in range(recipe.SEQ - 2 * h + 1))
         assert found

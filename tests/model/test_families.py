@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -72,7 +70,7 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
     torch.testing.assert_close(last, ref.hidden_states[n], atol=1e-5, rtol=0)
     torch.testing.assert_close(got["logits"], ref.logits, atol=1e-5, rtol=0)
     # the decomposition the names promise: resid_post = resid_mid + mlp.out (sequential blocks)
-    if f"layers.0.resid_mid" in got and family != "bert":
+    if "layers.0.resid_mid" in got and family != "bert":
         for i in range(n):
             torch.testing.assert_close(got[f"layers.{i}.resid_mid"],
                                        got[f"layers.{i}.resid_pre"] + got[f"layers.{i}.attn.out"],
@@ -129,7 +127,7 @@ def test_gradient_probes_equal_autograd(family, tiny_dir, tiny_model):
     raw = next(n for n, _ in hf.named_parameters() if n.endswith("weight") and "embed" not in n)
     torch.testing.assert_close(model.param(raw, grad=True), dict(hf.named_parameters())[raw].grad,
                                atol=1e-6, rtol=1e-5)
-    if "resid_mid" in handle.keys():
+    if "resid_mid" in handle:
         # resid_mid gradient = gradient at the next block input + through the MLP branch;
         # check it against autograd on a hooked plain model
         captured = {}
