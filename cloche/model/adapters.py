@@ -134,7 +134,7 @@ _LLAMA_BLOCK_WEIGHTS = {
 
 LLAMA = Adapter(
     family="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3"),
+    model_types=("llama", "mistral", "qwen2"),
     layers="model.layers",
     embed="model.embed_tokens",
     final_norm="model.norm",
