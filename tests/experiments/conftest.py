@@ -85,8 +85,7 @@ def local_models(tiny_model, tmp_path_factory):
             elif kind == "tiny-llama":
                 loaded[kind] = cloche.load(tiny_llama_dir())
             elif kind == "default":
-                if not default_available():
-                    pytest.skip("the default model's weights are not there yet")
+                assert default_available(), f"no default model weights in {default_dir()}"
                 loaded[kind] = cloche.load(default_dir())
             elif kind == "remote":  # the tiny Llama behind a real server on 127.0.0.1
                 from cloche.client import connect

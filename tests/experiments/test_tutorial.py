@@ -19,10 +19,7 @@ def python_blocks(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_tutorial_runs_against_a_server(capsys):
-    if not default_available():
-        pytest.skip("the default model's weights are not there yet")
-    if not hasattr(cloche, "connect"):
-        pytest.skip("cloche.connect is not exported from cloche/__init__.py yet")
+    assert default_available(), "the shipped default model's weights are missing"
     from cloche.server.app import Server
     from cloche.server.config import ServerConfig
 
