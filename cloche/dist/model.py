@@ -31,7 +31,14 @@ from cloche.errors import ClocheError, UnknownProbePoint, UsageError, WorkerLost
 from cloche.model.points import ProbePoint, canonical_name
 from cloche.model.weights import canonical_weights
 from cloche.runtime.inputs import encode_inputs
-from cloche.runtime.model import DEFAULT_CONTEXT, GenerateResult, RunResult, _as_plan
+from cloche.runtime.model import (
+    DEFAULT_CONTEXT,
+    GenerateResult,
+    RunResult,
+    _as_plan,
+    generate_result,
+    generation_options,
+)
 
 __all__ = ["DistributedModel"]
 
@@ -294,30 +301,14 @@ class DistributedModel:
                  ) -> GenerateResult:
         if not self.causal:
             raise UsageError("generate needs a causal language model")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+        options = generation_options(self.tokenizer, max_new_tokens, temperature)
         ids, mask = encode_inputs(prompt, self.tokenizer, padding_side="left")
         forward, _ = self._plans(probes, None)
-        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer else None
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
-        options: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
-            "pad_token_id": pad if pad is not None else (eos if eos is not None else 0),
-        }
-        if temperature > 0:
-            options.update(temperature=float(temperature), top_k=0, top_p=1.0)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         values = self._command("generate", cancel=cancel, ids=ids, mask=mask, forward=forward,
                                save=save or DEFAULT_CONTEXT, options=options, seed=seed)
-        out = values[0]
-        tokens = out[0] if out.shape[0] == 1 else out
-        new = tokens[..., ids.shape[1]:]
-        text = new_text = None
-        if self.tokenizer is not None and tokens.dim() == 1:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            new_text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return GenerateResult(text, new_text, tokens)
+        return generate_result(self.tokenizer, values[0], ids.shape[1])
 
     def run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
                     save: str | None = None, batch_size: int = 8, limit: int | None = None,

@@ -76,6 +76,33 @@ class GenerateResult:
     tokens: torch.Tensor
 
 
+def generation_options(tokenizer: Any, max_new_tokens: int, temperature: float
+                       ) -> dict[str, Any]:
+    """Validated keyword arguments for Hugging Face ``generate`` (greedy unless temperature > 0)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer else None
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer else None
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
+        "pad_token_id": pad if pad is not None else (eos if eos is not None else 0),
+    }
+    if temperature > 0:
+        options.update(temperature=float(temperature), top_k=0, top_p=1.0)
+    return options
+
+
+def generate_result(tokenizer: Any, out: torch.Tensor, prompt_len: int) -> GenerateResult:
+    """Token ids from ``generate`` (prompt + continuation) as a :class:`GenerateResult`."""
+    tokens = out[0].cpu() if out.shape[0] == 1 else out.cpu()
+    new = tokens[..., prompt_len:]
+    text = new_text = None
+    if tokenizer is not None and tokens.dim() == 1:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        new_text = tokenizer.decode(new, skip_special_tokens=True)
+    return GenerateResult(text, new_text, tokens)
+
+
 def _as_plan(probes: Mapping[str, Any] | None, resolve: Callable[[str], str]
              ) -> dict[str, list[ProbeFn]]:
     plan: dict[str, list[ProbeFn]] = {}
@@ -304,18 +331,9 @@ class Model:
         """Continue ``prompt`` (greedy unless ``temperature > 0``) with probes active at every step."""
         if not self.causal:
             raise UsageError("generate needs a causal language model")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+        options = generation_options(self.tokenizer, max_new_tokens, temperature)
         ids, mask = encode_inputs(prompt, self.tokenizer, padding_side="left")
         plan = self._plan(probes, None)
-        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer else None
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
-        options: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
-            "pad_token_id": pad if pad is not None else (eos if eos is not None else 0),
-        }
-        if temperature > 0:
-            options.update(temperature=float(temperature), top_k=0, top_p=1.0)
         with self._transaction() as txn, torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -339,13 +357,7 @@ class Model:
             finally:
                 handle.remove()
             writes.runs += 1
-        tokens = out[0].cpu() if out.shape[0] == 1 else out.cpu()
-        new = tokens[..., ids.shape[1]:]
-        text = new_text = None
-        if self.tokenizer is not None and tokens.dim() == 1:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            new_text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return GenerateResult(text, new_text, tokens)
+        return generate_result(self.tokenizer, out, ids.shape[1])
 
     def run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
                     save: str | None = None, batch_size: int = 8, limit: int | None = None,
