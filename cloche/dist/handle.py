@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cloche.errors import UsageError
-from cloche.probes.handle import SaveContextHandle, combine
+from cloche.probes.handle import SaveContextHandle, join_entries
 from cloche.probes.reducers import Reducer, reducer_from_state
-from cloche.probes.refs import Op, TensorRef, apply_ops
+from cloche.probes.refs import Op, TensorRef
 from cloche.probes.store import SaveContext, SaveStore
 
 if TYPE_CHECKING:
@@ -63,12 +63,7 @@ class DistSaveContextHandle:
         parts = self._model._ctx(self._name, "entries", key, ranks=holders)
         ordered = sorted((tuple(o), v) for part in parts if part
                          for o, v in zip(part["order"], part["values"]))
-        joined = combine([v for _, v in ordered], mode, key)
-        if ops:
-            if isinstance(joined, list):
-                raise UsageError("slicing applies to stacked or concatenated entries, not lists")
-            joined = apply_ops(joined, ops)
-        return joined
+        return join_entries([v for _, v in ordered], mode, key, ops)
 
     def __getitem__(self, key: str) -> TensorRef:
         return TensorRef(lambda ops: self.fetch(key, "stack", ops),

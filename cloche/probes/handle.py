@@ -42,6 +42,16 @@ def combine(values: list[torch.Tensor], mode: str, key: str) -> torch.Tensor | l
         ) from exc
 
 
+def join_entries(values: list[torch.Tensor], mode: str, key: str, ops: list[Op] | None) -> Any:
+    """:func:`combine` the entries of ``key``, then apply the recorded slicing/casting ``ops``."""
+    joined = combine(values, mode, key)
+    if ops:
+        if isinstance(joined, list):
+            raise UsageError("slicing applies to stacked or concatenated entries, not lists")
+        joined = apply_ops(joined, ops)
+    return joined
+
+
 class SaveContextHandle:
     """The user's view of a save context held by a local model."""
 
@@ -68,12 +78,7 @@ class SaveContextHandle:
 
     def fetch(self, key: str, mode: str = "stack", ops: list[Op] | None = None) -> Any:
         """The entries under ``key``: stacked (one row per entry), concatenated, or a list."""
-        joined = combine(self._values(key), mode, key)
-        if ops:
-            if isinstance(joined, list):
-                raise UsageError("slicing applies to stacked or concatenated entries, not lists")
-            joined = apply_ops(joined, ops)
-        return joined
+        return join_entries(self._values(key), mode, key, ops)
 
     def __getitem__(self, key: str) -> TensorRef:
         return TensorRef(lambda ops: self.fetch(key, "stack", ops), description=f"{self.name}[{key!r}]")

@@ -15,6 +15,10 @@ def as_dataset(dataset: Any, tokenizer: Any) -> Any:
 
     if isinstance(dataset, data.Dataset):
         return dataset
+    if tokenizer is None and isinstance(dataset, (str, list, tuple)):
+        # cloche.data would fall back to the default model's tokenizer: ids from another vocabulary
+        raise UsageError("this model has no tokenizer: pass a cloche.data.Dataset of token ids"
+                         " instead of texts or a dataset name")
     if isinstance(dataset, str):
         return data.get(dataset, tokenizer)
     if isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset):

@@ -54,8 +54,10 @@ def test_top_examples_of_a_direction(model):
 def test_top_examples_from_texts(model):
     try:
         model.tokenize("x")
-    except UsageError:
-        pytest.skip("this model has no tokenizer")
+    except UsageError:  # no tokenizer: a list of strings is refused clearly instead
+        with pytest.raises(UsageError, match="tokenizer"):
+            ex.top_examples(model, POINT, 3, ["def f(x): pass"], k=3)
+        return
     texts = ["def f(x):\n    return x + 1\n", "for i in range(10):\n    print(i)\n",
              "class A:\n    pass\n"]
     got = ex.top_examples(model, POINT, 3, texts, k=3)
