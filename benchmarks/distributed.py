@@ -36,7 +36,7 @@ def main() -> None:
 
     import cloche
     from cloche.data import Dataset
-    from cloche.dist.launch import start_local
+    from cloche.sharding.launch import start_local
 
     torch.set_num_threads(1)
     if args.model is None:

@@ -65,7 +65,7 @@ def main() -> int:
     import transformers
 
     import cloche
-    from cloche.dist.launch import start_local
+    from cloche.sharding.launch import start_local
 
     if args.tiny:
         args.size, args.batch, args.seq = "tiny", 2, 32

@@ -91,19 +91,19 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="server log verbosity on stderr (default: INFO)")
-    dist = parser.add_argument_group(
+    sharding = parser.add_argument_group(
         "sharding", "serve one model over several processes (layer pipeline, torch.distributed; "
         "see docs/distributed.md for torchrun across machines)")
-    dist.add_argument("--world-size", type=int, default=1, metavar="N",
+    sharding.add_argument("--world-size", type=int, default=1, metavar="N",
                       help="number of ranks to start on this machine; each loads only its own "
                            "layers (default: 1, no sharding)")
-    dist.add_argument("--layers-per-rank", default=None, metavar="A,B,...",
+    sharding.add_argument("--layers-per-rank", default=None, metavar="A,B,...",
                       help="override the balanced split, e.g. 3,5 (must sum to the layer count)")
-    dist.add_argument("--micro-batches", type=int, default=1, metavar="M",
+    sharding.add_argument("--micro-batches", type=int, default=1, metavar="M",
                       help="split each batch into M micro-batches so ranks overlap (default: 1)")
-    dist.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+    sharding.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                       help="tensor backend (default: nccl on GPUs, gloo on CPU)")
-    dist.add_argument("--worker-timeout", type=parse_duration, default=60.0, metavar="DURATION",
+    sharding.add_argument("--worker-timeout", type=parse_duration, default=60.0, metavar="DURATION",
                       help="a rank silent for this long is declared lost: clients get WorkerLost "
                            "and the server exits with code 3 (default: 60s)")
     parser.set_defaults(func=run_serve)
@@ -186,7 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
         serve_until_stopped(load_model(args), config, generated)
         return 0
     from cloche.default_model import weights_dir
-    from cloche.dist.launch import serve_distributed
+    from cloche.sharding.launch import serve_distributed
 
     return serve_distributed(
         args.model or weights_dir(), args.world_size,

@@ -99,7 +99,7 @@ def local_models(tiny_model, tmp_path_factory):
                 loaded[kind] = connect(f"{host}:{port}", token="experiments")
                 cleanup.append(loaded[kind].close)
             elif kind == "sharded":  # the tiny Llama over two gloo ranks, one layer each
-                from cloche.dist import start_local
+                from cloche.sharding import start_local
 
                 loaded[kind] = start_local(tiny_llama_dir(), 2, timeout_s=30.0)
                 cleanup.append(loaded[kind].close)

@@ -16,7 +16,7 @@ import json, resource, sys
 import torch
 torch.set_num_threads(1)
 import cloche
-from cloche.dist.shard import build_shard, make_plan, skeleton
+from cloche.sharding.shard import build_shard, make_plan, skeleton
 
 def peak_mb():
     for line in open("/proc/self/status"):

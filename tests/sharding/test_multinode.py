@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import cloche
-from tests.dist.conftest import ids_batch
+from tests.sharding.conftest import ids_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,8 +82,8 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
                    CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS="1")
         cmd = ["ip", "netns", "exec", ns, torchrun, "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node), "--master-addr", namespaces["addr"],
-               "--master-port", "29640", "-m", "cloche.dist.worker", "--model", str(directory),
-               "--timeout", "20", "--threads", "1", "--serve", "tests.dist.netns_job:serve"]
+               "--master-port", "29640", "-m", "cloche.sharding.worker", "--model", str(directory),
+               "--timeout", "20", "--threads", "1", "--serve", "tests.sharding.netns_job:serve"]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = []
@@ -100,7 +100,7 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
     assert got["world_size"] == 2
     assert got["owners"] == {"layers.3.mlp.post": 1, "layers.0.resid_post": 0}
     local = cloche.load(directory)
-    from tests.dist.netns_job import _saver
+    from tests.sharding.netns_job import _saver
 
     result = local.run(ids_batch(seed=11),
                        probes={"layers.3.mlp.post": _saver, "layers.0.resid_post": _saver},

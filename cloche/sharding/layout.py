@@ -5,7 +5,7 @@ travel on the *tensor group* — NCCL on GPUs, gloo on CPUs. Everything else (co
 saved data, heartbeats, cancellation) travels on the *control plane*: a TCP key-value store
 (``torch.distributed.TCPStore``) whose waits can be sliced and retried, and a gloo group for
 pickled objects. No collective is ever started without a timeout, and no data-plane operation is
-posted before its peer has announced it (see ``dist.p2p``), so the process-group timeout bounds
+posted before its peer has announced it (see ``sharding.p2p``), so the process-group timeout bounds
 only transfers, never a peer's thinking time.
 """
 

@@ -12,8 +12,8 @@ import torch
 
 import cloche
 from cloche.data import Dataset
-from cloche.dist.launch import start_local
-from tests.dist.conftest import TIMEOUT_S, ids_batch
+from cloche.sharding.launch import start_local
+from tests.sharding.conftest import TIMEOUT_S, ids_batch
 from tests.tiny_models import VOCAB
 
 SLACK_S = 10.0  # scheduling slack on a busy machine, on top of the configured bound

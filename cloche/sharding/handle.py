@@ -21,7 +21,7 @@ from cloche.probes.refs import Op, TensorRef
 from cloche.probes.store import SaveContext, SaveStore
 
 if TYPE_CHECKING:
-    from cloche.dist.model import DistributedModel
+    from cloche.sharding.model import DistributedModel
 
 __all__ = ["DistSaveContextHandle"]
 

@@ -3,7 +3,7 @@
 A message has a key both sides compute (``"{command}/{pass}/act/0>1"``). The sender posts the
 tensor with a non-blocking ``isend`` (gloo and NCCL both hold it until the receiver posts its
 ``recv``) and announces it in the store with its shape and dtype. The receiver waits for the
-announcement on the control plane (sliced, liveness- and abort-checked, see ``dist.control``),
+announcement on the control plane (sliced, liveness- and abort-checked, see ``sharding.control``),
 then posts a ``recv`` that completes at once, and acknowledges. A sender keeps at most
 ``window`` unacknowledged messages per peer, which bounds memory and lets consecutive
 micro-batches overlap across ranks.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from cloche.dist.control import Aborted, Control
+from cloche.sharding.control import Aborted, Control
 from cloche.errors import Cancelled, WorkerLost
 
 __all__ = ["Channel"]

@@ -1,7 +1,7 @@
 """Build one rank's shard: a model skeleton on the meta device with only owned modules real.
 
 The skeleton is built from the config on the ``meta`` device (no memory), modules owned by other
-ranks are swapped for stubs (``dist.stubs``), what is left is materialised with ``to_empty`` and
+ranks are swapped for stubs (``sharding.stubs``), what is left is materialised with ``to_empty`` and
 filled from the safetensors files — reading only the byte ranges of the tensors this rank needs
 (see :class:`_SafetensorsFile`). Buffers that are not in the checkpoint (rotary ``inv_freq``)
 are recomputed, since ``to_empty`` leaves them as garbage.
@@ -22,8 +22,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from cloche.dist.plan import ShardPlan, balanced_plan
-from cloche.dist.stubs import (
+from cloche.sharding.plan import ShardPlan, balanced_plan
+from cloche.sharding.stubs import (
     LogitsStub,
     PassBlock,
     Passthrough,

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from tests.dist.conftest import ids_batch
+from tests.sharding.conftest import ids_batch
 
 
 def _saver(ctx, x):

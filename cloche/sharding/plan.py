@@ -1,6 +1,6 @@
 """The sharding plan: which contiguous range of transformer blocks each rank owns.
 
-Kept apart from the code that applies it (``dist.shard``) and from everything that runs on it,
+Kept apart from the code that applies it (``sharding.shard``) and from everything that runs on it,
 so another plan (tensor parallelism, uneven placement) can be added without touching probes or
 the server. Rank 0 always holds the embeddings, the last rank the final norm and unembedding;
 blocks are balanced by parameter count, counting the embedding and unembedding matrices on the

@@ -1,8 +1,8 @@
 """Start a sharded model on this machine: rank 0 in this process, the others as subprocesses.
 
 The CLI calls :func:`serve_distributed` for ``cloche serve --world-size N``; tests and notebooks
-call :func:`start_local` for a :class:`~cloche.dist.model.DistributedModel` they drive directly.
-Each worker process runs ``python -m cloche.dist.worker`` — the same entry point ``torchrun``
+call :func:`start_local` for a :class:`~cloche.sharding.model.DistributedModel` they drive directly.
+Each worker process runs ``python -m cloche.sharding.worker`` — the same entry point ``torchrun``
 runs across machines — with the rank and rendezvous in its environment.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cloche.dist.layout import DistConfig
-from cloche.dist.worker import EXIT_WORKER_LOST, join
+from cloche.sharding.layout import DistConfig
+from cloche.sharding.worker import EXIT_WORKER_LOST, join
 from cloche.errors import UsageError, WorkerLost
 
 __all__ = ["LocalGroup", "serve_distributed", "start_local"]
@@ -74,7 +74,7 @@ def _spawn_workers(model_dir: str, world_size: int, port: int, options: list[str
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    MASTER_ADDR=master_addr, MASTER_PORT=str(port),
                    PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
-        cmd = [sys.executable, "-m", "cloche.dist.worker", "--model", model_dir,
+        cmd = [sys.executable, "-m", "cloche.sharding.worker", "--model", model_dir,
                "--store-port-offset", "0", *options]
         if device is not None:
             cmd += ["--device", device]
@@ -106,7 +106,7 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
 
     ``model.group`` holds the worker processes; ``model.close()`` shuts them down.
     """
-    from cloche.dist.model import DistributedModel
+    from cloche.sharding.model import DistributedModel
 
     model_dir = str(Path(model_dir).expanduser())
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:

@@ -1,11 +1,11 @@
 """One rank's process: join the group, load the shard, then serve (rank 0) or obey (ranks > 0).
 
-``python -m cloche.dist.worker --model DIR`` is the entry point under ``torchrun``: it reads
+``python -m cloche.sharding.worker --model DIR`` is the entry point under ``torchrun``: it reads
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from torchrun's
 environment (here, at the entry point, and nowhere else). Rank 0 builds a
-:class:`~cloche.dist.model.DistributedModel` and hands it to the serve function (``--serve
+:class:`~cloche.sharding.model.DistributedModel` and hands it to the serve function (``--serve
 module:function``; by default the cloche server), ranks > 0 run :func:`command_loop` until rank 0
-says shut down. ``cloche.dist.launch`` starts the same function in local processes.
+says shut down. ``cloche.sharding.launch`` starts the same function in local processes.
 
 Exit codes: 0 after a clean shutdown; 3 when a rank was lost (the message names it).
 """
@@ -24,12 +24,12 @@ from typing import Any
 import cloudpickle
 import torch
 
-from cloche.dist.channel_keys import keys
-from cloche.dist.control import Aborted, Control
-from cloche.dist.layout import DistConfig, Layout
-from cloche.dist.p2p import Channel
-from cloche.dist.shard import make_plan, skeleton
-from cloche.dist.stage import Stage, error_envelope
+from cloche.sharding.channel_keys import keys
+from cloche.sharding.control import Aborted, Control
+from cloche.sharding.layout import DistConfig, Layout
+from cloche.sharding.p2p import Channel
+from cloche.sharding.shard import make_plan, skeleton
+from cloche.sharding.stage import Stage, error_envelope
 from cloche.errors import UsageError, WorkerLost
 
 __all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main"]
@@ -185,7 +185,7 @@ def run_rank(config: DistConfig, serve: Callable[[Any], Any],
              local_check: Callable[[], dict[int, int | None]] | None = None,
              serve_options: dict | None = None) -> int:
     """Join, then serve (rank 0) or obey (others). Returns the process exit code."""
-    from cloche.dist.model import DistributedModel
+    from cloche.sharding.model import DistributedModel
 
     try:
         rank = join(config, local_check)
@@ -204,7 +204,7 @@ def run_rank(config: DistConfig, serve: Callable[[Any], Any],
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cloche.dist.worker",
+    parser = argparse.ArgumentParser(prog="python -m cloche.sharding.worker",
                                      description="one rank of a sharded cloche server")
     parser.add_argument("--model", required=True, help="model directory (safetensors)")
     parser.add_argument("--layers-per-rank", default=None,
@@ -230,7 +230,7 @@ def config_from_env(args: argparse.Namespace, env: dict[str, str]) -> DistConfig
         addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
     except KeyError as exc:
         raise UsageError(f"{exc.args[0]} is not set: run under torchrun, or use"
-                         " cloche.dist.launch.serve_distributed") from exc
+                         " cloche.sharding.launch.serve_distributed") from exc
     layers = tuple(int(x) for x in args.layers_per_rank.split(",")) \
         if args.layers_per_rank else None
     device = args.device

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from cloche.dist.channel_keys import keys
-from cloche.dist.control import Aborted, Control
-from cloche.dist.p2p import Channel
-from cloche.dist.plan import ShardPlan
-from cloche.dist.shard import Ownership, Skeleton, build_shard
+from cloche.sharding.channel_keys import keys
+from cloche.sharding.control import Aborted, Control
+from cloche.sharding.p2p import Channel
+from cloche.sharding.plan import ShardPlan
+from cloche.sharding.shard import Ownership, Skeleton, build_shard
 from cloche.errors import Cancelled, UsageError
 from cloche.model.points import PointSpec, build_specs
 from cloche.probes.context import RunInfo

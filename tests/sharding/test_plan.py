@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloche.dist.plan import ShardPlan, balanced_plan, plan_from_counts
-from cloche.dist.shard import Ownership, make_plan, skeleton
+from cloche.sharding.plan import ShardPlan, balanced_plan, plan_from_counts
+from cloche.sharding.shard import Ownership, make_plan, skeleton
 from cloche.errors import UsageError
 
 

@@ -21,12 +21,12 @@ import cloudpickle
 import torch
 
 from cloche import errors
-from cloche.dist.channel_keys import keys
-from cloche.dist.control import Aborted, Control
-from cloche.dist.handle import DistSaveContextHandle
-from cloche.dist.p2p import Channel
-from cloche.dist.stage import Command, Stage, error_envelope
-from cloche.dist.worker import Rank
+from cloche.sharding.channel_keys import keys
+from cloche.sharding.control import Aborted, Control
+from cloche.sharding.handle import DistSaveContextHandle
+from cloche.sharding.p2p import Channel
+from cloche.sharding.stage import Command, Stage, error_envelope
+from cloche.sharding.worker import Rank
 from cloche.errors import ClocheError, UnknownProbePoint, UsageError, WorkerLost
 from cloche.model.points import ProbePoint, canonical_name
 from cloche.model.weights import canonical_weights
@@ -100,7 +100,7 @@ class DistributedModel:
         self.world_size = rank.layout.world_size
         self.rank = 0
         self.serve_options: dict[str, Any] = {}
-        self.group: Any = None  # the worker processes, when started by cloche.dist.launch
+        self.group: Any = None  # the worker processes, when started by cloche.sharding.launch
         self._on_close: list[Callable[[], None]] = []
         self._local = local
         self._specs = self._stage.full_specs
@@ -432,7 +432,7 @@ class DistributedModel:
 
     def _stage_meta_params(self) -> list[tuple[str, Any]]:
         if not hasattr(self, "_meta_params"):
-            from cloche.dist.shard import skeleton
+            from cloche.sharding.shard import skeleton
 
             sk = skeleton(self.path)
             self._meta_params = [(n, tuple(p.shape)) for n, p in

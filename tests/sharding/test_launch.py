@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _serve(directory: Path, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.dist.launch_job", str(directory), mode],
+    return subprocess.run([sys.executable, "-m", "tests.sharding.launch_job", str(directory), mode],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 

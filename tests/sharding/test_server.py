@@ -7,10 +7,10 @@ import torch
 
 import cloche
 from cloche.client.remote import connect
-from cloche.dist.launch import start_local
+from cloche.sharding.launch import start_local
 from cloche.server.app import Server
 from cloche.server.config import ServerConfig
-from tests.dist.conftest import TIMEOUT_S, ids_batch
+from tests.sharding.conftest import TIMEOUT_S, ids_batch
 
 
 def keep_mlp(ctx, x):

@@ -1,6 +1,6 @@
 """Fixtures for the multi-rank tests: tiny 4-block models and real gloo groups on this machine.
 
-Rank 0 runs in the test process; the other ranks are ``python -m cloche.dist.worker``
+Rank 0 runs in the test process; the other ranks are ``python -m cloche.sharding.worker``
 subprocesses (the torchrun entry point). Groups are module-scoped and torn down between
 configurations (a process holds one process group at a time).
 """

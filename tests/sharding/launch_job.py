@@ -1,6 +1,6 @@
 """Serve functions for ``serve_distributed`` run in a subprocess (see test_launch.py).
 
-``python -m tests.dist.launch_job DIR MODE``: MODE ``ok`` checks the model and returns (exit 0);
+``python -m tests.sharding.launch_job DIR MODE``: MODE ``ok`` checks the model and returns (exit 0);
 MODE ``lose`` kills rank 1 and keeps using the model, which must end the process with code 3.
 """
 
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from cloche.dist.launch import serve_distributed
+from cloche.sharding.launch import serve_distributed
 
 
 def check_and_return(model) -> None:
