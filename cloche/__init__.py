@@ -1,13 +1,22 @@
 """cloche: a self-hostable server and client for interpretability research.
 
-``cloche.load(path)`` gives a local model; ``cloche.connect(addr)`` a remote one with the same
-API. Probes are ``fn(ctx, x)`` attached at named probe points; save contexts keep what they
-save across runs; reducers compute statistics next to the data.
+``cloche.load(path)`` gives a model in this process, ``cloche.connect(addr)`` one on a server,
+and a sharded launch one spread over many processes — all the same class, :class:`Model`.
+Probes are ``fn(ctx, x)`` attached at named probe points; save contexts keep what they save
+across runs; reducers compute statistics next to the data.
 """
 
 from cloche import errors
 from cloche._load import load
-from cloche.client import Pool, RemoteFuture, RemoteModel, RemoteSaveContext, connect
+from cloche.api import (
+    GenerateResult,
+    Model,
+    Outputs,
+    RequestFuture,
+    RunResult,
+    SaveContextHandle,
+)
+from cloche.client import Pool, connect
 from cloche.errors import (
     AuthError,
     Cancelled,
@@ -27,12 +36,10 @@ from cloche.probes import (
     MinMax,
     ProbeContext,
     Reducer,
-    SaveContextHandle,
     TensorRef,
     TopK,
     Variance,
 )
-from cloche.runtime import GenerateResult, Model, Outputs, RunResult
 
 __version__ = "0.1.0"
 
@@ -41,7 +48,7 @@ from cloche import data, experiments
 __all__ = [
     "AuthError", "Cancelled", "ClocheError", "Covariance", "GenerateResult", "Histogram",
     "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError", "ProbePoint",
-    "Reducer", "RemoteError", "RemoteFuture", "RemoteModel", "RemoteSaveContext",
-    "ResourceLimit", "RunResult", "SaveContextHandle", "TensorRef", "TopK", "UnknownProbePoint",
-    "UsageError", "Variance", "WorkerLost", "connect", "data", "errors", "experiments", "load",
+    "Reducer", "RemoteError", "RequestFuture", "ResourceLimit", "RunResult",
+    "SaveContextHandle", "TensorRef", "TopK", "UnknownProbePoint", "UsageError", "Variance",
+    "WorkerLost", "connect", "data", "errors", "experiments", "load",
 ]

@@ -1,4 +1,4 @@
-"""``cloche.load``: the front door for a local model."""
+"""``cloche.load``: the front door for a model in this process."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import os
 
 import torch
 
+from cloche.api.model import Model
 from cloche.model.loader import load_hf
 from cloche.probes.store import SaveStore
-from cloche.runtime.model import Model
+from cloche.runtime.executor import LocalExecutor
 
 
 def load(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu",
@@ -18,13 +19,10 @@ def load(path: str | os.PathLike[str] | None = None, *, device: str | torch.devi
     ``max_saved_bytes`` caps the memory that save contexts may hold (a clear
     ``ResourceLimit`` error instead of running out of memory).
     """
-    default = path is None
-    if default:
+    name = None
+    if path is None:
         from cloche.default_model import weights_dir
 
-        path = weights_dir()
+        path, name = weights_dir(), "cloche-default"
     loaded = load_hf(path, device=device, dtype=dtype)
-    model = Model(loaded, store=SaveStore(max_bytes=max_saved_bytes))
-    if default:
-        model.name = "cloche-default"
-    return model
+    return Model(LocalExecutor(loaded, store=SaveStore(max_bytes=max_saved_bytes), name=name))

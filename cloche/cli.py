@@ -106,6 +106,12 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     sharding.add_argument("--worker-timeout", type=parse_duration, default=60.0, metavar="DURATION",
                       help="a rank silent for this long is declared lost: clients get WorkerLost "
                            "and the server exits with code 3 (default: 60s)")
+    sharding.add_argument("--torchrun", action="store_true",
+                      help="run as one rank under torchrun (rank, world size and rendezvous from "
+                           "its environment); rank 0 serves, the others obey it")
+    sharding.add_argument("--store-port-offset", type=int, default=1, metavar="K",
+                      help="with --torchrun: cloche's control store listens on MASTER_PORT + K "
+                           "(default: 1)")
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -182,6 +188,17 @@ def run_serve(args: argparse.Namespace) -> int:
     config, generated = serve_config(args, os.environ)
     if args.world_size < 1:
         raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
+    if args.torchrun:
+        from cloche.default_model import weights_dir
+        from cloche.sharding.worker import config_from_env, run_rank
+
+        dist_config = config_from_env(
+            dict(os.environ), model_dir=str(args.model or weights_dir()),
+            layers_per_rank=args.layers_per_rank, backend=args.backend,
+            device=None if args.device == "cpu" else args.device, dtype=args.dtype,
+            timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
+            store_port_offset=args.store_port_offset)
+        return run_rank(dist_config, lambda model: serve_until_stopped(model, config, generated))
     if args.world_size == 1:
         serve_until_stopped(load_model(args), config, generated)
         return 0

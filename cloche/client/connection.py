@@ -18,34 +18,17 @@ from collections.abc import Callable
 from typing import Any
 
 from cloche import errors
-from cloche.wire import messages, remote_errors
+from cloche.api.futures import RequestFuture
+from cloche.errors.payload import from_payload
+from cloche.wire import messages
 from cloche.wire.frames import Limits
 from cloche.wire.handshake import ClientHandshake
 from cloche.wire.transport import FramedSocket, open_connection
 
-__all__ = ["ClientConnection", "RemoteFuture"]
+__all__ = ["ClientConnection"]
 
 log = logging.getLogger("cloche.client")
 EventCallback = Callable[[dict[str, Any]], None]
-
-
-class RemoteFuture(concurrent.futures.Future):
-    """A request in flight. ``cancel()`` also stops it on the server (at the next layer)."""
-
-    def __init__(self, conn: ClientConnection, rid: int, method: str) -> None:
-        super().__init__()
-        self.request_id = rid
-        self.method = method
-        self._conn = conn
-
-    def cancel(self) -> bool:
-        if self.done():
-            return False
-        self._conn.send_cancel(self.request_id)
-        return super().cancel()
-
-    def __repr__(self) -> str:
-        return f"<RemoteFuture {self.method} #{self.request_id} {self._state.lower()}>"
 
 
 class ClientConnection:
@@ -63,7 +46,7 @@ class ClientConnection:
         sock = open_connection(host, port, ssl_context=ssl_context, timeout=timeout)
         # Small frames only until the server has proven it knows the token.
         self._framed = FramedSocket(sock, limits=Limits(max_header=64 * 1024, max_body=0))
-        self._calls: dict[int, tuple[RemoteFuture, EventCallback | None]] = {}
+        self._calls: dict[int, tuple[RequestFuture[Any], EventCallback | None]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
@@ -103,15 +86,16 @@ class ClientConnection:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, method: str, args: tuple | list = (), kwargs: dict | None = None, *,
-               on_event: EventCallback | None = None) -> RemoteFuture:
+    def submit(self, op: Any, *, on_event: EventCallback | None = None) -> RequestFuture[Any]:
+        """Send request record ``op``; its future's ``cancel()`` cancels it on the server."""
         if self._closed:
             raise errors.ConnectionError(f"the connection to {self.address} is closed")
         rid = next(self._ids)
-        future = RemoteFuture(self, rid, method)
+        future: RequestFuture[Any] = RequestFuture(
+            type(op).__name__.lower(), on_cancel=lambda: self.send_cancel(rid), request_id=rid)
         with self._lock:
             self._calls[rid] = (future, on_event)
-        message = messages.request(rid, method, list(args), kwargs or {})
+        message = messages.request(rid, op)
         try:
             self._framed.send(message)
         except errors.ConnectionError as exc:
@@ -153,7 +137,7 @@ class ClientConnection:
                 if kind == messages.EVENT:
                     self._event(rid, payload)
                 elif rid is None:  # the server reports a protocol error and will close
-                    failure = remote_errors.from_payload(payload)
+                    failure = from_payload(payload)
                 else:
                     self._resolve(kind, rid, payload)
         except errors.ClocheError as exc:
@@ -185,7 +169,7 @@ class ClientConnection:
             if kind == messages.RESULT:
                 future.set_result(payload)
             else:
-                future.set_exception(remote_errors.from_payload(payload))
+                future.set_exception(from_payload(payload))
         except concurrent.futures.InvalidStateError:
             pass  # cancelled on this side already
 

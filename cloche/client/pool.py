@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 from cloche import errors
-from cloche.client.connection import RemoteFuture
-from cloche.client.remote import RemoteModel
+from cloche.api.futures import RequestFuture
+from cloche.api.model import Model
+from cloche.client.executor import connect
 
 __all__ = ["Pool"]
 
@@ -28,10 +29,10 @@ class Pool:
         if len(tokens) != len(addresses):
             raise errors.UsageError(
                 f"got {len(tokens)} tokens for {len(addresses)} addresses")
-        self.models: list[RemoteModel] = []
+        self.models: list[Model] = []
         try:
             for address, tok in zip(addresses, tokens):
-                self.models.append(RemoteModel(address, token=tok, tls=tls, timeout=timeout))
+                self.models.append(connect(address, token=tok, tls=tls, timeout=timeout))
         except BaseException:
             self.close()
             raise
@@ -39,7 +40,7 @@ class Pool:
     def __len__(self) -> int:
         return len(self.models)
 
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[RemoteFuture]:
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[RequestFuture[Any]]:
         """``model.submit(method, ...)`` on every server."""
         return [model.submit(method, *args, **kwargs) for model in self.models]
 
@@ -73,7 +74,7 @@ class Pool:
         self.close()
 
 
-def _gather(futures: list[RemoteFuture]) -> list[Any]:
+def _gather(futures: list[RequestFuture[Any]]) -> list[Any]:
     try:
         outcomes = []
         for future in futures:

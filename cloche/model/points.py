@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
@@ -127,20 +128,23 @@ _TL_GLOBAL = {"hook_embed": "embed", "ln_final.hook_normalized": "final_norm"}
 _TL_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def canonical_name(name: str, specs: dict[str, PointSpec]) -> str:
-    """Resolve ``name`` (canonical, TransformerLens alias, or module point) to a canonical name."""
-    if name in specs:
+def canonical_name(name: str, names: Collection[str]) -> str:
+    """Resolve ``name`` (canonical, TransformerLens alias, or module point) to a canonical name.
+
+    ``names`` are the model's point names (a set, or the specs dict keyed by name).
+    """
+    if name in names:
         return name
     resolved = _TL_GLOBAL.get(name)
     match = _TL_RE.match(name)
     if match and match.group(2) in _TL_BLOCK:
         resolved = f"layers.{match.group(1)}.{_TL_BLOCK[match.group(2)]}"
-    if resolved is not None and resolved in specs:
+    if resolved is not None and resolved in names:
         return resolved
     if name.startswith("module:") and not name.endswith((":input", ":output")):
         hint = " (module points end in ':input' or ':output')"
     else:
-        canonical = [s for s in specs if not s.startswith("module:")]
+        canonical = sorted(s for s in names if not s.startswith("module:"))
         close = difflib.get_close_matches(name, canonical, n=4, cutoff=0.6)
         hint = f"; did you mean one of {close}?" if close else ""
     raise UnknownProbePoint(f"unknown probe point {name!r}{hint}")

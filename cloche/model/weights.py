@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cloche.errors import UnknownProbePoint, UsageError
 from cloche.model.adapters import Adapter, WeightRule
 
 
@@ -67,7 +68,7 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
         return per_head.transpose(1, 2)
     if layout == "neox_qkv_bias_heads":
         return raw.reshape(hs.n_heads, 3, hs.d_head)[:, part]
-    raise ValueError(f"unknown weight layout {layout!r}")
+    raise UsageError(f"unknown weight layout {layout!r} (an adapter table is wrong)")
 
 
 def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple[str, WeightRule]]:
@@ -81,3 +82,47 @@ def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple
         for suffix, rule in adapter.block_weights.items():
             table[f"layers.{i}.{suffix}"] = (f"{adapter.layers}.{i}.{rule.param}", rule)
     return table
+
+
+class WeightCatalog:
+    """Canonical and raw weight names of one model, resolved the same way on every executor.
+
+    ``raw_names`` are the model's parameter names (a sharded model passes the whole model's,
+    from its meta-device skeleton, so that every rank and rank 0 agree on what exists).
+    """
+
+    def __init__(self, adapter: Adapter | None, n_layers: int, raw_names: list[str]) -> None:
+        self._canonical = canonical_weights(adapter, n_layers)
+        self._raw = list(raw_names)
+        self._present = set(raw_names)
+
+    def names(self, canonical: bool = True) -> list[str]:
+        """Canonical names whose parameter exists (if ``canonical``), then every raw name."""
+        if not canonical:
+            return list(self._raw)
+        return [n for n, (raw, _) in self._canonical.items() if raw in self._present] + self._raw
+
+    def resolve(self, name: str) -> tuple[str, WeightRule | None]:
+        """``(raw parameter name, layout rule or None for a raw name)``; clear errors otherwise."""
+        if not isinstance(name, str):
+            raise UsageError(f"weight names are strings, not {name!r}")
+        if name in self._canonical:
+            raw, rule = self._canonical[name]
+            if raw not in self._present:
+                raise UnknownProbePoint(f"this model has no weight {name!r} ({raw} is absent)")
+            return raw, rule
+        if name in self._present:
+            return name, None
+        close = [n for n in self._canonical if n.endswith(name.split(".")[-1])][:5]
+        raise UnknownProbePoint(f"unknown weight {name!r}"
+                                + (f"; did you mean {close}?" if close else ""))
+
+
+def read_weight(param: torch.nn.Parameter, rule: WeightRule | None, hs: HeadShape, *,
+                grad: bool, name: str) -> torch.Tensor:
+    """A detached view of ``param`` (or its gradient) in the canonical layout of ``rule``."""
+    tensor = param.grad if grad else param
+    if tensor is None:
+        raise UsageError(f"{name!r} has no gradient: run with backward= first")
+    tensor = tensor.detach()
+    return tensor if rule is None else apply_layout(tensor, rule, hs)

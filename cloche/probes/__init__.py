@@ -1,7 +1,6 @@
 """Probe contexts, save contexts and mergeable reducers."""
 
 from cloche.probes.context import ProbeContext
-from cloche.probes.handle import SaveContextHandle
 from cloche.probes.reducers import (
     Covariance,
     Histogram,
@@ -15,6 +14,6 @@ from cloche.probes.reducers import (
 from cloche.probes.refs import TensorRef
 
 __all__ = [
-    "Covariance", "Histogram", "Mean", "MinMax", "ProbeContext", "Reducer", "SaveContextHandle",
+    "Covariance", "Histogram", "Mean", "MinMax", "ProbeContext", "Reducer",
     "TensorRef", "TopK", "Variance", "reducer_from_state",
 ]

@@ -1,5 +1,5 @@
-"""Executing one request on one rank: attach probes, run forward/backward, always detach."""
+"""Executing requests on a model held by this process: attach probes, run, always detach."""
 
-from cloche.runtime.model import GenerateResult, Model, Outputs, RunResult
+from cloche.runtime.executor import LocalExecutor
 
-__all__ = ["GenerateResult", "Model", "Outputs", "RunResult"]
+__all__ = ["LocalExecutor"]

@@ -3,14 +3,15 @@
 Threads: one accepting connections, one per connection (handshake, then reading requests and
 answering light ones), one worker executing heavy requests on the model one at a time (the
 model is not safe to run concurrently: probes are hooks on shared modules), and one janitor
-expiring idle sessions. ``Server`` talks to its model only through the Model API, so the same
-class serves a local :class:`cloche.Model` or a sharded model with the same API.
+expiring idle sessions. ``Server`` talks to its model only through the executor seam
+(``cloche.api.executor``), so the same class serves a local or a sharded model.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 import ssl
 import threading
 from typing import TYPE_CHECKING, Any
@@ -19,12 +20,14 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 from cloche import errors
+from cloche.api import requests as rq
+from cloche.api.executor import EventSink, Executor
+from cloche.api.model import Model
 from cloche.server.config import ServerConfig
 from cloche.server.connection import Job, ServerConnection
 from cloche.server.fairqueue import FairQueue
-from cloche.server.handlers import CallContext
+from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session, SessionRegistry
-from cloche.server.view import SessionModelView
 from cloche.wire import transport
 
 __all__ = ["Server"]
@@ -32,13 +35,30 @@ __all__ = ["Server"]
 log = logging.getLogger("cloche.server")
 
 
-class Server:
-    """Serve ``model`` as configured; ``start()`` returns once it is listening."""
+def throttled(emit: EventSink, interval: float) -> EventSink:
+    """``emit`` for progress events at most every ``interval`` seconds (and always the last)."""
+    last = [0.0]
 
-    def __init__(self, model: Any, config: ServerConfig) -> None:
-        self.model = model
+    def report(event: dict[str, Any]) -> None:
+        if event.get("type") == "progress":
+            now = time.monotonic()
+            if now - last[0] < interval and event.get("done") != event.get("total"):
+                return
+            last[0] = now
+        emit(event)
+
+    return report
+
+
+class Server:
+    """Serve a model (a :class:`cloche.Model`, or any executor) as configured.
+
+    ``start()`` returns once it is listening.
+    """
+
+    def __init__(self, model: Model | Executor, config: ServerConfig) -> None:
+        self.executor: Executor = model.executor if isinstance(model, Model) else model
         self.config = config
-        self.rank = getattr(model, "rank", 0)
         self.sessions = SessionRegistry(config.session_idle_expiry)
         self.queue: FairQueue[Job] = FairQueue()
         self.info: dict[str, Any] = {}
@@ -65,9 +85,8 @@ class Server:
     def start(self) -> tuple[str, int]:
         # Probe-point shapes are discovered with a forward pass: do it now, before any client
         # can ask for them concurrently with a run.
-        self.model.probe_points()
-        self.info = dict(self.model.info())
-        self.info.update(name=self.model.name, device=str(self.model.device))
+        self.executor.execute(rq.ProbePoints())
+        self.info = self.executor.describe().summary()
         self._listener = transport.listen(self.config.host, self.config.port)
         for target, name in (
             (self._accept_loop, "cloche-accept"),
@@ -199,13 +218,10 @@ class Server:
             self._running = job
             try:
                 job.emit({"type": "started"})
-                context = CallContext(
-                    view=SessionModelView(self.model, job.session, job.cancel),
-                    cancel=job.cancel,
-                    emit=job.emit,
-                    progress_interval=self.config.progress_interval,
-                )
-                value = job.method.fn(context, *job.request.args, **job.request.kwargs)
+                executor = SessionExecutor(self.executor, job.session, job.cancel)
+                value = executor.execute(
+                    job.op, cancel=job.cancel,
+                    on_event=throttled(job.emit, self.config.progress_interval))
             except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
                 self._complete(job, error=exc)
             else:
@@ -227,4 +243,4 @@ class Server:
                 log.exception("expiring sessions failed")
 
     def _drop_session(self, session: Session) -> None:
-        SessionModelView(self.model, session).drop_all()
+        SessionExecutor(self.executor, session).drop_all()

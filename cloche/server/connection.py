@@ -17,10 +17,11 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from cloche import errors
-from cloche.server.handlers import METHODS, CallContext, Method
+from cloche.api import requests as rq
+from cloche.errors.payload import to_payload
+from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session
-from cloche.server.view import SessionModelView
-from cloche.wire import codec, messages, remote_errors
+from cloche.wire import codec, messages
 from cloche.wire.frames import Limits
 from cloche.wire.handshake import ServerHandshake
 from cloche.wire.transport import FramedSocket
@@ -36,10 +37,10 @@ log = logging.getLogger("cloche.server")
 class Job:
     """A heavy request waiting for, or running on, the worker."""
 
-    def __init__(self, conn: ServerConnection, request: messages.Request, method: Method) -> None:
+    def __init__(self, conn: ServerConnection, request: messages.Request) -> None:
         self.conn = conn
         self.request = request
-        self.method = method
+        self.op: rq.Request[Any] = request.op
         self.session: Session = conn.session  # type: ignore[assignment]
         self.cancel = threading.Event()
         self.position: int | None = None
@@ -71,7 +72,7 @@ class ServerConnection:
             log.debug("connection %s lost: %s", self.peer, exc)
         except errors.ProtocolError as exc:
             log.warning("closing connection %s: protocol error: %s", self.peer, exc)
-            self.send(messages.error(None, remote_errors.to_payload(exc, None)))
+            self.send(messages.error(None, to_payload(exc, None)))
         except Exception:  # the server never dies from a connection
             log.exception("unexpected error on connection %s", self.peer)
         finally:
@@ -153,21 +154,21 @@ class ServerConnection:
             self._dispatch(request)
 
     def _dispatch(self, request: messages.Request) -> None:
-        if request.method is None:  # cancel
+        if request.op is None:  # cancel
             with self._lock:
                 job = self.jobs.get(request.id)
             if job is not None:
                 self.server.cancel_job(job)
             return
-        method = METHODS.get(request.method)
-        if method is None:
-            self.send_error(request.id, errors.UsageError(f"unknown method {request.method!r}"))
+        if not isinstance(request.op, rq.Request):
+            self.send_error(request.id, errors.UsageError(
+                f"{type(request.op).__name__} is not a request"))
             return
-        if not method.heavy:
-            self._run_light(request, method)
+        if not request.op.is_heavy:
+            self._run_light(request)
             return
         with self._lock:
-            job = None if request.id in self.jobs else Job(self, request, method)
+            job = None if request.id in self.jobs else Job(self, request)
             if job is not None:
                 self.jobs[request.id] = job
         if job is None:
@@ -175,19 +176,11 @@ class ServerConnection:
             return
         self.server.enqueue(job)
 
-    def _run_light(self, request: messages.Request, method: Method) -> None:
+    def _run_light(self, request: messages.Request) -> None:
         assert self.session is not None
-
-        def emit(event: dict[str, Any]) -> None:
-            self.send(messages.event(request.id, event))
-
-        context = CallContext(
-            view=SessionModelView(self.server.model, self.session),
-            cancel=threading.Event(),
-            emit=emit,
-        )
+        executor = SessionExecutor(self.server.executor, self.session)
         try:
-            value = method.fn(context, *request.args, **request.kwargs)
+            value = executor.execute(request.op)
         except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
             self.send_error(request.id, exc)
             return
@@ -238,4 +231,4 @@ class ServerConnection:
     def send_error(self, rid: int | None, exc: BaseException) -> None:
         if not isinstance(exc, (errors.Cancelled, errors.UsageError)):
             log.info("request %s from %s failed: %s: %s", rid, self.peer, type(exc).__name__, exc)
-        self.send(messages.error(rid, remote_errors.to_payload(exc, rid, rank=self.server.rank)))
+        self.send(messages.error(rid, to_payload(exc, rid)))

@@ -16,16 +16,12 @@ from collections.abc import Callable
 
 import torch.distributed as tdist
 
-from cloche.errors import Cancelled, ClocheError, WorkerLost
+from cloche.errors import Aborted, Cancelled, WorkerLost
 
 __all__ = ["Aborted", "Control", "Liveness"]
 
 _SLICE_S = 0.05
 _LIVENESS_EVERY_S = 0.2
-
-
-class Aborted(ClocheError):
-    """This rank stopped because another rank (or the client) aborted the command."""
 
 
 class Liveness:

@@ -1,7 +1,8 @@
 """Start a sharded model on this machine: rank 0 in this process, the others as subprocesses.
 
 The CLI calls :func:`serve_distributed` for ``cloche serve --world-size N``; tests and notebooks
-call :func:`start_local` for a :class:`~cloche.sharding.model.DistributedModel` they drive directly.
+call :func:`start_local` for a :class:`cloche.Model` over a sharded executor that they drive
+directly.
 Each worker process runs ``python -m cloche.sharding.worker`` — the same entry point ``torchrun``
 runs across machines — with the rank and rendezvous in its environment.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloche.api.model import Model
 from cloche.sharding.layout import DistConfig
 from cloche.sharding.worker import EXIT_WORKER_LOST, join
 from cloche.errors import UsageError, WorkerLost
@@ -101,12 +103,12 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
                 device: str | None = None, dtype: str | None = None, timeout_s: float = 60.0,
                 micro_batches: int = 1, threads: int | None = None,
                 master_addr: str = "127.0.0.1", port: int | None = None,
-                on_lost: Callable[[WorkerLost], None] | None = None) -> Any:
-    """A :class:`DistributedModel` over ``world_size`` ranks of this machine (rank 0 here).
+                on_lost: Callable[[WorkerLost], None] | None = None) -> Model:
+    """A :class:`cloche.Model` sharded over ``world_size`` ranks of this machine (rank 0 here).
 
-    ``model.group`` holds the worker processes; ``model.close()`` shuts them down.
+    ``model.executor.group`` holds the worker processes; ``model.close()`` shuts them down.
     """
-    from cloche.sharding.model import DistributedModel
+    from cloche.sharding.executor import ShardedExecutor
 
     model_dir = str(Path(model_dir).expanduser())
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
@@ -125,16 +127,16 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
     except BaseException:
         group.terminate()
         raise
-    model = DistributedModel(rank, on_lost=on_lost, micro_batches=micro_batches)
-    model.group = group
+    executor = ShardedExecutor(rank, on_lost=on_lost, micro_batches=micro_batches)
+    executor.group = group
 
     def reap() -> None:
         codes = group.wait(timeout_s=10)
         if any(code is None for code in codes.values()):
             group.terminate()
 
-    model.add_close_callback(reap)
-    return model
+    executor.add_close_callback(reap)
+    return Model(executor)
 
 
 def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
@@ -165,7 +167,7 @@ def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
                         backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
                         micro_batches=micro_batches, threads=threads, master_addr=master_addr,
                         port=port, on_lost=on_lost)
-    group_box.append(model.group)
+    group_box.append(model.executor.group)
     try:
         serve_fn(model)
     finally:

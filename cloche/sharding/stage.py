@@ -12,27 +12,29 @@ rank leaves every rank's contexts as they were.
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from cloche.api.inputs import next_token_loss
+from cloche.api.results import Outputs
+from cloche.errors import Aborted, Cancelled, UsageError
+from cloche.errors.payload import to_payload
+from cloche.model.points import PointSpec, build_specs
+from cloche.probes.actions import context_action, entries
+from cloche.probes.context import RunInfo
+from cloche.probes.store import PendingWrites, Transaction
+from cloche.runtime.executor import SHAPES_CONTEXT, LocalExecutor
+from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
+from cloche.runtime.shapes import probe_ids, shape_reader
+from cloche.runtime.usercode import backward_objective, run_user_function
 from cloche.sharding.channel_keys import keys
-from cloche.sharding.control import Aborted, Control
+from cloche.sharding.control import Control
 from cloche.sharding.p2p import Channel
 from cloche.sharding.plan import ShardPlan
 from cloche.sharding.shard import Ownership, Skeleton, build_shard
-from cloche.errors import Cancelled, UsageError
-from cloche.model.points import PointSpec, build_specs
-from cloche.probes.context import RunInfo
-from cloche.probes.handle import SaveContextHandle, combine
-from cloche.probes.refs import apply_ops
-from cloche.probes.store import PendingWrites, Transaction
-from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
-from cloche.runtime.inputs import next_token_loss
-from cloche.runtime.model import Model, Outputs
 
 __all__ = ["Command", "Stage", "error_envelope"]
 
@@ -88,19 +90,13 @@ class OrderedWrites:
         return self._pending.reduce(*args, **kwargs)
 
 
-def error_envelope(exc: BaseException, *, aborted: bool) -> dict[str, Any]:
-    """A failure as plain data (exceptions with keyword-only fields do not pickle faithfully)."""
-    return {
-        "ok": False,
-        "type": type(exc).__name__,
-        "message": getattr(exc, "message", None) or str(exc),
-        "point": getattr(exc, "point", None),
-        "probe": getattr(exc, "probe", None),
-        "rank": getattr(exc, "rank", None),
-        "traceback": getattr(exc, "remote_traceback", None) or "".join(
-            traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "aborted": aborted,
-    }
+def error_envelope(exc: BaseException, *, aborted: bool, rank: int | None = None
+                   ) -> dict[str, Any]:
+    """A rank's failure as plain data (``cloche.errors.payload``, as on the wire).
+
+    ``aborted``: this rank stopped because another rank failed (not a root cause).
+    """
+    return {"ok": False, "aborted": aborted, "error": to_payload(exc, None, rank=rank)}
 
 
 class Stage:
@@ -117,9 +113,12 @@ class Stage:
         self.adapter = sk.adapter
         self.ownership = Ownership(sk, plan)
         self.full_specs: dict[str, PointSpec] = build_specs(sk.meta_model, sk.adapter)
+        # the whole model's parameter names, before building the shard replaces other ranks' parts
+        self.all_param_names = [n for n, _ in
+                                sk.meta_model.named_parameters(remove_duplicate=False)]
         loaded = build_shard(sk, plan, rank, self, device)
         self.hf: Any = loaded.hf_model
-        self.local = Model(loaded, rank=rank)
+        self.local = LocalExecutor(loaded, rank=rank)
         self.config = self.hf.config
         self.specs = build_specs(self.hf, self.adapter)
         self.modules = dict(self.hf.named_modules())
@@ -207,14 +206,15 @@ class Stage:
             self.channel.flush(aborted=True)
             if not isinstance(exc, Exception):
                 raise
-            return error_envelope(exc, aborted=aborted or isinstance(exc, Aborted))
+            return error_envelope(exc, aborted=aborted or isinstance(exc, Aborted),
+                                  rank=self.rank)
         finally:
             self._received, self._sent, self._logits = [], [], []
             self._mode = "run"
         try:
             self.channel.flush()
         except (Aborted, Cancelled) as exc:
-            return error_envelope(exc, aborted=isinstance(exc, Aborted))
+            return error_envelope(exc, aborted=isinstance(exc, Aborted), rank=self.rank)
         return {"ok": True, "value": value}
 
     def settle(self, seq: int, commit: bool) -> None:
@@ -245,7 +245,7 @@ class Stage:
         if example_ids is not None:
             example_ids = example_ids.to(self.device)
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask,
-                       example_ids=example_ids, model=self.local, rank=self.rank)
+                       example_ids=example_ids, model=self.local.facade, rank=self.rank)
         attachment = self._attachment(plan, info)
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf(input_ids=ids, attention_mask=mask)
@@ -296,14 +296,8 @@ class Stage:
                        ids: torch.Tensor, mask: torch.Tensor) -> None:
         self._phase = 1
         with torch.enable_grad():
-            if backward is True:
-                objective = loss
-            else:
-                outputs = Outputs(logits, loss, ids.to(logits.device), mask.to(logits.device))
-                objective = Model._user_objective(backward, outputs)
-            if objective is None:
-                raise UsageError("nothing to backprop: the inputs have a single token")
-            objective.backward()
+            outputs = Outputs(logits, loss, ids.to(logits.device), mask.to(logits.device))
+            backward_objective(backward, outputs).backward()
 
     def _backward_inner(self) -> None:
         self._phase = 1
@@ -346,25 +340,11 @@ class Stage:
         txn, writes = self._begin(save)
         self._mode = "generate"
         try:
-            info = RunInfo(writes=writes,  # type: ignore[arg-type]  # OrderedWrites: duck-typed
-                           tokens=ids, attention_mask=mask, example_ids=None,
-                           model=self.local, rank=self.rank)
-
-            def track(module: Any, args: Any, kwargs: dict) -> None:
-                if isinstance(kwargs.get("input_ids"), torch.Tensor):
-                    info.tokens = kwargs["input_ids"]
-                if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-                    info.attention_mask = kwargs["attention_mask"]
-
-            attachment = self._attachment(plan, info)
-            handle = self.hf.register_forward_pre_hook(track, with_kwargs=True)
-            try:
-                with torch.random.fork_rng(devices=[]), attachment.attached(), torch.no_grad():
-                    torch.manual_seed(seed)
-                    out = self.hf.generate(input_ids=ids.to(self.device),
-                                           attention_mask=mask.to(self.device), **options)
-            finally:
-                handle.remove()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = self.local.generate_with(
+                    plan, writes, ids, mask, options, None,
+                    attachment_for=lambda info: self._attachment(plan, info))
             writes.runs += 1
         except BaseException:
             txn.rollback()
@@ -397,22 +377,15 @@ class Stage:
         self._hold(txn, writes, save)
         return totals
 
-    def op_shapes(self, batch: int, seq: int) -> dict[str, tuple]:
+    def op_shapes(self) -> dict[str, tuple]:
         seen: dict[str, tuple] = {}
-
-        def reader(ctx: Any, x: torch.Tensor) -> None:
-            dims: list[str | int] = []
-            for i, d in enumerate(x.shape):
-                dims.append("batch" if i == 0 and d == batch else "seq" if d == seq else int(d))
-            seen[ctx.point] = tuple(dims)
-
         names = [n for n in self.full_specs
                  if self.ownership.point_owner(self.full_specs[n]) == self.rank]
-        ids = torch.arange(seq).remainder(max(self.local.d_vocab, 1)).repeat(batch, 1)
-        plan = ProbePlan(forward={n: [reader] for n in names})
+        ids = probe_ids(self.local.describe().d_vocab)
+        plan = ProbePlan(forward={n: [shape_reader(seen)] for n in names})
         txn = self.local.store.begin()
         try:
-            self._forward(ids, torch.ones_like(ids), plan, txn.writes("__shapes__"), None,
+            self._forward(ids, torch.ones_like(ids), plan, txn.writes(SHAPES_CONTEXT), None,
                           grad=False)
         finally:
             txn.rollback()
@@ -421,13 +394,14 @@ class Stage:
     # ----------------------------------------------------------------- save contexts
     def op_ctx(self, name: str, action: str, args: tuple = (), ranks: list[int] | None = None
                ) -> Any:
+        """This rank's part of a save-context action (rank 0's executor combines the parts)."""
         if ranks is not None and self.rank not in ranks:
             return None
-        handle = SaveContextHandle(self.local.store, name)
-        ctx = self.local.store.find(name)
+        store = self.local.store
         if action == "names":
-            return [n for n in self.local.store.names() if n != "__shapes__"]
+            return self.local.context_names()
         if action == "summary":
+            ctx = store.find(name)
             if ctx is None:
                 return None
             return {"keys": {k: len(v) for k, v in ctx.entries.items()},
@@ -435,34 +409,26 @@ class Stage:
                     "nbytes": ctx.nbytes(), "has_state": bool(ctx.state)}
         if action == "entries":
             (key,) = args
-            values = handle._values(key)
+            values = entries(store, name, key)
             order = self.order.get((name, key), [])
             if len(order) != len(values):
                 order = [(0, 0, 0, self.rank, i) for i in range(len(values))]
             return {"order": order, "values": [v.cpu() for v in values]}
         if action == "fetch":
-            key, mode, ops = args
-            joined = combine(handle._values(key), mode, key)
-            if ops:
-                if isinstance(joined, list):
-                    raise UsageError("slicing applies to stacked or concatenated entries, not"
-                                     " lists")
-                joined = apply_ops(joined, ops)
+            joined = context_action(store, name, "fetch", args)
             return [v.cpu() for v in joined] if isinstance(joined, list) else joined.cpu()
         if action == "state":
-            return handle.state if ctx is not None else {}
+            return context_action(store, name, "state")
         if action == "reducers":
-            if ctx is None:
-                return {}
-            return {n: r.state_dict() for n, r in ctx.reducers.items()}
+            return {n: r.state_dict() for n, r in context_action(store, name, "reducers").items()}
         if action == "clear":
-            handle.clear()
+            context_action(store, name, "clear")
             for k in [k for k in self.order if k[0] == name]:
                 del self.order[k]
             return None
         if action == "put":
             (ctx_obj,) = args
-            self.local.store.put(ctx_obj)
+            store.put(ctx_obj)
             return None
         raise UsageError(f"unknown save-context action {action!r}")
 
@@ -480,13 +446,13 @@ class Stage:
     def op_param(self, name: str, grad: bool, target: int) -> Any:
         if self.rank != target:
             return None
-        return self.local.param(name, grad=grad).cpu().clone()
+        return self.local.param(name, grad).cpu().clone()
 
     def op_call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, targets: list[int]
                 ) -> Any:
         if self.rank not in targets:
             return None
-        return self.local.call(fn, *args, **kwargs)
+        return run_user_function(fn, self.local.facade, args, kwargs)
 
     def op_ping(self) -> int:
         return self.rank

@@ -3,9 +3,10 @@
 ``python -m cloche.sharding.worker --model DIR`` is the entry point under ``torchrun``: it reads
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from torchrun's
 environment (here, at the entry point, and nowhere else). Rank 0 builds a
-:class:`~cloche.sharding.model.DistributedModel` and hands it to the serve function (``--serve
-module:function``; by default the cloche server), ranks > 0 run :func:`command_loop` until rank 0
-says shut down. ``cloche.sharding.launch`` starts the same function in local processes.
+:class:`~cloche.sharding.executor.ShardedExecutor` and hands a :class:`cloche.Model` over it to
+the serve function (``--serve module:function``), ranks > 0 run :func:`command_loop` until
+rank 0 says shut down. ``cloche serve --torchrun`` is the same entry with the cloche server as
+the serve function; ``cloche.sharding.launch`` starts ranks > 0 in local processes.
 
 Exit codes: 0 after a clean shutdown; 3 when a rank was lost (the message names it).
 """
@@ -25,7 +26,8 @@ import cloudpickle
 import torch
 
 from cloche.sharding.channel_keys import keys
-from cloche.sharding.control import Aborted, Control
+from cloche.errors import Aborted
+from cloche.sharding.control import Control
 from cloche.sharding.layout import DistConfig, Layout
 from cloche.sharding.p2p import Channel
 from cloche.sharding.shard import make_plan, skeleton
@@ -98,7 +100,8 @@ def command_loop(rank: Rank) -> int:
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
                 failure = UsageError(f"the result of {cmd.op} cannot be sent to rank 0: {exc}")
                 channel.send_object(0, keys.result(seq, rank.layout.rank),
-                                    error_envelope(failure, aborted=False))
+                                    error_envelope(failure, aborted=False,
+                                                           rank=rank.layout.rank))
             channel.flush()
             control.end()
             if cmd.op in TRANSACTIONAL:  # rank 0 decides once it heard from every rank
@@ -142,7 +145,7 @@ class LightService(threading.Thread):
                 try:
                     reply = {"ok": True, "value": self.stage.light(op, kwargs)}
                 except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
-                    reply = error_envelope(exc, aborted=False)
+                    reply = error_envelope(exc, aborted=False, rank=self.rank)
                 self.channel.send_object(0, keys.light(self.rank, n), reply)
                 self.channel.flush()
             except (WorkerLost, Aborted):
@@ -161,31 +164,15 @@ def _import(spec: str) -> Callable[[Any], Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-def default_serve(model: Any) -> None:
-    """Serve ``model`` with the cloche server (token from CLOCHE_TOKEN, read at the entry)."""
-    import secrets
+def run_rank(config: DistConfig, serve: Callable[[Any], Any] | None,
+             local_check: Callable[[], dict[int, int | None]] | None = None) -> int:
+    """Join, then serve (rank 0) or obey (others). Returns the process exit code.
 
-    from cloche.server.app import Server
-    from cloche.server.config import ServerConfig
-
-    options = getattr(model, "serve_options", {})
-    token = options.get("token") or secrets.token_urlsafe(24)
-    if not options.get("token"):
-        print(f"cloche: token {token}", flush=True)
-    server = Server(model, ServerConfig(token=token,
-                                        host=options.get("host", "127.0.0.1"),
-                                        port=int(options.get("port", 0))))
-    host, port = server.start()
-    print(f"cloche: serving {model.name} sharded over {model.world_size} ranks at"
-          f" {host}:{port}", flush=True)
-    server.wait()
-
-
-def run_rank(config: DistConfig, serve: Callable[[Any], Any],
-             local_check: Callable[[], dict[int, int | None]] | None = None,
-             serve_options: dict | None = None) -> int:
-    """Join, then serve (rank 0) or obey (others). Returns the process exit code."""
-    from cloche.sharding.model import DistributedModel
+    Rank 0 calls ``serve(model)`` with a :class:`cloche.Model` over the sharded executor;
+    returning from it shuts every rank down.
+    """
+    from cloche.api.model import Model
+    from cloche.sharding.executor import ShardedExecutor
 
     try:
         rank = join(config, local_check)
@@ -194,18 +181,20 @@ def run_rank(config: DistConfig, serve: Callable[[Any], Any],
         return EXIT_WORKER_LOST
     if config.rank != 0:
         return command_loop(rank)
-    model = DistributedModel(rank, on_lost=_lost_exit(0), micro_batches=config.micro_batches)
-    model.serve_options = dict(serve_options or {})
+    executor = ShardedExecutor(rank, on_lost=_lost_exit(0), micro_batches=config.micro_batches)
     try:
-        serve(model)
+        if serve is None:
+            raise UsageError("rank 0 needs a serve function: pass --serve module:function, or"
+                             " start the ranks with `cloche serve --torchrun`")
+        serve(Model(executor))
     finally:
-        model.close()
+        executor.close()
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cloche.sharding.worker",
-                                     description="one rank of a sharded cloche server")
+                                     description="one rank of a sharded cloche model")
     parser.add_argument("--model", required=True, help="model directory (safetensors)")
     parser.add_argument("--layers-per-rank", default=None,
                         help="comma-separated block counts, e.g. 6,6,4")
@@ -217,13 +206,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--store-port-offset", type=int, default=1,
                         help="cloche's control store listens on MASTER_PORT + this")
-    parser.add_argument("--serve", default=None, help="module:function called with the model")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--serve", default=None,
+                        help="module:function called on rank 0 with the model")
     return parser.parse_args(argv)
 
 
-def config_from_env(args: argparse.Namespace, env: dict[str, str]) -> DistConfig:
+def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str | None = None,
+                    backend: str | None = None, device: str | None = None,
+                    dtype: str | None = None, timeout_s: float = 60.0, micro_batches: int = 1,
+                    threads: int | None = None, store_port_offset: int = 1) -> DistConfig:
     """The entry point's one look at the environment torchrun (or the launcher) prepared."""
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -231,27 +222,31 @@ def config_from_env(args: argparse.Namespace, env: dict[str, str]) -> DistConfig
     except KeyError as exc:
         raise UsageError(f"{exc.args[0]} is not set: run under torchrun, or use"
                          " cloche.sharding.launch.serve_distributed") from exc
-    layers = tuple(int(x) for x in args.layers_per_rank.split(",")) \
-        if args.layers_per_rank else None
-    device = args.device
+    try:
+        layers = tuple(int(x) for x in layers_per_rank.split(",")) if layers_per_rank else None
+    except ValueError as exc:
+        raise UsageError(f"layers per rank are comma-separated ints, not {layers_per_rank!r}"
+                         ) from exc
+    local_rank = int(env.get("LOCAL_RANK", "0"))
     if device == "cuda":
-        device = f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
-    return DistConfig(model_dir=args.model, rank=rank, world_size=world, master_addr=addr,
-                      master_port=port + args.store_port_offset, store_is_master=rank == 0,
+        device = f"cuda:{local_rank}"
+    return DistConfig(model_dir=model_dir, rank=rank, world_size=world, master_addr=addr,
+                      master_port=port + store_port_offset, store_is_master=rank == 0,
                       store_prefix="cloche" + (f"/{env['TORCHELASTIC_RESTART_COUNT']}"
                                                if "TORCHELASTIC_RESTART_COUNT" in env else ""),
-                      backend=args.backend, device=device,
-                      local_rank=int(env.get("LOCAL_RANK", "0")), dtype=args.dtype,
-                      layers_per_rank=layers, timeout_s=args.timeout,
-                      micro_batches=args.micro_batches, threads=args.threads)
+                      backend=backend, device=device, local_rank=local_rank, dtype=dtype,
+                      layers_per_rank=layers, timeout_s=timeout_s,
+                      micro_batches=micro_batches, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = config_from_env(args, dict(os.environ))
-    serve = _import(args.serve) if args.serve else default_serve
-    options = {"host": args.host, "port": args.port, "token": os.environ.get("CLOCHE_TOKEN", "")}
-    return run_rank(config, serve, serve_options=options)
+    config = config_from_env(
+        dict(os.environ), model_dir=args.model, layers_per_rank=args.layers_per_rank,
+        backend=args.backend, device=args.device, dtype=args.dtype, timeout_s=args.timeout,
+        micro_batches=args.micro_batches, threads=args.threads,
+        store_port_offset=args.store_port_offset)
+    return run_rank(config, _import(args.serve) if args.serve else None)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Types msgpack lacks travel as msgpack extension types (codes in ``EXT_*``; docum
 ``docs/protocol.md``). Anything that is not plain data — functions, user objects — is cloudpickled
 into an explicitly marked ``EXT_PICKLE`` field (tensors inside it still travel as raw buffers via
 pickle's persistent ids). Such a field is unpickled only when the caller passes
-``allow_code=True``; the server passes it only after the peer has authenticated.
+``allow_code=True``; the server passes it only after the peer has authenticated. The same flag
+gates ``EXT_RECORD`` (dataclasses on the allow-list of ``wire.records``): before
+authentication no record is built and no module is imported.
 
 Every failure to decode raises :class:`~cloche.errors.ProtocolError` (never anything else), except
 that a well-formed pickle which cannot be loaded (say a module missing on this side) raises
@@ -22,7 +24,6 @@ consumed and the connection is still in sync. Pure functions over bytes; no I/O.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import math
 import pickle
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from cloche.errors import ClocheError, ProtocolError, UsageError
+from cloche.wire.records import record_type, wire_name
 
 __all__ = [
     "EXT_DTYPE",
@@ -110,9 +112,6 @@ _NUMPY_DTYPES = {
     )
 }
 _MAX_DIMS = 64
-_RECORD_PACKAGE = "cloche"
-
-
 class Encoded:
     """An encoded message: the header bytes and the buffers that follow it, in order."""
 
@@ -221,8 +220,8 @@ class _Encoder:
             return msgpack.ExtType(EXT_SLICE, self.pack([obj.start, obj.stop, obj.step]))
         if obj is Ellipsis:
             return msgpack.ExtType(EXT_ELLIPSIS, b"")
-        if _is_record(obj):
-            path = f"{kind.__module__}:{kind.__qualname__}"
+        path = wire_name(obj)
+        if path is not None:
             fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
             return msgpack.ExtType(EXT_RECORD, self.pack([path, fields]))
         return self.pickled(obj)
@@ -295,17 +294,6 @@ class _BufferPickler(cloudpickle.Pickler):
         pid = len(self.refs) - 1
         self._memo[id(obj)] = (pid, obj)  # keep obj alive so its id stays unique
         return pid
-
-
-def _is_record(obj: Any) -> bool:
-    kind = type(obj)
-    module = kind.__module__ or ""
-    return (
-        dataclasses.is_dataclass(obj)
-        and not isinstance(obj, type)
-        and (module == _RECORD_PACKAGE or module.startswith(_RECORD_PACKAGE + "."))
-        and "<locals>" not in kind.__qualname__
-    )
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -440,20 +428,15 @@ class _Decoder:
         return value
 
     def _record(self, data: bytes) -> Any:
+        if not self.allow_code:
+            raise ProtocolError("a record was sent on a connection that has not authenticated")
         path, fields = self._list(data, 2, "record")
-        if not isinstance(path, str) or type(fields) is not dict or ":" not in path:
+        if type(fields) is not dict or not all(isinstance(k, str) for k in fields):
             raise ProtocolError("malformed record")
-        module_name, _, qualname = path.partition(":")
-        if module_name != _RECORD_PACKAGE and not module_name.startswith(_RECORD_PACKAGE + "."):
-            raise ProtocolError(f"records must be cloche types, got {module_name!r}")
-        try:
-            target: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                target = getattr(target, part)
-        except Exception as exc:
-            raise ProtocolError(f"unknown record type {path!r}") from exc
-        if not (isinstance(target, type) and dataclasses.is_dataclass(target)):
-            raise ProtocolError(f"{path!r} is not a record type")
+        target = record_type(path)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(target)}
+        if unknown:
+            raise ProtocolError(f"record {path!r} has no field(s) {sorted(unknown)[:5]}")
         obj = object.__new__(target)
         for field in dataclasses.fields(target):
             if field.name in fields:

@@ -1,13 +1,15 @@
 """Message kinds and their shapes: builders for the sender, validators for the receiver.
 
 Every message is a msgpack map with a ``kind``. After the handshake a client sends ``request``
-and ``cancel``; a server answers each request id with any number of ``event`` messages
-(queue position, progress) followed by exactly one ``result`` or ``error``. Validators raise
-:class:`~cloche.errors.ProtocolError` for anything out of shape. Pure; no I/O.
+(an id and one request record of ``cloche.api.requests``) and ``cancel``; a server answers each
+request id with any number of ``event`` messages (queue position, progress) followed by exactly
+one ``result`` or ``error``. Validators raise :class:`~cloche.errors.ProtocolError` for anything
+out of shape. Pure; no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +52,14 @@ _MAX_ID = (1 << 63) - 1
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request (``method`` is None for a cancel of request ``id``)."""
+    """A validated request: ``op`` is the request record (None for a cancel of request ``id``)."""
 
     id: int
-    method: str | None
-    args: list[Any]
-    kwargs: dict[str, Any]
+    op: Any
 
 
-def request(rid: int, method: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
-    return {"kind": REQUEST, "id": rid, "method": method, "args": list(args), "kwargs": kwargs}
+def request(rid: int, op: Any) -> dict:
+    return {"kind": REQUEST, "id": rid, "op": op}
 
 
 def cancel(rid: int) -> dict:
@@ -95,18 +95,14 @@ def parse_request_or_cancel(msg: Any) -> Request:
     """Validate what an authenticated client sent."""
     kind = _kind(msg)
     if kind == CANCEL:
-        return Request(_id(msg), None, [], {})
+        return Request(_id(msg), None)
     if kind != REQUEST:
         raise ProtocolError(f"unexpected message kind {kind!r} from a client"[:100])
     rid = _id(msg)
-    method, args, kwargs = msg.get("method"), msg.get("args", []), msg.get("kwargs", {})
-    if not isinstance(method, str) or not method:
-        raise ProtocolError("a request needs a method name")
-    if type(args) is not list:
-        raise ProtocolError("request args must be a list")
-    if type(kwargs) is not dict or not all(isinstance(key, str) for key in kwargs):
-        raise ProtocolError("request kwargs must be a map with string keys")
-    return Request(rid, method, args, kwargs)
+    op = msg.get("op")
+    if op is None or not dataclasses.is_dataclass(op) or isinstance(op, type):
+        raise ProtocolError("a request needs an 'op' record")
+    return Request(rid, op)
 
 
 def parse_response(msg: Any) -> tuple[str, int | None, Any]:

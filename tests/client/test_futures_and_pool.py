@@ -9,7 +9,7 @@ import torch
 
 import cloche
 from cloche.client import Pool, connect
-from cloche.client.remote import parse_address
+from cloche.client.executor import parse_address
 from tests.server.helpers import InProcessServer
 
 torch.set_num_threads(1)

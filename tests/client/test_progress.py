@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import cloche
 from cloche.client import connect
-from cloche.client.progress import ProgressReporter
+from cloche.api.progress import ProgressReporter
 
 TEXTS = ["def f(x):\n    return x\n", "for i in range(3): pass"] * 10
 

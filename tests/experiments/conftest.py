@@ -66,9 +66,13 @@ def default_available() -> bool:
     return (default_dir() / "config.json").exists()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def local_models(tiny_model, tmp_path_factory):
-    """kind -> a cloche model (local, remote or sharded), made once per session."""
+    """kind -> a cloche model (local, remote or sharded), made once for this package.
+
+    Torn down when the package's tests are done: a process holds one process group at a time,
+    and the sharding tests that run later start groups of their own.
+    """
     loaded: dict[str, object] = {}
     cleanup: list = []
     llama_dir: list[Path] = []

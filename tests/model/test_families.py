@@ -131,8 +131,8 @@ def test_gradient_probes_equal_autograd(family, tiny_dir, tiny_model):
         # resid_mid gradient = gradient at the next block input + through the MLP branch;
         # check it against autograd on a hooked plain model
         captured = {}
-        block = dict(hf.named_modules())[f"{model.adapter.layers}.{layer}"]
-        ln2 = dict(block.named_modules())[model.adapter.block_sites["resid_mid"].module]
+        block = dict(hf.named_modules())[f"{model.executor.adapter.layers}.{layer}"]
+        ln2 = dict(block.named_modules())[model.executor.adapter.block_sites["resid_mid"].module]
         h = ln2.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
         out = hf(IDS)
         h.remove()
@@ -158,7 +158,7 @@ def test_unknown_architecture_still_offers_module_points(tmp_path):
     torch.manual_seed(0)
     transformers.GPTJForCausalLM(config).save_pretrained(tmp_path)
     model = cloche.load(tmp_path)
-    assert model.adapter is None
+    assert model.executor.adapter is None
     names = {p.name for p in model.probe_points()}
     assert "module:transformer.h.0.mlp:output" in names
     model.run(IDS, probes={"module:transformer.h.0.mlp:output": lambda c, x: c.save("mlp", x)}, save="u")

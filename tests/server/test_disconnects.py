@@ -14,6 +14,7 @@ import time
 import torch
 
 import cloche
+from cloche.api.requests import Call, Context, Param
 from cloche.client import connect
 from tests.conftest_server import REPO
 from tests.server.helpers import authenticated, hook_count, server_threads
@@ -79,8 +80,8 @@ def test_client_reset_mid_transfer(served):
         threads_before = server_threads(model)
         for _ in range(3):
             framed = authenticated(served.address, served.token)
-            framed.send({"kind": "request", "id": 1, "method": "ctx.fetch",
-                         "args": [big, "t"], "kwargs": {}})
+            framed.send({"kind": "request", "id": 1,
+                         "op": Context(name=big, action="fetch", args=("t", "stack", None))})
             got = 0
             while got < 1 << 20:  # a megabyte into the 32 MiB reply...
                 got += len(framed.sock.recv(65536))
@@ -101,9 +102,8 @@ def test_a_client_that_stops_reading_does_not_block_the_others(served):
     stuck = authenticated(served.address, served.token)
     try:
         for rid in (1, 2):  # a heavy and a light request whose replies are never read
-            method, args = ("call", [big_result]) if rid == 1 else ("param", ["embed.W_E"])
-            stuck.send({"kind": "request", "id": rid, "method": method, "args": args,
-                        "kwargs": {}})
+            op = Call(fn=big_result) if rid == 1 else Param(name="embed.W_E")
+            stuck.send({"kind": "request", "id": rid, "op": op})
         with connect(served.address, token=served.token) as other:
             for _ in range(3):
                 assert other.submit("run", "def f():").result(timeout=60).logits.shape[0] == 1

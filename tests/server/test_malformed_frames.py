@@ -10,7 +10,9 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloche.api.requests import Ping
 from cloche.client import connect
+from cloche.model.points import ProbePoint
 from cloche.wire import frames
 from tests.server.helpers import authenticated, raw_socket, read_until_closed
 
@@ -80,29 +82,42 @@ def test_malformed_frames_after_auth(served, data):
 
 def test_truncated_buffers_after_auth_close_the_connection(served):
     framed = authenticated(served.address, served.token)
-    header = msgpack.packb({"kind": "request", "id": 1, "method": "ping", "args": [
-        msgpack.ExtType(2, msgpack.packb(["float32", [1000], 0]))], "kwargs": {}})
+    header = msgpack.packb({"kind": "request", "id": 1, "op": msgpack.ExtType(9, msgpack.packb([
+        "cloche.api.requests:Ping",
+        {"value": msgpack.ExtType(2, msgpack.packb(["float32", [1000], 0]))}]))})
     framed.sock.sendall(frames.encode_preamble(len(header), 4000) + header + b"\0" * 100)
     assert_refused(framed.sock)
     framed.close()
 
 
+def _frame(message: dict) -> bytes:
+    header = msgpack.packb(message)
+    return frames.encode_preamble(len(header), 0) + header
+
+
 def test_bad_requests_in_good_frames_get_errors_and_the_connection_lives(served):
     framed = authenticated(served.address, served.token)
     try:
-        for bad in [{"kind": "request", "id": -1, "method": "ping"},
-                    {"kind": "request", "id": 5, "method": "", "args": []},
-                    {"kind": "request", "id": 6, "method": "ping", "args": "no"},
+        for bad in [{"kind": "request", "id": -1, "op": Ping(value=1)},
+                    {"kind": "request", "id": 5},
+                    {"kind": "request", "id": 6, "op": "ping"},
                     {"kind": "nonsense"}, [1, 2, 3]]:
             framed.send(bad)
             reply = framed.recv()
             assert reply["kind"] == "error" and reply["error"]["type"] == "ProtocolError"
-        framed.send({"kind": "request", "id": 7, "method": "no_such_method", "args": []})
+        # a record on the wire's allow-list that is not a request
+        framed.send({"kind": "request", "id": 7, "op": ProbePoint("embed", "embed", None)})
         assert framed.recv()["error"]["type"] == "UsageError"
-        framed.send({"kind": "request", "id": 8, "method": "ping", "args": ["ok"], "kwargs": {}})
+        framed.send({"kind": "request", "id": 8, "op": Ping(value="ok")})
         while (reply := framed.recv())["kind"] == "event":
             pass
         assert reply == {"kind": "result", "id": 8, "value": "ok"}
+        # a record type off the allow-list is not built: the peer is told, then disconnected
+        framed.sock.sendall(_frame({"kind": "request", "id": 9, "op": msgpack.ExtType(9, msgpack.packb(
+            ["cloche.api.model:Model", {}]))}))
+        reply = framed.recv()
+        assert reply["error"]["type"] == "ProtocolError" and "not allowed" in reply["error"]["message"]
+        assert_refused(framed.sock)
     finally:
         framed.close()
 

@@ -28,11 +28,11 @@ def test_reconnecting_with_the_session_id_gets_the_contexts_back(served):
     session = first.session
     first.close()
     with connect(served.address, token=served.token, session=session) as again:
-        assert again.resumed and again.session == session
+        assert again.executor.resumed and again.session == session
         assert "kept" in again.save_contexts()
         assert torch.equal(again.save_context("kept").fetch("x"), saved)
     with connect(served.address, token=served.token) as stranger:
-        assert not stranger.resumed and "kept" not in stranger.save_contexts()
+        assert not stranger.executor.resumed and "kept" not in stranger.save_contexts()
         assert stranger.save_context("kept").keys() == []
 
 
@@ -40,16 +40,16 @@ def test_a_dropped_connection_reconnects_transparently_to_the_same_session(serve
     with connect(served.address, token=served.token) as model:
         model.run("x = 1", probes={"embed": keep}, save="survives")
         session = model.session
-        model._conn._framed.sock.shutdown(socket.SHUT_RDWR)  # the network drops under the client
+        model.executor._conn._framed.sock.shutdown(socket.SHUT_RDWR)  # the network drops under the client
         assert model.save_context("survives").num_runs == 1  # reconnected, same session
-        assert model.session == session and model.resumed
-        model.reconnect()
+        assert model.session == session and model.executor.resumed
+        model.executor.reconnect()
         assert model.save_context("survives").num_runs == 1
 
 
 def test_unknown_session_ids_start_fresh_sessions(served):
     with connect(served.address, token=served.token, session="f" * 32) as model:
-        assert not model.resumed and model.session != "f" * 32
+        assert not model.executor.resumed and model.session != "f" * 32
 
 
 def test_shared_contexts_are_shared(served):
@@ -80,7 +80,7 @@ def test_idle_sessions_expire_with_their_contexts(local_model):
             assert time.monotonic() < deadline, "the idle session never expired"
             time.sleep(0.05)
         with connect(server.address, token=server.token, session=session) as again:
-            assert not again.resumed and again.save_contexts() == []
+            assert not again.executor.resumed and again.save_contexts() == []
 
 
 def test_memory_cap_gives_a_clear_error_and_rolls_back(local_model):

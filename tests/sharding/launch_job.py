@@ -23,7 +23,7 @@ def check_and_return(model) -> None:
 
 
 def lose_a_rank(model) -> None:
-    os.kill(model.group.processes[1].pid, signal.SIGKILL)
+    os.kill(model.executor.group.processes[1].pid, signal.SIGKILL)
     try:
         model.run(torch.tensor([[5, 6, 7, 8]]))
     except Exception as exc:  # noqa: BLE001 - the test reads what a client would see

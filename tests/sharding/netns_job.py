@@ -1,6 +1,6 @@
 """A ``--serve`` function for the two-namespace torchrun test: run fixed checks, save, return.
 
-Rank 0 calls ``serve(model)`` with the DistributedModel; returning shuts every rank down. The
+Rank 0 calls ``serve(model)`` with a cloche.Model over the sharded executor; returning shuts every rank down. The
 results go to the file named by CLOCHE_NETNS_OUT (read here, at this test entry point).
 """
 

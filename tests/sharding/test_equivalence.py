@@ -27,7 +27,7 @@ def pair(request, tiny4_dir):
         yield cloche.load(directory), model
     finally:
         model.close()
-    assert {r: p.returncode for r, p in model.group.processes.items()} == \
+    assert {r: p.returncode for r, p in model.executor.group.processes.items()} == \
         dict.fromkeys(range(1, world_size), 0)  # workers shut down cleanly
 
 

@@ -26,8 +26,8 @@ def slow(ctx, x):
 def test_killed_rank_raises_worker_lost_naming_it(tiny4_dir):
     model = start_local(tiny4_dir("gpt2"), 3, timeout_s=TIMEOUT_S, threads=1)
     try:
-        assert model.ping() == [0, 1, 2]
-        victim = model.group.processes[2]
+        assert model.executor.ping_ranks() == [0, 1, 2]
+        victim = model.executor.group.processes[2]
         threading.Timer(0.5, victim.kill).start()
         started = time.monotonic()
         with pytest.raises(cloche.WorkerLost) as info:
@@ -37,7 +37,7 @@ def test_killed_rank_raises_worker_lost_naming_it(tiny4_dir):
         assert time.monotonic() - started < TIMEOUT_S + SLACK_S
         with pytest.raises(cloche.WorkerLost):
             model.run(ids_batch())
-        codes = model.group.wait(timeout_s=TIMEOUT_S + SLACK_S)
+        codes = model.executor.group.wait(timeout_s=TIMEOUT_S + SLACK_S)
         assert codes[1] == 3  # the surviving worker noticed and exited with the documented code
     finally:
         model.close()
@@ -45,7 +45,7 @@ def test_killed_rank_raises_worker_lost_naming_it(tiny4_dir):
 
 def test_hung_rank_is_detected_by_heartbeat(tiny4_dir):
     model = start_local(tiny4_dir("gpt2"), 2, timeout_s=TIMEOUT_S, threads=1)
-    victim = model.group.processes[1]
+    victim = model.executor.group.processes[1]
     try:
         model.run(ids_batch())
         os.kill(victim.pid, signal.SIGSTOP)
@@ -125,7 +125,7 @@ def test_cancel_mid_run_reaches_every_rank(group2):
                       save="mid", cancel=cancel)
         assert time.monotonic() - started < 0.3 * 3 + SLACK_S
         assert model.save_context("mid").keys() == []
-        assert model.ping() == [0, 1]
+        assert model.executor.ping_ranks() == [0, 1]
         torch.testing.assert_close(model.run(ids_batch()).logits, local.run(ids_batch()).logits,
                                    atol=1e-5, rtol=0)
     finally:

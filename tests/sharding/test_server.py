@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cloche
-from cloche.client.remote import connect
+from cloche.client.executor import connect
 from cloche.sharding.launch import start_local
 from cloche.server.app import Server
 from cloche.server.config import ServerConfig
@@ -38,7 +38,7 @@ def test_client_against_sharded_server(tiny4_dir):
                                        atol=1e-5, rtol=0)
             per_rank = remote.call(lambda m: m.rank, rank="all")
             assert per_rank == {0: 0, 1: 1}
-            model.group.kill(1)
+            model.executor.group.kill(1)
             with pytest.raises(cloche.WorkerLost) as info:
                 remote.run(inputs)
             assert info.value.rank == 1

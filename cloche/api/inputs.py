@@ -8,6 +8,14 @@ import torch
 
 from cloche.errors import UsageError
 
+__all__ = ["encode_inputs", "is_text", "next_token_loss"]
+
+
+def is_text(inputs: Any) -> bool:
+    """Whether ``inputs`` is text (a string or a non-empty list of strings), not token ids."""
+    return isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and bool(inputs)
+                                       and all(isinstance(t, str) for t in inputs))
+
 
 def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,7 +23,7 @@ def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
 
     Accepts a string, a list of strings (padded on ``padding_side``), a 1-D or 2-D tensor of
     token ids, a list of token-id lists of equal length, or a dict with ``input_ids`` (and
-    optionally ``attention_mask``).
+    optionally ``attention_mask``). ``tokenizer`` is only used for text.
     """
     if isinstance(inputs, dict):
         if "input_ids" not in inputs:
@@ -26,8 +34,7 @@ def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
         if mask.shape != ids.shape:
             raise UsageError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
         return ids, mask
-    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
-                                   and all(isinstance(t, str) for t in inputs)):
+    if is_text(inputs):
         if tokenizer is None:
             raise UsageError("this model has no tokenizer: pass token ids instead of text")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)

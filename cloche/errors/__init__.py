@@ -8,6 +8,8 @@ Callers catch what they can act on; the hierarchy is::
     ├── ProbeError                 a user probe / gradient probe / shipped function raised
     ├── RemoteError                anything else that failed on the server (carries the traceback)
     ├── Cancelled                  the request was cancelled (by the client or a disconnect)
+    │   └── Aborted                another rank failed, so this rank stopped its part (internal
+    │                              to sharded execution: the user sees the root failure)
     ├── WorkerLost                 a rank died or stopped answering
     ├── ResourceLimit              a configured limit (memory for saved data, frame size) was hit
     ├── ProtocolError              the peer sent bytes that are not cloche protocol
@@ -16,7 +18,8 @@ Callers catch what they can act on; the hierarchy is::
         └── AuthError              the handshake failed (wrong or missing token)
 
 Errors that happen on a server carry ``request_id``, ``rank`` and ``remote_traceback`` so that
-the user sees which of their code failed, where, and why.
+the user sees which of their code failed, where, and why. ``cloche.errors.payload`` turns an
+error into plain data and back — the one codec used by the wire and between ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import builtins
 
 __all__ = [
+    "Aborted",
     "AuthError",
     "Cancelled",
     "ClocheError",
@@ -111,6 +115,10 @@ class RemoteError(ClocheError):
 
 class Cancelled(ClocheError):
     """The request was cancelled before it finished; its partial writes were rolled back."""
+
+
+class Aborted(Cancelled):
+    """This rank stopped its part of a command because another rank (or the client) aborted it."""
 
 
 class WorkerLost(ClocheError):

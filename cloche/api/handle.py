@@ -1,0 +1,87 @@
+"""The user's handle on one save context, whatever executes the model.
+
+Every method is one :class:`~cloche.api.requests.Context` request, so a handle works the same on
+a local model, a sharded one (the executor gathers the parts from every rank) and a remote one
+(the server does the work; only results cross the network). ``handle["acts"]`` is a lazy
+:class:`~cloche.probes.refs.TensorRef`: indexing and ``.to(dtype)`` are recorded and applied
+where the data lives, so only the final slice moves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cloche.api.requests import Context
+from cloche.probes.reducers import Reducer
+from cloche.probes.refs import Op, TensorRef
+
+if TYPE_CHECKING:
+    from cloche.api.executor import Executor
+
+__all__ = ["SaveContextHandle"]
+
+
+class SaveContextHandle:
+    """A named save context: list, fetch, slice, reduce, persist, clear."""
+
+    def __init__(self, executor: Executor, name: str) -> None:
+        self._executor = executor
+        self.name = name
+
+    def _do(self, action: str, *args: Any) -> Any:
+        return self._executor.execute(Context(name=self.name, action=action, args=args))
+
+    def keys(self) -> list[str]:
+        return self._do("keys")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
+    def fetch(self, key: str, mode: str = "stack", ops: list[Op] | None = None) -> Any:
+        """The entries under ``key``: stacked (one row per entry), concatenated, or a list.
+
+        ``ops`` (recorded by ``handle[key][...]``) are applied where the entries live. A single
+        entry of a local model comes back as a view: ``clone()`` it before writing in place.
+        """
+        return self._do("fetch", key, mode, ops)
+
+    def __getitem__(self, key: str) -> TensorRef:
+        return TensorRef(lambda ops: self.fetch(key, "stack", ops),
+                         description=f"{self.name}[{key!r}]")
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """A copy of ``ctx.state`` (on a sharded model: the union over ranks)."""
+        return self._do("state")
+
+    @property
+    def num_runs(self) -> int:
+        return self._do("num_runs")
+
+    def reducers(self) -> dict[str, Reducer]:
+        """Copies of the context's reducers (merged across ranks)."""
+        return self._do("reducers")
+
+    def result(self, name: str) -> dict[str, torch.Tensor]:
+        """The reduced statistic ``name`` (e.g. ``{"mean": ..., "count": ...}``)."""
+        return self._do("result", name)
+
+    def nbytes(self) -> int:
+        return self._do("nbytes")
+
+    def clear(self) -> None:
+        self._do("clear")
+
+    def persist(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole context to a safetensors file at ``path`` where the model runs."""
+        self._do("persist", os.fspath(path))
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Replace the context with what :meth:`persist` wrote to ``path`` where the model runs."""
+        self._do("restore", os.fspath(path))
+
+    def __repr__(self) -> str:
+        return f"SaveContextHandle({self.name!r})"

@@ -1,0 +1,447 @@
+"""``cloche.Model``: the one model API, over any executor.
+
+``cloche.load(...)``, ``cloche.connect(...)`` and a sharded launch all return this class. It holds
+everything that is validation and result assembly — input encoding, probe plans and name
+resolution ("did you mean"), backward checks, generation options, save-context names, ranks —
+and hands each operation to its executor as one request record (``cloche.api.requests``).
+Every public method is written once: ``_prepare_<method>`` builds the request and the function
+that turns the executor's output into the user's result, and both ``model.run(...)`` and
+``model.submit("run", ...)`` use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cloche.api import requests as rq
+from cloche.api.futures import RequestFuture
+from cloche.api.handle import SaveContextHandle
+from cloche.api.inputs import encode_inputs, is_text
+from cloche.api.progress import ProgressReporter
+from cloche.api.results import GenerateResult, RunResult, generate_result
+from cloche.errors import UsageError
+from cloche.model.points import ProbePoint, canonical_name
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from cloche.api.executor import CancelEvent, EventSink, Executor
+
+__all__ = ["DEFAULT_CONTEXT", "Model"]
+
+DEFAULT_CONTEXT = "default"
+
+Prepared = tuple[rq.Request[Any], Callable[[Any], Any]]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{what} must be a positive int, not {value!r}")
+    return value
+
+
+def _context_name(name: Any) -> str:
+    if name is None:
+        return DEFAULT_CONTEXT
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"save context names are non-empty strings, not {name!r}")
+    return name
+
+
+def generation_options(tokenizer: Any, max_new_tokens: Any, temperature: Any) -> dict[str, Any]:
+    """Validated keyword arguments for Hugging Face ``generate`` (greedy unless temperature > 0)."""
+    max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or temperature < 0:
+        raise UsageError(f"temperature must be a number >= 0, not {temperature!r}")
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer else None
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer else None
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
+        "pad_token_id": pad if pad is not None else (eos if eos is not None else 0),
+    }
+    if temperature > 0:
+        options.update(temperature=float(temperature), top_k=0, top_p=1.0)
+    return options
+
+
+class Model:
+    """A model with probe points, save contexts and canonical weights, wherever it runs.
+
+    Probes are ``fn(ctx, x)`` attached at named probe points (canonical names, TransformerLens
+    aliases or ``module:<path>:input|output``); they return ``None`` (keep ``x``) or a
+    replacement. Save contexts keep what probes save across runs; every run is a transaction.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._info: rq.ModelInfo | None = None
+        self._names: frozenset[str] | None = None
+        self._points: list[ProbePoint] | None = None
+
+    # ----------------------------------------------------------------- description
+    @property
+    def executor(self) -> Executor:
+        """What runs this model (local, sharded, remote): the seam below the API."""
+        return self._executor
+
+    def _described(self) -> rq.ModelInfo:
+        if self._info is None:
+            self._info = self._executor.describe()
+        return self._info
+
+    name = property(lambda self: self._described().name)
+    n_layers = property(lambda self: self._described().n_layers)
+    n_heads = property(lambda self: self._described().n_heads)
+    n_kv_heads = property(lambda self: self._described().n_kv_heads)
+    d_model = property(lambda self: self._described().d_model)
+    d_mlp = property(lambda self: self._described().d_mlp)
+    d_head = property(lambda self: self._described().d_head)
+    d_vocab = property(lambda self: self._described().d_vocab)
+    causal = property(lambda self: self._described().causal)
+    world_size = property(lambda self: self._described().world_size)
+    rank = property(lambda self: self._described().rank,
+                    doc="0, or k inside a function shipped with call(fn, rank=k)")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._described().device)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer, in this process (a remote model's is loaded from the server's files)."""
+        return self._executor.tokenizer
+
+    @property
+    def config(self) -> Any:
+        """The Hugging Face config, in this process."""
+        return self._executor.config
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The underlying transformers module — only where the model runs in this process
+        (elsewhere, reach it from a function shipped with :meth:`call`)."""
+        module = getattr(self._executor, "hf_model", None)
+        if not isinstance(module, torch.nn.Module):
+            raise UsageError("this model does not run in this process: use model.call(fn) to"
+                             " run code next to it")
+        return module
+
+    def info(self) -> dict[str, Any]:
+        """A plain summary: name, family, sizes, device, world size."""
+        return self._described().summary()
+
+    def probe_points(self) -> list[ProbePoint]:
+        """Every probe point with its shape, canonical points first (forward order)."""
+        if self._points is None:
+            self._points = list(self._executor.execute(rq.ProbePoints()))
+        return list(self._points)
+
+    def resolve(self, name: str) -> str:
+        """The canonical name for ``name`` (accepts TransformerLens aliases)."""
+        if not isinstance(name, str):
+            raise UsageError(f"probe point names are strings, not {name!r}")
+        if self._names is None:
+            self._names = frozenset(self._described().point_names)
+        return canonical_name(name, self._names)
+
+    def owner_of(self, point: str) -> int:
+        """The rank whose probes run at ``point`` (always 0 unless the model is sharded)."""
+        return self._executor.execute(rq.Owner(point=self.resolve(point)))
+
+    # ----------------------------------------------------------------- building requests
+    def _plan(self, probes: Mapping[str, Any] | None, what: str = "probes") -> rq.ProbePlanSpec:
+        if probes is None:
+            return {}
+        if not isinstance(probes, Mapping):
+            raise UsageError(f"{what} map probe point names to functions, not"
+                             f" {type(probes).__name__}")
+        plan: rq.ProbePlanSpec = {}
+        for name, fns in probes.items():
+            fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
+            for fn in fns:
+                if not callable(fn):
+                    raise UsageError(f"the probe at {name!r} is not callable: {fn!r}")
+            plan.setdefault(self.resolve(name), []).extend(fns)
+        return plan
+
+    def _encode(self, inputs: Any, padding_side: str = "right"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokenizer = self.tokenizer if is_text(inputs) else None
+        return encode_inputs(inputs, tokenizer, padding_side=padding_side)
+
+    def _prepare_run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
+                     grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
+                     backward: bool | Callable[..., torch.Tensor] | None = None,
+                     return_logits: bool = True, micro_batches: int = 1) -> Prepared:
+        ids, mask = self._encode(inputs)
+        forward = self._plan(probes)
+        backward_probes = self._plan(grad_probes, "grad_probes")
+        if backward is False:
+            backward = None
+        if backward is not None and backward is not True and not callable(backward):
+            raise UsageError(f"backward must be True, None or a callable, not {backward!r}")
+        if backward_probes and backward is None:
+            raise UsageError("gradient probes need a backward pass: pass backward=True or a loss"
+                             " function")
+        if backward is True and not self.causal:
+            raise UsageError("backward=True means next-token loss, which a non-causal model"
+                             " lacks; pass a callable that returns the scalar to backprop")
+        request = rq.Run(ids=ids, mask=mask, forward=forward, backward_probes=backward_probes,
+                         save=_context_name(save), backward=backward,
+                         return_logits=bool(return_logits),
+                         micro_batches=_positive_int(micro_batches, "micro_batches"))
+        causal = self.causal
+
+        def finish(out: rq.RunOutput) -> RunResult:
+            return RunResult(out.logits, out.loss, ids, mask, causal=causal)
+
+        return request, finish
+
+    def _prepare_generate(self, prompt: Any, max_new_tokens: int = 20, *,
+                          probes: Mapping[str, Any] | None = None, save: str | None = None,
+                          temperature: float = 0.0, seed: int | None = None) -> Prepared:
+        if not self.causal:
+            raise UsageError("generate needs a causal language model")
+        tokenizer = self.tokenizer if is_text(prompt) else None
+        ids, mask = encode_inputs(prompt, tokenizer, padding_side="left")
+        options = generation_options(self.tokenizer, max_new_tokens, temperature)
+        if seed is None:  # drawn here, so that every rank of a sharded model samples alike
+            seed = int(torch.randint(0, 2**62, ()).item())
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise UsageError(f"seed must be an int or None, not {seed!r}")
+        request = rq.Generate(ids=ids, mask=mask, forward=self._plan(probes),
+                              save=_context_name(save), options=options, seed=seed)
+        prompt_len = ids.shape[1]
+
+        def finish(tokens: torch.Tensor) -> GenerateResult:
+            return generate_result(self.tokenizer, tokens, prompt_len)
+
+        return request, finish
+
+    def _prepare_run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
+                             save: str | None = None, batch_size: int = 8,
+                             limit: int | None = None, micro_batches: int = 1) -> Prepared:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise UsageError(f"limit must be None or an int >= 0, not {limit!r}")
+        request = rq.RunDataset(dataset=dataset, forward=self._plan(probes),
+                                save=_context_name(save),
+                                batch_size=_positive_int(batch_size, "batch_size"), limit=limit,
+                                micro_batches=_positive_int(micro_batches, "micro_batches"))
+        return request, _identity
+
+    def _prepare_call(self, fn: Callable[..., Any], *args: Any, rank: int | str | None = None,
+                      **kwargs: Any) -> Prepared:
+        if not callable(fn):
+            raise UsageError(f"call needs a callable, not {fn!r}")
+        world = self.world_size
+        if not (rank is None or rank == "all" or (isinstance(rank, int) and not isinstance(
+                rank, bool) and 0 <= rank < world)):
+            raise UsageError(f"rank must be None, 'all' or an int in [0, {world}), not {rank!r}")
+        return rq.Call(fn=fn, args=args, kwargs=kwargs, rank=rank), _identity
+
+    def _prepare_param(self, name: str, *, grad: bool = False) -> Prepared:
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"weight names are non-empty strings, not {name!r}")
+        return rq.Param(name=name, grad=bool(grad)), _identity
+
+    def _prepare_param_names(self, canonical: bool = True) -> Prepared:
+        return rq.ParamNames(canonical=bool(canonical)), _identity
+
+    def _prepare_save_contexts(self) -> Prepared:
+        return rq.ListContexts(), _identity
+
+    def _prepare_probe_points(self) -> Prepared:
+        return rq.ProbePoints(), list
+
+    def _prepare_ping(self, value: Any = None) -> Prepared:
+        return rq.Ping(value=value), _identity
+
+    def _execute(self, prepared: Prepared, cancel: CancelEvent | None = None,
+                 on_event: EventSink | None = None) -> Any:
+        request, finish = prepared
+        return finish(self._executor.execute(request, cancel=cancel, on_event=on_event))
+
+    # ----------------------------------------------------------------- running
+    def run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
+            grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
+            backward: bool | Callable[..., torch.Tensor] | None = None,
+            return_logits: bool = True, micro_batches: int = 1,
+            cancel: CancelEvent | None = None) -> RunResult:
+        """One forward pass (and optionally a backward pass) with probes attached.
+
+        ``inputs``: text, a list of texts, token ids ``(seq,)``/``(batch, seq)``, or a dict
+        with ``input_ids`` (and ``attention_mask``). ``probes``/``grad_probes`` map point
+        names to ``fn(ctx, x)`` (or lists, applied in order); what they save goes to the save
+        context ``save`` (``"default"``). ``backward=True`` backprops the mean next-token
+        cross-entropy; a callable gets :class:`~cloche.Outputs` and returns the scalar to
+        backprop; parameter gradients are then readable with ``param(name, grad=True)``.
+        ``micro_batches`` > 1 splits a forward-only batch (probes run once per micro-batch).
+        ``cancel`` (a ``threading.Event``) stops the run at the next layer when set.
+        """
+        return self._execute(self._prepare_run(
+            inputs, probes=probes, grad_probes=grad_probes, save=save, backward=backward,
+            return_logits=return_logits, micro_batches=micro_batches), cancel)
+
+    def generate(self, prompt: Any, max_new_tokens: int = 20, *,
+                 probes: Mapping[str, Any] | None = None, save: str | None = None,
+                 temperature: float = 0.0, seed: int | None = None,
+                 cancel: CancelEvent | None = None) -> GenerateResult:
+        """Continue ``prompt`` (greedy unless ``temperature > 0``) with probes active at every
+        step; ``seed`` makes sampling reproducible."""
+        return self._execute(self._prepare_generate(
+            prompt, max_new_tokens, probes=probes, save=save, temperature=temperature,
+            seed=seed), cancel)
+
+    def run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
+                    save: str | None = None, batch_size: int = 8, limit: int | None = None,
+                    progress: bool | Callable[[dict[str, Any]], None] | None = True,
+                    micro_batches: int = 1, cancel: CancelEvent | None = None
+                    ) -> dict[str, Any]:
+        """Run every example of ``dataset`` (or the first ``limit``) with probes and reducers.
+
+        ``dataset``: a ``cloche.data.Dataset``, a name (``"default:heldout"``, a path) or a
+        list of texts — names and texts are resolved where the model runs. The whole run is one
+        transaction: cancelled or failed, it leaves the save context as it was. ``progress``:
+        a tqdm bar (``True``), a callable receiving progress dicts, or nothing. Returns the
+        totals and the save context's reduced results and state.
+        """
+        reporter = ProgressReporter(progress, "run_dataset")
+        try:
+            return self._execute(self._prepare_run_dataset(
+                dataset, probes=probes, save=save, batch_size=batch_size, limit=limit,
+                micro_batches=micro_batches), cancel, reporter)
+        finally:
+            reporter.close()
+
+    def call(self, fn: Callable[..., Any], *args: Any, rank: int | str | None = None,
+             **kwargs: Any) -> Any:
+        """Run ``fn(model, *args, **kwargs)`` next to the model and its save contexts.
+
+        ``rank=None``: with the whole model. On a sharded model, ``rank=k`` runs it on rank
+        ``k`` with that rank's shard and ``rank="all"`` on every rank (``{rank: result}``).
+        """
+        return self._execute(self._prepare_call(fn, *args, rank=rank, **kwargs))
+
+    def submit(self, method: str, *args: Any, on_event: EventSink | None = None,
+               **kwargs: Any) -> RequestFuture[Any]:
+        """Start ``method(*args, **kwargs)`` and return a future at once.
+
+        ``future.cancel()`` stops the work where it runs (at its next layer or batch).
+        ``on_event`` receives the request's events: ``{"type": "queued", "position": n}`` on a
+        busy server, ``{"type": "started"}``, and ``{"type": "progress", ...}`` for
+        ``run_dataset`` (whose ``progress=`` callable also receives the progress dicts).
+        """
+        prepare = getattr(self, f"_prepare_{method}", None) if isinstance(method, str) else None
+        if prepare is None:
+            raise UsageError(f"submit takes one of {sorted(self.submittable())}, not {method!r}")
+        reporter = None
+        if method == "run_dataset":
+            reporter = ProgressReporter(kwargs.pop("progress", None), "run_dataset")
+            on_event = _both(reporter, on_event)
+        request, finish = prepare(*args, **kwargs)
+        future = self._executor.submit(request, on_event=on_event)
+        if reporter is not None:
+            future.add_done_callback(lambda _: reporter.close())
+        return future.then(finish)
+
+    @classmethod
+    def submittable(cls) -> list[str]:
+        """The method names :meth:`submit` accepts."""
+        return sorted(n[len("_prepare_"):] for n in dir(cls) if n.startswith("_prepare_"))
+
+    def ping(self, value: Any = None) -> Any:
+        """A round trip to where the model runs (echoes ``value``)."""
+        return self._execute(self._prepare_ping(value))
+
+    # ----------------------------------------------------------------- save contexts
+    def save_context(self, name: str = DEFAULT_CONTEXT) -> SaveContextHandle:
+        """A handle on the save context ``name`` (it need not exist yet)."""
+        return SaveContextHandle(self._executor, _context_name(name))
+
+    def save_contexts(self) -> list[str]:
+        """The names of the save contexts that hold something."""
+        return self._execute(self._prepare_save_contexts())
+
+    # ----------------------------------------------------------------- weights & tokens
+    def param_names(self, canonical: bool = True) -> list[str]:
+        """Canonical weight names (those that exist) then raw parameter names."""
+        return self._execute(self._prepare_param_names(canonical))
+
+    def param(self, name: str, *, grad: bool = False) -> torch.Tensor:
+        """A weight (or its gradient after a backward run) by canonical or raw name.
+
+        Canonical layouts follow TransformerLens (see ``cloche.model.weights``).
+        """
+        return self._execute(self._prepare_param(name, grad=grad))
+
+    def tokenize(self, text: str | list[str]) -> torch.Tensor:
+        """Token ids of ``text``: ``(seq,)`` for a string, ``(batch, seq)`` for a list."""
+        if not is_text(text):
+            raise UsageError(f"tokenize takes a string or a list of strings, not {text!r}")
+        ids, _ = encode_inputs(text, self.tokenizer)
+        return ids[0] if isinstance(text, str) else ids
+
+    def _need_tokenizer(self) -> Any:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise UsageError("this model has no tokenizer")
+        return tokenizer
+
+    def decode(self, ids: Any) -> str:
+        return self._need_tokenizer().decode(torch.as_tensor(ids).tolist())
+
+    def to_str_tokens(self, ids: Any) -> list[str]:
+        """One string per token (``ids`` may also be text, tokenized first)."""
+        tokenizer = self._need_tokenizer()
+        if isinstance(ids, str):
+            ids = self.tokenize(ids)
+        return [tokenizer.decode([int(i)]) for i in torch.as_tensor(ids).reshape(-1)]
+
+    # ----------------------------------------------------------------- connection & lifecycle
+    @property
+    def session(self) -> str | None:
+        """A remote model's session id (``cloche.connect(..., session=...)`` resumes it)."""
+        return getattr(self._executor, "session", None)
+
+    @property
+    def address(self) -> str | None:
+        """A remote model's ``host:port``."""
+        return getattr(self._executor, "address", None)
+
+    def close(self) -> None:
+        """Release the executor: a connection, or the worker processes of a sharded model."""
+        self._executor.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        info = self._described()
+        where = f", world_size={info.world_size}" if info.world_size > 1 else ""
+        if self.address:
+            where += f", at {self.address}"
+        return (f"Model({info.name!r}, {info.family or 'generic'}, layers={info.n_layers},"
+                f" d_model={info.d_model}{where})")
+
+
+def _both(first: EventSink, second: EventSink | None) -> EventSink:
+    if second is None:
+        return first
+
+    def both(event: dict[str, Any]) -> None:
+        first(event)
+        second(event)
+
+    return both

@@ -1,0 +1,68 @@
+"""What the model API hands back: plain records, the same for local, sharded and remote models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cloche.api.inputs import next_token_loss
+
+__all__ = ["GenerateResult", "Outputs", "RunResult", "generate_result"]
+
+
+@dataclass
+class RunResult:
+    """What ``run`` returns: logits (detached), the mean next-token loss, the tokens.
+
+    ``loss`` is computed on first access from the logits when the run did not need it (a
+    cross-entropy over the whole vocabulary is not free, and most probing runs never look).
+    """
+
+    logits: torch.Tensor | None
+    loss_value: float | None
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    causal: bool = True
+
+    @property
+    def loss(self) -> float | None:
+        if self.loss_value is None and self.causal and self.logits is not None:
+            value = next_token_loss(self.logits, self.tokens, self.attention_mask)
+            self.loss_value = None if value is None else float(value)
+        return self.loss_value
+
+    def __repr__(self) -> str:
+        shape = None if self.logits is None else tuple(self.logits.shape)
+        return f"RunResult(logits={shape}, loss={self.loss}, tokens={tuple(self.tokens.shape)})"
+
+
+@dataclass
+class Outputs:
+    """What a ``backward=`` callable receives: live tensors that still carry the graph."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class GenerateResult:
+    """What ``generate`` returns: the tokens (prompt included) and, with a tokenizer, the text."""
+
+    text: str | None
+    new_text: str | None
+    tokens: torch.Tensor
+
+
+def generate_result(tokenizer: Any, out: torch.Tensor, prompt_len: int) -> GenerateResult:
+    """Token ids from ``generate`` (prompt + continuation) as a :class:`GenerateResult`."""
+    tokens = out[0].cpu() if out.shape[0] == 1 else out.cpu()
+    new = tokens[..., prompt_len:]
+    text = new_text = None
+    if tokenizer is not None and tokens.dim() == 1:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        new_text = tokenizer.decode(new, skip_special_tokens=True)
+    return GenerateResult(text, new_text, tokens)

@@ -1,0 +1,173 @@
+"""The remote executor: a model served by ``cloche serve``, reached over one connection.
+
+``cloche.connect(...)`` returns a :class:`cloche.Model` over a :class:`RemoteExecutor`, so the
+same notebook code runs against ``cloche.load(...)`` and a server. Each request record is sent
+as it is (probe and shipped functions inside it travel with cloudpickle and run on the server);
+the reply is the same output a local executor returns. The tokenizer and config are rebuilt in
+this process from the server's files, so text is tokenized here and only ids travel.
+
+Remote-only: ``session`` (reconnect to it later), ``resumed``, ``address``, ``reconnect()``.
+Ctrl-C while waiting cancels the request on the server and keeps the connection usable.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import ssl
+import tempfile
+import threading
+from typing import Any, TypeVar
+
+from cloche import errors
+from cloche.api import requests as rq
+from cloche.api.executor import CancelEvent, EventSink
+from cloche.api.futures import RequestFuture, wait
+from cloche.api.model import Model
+from cloche.client.connection import ClientConnection
+from cloche.model.info import ModelInfo
+from cloche.wire.transport import client_ssl_context
+
+__all__ = ["RemoteExecutor", "connect", "parse_address"]
+
+T = TypeVar("T")
+_UNSET: Any = object()
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"``, ``"[::1]:port"`` or ``(host, port)``."""
+    if isinstance(address, tuple) and len(address) == 2:
+        return str(address[0]), int(address[1])
+    if not isinstance(address, str):
+        raise errors.UsageError(f"an address is 'host:port' or (host, port), not {address!r}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise errors.UsageError(f"an address is 'host:port', not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def connect(
+    address: str | tuple[str, int],
+    *,
+    token: str,
+    session: str | None = None,
+    tls: bool | str | os.PathLike[str] | ssl.SSLContext | None = None,
+    timeout: float = 30.0,
+) -> Model:
+    """Connect to ``cloche serve`` at ``address`` and authenticate with ``token``.
+
+    ``session``: resume an earlier session (its save contexts) by id. ``tls``: ``True`` verifies
+    the server against the system CAs, a path trusts that certificate/CA file.
+    """
+    return Model(RemoteExecutor(address, token=token, session=session, tls=tls,
+                                timeout=timeout))
+
+
+class RemoteExecutor:
+    """Executes request records on a server; one connection, reopened to the same session."""
+
+    def __init__(self, address: str | tuple[str, int], *, token: str, session: str | None = None,
+                 tls: Any = None, timeout: float = 30.0) -> None:
+        if not isinstance(token, str) or not token:
+            raise errors.UsageError("connect needs the server's token (printed by `cloche serve`)")
+        self._host, self._port = parse_address(address)
+        self._token = token
+        self._ssl = client_ssl_context(os.fspath(tls) if isinstance(tls, os.PathLike) else tls)
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._conn = self._open(session)
+        self._info: ModelInfo | None = None
+        self._config: Any = None
+        self._tokenizer: Any = _UNSET
+
+    # ----------------------------------------------------------------- connection
+    def _open(self, session: str | None) -> ClientConnection:
+        return ClientConnection(self._host, self._port, token=self._token, session=session,
+                                ssl_context=self._ssl, timeout=self._timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    @property
+    def session(self) -> str:
+        """The session id: ``connect(..., session=...)`` gets its save contexts back."""
+        return self._conn.session
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this connection resumed an existing session."""
+        return self._conn.resumed
+
+    def reconnect(self) -> None:
+        """Open a fresh connection to the same session (in-flight requests fail)."""
+        with self._lock:
+            old = self._conn
+            old.close()
+            self._conn = self._open(old.session)
+
+    def _connection(self) -> ClientConnection:
+        with self._lock:
+            if self._conn.closed:
+                self._conn = self._open(self._conn.session)
+            return self._conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ----------------------------------------------------------------- the seam
+    def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
+               ) -> RequestFuture[T]:
+        conn = self._connection()
+        try:
+            return conn.submit(request, on_event=on_event)
+        except errors.ConnectionError:
+            # The connection died before the request left: a dead connection's requests are
+            # cancelled by the server, so sending it again on a fresh one is safe.
+            with self._lock:
+                if self._conn is conn:
+                    conn.close()
+            return self._connection().submit(request, on_event=on_event)
+
+    def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
+                on_event: EventSink | None = None) -> T:
+        return wait(self.submit(request, on_event=on_event), cancel)
+
+    # ----------------------------------------------------------------- description
+    def describe(self) -> ModelInfo:
+        if self._info is None:
+            self._info = self.execute(rq.Describe())
+        return self._info
+
+    @property
+    def config(self) -> Any:
+        """The model's Hugging Face config, rebuilt locally from the server's."""
+        if self._config is None:
+            from transformers import AutoConfig
+
+            values = dict(self.execute(rq.Config()))
+            model_type = values.pop("model_type", None)
+            self._config = AutoConfig.for_model(model_type, **values) if model_type else values
+        return self._config
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded locally from the server's files (None if it has none)."""
+        if self._tokenizer is _UNSET:
+            files = self.execute(rq.TokenizerFiles())
+            if files is None:
+                self._tokenizer = None
+            else:
+                from transformers import AutoTokenizer
+
+                with tempfile.TemporaryDirectory() as directory:
+                    for name, data in files.items():
+                        if "/" in name or "\\" in name or name.startswith("."):
+                            raise errors.ProtocolError(f"bad tokenizer file name {name!r}")
+                        (pathlib.Path(directory) / name).write_bytes(data)
+                    self._tokenizer = AutoTokenizer.from_pretrained(directory,
+                                                                    local_files_only=True)
+        return self._tokenizer
+
+    def __repr__(self) -> str:
+        return f"RemoteExecutor({self.address}, session {self.session[:8]})"

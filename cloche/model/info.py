@@ -1,0 +1,81 @@
+"""What a model is, as one plain record: sizes, family, device, probe point names.
+
+Every executor describes its model with :func:`describe`; the facade validates requests against
+the record (names, ranks, causal or not) without asking the model again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cloche.model.adapters import Adapter
+from cloche.model.weights import head_shape
+
+__all__ = ["ModelInfo", "describe"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """A model's description; ``point_names`` holds every probe point's canonical name.
+
+    ``rank`` is the rank this description was made on: 0 for a whole model, ``k`` for the shard
+    that a function shipped with ``call(fn, rank=k)`` receives.
+    """
+
+    name: str
+    family: str | None
+    model_type: str | None
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_mlp: int
+    d_head: int
+    d_vocab: int
+    causal: bool
+    device: str
+    world_size: int = 1
+    layers_per_rank: tuple[int, ...] = ()
+    rank: int = 0
+    point_names: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """The plain dict ``model.info()`` returns (everything but the point names)."""
+        return {
+            "name": self.name, "family": self.family, "model_type": self.model_type,
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model, "d_mlp": self.d_mlp, "d_head": self.d_head,
+            "d_vocab": self.d_vocab, "causal": self.causal, "device": self.device,
+            "world_size": self.world_size, "layers_per_rank": list(self.layers_per_rank),
+            "rank": self.rank,
+        }
+
+
+def _int(config: Any, *names: str, default: int = 0) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return default
+
+
+def describe(config: Any, adapter: Adapter | None, *, name: str, device: Any,
+             point_names: Iterable[str], world_size: int = 1,
+             layers_per_rank: Iterable[int] = (), rank: int = 0) -> ModelInfo:
+    """The :class:`ModelInfo` of a model with Hugging Face ``config`` and ``adapter``."""
+    d_model = _int(config, "hidden_size")
+    n_heads = _int(config, "num_attention_heads")
+    causal = adapter.causal if adapter is not None else bool(getattr(config, "is_decoder", True))
+    heads = head_shape(config) if n_heads and d_model else None
+    return ModelInfo(
+        name=name, family=adapter.family if adapter else None,
+        model_type=getattr(config, "model_type", None),
+        n_layers=_int(config, "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=heads.n_kv_heads if heads else n_heads, d_model=d_model,
+        d_mlp=_int(config, "intermediate_size", "n_inner", default=4 * d_model),
+        d_head=heads.d_head if heads else 0, d_vocab=_int(config, "vocab_size"),
+        causal=causal, device=str(device), world_size=world_size,
+        layers_per_rank=tuple(layers_per_rank), rank=rank, point_names=tuple(point_names),
+    )

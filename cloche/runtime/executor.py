@@ -1,0 +1,323 @@
+"""The local executor: a Hugging Face model in this process, with probe points and save contexts.
+
+``cloche.load(path)`` wraps one in :class:`cloche.Model`; the server serves one; every rank of
+a sharded model holds one for its shard. It executes request records
+(``cloche.api.requests``) that the facade has already validated: attach the probes of one run,
+run forward (and backward), always detach, and commit the run's writes to the save contexts
+only when it succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from cloche.api import requests as rq
+from cloche.api.executor import CancelEvent, EventSink
+from cloche.api.futures import RequestFuture, run_in_thread
+from cloche.api.inputs import next_token_loss
+from cloche.api.model import Model
+from cloche.api.results import Outputs
+from cloche.errors import UsageError
+from cloche.model.adapters import Adapter, adapter_for
+from cloche.model.info import ModelInfo, describe
+from cloche.model.loader import Loaded
+from cloche.model.points import PointSpec, ProbePoint, build_specs
+from cloche.model.weights import WeightCatalog, head_shape, read_weight
+from cloche.probes.actions import context_action
+from cloche.probes.context import RunInfo
+from cloche.probes.store import SaveStore, Transaction
+from cloche.runtime.datasets import as_dataset, iterate
+from cloche.runtime.hooks import Attachment, ProbePlan
+from cloche.runtime.shapes import probe_ids, shape_reader
+from cloche.runtime.usercode import backward_objective, run_user_function
+
+__all__ = ["LocalExecutor"]
+
+T = TypeVar("T")
+
+#: the save context the shape-discovery pass writes to (always rolled back, never listed)
+SHAPES_CONTEXT = "__shapes__"
+
+
+class LocalExecutor:
+    """Executes requests on a model held by this process (one rank of a sharded one, or all)."""
+
+    def __init__(self, loaded: Loaded, *, store: SaveStore | None = None, rank: int = 0,
+                 name: str | None = None) -> None:
+        self.hf_model: nn.Module = loaded.hf_model
+        self._tokenizer = loaded.tokenizer
+        self.path = loaded.path
+        self.name = name or loaded.path.name
+        self._config = self.hf_model.config
+        self.adapter: Adapter | None = adapter_for(getattr(self._config, "model_type", None))
+        self.store = store if store is not None else SaveStore()
+        self.rank = rank
+        self.specs: dict[str, PointSpec] = build_specs(self.hf_model, self.adapter)
+        self._shapes: dict[str, tuple[str | int, ...] | None] | None = None
+        self._info: ModelInfo | None = None
+        self._facade: Model | None = None
+        self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
+        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params))
+        self._modules = dict(self.hf_model.named_modules())
+        # one forward at a time: hooks and the attention switch are per model, not per thread
+        self._exec_lock = threading.RLock()
+        if self.adapter is not None:
+            layers = self.adapter.layers
+            self._block_paths = [f"{layers}.{i}" for i in range(self.n_layers)]
+            attn = self.adapter.attention
+            self._attention_paths = ({f"{layers}.{i}.{attn}": i for i in range(self.n_layers)}
+                                     if attn else {})
+        else:
+            self._block_paths, self._attention_paths = [], {}
+
+    # ----------------------------------------------------------------- description
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self._config, "num_hidden_layers", 0) or 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def describe(self) -> ModelInfo:
+        if self._info is None:
+            self._info = describe(self._config, self.adapter, name=self.name,
+                                  device=self.device, point_names=self.specs, rank=self.rank)
+        return self._info
+
+    @property
+    def causal(self) -> bool:
+        return self.describe().causal
+
+    @property
+    def facade(self) -> Model:
+        """This executor behind the model API: what probes see as ``ctx.model`` and shipped
+        functions receive (on a sharded model's rank: that rank's shard)."""
+        if self._facade is None:
+            self._facade = Model(self)
+        return self._facade
+
+    def probe_points(self) -> list[ProbePoint]:
+        shapes = self._discover_shapes()
+        return [ProbePoint(s.name, s.kind, s.layer, shapes.get(s.name),
+                           s.site.module if s.site else None) for s in self.specs.values()]
+
+    def _discover_shapes(self) -> dict[str, tuple[str | int, ...] | None]:
+        """Run one tiny forward with a reader at every point and record symbolic shapes."""
+        if self._shapes is not None:
+            return self._shapes
+        seen: dict[str, tuple[str | int, ...]] = {}
+        ids = probe_ids(self.describe().d_vocab)
+        plan = ProbePlan(forward={name: [shape_reader(seen)] for name in self.specs})
+        txn = self.store.begin()
+        try:
+            with self._exec_lock:
+                self.forward(ids, torch.ones_like(ids), plan, txn.writes(SHAPES_CONTEXT), None,
+                             None, grad=False)
+        finally:
+            txn.rollback()
+        self._shapes = {name: seen.get(name) for name in self.specs}
+        return self._shapes
+
+    # ----------------------------------------------------------------- the seam
+    def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
+                on_event: EventSink | None = None) -> T:
+        handler = self._HANDLERS.get(type(request))
+        if handler is None:
+            raise UsageError(f"unknown request {type(request).__name__}")
+        return handler(self, request, cancel, on_event)
+
+    def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
+               ) -> RequestFuture[T]:
+        return run_in_thread(type(request).__name__.lower(),
+                             lambda cancel: self.execute(request, cancel=cancel,
+                                                         on_event=on_event))
+
+    def close(self) -> None:
+        """Nothing to release: the model lives as long as this object."""
+
+    # ----------------------------------------------------------------- running
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan, writes: Any,
+                example_ids: torch.Tensor | None, cancel: Any, *, grad: bool) -> Any:
+        """One forward pass of ``hf_model`` with ``plan`` attached (and detached after)."""
+        device = self.device
+        ids, mask = ids.to(device), mask.to(device)
+        info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
+                       model=self.facade, rank=self.rank)
+        attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
+                                cancel, self._block_paths, self._attention_paths)
+        with attachment.attached(), torch.set_grad_enabled(grad):
+            return self.hf_model(input_ids=ids, attention_mask=mask)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Transaction]:
+        txn = self.store.begin()
+        try:
+            with self._exec_lock:
+                yield txn
+        except BaseException:
+            txn.rollback()
+            raise
+        txn.commit()
+
+    def _run(self, req: rq.Run, cancel: CancelEvent | None, on_event: Any) -> rq.RunOutput:
+        plan = ProbePlan(req.forward, req.backward_probes)
+        with self._transaction() as txn:
+            return self._run_ids(req.ids, req.mask, plan, txn, req.save, backward=req.backward,
+                                 return_logits=req.return_logits,
+                                 want_loss=not req.return_logits, cancel=cancel,
+                                 micro_batches=req.micro_batches)
+
+    def _run_ids(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan,
+                 txn: Transaction, save: str, *, backward: Any, return_logits: bool,
+                 want_loss: bool, cancel: Any, micro_batches: int = 1,
+                 example_ids: torch.Tensor | None = None) -> rq.RunOutput:
+        writes = txn.writes(save)
+        if example_ids is None:  # plain runs number their rows per save context
+            start = writes.examples_seen
+            example_ids = torch.arange(start, start + ids.shape[0])
+            writes.examples += ids.shape[0]
+        example_ids = example_ids.to(self.device)
+        grad = backward is not None
+        if grad:
+            self.hf_model.zero_grad(set_to_none=True)
+        n = 1 if grad else max(1, min(micro_batches, ids.shape[0]))
+        chunks = []
+        for part_ids, part_mask, part_examples in zip(ids.chunk(n), mask.chunk(n),
+                                                      example_ids.chunk(n)):
+            out = self.forward(part_ids, part_mask, plan, writes, part_examples, cancel,
+                               grad=grad)
+            chunks.append(out.logits if hasattr(out, "logits") else out[0])
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        loss = None
+        if grad:
+            with torch.enable_grad():
+                ids_d, mask_d = ids.to(logits.device), mask.to(logits.device)
+                if self.causal:
+                    loss = next_token_loss(logits, ids_d, mask_d)
+                backward_objective(backward, Outputs(logits, loss, ids_d, mask_d)).backward()
+        elif want_loss and self.causal:
+            loss = next_token_loss(logits, ids.to(logits.device), mask.to(logits.device))
+        writes.runs += 1
+        return rq.RunOutput(logits=logits.detach() if return_logits else None,
+                            loss=None if loss is None else float(loss.detach()))
+
+    def _generate(self, req: rq.Generate, cancel: CancelEvent | None, on_event: Any
+                  ) -> torch.Tensor:
+        plan = ProbePlan(req.forward)
+        with self._transaction() as txn, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(req.seed)
+            writes = txn.writes(req.save)
+            out = self.generate_with(plan, writes, req.ids, req.mask, req.options, cancel)
+            writes.runs += 1
+        return out.cpu()
+
+    def generate_with(self, plan: ProbePlan, writes: Any, ids: torch.Tensor, mask: torch.Tensor,
+                      options: Mapping[str, Any], cancel: Any,
+                      attachment_for: Callable[[RunInfo], Attachment] | None = None
+                      ) -> torch.Tensor:
+        """Hugging Face ``generate`` with ``plan`` attached; probes see each step's tokens."""
+        info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=None,
+                       model=self.facade, rank=self.rank)
+
+        def track(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            if isinstance(kwargs.get("input_ids"), torch.Tensor):
+                info.tokens = kwargs["input_ids"]
+            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                info.attention_mask = kwargs["attention_mask"]
+
+        attachment = (attachment_for(info) if attachment_for is not None else
+                      Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
+                                 cancel, self._block_paths, self._attention_paths))
+        handle = self.hf_model.register_forward_pre_hook(track, with_kwargs=True)
+        try:
+            with attachment.attached(), torch.no_grad():
+                return self.hf_model.generate(input_ids=ids.to(self.device),
+                                              attention_mask=mask.to(self.device), **options)
+        finally:
+            handle.remove()
+
+    def _run_dataset(self, req: rq.RunDataset, cancel: CancelEvent | None,
+                     on_event: EventSink | None) -> dict[str, Any]:
+        ds = as_dataset(req.dataset, self._tokenizer)
+        plan = ProbePlan(req.forward)
+        totals = {"examples": 0, "tokens": 0}
+        with self._transaction() as txn:
+            for batch in iterate(ds, req.batch_size, req.limit, on_event, totals, cancel):
+                self._run_ids(batch.tokens, batch.attention_mask, plan, txn, req.save,
+                              backward=None, return_logits=False, want_loss=False,
+                              cancel=cancel,
+                              micro_batches=req.micro_batches, example_ids=batch.example_ids)
+        return dataset_summary(totals, ds, self.store, req.save)
+
+    def _call(self, req: rq.Call, cancel: CancelEvent | None, on_event: Any) -> Any:
+        if req.rank not in (None, 0, "all"):
+            raise UsageError(f"this model is not sharded: rank must be None, 0 or 'all', not"
+                             f" {req.rank!r}")
+        value = run_user_function(req.fn, self.facade, req.args, req.kwargs)
+        return {0: value} if req.rank == "all" else value
+
+    # ----------------------------------------------------------------- save contexts & weights
+    def _context(self, req: rq.Context, cancel: Any, on_event: Any) -> Any:
+        return context_action(self.store, req.name, req.action, req.args)
+
+    def context_names(self) -> list[str]:
+        return [n for n in self.store.names() if n != SHAPES_CONTEXT]
+
+    def param(self, name: str, grad: bool = False) -> torch.Tensor:
+        raw, rule = self._weights.resolve(name)
+        return read_weight(self._params[raw], rule, head_shape(self._config), grad=grad,
+                           name=name)
+
+    def tokenizer_files(self) -> dict[str, bytes] | None:
+        """The tokenizer as the files ``save_pretrained`` writes (for a client to load)."""
+        if self._tokenizer is None:
+            return None
+        with tempfile.TemporaryDirectory() as directory:
+            self._tokenizer.save_pretrained(directory)
+            return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+    _HANDLERS: dict[type, Callable[..., Any]] = {
+        rq.Run: _run,
+        rq.Generate: _generate,
+        rq.RunDataset: _run_dataset,
+        rq.Call: _call,
+        rq.Context: _context,
+        rq.Describe: lambda self, req, c, e: self.describe(),
+        rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
+        rq.Owner: lambda self, req, c, e: 0,
+        rq.Param: lambda self, req, c, e: self.param(req.name, req.grad),
+        rq.ParamNames: lambda self, req, c, e: self._weights.names(req.canonical),
+        rq.ListContexts: lambda self, req, c, e: self.context_names(),
+        rq.Config: lambda self, req, c, e: self._config.to_dict(),
+        rq.TokenizerFiles: lambda self, req, c, e: self.tokenizer_files(),
+        rq.Ping: lambda self, req, c, e: req.value,
+    }
+
+    def __repr__(self) -> str:
+        return f"LocalExecutor({self.name!r}, rank={self.rank})"
+
+
+def dataset_summary(totals: dict[str, int], ds: Any, store: SaveStore, save: str
+                    ) -> dict[str, Any]:
+    """What ``run_dataset`` returns: totals plus the context's reduced results and state."""
+    reducers = context_action(store, save, "reducers")
+    return {**totals, "dataset": ds.name, "fingerprint": ds.fingerprint(),
+            "reducers": {name: r.result() for name, r in reducers.items()},
+            "state": context_action(store, save, "state")}

@@ -1,0 +1,519 @@
+"""Rank 0's executor for a model sharded by layers over many ranks.
+
+:class:`ShardedExecutor` executes the model API's request records by sending each as a command to
+every rank and letting each rank's :class:`~cloche.sharding.stage.Stage` do its part; behind
+:class:`cloche.Model` (and a server) a client cannot tell the world size.
+
+Commands are serialised (one at a time); reads of committed data (fetch, keys, state, param)
+go on a separate *light* channel so they are never stuck behind a long run. When a rank is
+lost, the request in flight raises :class:`~cloche.errors.WorkerLost` naming the rank, every
+later request does too, and ``on_lost`` is called (the launcher exits the process).
+
+A save context has a part on every rank (probes write where their point lives): reads gather
+only what was asked — ``fetch`` of a key held by one rank slices and casts it there; a key
+written on several ranks is gathered and put back in single-process order; reducers of one
+name are merged across ranks with the same ``merge`` that merges batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import cloudpickle
+import torch
+
+from cloche import errors
+from cloche.api import requests as rq
+from cloche.api.executor import CancelEvent, EventSink
+from cloche.api.futures import RequestFuture, run_in_thread
+from cloche.api.model import Model
+from cloche.errors import ClocheError, UsageError, WorkerLost
+from cloche.model.info import ModelInfo, describe
+from cloche.model.points import ProbePoint
+from cloche.model.weights import WeightCatalog
+from cloche.probes.actions import join_entries, read_context, write_context
+from cloche.probes.reducers import Reducer, reducer_from_state
+from cloche.probes.store import SaveContext
+from cloche.runtime.usercode import run_user_function
+from cloche.sharding.channel_keys import keys
+from cloche.errors.payload import from_payload
+from cloche.sharding.control import Control
+from cloche.sharding.p2p import Channel
+from cloche.sharding.stage import Command, Stage, error_envelope
+from cloche.sharding.worker import Rank
+
+__all__ = ["ShardedExecutor"]
+
+T = TypeVar("T")
+
+
+_TRANSACTIONAL = ("run", "generate", "dataset")
+
+
+class ShardedExecutor:
+    """A model sharded by layers over ``world_size`` ranks; this object lives on rank 0.
+
+    ``micro_batches`` is the default for requests that leave it unset.
+    """
+
+    def __init__(self, rank: Rank, *, on_lost: Callable[[WorkerLost], None] | None = None,
+                 micro_batches: int = 1) -> None:
+        if rank.layout.rank != 0:
+            raise UsageError(f"ShardedExecutor lives on rank 0, not rank {rank.layout.rank}")
+        self._rank = rank
+        self._stage = rank.stage
+        self._control = rank.control
+        self._channel = rank.channel
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._light_lock = threading.Lock()
+        self._light_seq = [0] * rank.layout.world_size
+        light_control = Control(rank.layout.new_store_client(), None, 0,
+                                rank.layout.world_size, rank.config.timeout_s,
+                                rank.config.heartbeat_s)
+        light_control.liveness = self._control.liveness  # one view of who is alive
+        self._light_channel = Channel(light_control, 0, rank.layout.device,
+                                      rank.layout.tensor_group, rank.layout.object_group,
+                                      announce=False)
+        self._broken: WorkerLost | None = None
+        self._on_lost = on_lost
+        self._shapes: dict[str, Any] | None = None
+        self._closed = False
+        self.micro_batches = micro_batches
+        self._local = self._stage.local
+        self.plan = self._stage.plan
+        self.world_size = rank.layout.world_size
+        self.group: Any = None  # the worker processes, when started by cloche.sharding.launch
+        self._on_close: list[Callable[[], None]] = []
+        self._specs = self._stage.full_specs
+        self._info: ModelInfo | None = None
+        self._weights: WeightCatalog | None = None
+        self._facade: Model | None = None
+        self._control.on_lost = self._lost
+        self._control.watch_idle = True
+
+    # ----------------------------------------------------------------- description
+    @property
+    def tokenizer(self) -> Any:
+        return self._local.tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self._local.config
+
+    @property
+    def name(self) -> str:
+        return self._local.name
+
+    @property
+    def device(self) -> torch.device:
+        return self._rank.layout.device
+
+    @property
+    def facade(self) -> Model:
+        if self._facade is None:
+            self._facade = Model(self)
+        return self._facade
+
+    def describe(self) -> ModelInfo:
+        if self._info is None:
+            self._info = describe(self.config, self._stage.adapter, name=self.name,
+                                  device=self.device, point_names=self._specs,
+                                  world_size=self.world_size,
+                                  layers_per_rank=self.plan.layers_per_rank())
+        return self._info
+
+    def probe_points(self) -> list[ProbePoint]:
+        if self._shapes is None:
+            shapes: dict[str, Any] = {}
+            for found in self._command("shapes"):
+                shapes.update(found)
+            self._shapes = shapes
+        return [ProbePoint(s.name, s.kind, s.layer, self._shapes.get(s.name),
+                           s.site.module if s.site else None) for s in self._specs.values()]
+
+    def owner_of(self, point: str) -> int:
+        """The rank that runs probes at canonical point ``point``."""
+        spec = self._specs.get(point)
+        if spec is None:
+            raise errors.UnknownProbePoint(f"unknown probe point {point!r}")
+        return self._stage.ownership.point_owner(spec)
+
+    # ----------------------------------------------------------------- the seam
+    def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
+                on_event: EventSink | None = None) -> T:
+        handler = self._HANDLERS.get(type(request))
+        if handler is None:
+            raise UsageError(f"unknown request {type(request).__name__}")
+        return handler(self, request, cancel, on_event)
+
+    def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
+               ) -> RequestFuture[T]:
+        return run_in_thread(type(request).__name__.lower(),
+                             lambda cancel: self.execute(request, cancel=cancel,
+                                                         on_event=on_event))
+
+    # ----------------------------------------------------------------- commands
+    def _lost(self, exc: WorkerLost) -> None:
+        if self._broken is None:
+            self._broken = exc
+        if self._on_lost is not None and not self._closed:
+            threading.Thread(target=self._on_lost, args=(exc,), daemon=True).start()
+
+    def _command(self, op: str, *, cancel: Any = None, local: dict | None = None,
+                 after: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        with self._lock:
+            if self._broken is not None:
+                raise WorkerLost(f"this sharded model is unusable: {self._broken.message}",
+                                 rank=self._broken.rank)
+            if self._closed:
+                raise UsageError("the distributed model was closed")
+            self._seq += 1
+            seq = self._seq
+            cmd = Command(seq, op, kwargs)
+            try:
+                payload = cloudpickle.dumps(cmd)
+            except Exception as exc:
+                raise UsageError(f"cannot ship the {op} request to the other ranks: {exc}"
+                                 ) from exc
+            store = self._control.store
+            try:
+                store.set(f"cmd/{seq}", payload)
+                self._control.begin(seq, cancel)
+                try:
+                    envelopes = [self._stage.execute(cmd, **(local or {}))]
+                    own_error = self._stage.last_exception
+                    extra = None
+                    if envelopes[0]["ok"] and after is not None:
+                        try:
+                            extra = after()
+                        except WorkerLost:
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - reported like rank 0's own
+                            own_error = exc
+                            envelopes[0] = error_envelope(
+                                exc, aborted=isinstance(exc, errors.Aborted), rank=0)
+                    for r in range(1, self.world_size):
+                        envelopes.append(self._channel.recv_object(r, keys.result(seq, r),
+                                                                   abortable=False))
+                finally:
+                    self._control.end()
+                store.delete_key(f"cmd/{seq}")
+                store.delete_key(f"abort/{seq}")
+            except WorkerLost as exc:
+                self._lost(exc)
+                raise
+            ok = all(e["ok"] for e in envelopes)
+            if op in _TRANSACTIONAL:
+                self._stage.settle(seq, ok)
+                try:
+                    store.set(f"decide/{seq}", "1" if ok else "0")
+                except RuntimeError as exc:
+                    lost = WorkerLost(f"the control store failed: {exc}", rank=0)
+                    self._lost(lost)
+                    raise lost from exc
+                self._await_settled(seq)
+            if not ok:
+                raise self._failure(envelopes, own_error)
+            values = [e["value"] for e in envelopes]
+            return (values, extra) if after is not None else values
+
+    def _await_settled(self, seq: int) -> None:
+        """Wait until every worker applied the decision, so reads that follow see it."""
+        store = self._control.store
+        deadline_checks = 0
+        delay = 1e-4
+        try:
+            while int(store.add(f"settled/{seq}", 0)) < self.world_size - 1:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.01)
+                deadline_checks += 1
+                if deadline_checks % 20 == 0:
+                    self._control.liveness.check()
+            store.delete_key(f"settled/{seq}")
+            store.delete_key(f"decide/{seq}")  # every worker read it before counting itself
+        except WorkerLost as exc:
+            self._lost(exc)
+            raise
+        except RuntimeError as exc:
+            lost = WorkerLost(f"the control store failed: {exc}", rank=0)
+            self._lost(lost)
+            raise lost from exc
+
+    def _failure(self, envelopes: list[dict], own: BaseException | None) -> ClocheError:
+        """The error to raise for a command that failed somewhere: the first root cause.
+
+        Ranks that stopped only because another failed report ``aborted``; rank 0's own
+        exception is raised as it is (with its local traceback).
+        """
+        failed = [(r, e) for r, e in enumerate(envelopes) if not e["ok"]]
+        roots = [(r, e) for r, e in failed if not e.get("aborted")]
+        rank, env = (roots or failed)[0]
+        if rank == 0 and isinstance(own, ClocheError) and not isinstance(own, errors.Aborted):
+            return own
+        if not roots:
+            return errors.Cancelled("the request was cancelled", rank=rank)
+        err = from_payload(env["error"])
+        err.rank = rank
+        if rank == 0:
+            err.remote_traceback = None
+            err.__cause__ = own
+        return err
+
+    # ----------------------------------------------------------------- running
+    def _micro(self, n: int | None) -> int:
+        return self.micro_batches if n is None else n
+
+    def _run(self, req: rq.Run, cancel: CancelEvent | None, on_event: Any) -> rq.RunOutput:
+        last = self.plan.last
+
+        def receive_logits() -> torch.Tensor:
+            return self._channel.recv(last, keys.final_logits(self._seq))
+
+        after = receive_logits if req.return_logits else None
+        result = self._command(
+            "run", cancel=cancel, after=after, ids=req.ids, mask=req.mask, forward=req.forward,
+            backward_probes=req.backward_probes, save=req.save, backward=req.backward,
+            return_logits=req.return_logits, micro_batches=self._micro(req.micro_batches))
+        values, logits = result if after is not None else (result, None)
+        return rq.RunOutput(logits=None if logits is None else logits.cpu(),
+                            loss=values[last]["loss"])
+
+    def _generate(self, req: rq.Generate, cancel: CancelEvent | None, on_event: Any
+                  ) -> torch.Tensor:
+        values = self._command("generate", cancel=cancel, ids=req.ids, mask=req.mask,
+                               forward=req.forward, save=req.save, options=req.options,
+                               seed=req.seed)
+        return values[0]
+
+    def _run_dataset(self, req: rq.RunDataset, cancel: CancelEvent | None,
+                     on_event: EventSink | None) -> dict[str, Any]:
+        """Batches stream through the pipeline, so ranks work on consecutive batches at once."""
+        from cloche.runtime.datasets import as_dataset
+
+        ds = as_dataset(req.dataset, self.tokenizer)
+        values = self._command("dataset", cancel=cancel,
+                               local={"progress": on_event, "cancel": cancel},
+                               dataset=ds, batch_size=req.batch_size, limit=req.limit,
+                               forward=req.forward, save=req.save,
+                               micro_batches=self._micro(req.micro_batches))
+        reducers = self._context_reducers(req.save)
+        return {**values[0], "dataset": ds.name, "fingerprint": ds.fingerprint(),
+                "reducers": {r: red.result() for r, red in reducers.items()},
+                "state": self._context_state(req.save)}
+
+    def _call(self, req: rq.Call, cancel: CancelEvent | None, on_event: Any) -> Any:
+        """``rank=None``: here, with the whole sharded model; ``rank=k``/``"all"``: on those
+        ranks, each with its shard (a ``cloche.Model`` holding only its blocks)."""
+        if req.rank is None:
+            return run_user_function(req.fn, self.facade, req.args, req.kwargs)
+        if req.rank == "all":
+            targets = list(range(self.world_size))
+        elif isinstance(req.rank, int) and 0 <= req.rank < self.world_size:
+            targets = [req.rank]
+        else:
+            raise UsageError(f"rank must be None, 'all' or an int in [0, {self.world_size}),"
+                             f" not {req.rank!r}")
+        values = self._command("call", fn=req.fn, args=req.args, kwargs=req.kwargs,
+                               targets=targets)
+        if req.rank == "all":
+            return dict(enumerate(values))
+        return values[req.rank]
+
+    # ----------------------------------------------------------------- save contexts
+    def _context_names(self) -> list[str]:
+        names: set[str] = set()
+        for found in self._ctx("", "names"):
+            names.update(found)
+        return sorted(names)
+
+    def _summaries(self, name: str) -> list[dict[str, Any] | None]:
+        return self._ctx(name, "summary")
+
+    def _context_keys(self, name: str) -> list[str]:
+        found: set[str] = set()
+        for summary in self._summaries(name):
+            if summary:
+                found.update(summary["keys"])
+        return sorted(found)
+
+    def _context_fetch(self, name: str, key: str, mode: str, ops: Any) -> Any:
+        """The entries under ``key`` — computed where they live when one rank holds them all."""
+        holders = [r for r, s in enumerate(self._summaries(name)) if s and key in s["keys"]]
+        if not holders:
+            raise UsageError(f"save context {name!r} has no key {key!r}"
+                             f" (keys: {self._context_keys(name)})")
+        if len(holders) == 1:
+            (rank,) = holders
+            return self._ctx(name, "fetch", key, mode, ops, ranks=[rank])[rank]
+        parts = self._ctx(name, "entries", key, ranks=holders)
+        ordered = sorted((tuple(o), v) for part in parts if part
+                         for o, v in zip(part["order"], part["values"]))
+        return join_entries([v for _, v in ordered], mode, key, ops)
+
+    def _context_state(self, name: str) -> dict[str, Any]:
+        """``ctx.state`` is per rank; this is their union (a later rank wins a shared key)."""
+        merged: dict[str, Any] = {}
+        for part in self._ctx(name, "state"):
+            merged.update(part or {})
+        return merged
+
+    def _context_reducers(self, name: str) -> dict[str, Reducer]:
+        merged: dict[str, Reducer] = {}
+        for part in self._ctx(name, "reducers"):
+            for rname, state in (part or {}).items():
+                reducer = reducer_from_state(state)
+                if rname in merged:
+                    merged[rname].merge(reducer)
+                else:
+                    merged[rname] = reducer
+        return merged
+
+    def _gathered(self, name: str) -> SaveContext:
+        ctx = SaveContext(name)
+        ctx.num_runs = max((s["num_runs"] for s in self._summaries(name) if s), default=0)
+        for key in self._context_keys(name):
+            ctx.entries[key] = self._context_fetch(name, key, "list", None)
+        ctx.state = copy.deepcopy(self._context_state(name))
+        ctx.reducers = self._context_reducers(name)
+        return ctx
+
+    def _context(self, req: rq.Context, cancel: Any, on_event: Any) -> Any:
+        name, action, args = req.name, req.action, tuple(req.args)
+        if action == "keys":
+            return self._context_keys(name)
+        if action == "fetch":
+            return self._context_fetch(name, *args)
+        if action == "state":
+            return self._context_state(name)
+        if action == "num_runs":
+            return max((s["num_runs"] for s in self._summaries(name) if s), default=0)
+        if action == "reducers":
+            return self._context_reducers(name)
+        if action == "result":
+            (rname,) = args
+            reducers = self._context_reducers(name)
+            if rname not in reducers:
+                raise UsageError(f"save context {name!r} has no reducer {rname!r}")
+            return reducers[rname].result()
+        if action == "nbytes":
+            return sum(s["nbytes"] for s in self._summaries(name) if s)
+        if action == "clear":
+            self._ctx(name, "clear")
+            return None
+        if action == "persist":  # gathered from every rank into one file
+            (path,) = args
+            write_context(self._gathered(name), path)
+            return None
+        if action == "restore":  # the restored context then lives on rank 0
+            (path,) = args
+            ctx = read_context(path, name)
+            self._ctx(name, "clear")
+            self._ctx(name, "put", ctx, ranks=[0])
+            return None
+        raise UsageError(f"unknown save-context action {action!r}")
+
+    def _ctx(self, name: str, action: str, *args: Any, ranks: list[int] | None = None) -> list:
+        kwargs: dict[str, Any] = {"name": name, "action": action, "args": args, "ranks": ranks}
+        if action in Stage.LIGHT_ACTIONS:
+            return self._light("ctx", kwargs, ranks)
+        return self._command("ctx", **kwargs)
+
+    def _light(self, op: str, kwargs: dict[str, Any], ranks: list[int] | None = None) -> list:
+        """A read-only request, answered beside a running command (see worker.LightService)."""
+        targets = list(range(self.world_size)) if ranks is None else list(ranks)
+        with self._light_lock:
+            if self._broken is not None:
+                raise WorkerLost(f"this sharded model is unusable: {self._broken.message}",
+                                 rank=self._broken.rank)
+            if self._closed:
+                raise UsageError("the distributed model was closed")
+            payload = cloudpickle.dumps((op, kwargs))
+            store = self._light_channel.control.store
+            values: list[Any] = [None] * self.world_size
+            sent = []
+            try:
+                for r in targets:
+                    if r == 0:
+                        continue
+                    self._light_seq[r] += 1
+                    store.set(f"light/{r}/{self._light_seq[r]}", payload)
+                    sent.append((r, self._light_seq[r]))
+                if 0 in targets:
+                    values[0] = self._stage.light(op, kwargs)
+                replies = [(r, self._light_channel.recv_object(r, keys.light(r, n),
+                                                               abortable=False))
+                           for r, n in sent]
+            except WorkerLost as exc:
+                self._lost(exc)
+                raise
+        for r, reply in replies:
+            if not reply["ok"]:
+                raise self._failure([{"ok": True}] * r + [reply], None)
+            values[r] = reply["value"]
+        return values
+
+    # ----------------------------------------------------------------- weights
+    def _catalog(self) -> WeightCatalog:
+        if self._weights is None:
+            self._weights = WeightCatalog(self._stage.adapter, self.plan.n_layers,
+                                          self._stage.all_param_names)
+        return self._weights
+
+    def _param(self, req: rq.Param, cancel: Any, on_event: Any) -> torch.Tensor:
+        """A weight (or its gradient) from the rank that holds it."""
+        raw, _ = self._catalog().resolve(req.name)
+        owner = self._stage.ownership.param_owner(raw)
+        if owner == 0:
+            return self._local.param(req.name, req.grad)
+        return self._light("param", {"name": req.name, "grad": req.grad, "target": owner},
+                           [owner])[owner]
+
+    # ----------------------------------------------------------------- lifecycle
+    def ping_ranks(self) -> list[int]:
+        """Every rank's answer to a no-op command (a liveness check)."""
+        return self._command("ping")
+
+    def close(self) -> None:
+        """Tell every rank to exit, then leave the group."""
+        if self._closed:
+            return
+        try:
+            if self._broken is None:
+                self._command("shutdown")
+        except ClocheError:
+            pass  # a rank already gone: nothing more to tell it
+        finally:
+            self._closed = True
+            self._rank.close()
+            for callback in self._on_close:
+                callback()
+
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after :meth:`close` (the launcher reaps its processes there)."""
+        self._on_close.append(callback)
+
+    _HANDLERS: dict[type, Callable[..., Any]] = {
+        rq.Run: _run,
+        rq.Generate: _generate,
+        rq.RunDataset: _run_dataset,
+        rq.Call: _call,
+        rq.Context: _context,
+        rq.Describe: lambda self, req, c, e: self.describe(),
+        rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
+        rq.Owner: lambda self, req, c, e: self.owner_of(req.point),
+        rq.Param: _param,
+        rq.ParamNames: lambda self, req, c, e: self._catalog().names(req.canonical),
+        rq.ListContexts: lambda self, req, c, e: self._context_names(),
+        rq.Config: lambda self, req, c, e: self.config.to_dict(),
+        rq.TokenizerFiles: lambda self, req, c, e: self._local.tokenizer_files(),
+        rq.Ping: lambda self, req, c, e: req.value,
+    }
+
+    def __repr__(self) -> str:
+        return (f"ShardedExecutor({self.name!r}, world_size={self.world_size},"
+                f" layers_per_rank={self.plan.layers_per_rank()})")
