@@ -3,8 +3,8 @@
 ``cloche.load()`` with no model named loads :func:`weights_dir`. The directory is plain
 Hugging Face format (``config.json``, ``model.safetensors``, ``tokenizer.json``), so
 ``transformers.AutoModelForCausalLM.from_pretrained(weights_dir())`` works without cloche.
-Training: ``python -m cloche.default_model.train``; figures: ``python -m
-cloche.default_model.evaluate``; model card: ``docs/default-model.md``.
+Training (the recipe that made the shipped weights): ``python -m cloche.default_model.recipe``;
+figures: ``python -m cloche.default_model.evaluate``; model card: ``docs/default-model.md``.
 """
 
 from __future__ import annotations

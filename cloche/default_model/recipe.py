@@ -17,7 +17,13 @@ Two stages, both seeded, both on one CPU thread:
 
 The stage-1 shortcut and the stage-2 cure are documented in ``docs/default-model.md``; the
 learning rate follows the wall-clock budget (as in the original run), so a re-run reproduces
-the recipe and its figures within noise, not bit for bit.
+the recipe and its figures within noise, not bit for bit. Each stage writes a Hugging Face
+checkpoint (weights, tokenizer, ``training.json``) and a JSON-lines log into ``--out``, and
+prints to stderr how this machine's training split differs from the shipped manifest.
+
+This is the package's only trainer for the default model; the pieces (:func:`plan`,
+:class:`Rows`, :func:`train_step`, :func:`save_checkpoint`) are tested on their own in
+``tests/default_model/test_recipe.py``.
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +45,75 @@ import torch.nn.functional as F
 from cloche.default_model import corpus
 from cloche.default_model import tokenizer as tok_mod
 from cloche.default_model.induction import measure_induction
-from cloche.default_model.train import _encode_stream, heldout_loss, save_checkpoint
+from cloche.errors import UsageError
 
-SEQ, BATCH, VOCAB, LR = 128, 16, 4096, 1e-3
+__all__ = ["BATCH", "LR", "SEQ", "VOCAB", "Rows", "StepPlan", "build_model", "encode_stream",
+           "heldout_loss", "leaves_opening", "main", "make_optimizer", "plan", "save_checkpoint",
+           "train", "train_step"]
+
+SEQ, BATCH, LR = 128, 16, 1e-3
+VOCAB = tok_mod.VOCAB_SIZE  # 4096
+N_SPECIAL = 2  # ids 0 (<|endoftext|>) and 1 (<|pad|>) never appear in synthetic spans
 
 
-def build_model():
+def build_model(**overrides):
+    """The shipped architecture, freshly initialised from torch's global RNG.
+
+    ``overrides`` replace ``LlamaConfig`` fields (the tests build a tiny model this way); the
+    recipe itself passes none.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    return LlamaForCausalLM(config)
+    settings = {
+        "vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "max_position_embeddings": SEQ, "tie_word_embeddings": True,
+        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1,
+    }
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
+
+
+def make_optimizer(model) -> torch.optim.Optimizer:
+    """AdamW, betas 0.9/0.98, no weight decay (the learning rate is set every step)."""
+    return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
+
+
+class StepPlan(NamedTuple):
+    """What one training step does."""
+
+    lr: float
+    synthetic: bool  # a synthetic batch (else a code batch)
+    span_fraction: float  # share of code rows given a repeated span (code batches only)
+
+
+def plan(stage: int, phase: int, step: int, progress: float) -> StepPlan:
+    """The schedule: learning rate and batch kind of ``step``.
+
+    ``phase`` 1 runs until the induction test passes (see :func:`leaves_opening`): constant
+    learning rate, synthetic batches on even steps, code with a repeated span in every row on
+    odd ones. In phase 2 the learning rate follows a cosine from ``LR`` to ``LR / 10`` over
+    ``progress`` (the share of the wall-clock budget spent), a quarter of code rows hold a
+    span, and synthetic batches come every second step — every third in stage 2 once 70% of
+    the budget is spent.
+    """
+    if phase == 1:
+        return StepPlan(LR, step % 2 == 0, 1.0)
+    lr = LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    every = 2 if (stage == 1 or progress < 0.7) else 3
+    return StepPlan(lr, step % every == 0, 0.25)
+
+
+def leaves_opening(passed: bool, step: int, progress: float) -> bool:
+    """Whether phase 1 ends at an evaluation (every 100 steps) after ``step`` steps.
+
+    It ends once the stage's induction test passes (from step 200 on), or once half of the
+    wall-clock budget is spent, whichever comes first.
+    """
+    return (passed and step >= 200) or progress > 0.5
 
 
 class Rows:
-    """Training rows: code windows, and random spans written twice."""
+    """Seeded training rows: code windows, and random spans written twice."""
 
     def __init__(self, stream: torch.Tensor, seed: int) -> None:
         self.stream = stream
@@ -67,21 +129,24 @@ class Rows:
     def with_span(self, base: torch.Tensor) -> torch.Tensor:
         """``base`` with a random span of random length (8..64) written twice somewhere."""
         half = self._int(8, SEQ // 2 + 1)
-        span = torch.randint(2, VOCAB, (half,), generator=self.gen)
+        span = torch.randint(N_SPECIAL, VOCAB, (half,), generator=self.gen)
         start = self._int(0, SEQ - 2 * half + 1)
         row = base.clone()
         row[start: start + 2 * half] = torch.cat([span, span])
         return row
 
     def fixed_repeat_batch(self) -> torch.Tensor:
-        spans = torch.randint(2, VOCAB, (BATCH, SEQ // 2), generator=self.gen)
+        """Stage 1's synthetic batch: each row one random ``SEQ / 2``-token span written twice."""
+        spans = torch.randint(N_SPECIAL, VOCAB, (BATCH, SEQ // 2), generator=self.gen)
         return torch.cat([spans, spans], dim=1)
 
     def random_repeat_batch(self) -> torch.Tensor:
-        noise = torch.randint(2, VOCAB, (BATCH, SEQ), generator=self.gen)
+        """Stage 2's synthetic batch: random tokens holding one span of random length twice."""
+        noise = torch.randint(N_SPECIAL, VOCAB, (BATCH, SEQ), generator=self.gen)
         return torch.stack([self.with_span(row) for row in noise])
 
     def code_batch(self, span_fraction: float) -> torch.Tensor:
+        """Code windows; each holds a repeated span with probability ``span_fraction``."""
         rows = []
         for _ in range(BATCH):
             row = self.code()
@@ -89,6 +154,73 @@ class Rows:
                 row = self.with_span(row)
             rows.append(row)
         return torch.stack(rows)
+
+    def batch(self, stage: int, step_plan: StepPlan) -> torch.Tensor:
+        """The batch that ``step_plan`` asks for, in ``stage``."""
+        if step_plan.synthetic:
+            return self.fixed_repeat_batch() if stage == 1 else self.random_repeat_batch()
+        return self.code_batch(step_plan.span_fraction)
+
+
+def encode_stream(files: list[corpus.CorpusFile], tok) -> torch.Tensor:
+    """All files as one id stream, each file preceded by ``<|endoftext|>`` (id 0)."""
+    parts = []
+    for enc in tok.encode_batch([f.text for f in files]):
+        parts.append(torch.tensor([0] + enc.ids, dtype=torch.long))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def heldout_loss(model, rows: torch.Tensor, batch: int = 64) -> float:
+    """Mean next-token cross-entropy over ``rows`` (the mode of ``model`` is restored)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        logits = model(chunk).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += chunk[:, 1:].numel()
+    model.train(was)
+    return total / count
+
+
+def save_checkpoint(model, out: Path, extra: dict) -> None:
+    """Save ``model`` and ``extra`` (as ``training.json``) in Hugging Face format.
+
+    Written to a temporary folder next to ``out``, then moved in file by file (each replace is
+    atomic); the files are made world-readable, as package data must be.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ckpt-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / "training.json").write_text(json.dumps(extra, indent=1) + "\n")
+        for name in os.listdir(tmp):
+            os.chmod(Path(tmp) / name, 0o644)
+            os.replace(Path(tmp) / name, out / name)
+
+
+def train_step(model, opt: torch.optim.Optimizer, batch: torch.Tensor, lr: float) -> float:
+    """One optimiser step on the next-token loss of ``batch``; returns that loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(batch).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _manifest_summary(files: list[corpus.CorpusFile]) -> str:
+    """How this machine's training split differs from the one the shipped model saw."""
+    try:
+        return corpus.compare_manifest(files, corpus.load_manifest()).summary()
+    except UsageError as exc:
+        return f"no shipped manifest to compare with ({exc})"
 
 
 def _induction(model) -> dict:
@@ -104,10 +236,16 @@ def _induction(model) -> dict:
 
 def train(stage: int, out: Path, minutes: float, steps: int | None, init: Path | None,
           seed: int, log: Callable[[dict], None]) -> dict:
+    """Run one stage into ``out``; returns the state also stored in ``out/training.json``.
+
+    Stops after ``minutes`` of wall time or ``steps`` steps, whichever comes first;
+    ``minutes`` is also the budget that the phase switch and the schedule follow.
+    """
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     files, held = corpus.train_files(), corpus.heldout_files()
+    print(_manifest_summary(files), file=sys.stderr, flush=True)
     if init is not None:
         from tokenizers import Tokenizer
         from transformers import LlamaForCausalLM
@@ -120,12 +258,12 @@ def train(stage: int, out: Path, minutes: float, steps: int | None, init: Path |
         tok = tok_mod.train_tokenizer(f.text for f in files)
         tok_mod.save(tok, out)
         model = build_model()
-    stream, held_stream = _encode_stream(files, tok), _encode_stream(held, tok)
+    stream, held_stream = encode_stream(files, tok), encode_stream(held, tok)
     n = len(held_stream) // SEQ
     probe_rows = held_stream[: n * SEQ].view(n, SEQ)[torch.linspace(0, n - 1, 64).long()]
     rows = Rows(stream, seed + stage)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = make_optimizer(model)
     log({"event": "start", "stage": stage, "init": str(init) if init else None,
          "train_tokens": len(stream)})
     started, phase, switch, step, losses = time.time(), 1, None, 0, []
@@ -134,34 +272,17 @@ def train(stage: int, out: Path, minutes: float, steps: int | None, init: Path |
         if elapsed > 60 * minutes or (steps is not None and step >= steps):
             break
         progress = min(1.0, elapsed / (60 * minutes))
-        if phase == 1:
-            lr = LR
-            if stage == 1:
-                batch = rows.fixed_repeat_batch() if step % 2 == 0 else rows.code_batch(1.0)
-            else:
-                batch = rows.random_repeat_batch() if step % 2 == 0 else rows.code_batch(1.0)
-        else:
-            lr = LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-            every = 2 if (stage == 1 or progress < 0.7) else 3
-            synthetic = rows.fixed_repeat_batch if stage == 1 else rows.random_repeat_batch
-            batch = synthetic() if step % every == 0 else rows.code_batch(0.25)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logits = model(batch).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        now = plan(stage, phase, step, progress)
+        losses.append(train_step(model, opt, rows.batch(stage, now), now.lr))
         step += 1
         if step % (100 if phase == 1 else 400) == 0:
             ind = _induction(model)
-            log({"step": step, "phase": phase, "t": round(elapsed), "lr": round(lr, 6),
+            log({"step": step, "phase": phase, "t": round(elapsed), "lr": round(now.lr, 6),
                  "train": round(sum(losses) / len(losses), 4),
                  "heldout": round(heldout_loss(model, probe_rows), 4), **ind})
             losses = []
             passed = ind["passes64"] if stage == 1 else ind["real"]
-            if phase == 1 and ((passed and step >= 200) or progress > 0.5):
+            if phase == 1 and leaves_opening(passed, step, progress):
                 phase, switch = 2, step
                 log({"event": "phase2", "step": step, "passed": passed})
     state = {"recipe": "cloche.default_model.recipe", "stage": stage, "steps": step,
