@@ -33,3 +33,8 @@ def serve(model) -> None:
         "tokens": model.generate(torch.tensor([5, 17, 42]), 5).tokens,
     }
     torch.save(out, os.environ["CLOCHE_NETNS_OUT"])
+
+
+def ping(model) -> None:
+    """Answer one command on every rank, then return (the shutdown is what is under test)."""
+    assert model.ping() == list(range(model.world_size))
