@@ -29,8 +29,9 @@ class DistConfig:
 
     ``timeout_s`` is the fault bound: a rank that dies or stops answering is reported as
     ``WorkerLost`` within about this many seconds. ``connect_timeout_s`` bounds start-up (all
-    ranks loading and meeting). ``store_is_master`` is False under torchrun, whose agent already
-    hosts the store at ``master_addr:master_port``.
+    ranks loading and meeting). ``store_is_master``: whether this rank hosts the control store
+    (default: rank 0 does). Under torchrun rank 0 hosts it at ``MASTER_PORT +
+    --store-port-offset``, beside the agent's own rendezvous store at ``MASTER_PORT``.
     """
 
     model_dir: str

@@ -9,11 +9,18 @@ rank 0 says shut down. ``cloche serve --torchrun`` is the same entry with the cl
 the serve function; ``cloche.sharding.launch`` starts ranks > 0 in local processes.
 
 Exit codes: 0 after a clean shutdown; 3 when a rank was lost (the message names it).
+
+Shutdown is a handshake, because rank 0's process hosts the control store (under torchrun it
+exits as soon as its serve function returns): each rank > 0 answers the shutdown command, stops
+every thread that uses the store, says so under ``departed/<rank>`` and then never touches the
+store again; rank 0 keeps the store up until every rank has departed (bounded by the fault
+bound), so no rank mistakes the end of the group for the loss of rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import sys
@@ -24,7 +31,9 @@ from typing import Any
 
 import cloudpickle
 import torch
+import torch.distributed as tdist
 
+from cloche.errors import UsageError, WorkerLost
 from cloche.sharding.channel_keys import keys
 from cloche.errors import Aborted
 from cloche.sharding.control import Control
@@ -32,7 +41,6 @@ from cloche.sharding.layout import DistConfig, Layout
 from cloche.sharding.p2p import Channel
 from cloche.sharding.shard import make_plan, skeleton
 from cloche.sharding.stage import Stage, error_envelope
-from cloche.errors import UsageError, WorkerLost
 
 __all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main"]
 
@@ -112,8 +120,47 @@ def command_loop(rank: Rank) -> int:
             _lost_exit(rank.layout.rank)(exc)
         if cmd.op == "shutdown":
             light.stop()
+            _depart(rank)
             return 0
         seq += 1
+
+
+def _departed_key(rank: int) -> str:
+    return f"departed/{rank}"
+
+
+def _depart(rank: Rank) -> None:
+    """Ranks > 0, after answering shutdown: stop using the store, then tell rank 0 so.
+
+    The heartbeat thread goes first (it would read rank 0's stopped heartbeat, or the store
+    rank 0 is about to take down, as a loss); the mark is this rank's last store access.
+    """
+    rank.control.close()
+    try:
+        rank.control.store.set(_departed_key(rank.layout.rank), "1")
+    except (RuntimeError, tdist.DistStoreError) as exc:  # rank 0 gave up waiting: harmless
+        print(f"cloche rank {rank.layout.rank}: could not confirm the shutdown: {exc}",
+              file=sys.stderr, flush=True)
+
+
+def await_departures(rank: Rank) -> bool:
+    """Rank 0, after shutdown: keep the store up until every other rank has departed.
+
+    Waits at most the fault bound; returns False (and says which ranks) when it ran out.
+    """
+    store, world = rank.layout.store, rank.layout.world_size
+    wanted = [_departed_key(r) for r in range(1, world)]
+    try:
+        store.wait(wanted, datetime.timedelta(seconds=rank.config.timeout_s))
+        return True
+    except (RuntimeError, tdist.DistStoreError) as exc:
+        try:
+            missing = [r for r in range(1, world) if not store.check([_departed_key(r)])]
+        except (RuntimeError, tdist.DistStoreError):
+            missing = list(range(1, world))
+        print(f"cloche rank 0: rank(s) {missing} did not confirm the shutdown within"
+              f" {rank.config.timeout_s:g} s ({exc})", file=sys.stderr, flush=True)
+        return False
 
 
 class LightService(threading.Thread):
@@ -189,6 +236,7 @@ def run_rank(config: DistConfig, serve: Callable[[Any], Any] | None,
         serve(Model(executor))
     finally:
         executor.close()
+        await_departures(rank)  # this process hosts the store: outlive its last reader
     return 0
 
 

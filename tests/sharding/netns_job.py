@@ -1,7 +1,8 @@
 """A ``--serve`` function for the two-namespace torchrun test: run fixed checks, save, return.
 
-Rank 0 calls ``serve(model)`` with a cloche.Model over the sharded executor; returning shuts every rank down. The
-results go to the file named by CLOCHE_NETNS_OUT (read here, at this test entry point).
+Rank 0 calls ``serve(model)`` with a cloche.Model over the sharded executor; returning shuts
+every rank down. The results go to the file named by CLOCHE_NETNS_OUT (read here, at this test
+entry point).
 """
 
 from __future__ import annotations
@@ -33,3 +34,8 @@ def serve(model) -> None:
         "tokens": model.generate(torch.tensor([5, 17, 42]), 5).tokens,
     }
     torch.save(out, os.environ["CLOCHE_NETNS_OUT"])
+
+
+def ping(model) -> None:
+    """Answer one command on every rank, then return (the shutdown is what is under test)."""
+    assert model.executor.ping_ranks() == list(range(model.world_size))

@@ -2,14 +2,23 @@
 
 Each namespace sees only its loopback and its end of the veth pair, so every byte between the
 "nodes" (rendezvous, control store, gloo) crosses that pair. The job (``netns_job.serve``) runs
-on rank 0 of the sharded model and its results must match world size 1.
+on rank 0 of the sharded model and its results must match world size 1; then both torchruns
+must end with exit code 0 (a clean shutdown on every rank, so both agents pass their exit
+barrier).
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +28,9 @@ import cloche
 from tests.sharding.conftest import ids_batch
 
 ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun script runs
+DEADLINE_S = 240.0  # both torchruns, start to exit, on a busy 2-core machine
+AFTER_FAILURE_S = 30.0  # once one node failed, how long the other may take to notice
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -32,9 +44,9 @@ def namespaces():
         pytest.skip("iproute2 (the ip command) is not installed")
     if os.geteuid() != 0:
         pytest.skip("creating network namespaces needs root")
-    tag = f"{os.getpid() % 10000}"
+    tag = secrets.token_hex(3)  # unique: a namespace left over by a killed run cannot collide
     a, b = f"cla{tag}", f"clb{tag}"
-    subnet = f"10.231.{os.getpid() % 250}"
+    subnet = f"10.231.{os.getpid() % 250}"  # each pair is isolated: runs may share a subnet
     made = []
     etc = Path("/etc/netns")
     try:
@@ -49,6 +61,9 @@ def namespaces():
             (etc / ns / "hosts").write_text(f"127.0.0.1 localhost\n{subnet}.1 node-a\n"
                                             f"{subnet}.2 node-b\n")
             (etc / ns / "resolv.conf").write_text("options timeout:1 attempts:1\n")
+            r = _ip("netns", "exec", ns, "true")
+            if r.returncode != 0:
+                pytest.skip(f"cannot run a process in a network namespace: {r.stderr.strip()}")
         steps = [
             ("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"),
             ("link", "set", f"va{tag}", "netns", a),
@@ -69,33 +84,117 @@ def namespaces():
             shutil.rmtree(etc / ns, ignore_errors=True)
 
 
+def _run_nodes(cmds: list[list[str]], envs: list[dict[str, str]], logs: list[Path]
+               ) -> list[int | None]:
+    """Start one process per node; wait for all (bounded). Returns their exit codes.
+
+    Output goes to files (a full pipe cannot stall a node). Once a node has failed, the others
+    get AFTER_FAILURE_S to end (a torchrun agent whose workers succeeded waits for its peers at
+    the exit barrier, for minutes); whatever still runs at the deadline is stopped, workers too,
+    and reported as None.
+    """
+    procs: list[subprocess.Popen] = []
+    ended: queue.Queue[subprocess.Popen] = queue.Queue()
+    try:
+        for cmd, env, log in zip(cmds, envs, logs):
+            with log.open("w") as out:
+                proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+            threading.Thread(target=lambda p=proc: (p.wait(), ended.put(p)), daemon=True).start()
+        deadline = time.monotonic() + DEADLINE_S
+        for _ in procs:
+            try:
+                proc = ended.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if proc.returncode != 0:
+                deadline = min(deadline, time.monotonic() + AFTER_FAILURE_S)
+        return [p.poll() for p in procs]
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def _tree(pid: int) -> dict[int, bytes]:
+    """``pid`` and its descendants, with their command lines (torchrun starts every worker in
+    a session of its own, so a process-group kill would not reach it)."""
+    found: dict[int, bytes] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            found[p] = Path(f"/proc/{p}/cmdline").read_bytes()
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a node still running: SIGTERM (the agent stops its workers), then SIGKILL the rest."""
+    if proc.poll() is not None:
+        return
+    tree = _tree(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid, cmdline in tree.items():
+        try:  # only the very processes seen above (a pid may have been reused since)
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait()
+
+
+def test_every_rank_exits_zero_after_rank_0_returns(tiny4_dir, tmp_path):
+    """The torchrun entry point on this machine, no namespaces needed: rank 0 hosts the control
+    store in its own process and exits when its serve function returns, so it must keep the
+    store up until rank 1 has shut down, or rank 1 takes the end for a loss (exit code 3)."""
+    directory = tiny4_dir("gpt2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmds, envs, logs = [], [], []
+    for rank in range(2):
+        envs.append(dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2",
+                         LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                         OMP_NUM_THREADS="1"))
+        cmds.append([sys.executable, "-m", "cloche.sharding.worker", "--model", str(directory),
+                     "--store-port-offset", "0", "--timeout", "20", "--threads", "1",
+                     "--serve", "tests.sharding.netns_job:ping"])
+        logs.append(tmp_path / f"rank{rank}.log")
+    codes = _run_nodes(cmds, envs, logs)
+    text = "\n".join(f"--- rank {n} (exit code {c}) ---\n{log.read_text()[-4000:]}"
+                     for n, (c, log) in enumerate(zip(codes, logs)))
+    assert codes == [0, 0], text
+
+
 def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun is not on PATH")
     directory = tiny4_dir("gpt2")
     out = tmp_path / "netns.pt"
-    procs = []
+    cmds, envs, logs = [], [], []
     for node, (ns, iface) in enumerate(zip((namespaces["a"], namespaces["b"]),
                                            namespaces["ifaces"])):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=iface,
-                   CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS="1")
-        cmd = ["ip", "netns", "exec", ns, torchrun, "--nnodes", "2", "--nproc-per-node", "1",
-               "--node-rank", str(node), "--master-addr", namespaces["addr"],
-               "--master-port", "29640", "-m", "cloche.sharding.worker", "--model", str(directory),
-               "--timeout", "20", "--threads", "1", "--serve", "tests.sharding.netns_job:serve"]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            tails = [q.communicate()[0][-2000:] for q in procs]
-            pytest.fail("torchrun did not finish within 150 s:\n" + "\n---\n".join(tails))
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+        envs.append(dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=iface,
+                         CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS="1"))
+        cmds.append(["ip", "netns", "exec", ns, *TORCHRUN, "--nnodes", "2",
+                     "--nproc-per-node", "1", "--node-rank", str(node),
+                     "--master-addr", namespaces["addr"], "--master-port", "29640",
+                     "-m", "cloche.sharding.worker", "--model", str(directory),
+                     "--timeout", "20", "--threads", "1",
+                     "--serve", "tests.sharding.netns_job:serve"])
+        logs.append(tmp_path / f"node{node}.log")
+    started = time.monotonic()
+    codes = _run_nodes(cmds, envs, logs)
+    text = "\n".join(f"--- node {n} (exit code {c}) ---\n{log.read_text()[-6000:]}"
+                     for n, (c, log) in enumerate(zip(codes, logs)))
+    assert codes == [0, 0], (f"after {time.monotonic() - started:.0f} s (None: still running"
+                             f" at the deadline, killed):\n{text}")
     got = torch.load(out)
     assert got["world_size"] == 2
     assert got["owners"] == {"layers.3.mlp.post": 1, "layers.0.resid_post": 0}
