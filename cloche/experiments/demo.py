@@ -259,7 +259,7 @@ def write_plots(model: Any, args: argparse.Namespace, scores: dict[str, np.ndarr
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cloche demo``; returns the exit code."""
     from cloche import errors
-    from cloche.client import connect
+    from cloche import connect
 
     args = build_parser().parse_args(argv)
     try:

@@ -31,7 +31,7 @@ class Loaded:
     path: Path
 
 
-def _auto_class(config: Any) -> Any:
+def auto_class(config: Any) -> Any:
     import transformers
 
     architectures = list(getattr(config, "architectures", None) or [])
@@ -48,7 +48,7 @@ def _auto_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -92,11 +92,11 @@ def load_hf(
             " from local directories saved with save_pretrained"
         )
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _parse_dtype(dtype)}
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": parse_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _quiet_progress():
-        hf_model = _auto_class(config).from_pretrained(directory, **kwargs)
+        hf_model = auto_class(config).from_pretrained(directory, **kwargs)
     hf_model.to(device)
     hf_model.eval()
     tokenizer = None

@@ -27,6 +27,7 @@ class RunInfo:
     example_ids: torch.Tensor | None
     model: Any
     rank: int = 0
+    cancel: Any = None  # the run's cancellation event (anything with is_set()), if any
 
 
 class ProbeContext:
@@ -66,6 +67,12 @@ class ProbeContext:
     @property
     def rank(self) -> int:
         return self._run.rank
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run was cancelled: a long loop inside a probe can stop early."""
+        cancel = self._run.cancel
+        return bool(cancel is not None and cancel.is_set())
 
     @property
     def state(self) -> dict[str, Any]:

@@ -125,7 +125,10 @@ class Transaction:
     def writes(self, name: str) -> PendingWrites:
         pending = self._pending.get(name)
         if pending is None:
-            pending = PendingWrites(self, self._store.get(name))
+            # a context that does not exist yet is created by the commit, never by a run that
+            # is rolled back
+            committed = self._store.find(name)
+            pending = PendingWrites(self, committed if committed is not None else SaveContext(name))
             self._pending[name] = pending
         return pending
 

@@ -159,7 +159,7 @@ class LocalExecutor:
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
-                       model=self.facade, rank=self.rank)
+                       model=self.facade, rank=self.rank, cancel=cancel)
         attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
                                 cancel, self._block_paths, self._attention_paths)
         with attachment.attached(), torch.set_grad_enabled(grad):
@@ -234,7 +234,7 @@ class LocalExecutor:
                       ) -> torch.Tensor:
         """Hugging Face ``generate`` with ``plan`` attached; probes see each step's tokens."""
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=None,
-                       model=self.facade, rank=self.rank)
+                       model=self.facade, rank=self.rank, cancel=cancel)
 
         def track(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if isinstance(kwargs.get("input_ids"), torch.Tensor):

@@ -171,15 +171,15 @@ class ShardedExecutor:
                 raise WorkerLost(f"this sharded model is unusable: {self._broken.message}",
                                  rank=self._broken.rank)
             if self._closed:
-                raise UsageError("the distributed model was closed")
-            self._seq += 1
-            seq = self._seq
+                raise UsageError("the sharded model was closed")
+            seq = self._seq + 1
             cmd = Command(seq, op, kwargs)
             try:
                 payload = cloudpickle.dumps(cmd)
-            except Exception as exc:
+            except Exception as exc:  # the sequence number stays unused: ranks wait for it
                 raise UsageError(f"cannot ship the {op} request to the other ranks: {exc}"
                                  ) from exc
+            self._seq = seq
             store = self._control.store
             try:
                 store.set(f"cmd/{seq}", payload)
@@ -431,7 +431,7 @@ class ShardedExecutor:
                 raise WorkerLost(f"this sharded model is unusable: {self._broken.message}",
                                  rank=self._broken.rank)
             if self._closed:
-                raise UsageError("the distributed model was closed")
+                raise UsageError("the sharded model was closed")
             payload = cloudpickle.dumps((op, kwargs))
             store = self._light_channel.control.store
             values: list[Any] = [None] * self.world_size

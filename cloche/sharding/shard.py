@@ -35,7 +35,7 @@ from cloche.sharding.stubs import (
 )
 from cloche.errors import UsageError
 from cloche.model.adapters import Adapter, adapter_for
-from cloche.model.loader import Loaded, _auto_class, _parse_dtype
+from cloche.model.loader import Loaded, auto_class, parse_dtype
 from cloche.model.points import PointSpec
 
 __all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "skeleton"]
@@ -63,13 +63,13 @@ def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> S
     if adapter is None:
         raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
                          " needs to know where the blocks are")
-    resolved = _parse_dtype(dtype)
+    resolved = parse_dtype(dtype)
     if resolved == "auto":
         resolved = getattr(config, "dtype", None) or torch.float32
         if isinstance(resolved, str):
             resolved = getattr(torch, resolved)
     with torch.device("meta"):
-        meta_model = _auto_class(config).from_config(config, dtype=resolved)
+        meta_model = auto_class(config).from_config(config, dtype=resolved)
     meta_model.eval()
     return Skeleton(directory, config, adapter, meta_model, cast(torch.dtype, resolved))
 

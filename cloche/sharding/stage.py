@@ -245,7 +245,8 @@ class Stage:
         if example_ids is not None:
             example_ids = example_ids.to(self.device)
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask,
-                       example_ids=example_ids, model=self.local.facade, rank=self.rank)
+                       example_ids=example_ids, model=self.local.facade, rank=self.rank,
+                       cancel=self.control.abort_event)
         attachment = self._attachment(plan, info)
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf(input_ids=ids, attention_mask=mask)
@@ -343,7 +344,7 @@ class Stage:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 out = self.local.generate_with(
-                    plan, writes, ids, mask, options, None,
+                    plan, writes, ids, mask, options, self.control.abort_event,
                     attachment_for=lambda info: self._attachment(plan, info))
             writes.runs += 1
         except BaseException:
