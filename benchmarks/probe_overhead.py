@@ -118,9 +118,9 @@ def saver(ctx: Any, x: torch.Tensor) -> None:
 
 def cloche_cases(model: cloche.Model, ids: torch.Tensor, points: list[str]) -> list[Case]:
     outside = [p for p in points if not p.endswith(ATTENTION_INTERNALS)]
-    everywhere = {p: noop for p in points}
-    no_attention = {p: noop for p in outside}
-    capture = {p: saver for p in points}
+    everywhere = dict.fromkeys(points, noop)
+    no_attention = dict.fromkeys(outside, noop)
+    capture = dict.fromkeys(points, saver)
     handle = model.save_context("bench")
 
     def capture_all(mode: str = "stack") -> dict[str, Any]:
@@ -280,9 +280,9 @@ def hook_costs(directory: Path, n_layers: int, *, calls: int, rounds: int) -> li
     mask = torch.ones_like(ids)
     hooked = bare_hooks(hf, n_layers)
     handle = model.save_context("tiny")
-    no_attention = {p: noop for p in outside}
-    everywhere = {p: noop for p in points}
-    capture = {p: saver for p in points}
+    no_attention = dict.fromkeys(outside, noop)
+    everywhere = dict.fromkeys(points, noop)
+    capture = dict.fromkeys(points, saver)
 
     def save_all() -> None:
         model.run(ids, probes=capture, save="tiny")
@@ -330,10 +330,10 @@ def check_same_work(model: cloche.Model, hf: torch.nn.Module, ids: torch.Tensor,
     plain = model.run(ids).logits
     if not torch.equal(plain, reference):
         raise RuntimeError("cloche with no probes does not reproduce plain HF logits exactly")
-    noop_logits = model.run(ids, probes={p: noop for p in points}).logits
+    noop_logits = model.run(ids, probes=dict.fromkeys(points, noop)).logits
     if not torch.allclose(noop_logits, reference, atol=1e-4):
         raise RuntimeError("no-op probes changed the logits")
-    model.run(ids, probes={p: saver for p in points}, save="__check__")
+    model.run(ids, probes=dict.fromkeys(points, saver), save="__check__")
     handle = model.save_context("__check__")
     if sorted(handle.keys()) != sorted(points):
         raise RuntimeError("capture-all did not save every point")

@@ -188,7 +188,7 @@ def _means(model: Any, targets: list[Target], dataset: Any, batch_size: int,
         ctx.reduce(ctx.point, x.flatten(2), Mean())
 
     with scratch(model, "mean") as name:
-        out = model.run_dataset(dataset, probes={p: mean_probe for p in points}, save=name,
+        out = model.run_dataset(dataset, probes=dict.fromkeys(points, mean_probe), save=name,
                                 batch_size=batch_size, limit=limit, progress=None)
     return {p: torch.as_tensor(out["reducers"][p]["mean"]).float() for p in points}
 

@@ -258,8 +258,7 @@ def write_plots(model: Any, args: argparse.Namespace, scores: dict[str, np.ndarr
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cloche demo``; returns the exit code."""
-    from cloche import errors
-    from cloche import connect
+    from cloche import connect, errors
 
     args = build_parser().parse_args(argv)
     try:

@@ -82,7 +82,7 @@ def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed:
     points = [f"layers.{i}.attn.pattern" for i in range(n_layers)]
     probe = _score_probe(kind, half, "score")
     with scratch(model, "heads") as name:
-        model.run(tokens, probes={p: probe for p in points}, save=name, return_logits=False)
+        model.run(tokens, probes=dict.fromkeys(points, probe), save=name, return_logits=False)
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"score.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]

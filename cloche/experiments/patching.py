@@ -84,7 +84,7 @@ def _cache_probe(ctx: Any, x: torch.Tensor) -> None:
 
 def _clean_run(model: Any, ids: torch.Tensor, points: list[str], metric: Metric,
                name: str) -> float:
-    probes: dict[str, Any] = {p: _cache_probe for p in points}
+    probes: dict[str, Any] = dict.fromkeys(points, _cache_probe)
     probes["logits"] = _metric_probe(metric, "clean")
     model.run(ids, probes=probes, save=name, return_logits=False)
     return float(model.save_context(name).fetch("clean")[0].mean())
@@ -92,7 +92,7 @@ def _clean_run(model: Any, ids: torch.Tensor, points: list[str], metric: Metric,
 
 def _corrupted_run(model: Any, ids: torch.Tensor, points: list[str], metric: Metric,
                    name: str) -> float:
-    probes: dict[str, Any] = {p: _noop for p in points}  # same code path as patched runs
+    probes: dict[str, Any] = dict.fromkeys(points, _noop)  # same code path as patched runs
     probes["logits"] = _metric_probe(metric, "corrupted")
     model.run(ids, probes=probes, save=name, return_logits=False)
     return float(model.save_context(name).fetch("corrupted")[0].mean())

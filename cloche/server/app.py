@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 import ssl
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:

@@ -10,8 +10,15 @@ See ``docs/distributed.md``.
 from cloche.sharding.layout import DistConfig
 from cloche.sharding.plan import ShardPlan, balanced_plan, plan_from_counts
 
-__all__ = ["DistConfig", "ShardedExecutor", "ShardPlan", "balanced_plan", "plan_from_counts",
-           "serve_distributed", "start_local"]
+__all__ = [
+    "DistConfig",
+    "ShardPlan",
+    "ShardedExecutor",
+    "balanced_plan",
+    "plan_from_counts",
+    "serve_distributed",
+    "start_local",
+]
 
 
 def __getattr__(name: str):  # the heavy parts load on first use

@@ -32,6 +32,7 @@ from cloche.api.executor import CancelEvent, EventSink
 from cloche.api.futures import RequestFuture, run_in_thread
 from cloche.api.model import Model
 from cloche.errors import ClocheError, UsageError, WorkerLost
+from cloche.errors.payload import from_payload
 from cloche.model.info import ModelInfo, describe
 from cloche.model.points import ProbePoint
 from cloche.model.weights import WeightCatalog
@@ -40,7 +41,6 @@ from cloche.probes.reducers import Reducer, reducer_from_state
 from cloche.probes.store import SaveContext
 from cloche.runtime.usercode import run_user_function
 from cloche.sharding.channel_keys import keys
-from cloche.errors.payload import from_payload
 from cloche.sharding.control import Control
 from cloche.sharding.p2p import Channel
 from cloche.sharding.stage import Command, Stage, error_envelope

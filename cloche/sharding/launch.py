@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cloche.api.model import Model
+from cloche.errors import UsageError, WorkerLost
 from cloche.sharding.layout import DistConfig
 from cloche.sharding.worker import EXIT_WORKER_LOST, join
-from cloche.errors import UsageError, WorkerLost
 
 __all__ = ["LocalGroup", "serve_distributed", "start_local"]
 

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from cloche.sharding.control import Aborted, Control
 from cloche.errors import Cancelled, WorkerLost
+from cloche.sharding.control import Aborted, Control
 
 __all__ = ["Channel"]
 

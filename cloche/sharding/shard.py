@@ -22,6 +22,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from cloche.errors import UsageError
+from cloche.model.adapters import Adapter, adapter_for
+from cloche.model.loader import Loaded, auto_class, parse_dtype
+from cloche.model.points import PointSpec
 from cloche.sharding.plan import ShardPlan, balanced_plan
 from cloche.sharding.stubs import (
     LogitsStub,
@@ -33,10 +37,6 @@ from cloche.sharding.stubs import (
     ZeroEmbedding,
     ZeroHidden,
 )
-from cloche.errors import UsageError
-from cloche.model.adapters import Adapter, adapter_for
-from cloche.model.loader import Loaded, auto_class, parse_dtype
-from cloche.model.points import PointSpec
 
 __all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "skeleton"]
 
@@ -201,7 +201,7 @@ def _checkpoint_files(directory: Path) -> dict[str, Path]:
                          " model.safetensors.index.json); distributed loading reads only those")
     reader = _SafetensorsFile(single)
     try:
-        return {name: single for name in reader.header}
+        return dict.fromkeys(reader.header, single)
     finally:
         reader.close()
 

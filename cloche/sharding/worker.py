@@ -33,9 +33,8 @@ import cloudpickle
 import torch
 import torch.distributed as tdist
 
-from cloche.errors import UsageError, WorkerLost
+from cloche.errors import Aborted, UsageError, WorkerLost
 from cloche.sharding.channel_keys import keys
-from cloche.errors import Aborted
 from cloche.sharding.control import Control
 from cloche.sharding.layout import DistConfig, Layout
 from cloche.sharding.p2p import Channel
