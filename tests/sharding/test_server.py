@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import cloche
 from cloche.client.executor import connect
-from cloche.sharding.launch import start_local
 from cloche.server.app import Server
 from cloche.server.config import ServerConfig
+from cloche.sharding.launch import start_local
+from tests.conftest_server import REPO, ServerProcess
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
 
 
@@ -45,3 +52,40 @@ def test_client_against_sharded_server(tiny4_dir):
     finally:
         server.shutdown()
         model.close()
+
+
+def test_cloche_serve_under_torchrun_serves_clients_and_shuts_down_cleanly(
+        tiny4_dir, monkeypatch, tmp_path):
+    """``cloche serve --torchrun`` on each rank, as torchrun would start them: rank 0 serves,
+    a client's results match the local model, and SIGTERM to rank 0 ends both ranks with 0."""
+    directory = tiny4_dir("gpt2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rendezvous = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    flags = ["--torchrun", "--store-port-offset", "0", "--worker-timeout", "30"]
+    with open(tmp_path / "rank1.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cloche", "serve", "--model", str(directory), *flags],
+            env={**os.environ, **rendezvous, "RANK": "1"},
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        for key, value in {**rendezvous, "RANK": "0"}.items():
+            monkeypatch.setenv(key, value)
+        server = ServerProcess(directory, "torchrun-token", *flags,
+                               log_path=tmp_path / "rank0.log")
+        try:
+            with connect(server.address, token=server.token) as remote:
+                assert remote.world_size == 2
+                inputs = ids_batch(seed=5)
+                got = remote.run(inputs, probes={"layers.3.mlp.post": keep_mlp}, save="acts")
+                want = cloche.load(directory).run(inputs)
+                torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=120) == 0
+            assert worker.wait(timeout=120) == 0, (tmp_path / "rank1.log").read_text()[-3000:]
+        finally:
+            server.stop()
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
