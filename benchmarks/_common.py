@@ -100,7 +100,7 @@ def measure(cases: list[Case], *, rounds: int, warmup: int, seed: int = 0,
 
 def paired_ratio(timing: Timing, baseline: Timing, clock: str = "wall") -> float:
     """Median over rounds of (this case's time / the baseline's time in the same round)."""
-    pairs = zip(getattr(timing, clock), getattr(baseline, clock))
+    pairs = zip(getattr(timing, clock), getattr(baseline, clock), strict=True)
     return statistics.median(t / b for t, b in pairs)
 
 
@@ -124,15 +124,15 @@ def markdown_table(timings: list[Timing], baseline: Timing, skipped: dict[str, s
          " × plain HF (wall, paired) | page faults / call | note |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for t in timings:
-        lines.append(
-            f"| {t.case.name} | {t.median() * 1e3:.1f} ({t.quantile(0.25) * 1e3:.1f}–"
-            f"{t.quantile(0.75) * 1e3:.1f}) | {t.median('cpu') * 1e3:.1f}"
-            f" ({t.quantile(0.25, 'cpu') * 1e3:.1f}–{t.quantile(0.75, 'cpu') * 1e3:.1f}) |"
-            f" {t.median('cpu') / baseline.median('cpu'):.3f} |"
-            f" {paired_ratio(t, baseline):.3f} | {statistics.median(t.faults):.0f} |"
-            f" {t.case.note} |"
-        )
+    lines.extend(
+        f"| {t.case.name} | {t.median() * 1e3:.1f} ({t.quantile(0.25) * 1e3:.1f}–"
+        f"{t.quantile(0.75) * 1e3:.1f}) | {t.median('cpu') * 1e3:.1f}"
+        f" ({t.quantile(0.25, 'cpu') * 1e3:.1f}–{t.quantile(0.75, 'cpu') * 1e3:.1f}) |"
+        f" {t.median('cpu') / baseline.median('cpu'):.3f} |"
+        f" {paired_ratio(t, baseline):.3f} | {statistics.median(t.faults):.0f} |"
+        f" {t.case.note} |"
+        for t in timings
+    )
     for name, why in (skipped or {}).items():
         lines.append(f"| {name} | — | — | — | — | — | not run: {why} |")
     return "\n".join(lines)

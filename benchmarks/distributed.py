@@ -95,11 +95,11 @@ def main() -> None:
         tokens = {name: args.batch * args.seq * (8 if "dataset" in name else 1) for name in cases}
         print(f"model {local.name}: {local.n_layers} blocks, d_model {local.d_model};"
               f" batch {args.batch}x{args.seq}; {args.rounds} rounds; plan"
-              f" {dist.info()["layers_per_rank"]}")
+              f" {dist.info()['layers_per_rank']}")
         print(f"{'case':28s} {'median s':>9s} {'tokens/s':>10s} {'vs baseline':>12s}")
         for name in cases:
             base = "ws1 dataset" if "dataset" in name else "ws1, 1 thread"
-            ratio = statistics.median(b / t for t, b in zip(times[name], times[base]))
+            ratio = statistics.median(b / t for t, b in zip(times[name], times[base], strict=True))
             median = statistics.median(times[name])
             print(f"{name:28s} {median:9.4f} {tokens[name] / median:10.0f} {ratio:11.2f}x")
     finally:

@@ -134,7 +134,7 @@ def main() -> int:
                            dtype=str(dtype).removeprefix("torch."), timeout_s=120,
                            threads=None if cuda else 1)
         try:
-            print(f"4. sharded over {world} ranks {dist.info()["layers_per_rank"]} in"
+            print(f"4. sharded over {world} ranks {dist.info()['layers_per_rank']} in"
                   f" {time.perf_counter() - started:.0f} s", flush=True)
             delta = (dist.run(ids[:2, :64]).logits.float() - reference).abs().max().item()
             print(f"   logits vs world size 1: max |delta| = {delta:.3g}", flush=True)

@@ -183,7 +183,8 @@ def serve_until_stopped(model: Any, config: Any, generated: bool) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     config, generated = serve_config(args, os.environ)
     if args.world_size < 1:

@@ -52,7 +52,8 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
             base = node.module or ""
             if node.level:
                 anchor = here.split(".")
-                anchor = anchor[: len(anchor) - node.level + (1 if path.name == "__init__.py" else 0)]
+                package_init = 1 if path.name == "__init__.py" else 0
+                anchor = anchor[: len(anchor) - node.level + package_init]
                 base = ".".join([*anchor, base] if base else anchor)
             if base == "cloche":  # `from cloche import errors` imports the module cloche.errors
                 found += [(f"cloche.{alias.name}" if _is_module(alias.name) else "cloche", [])

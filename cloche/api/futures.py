@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from cloche.errors import Cancelled
 
@@ -21,10 +21,10 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-class RequestFuture(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
+class RequestFuture(concurrent.futures.Future[T]):
     """A request in flight. Unlike a plain future, a *running* request can be cancelled."""
 
-    def __init__(self, method: str, *, on_cancel: Callable[[], None] | None = None,
+    def __init__(self, method: str, *, on_cancel: Callable[[], object] | None = None,
                  request_id: int | None = None) -> None:
         super().__init__()
         self.method = method
@@ -43,7 +43,7 @@ class RequestFuture(concurrent.futures.Future, Generic[T]):  # type: ignore[type
         mapped: RequestFuture[U] = RequestFuture(self.method, on_cancel=self.cancel,
                                                  request_id=self.request_id)
 
-        def transfer(done: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+        def transfer(done: concurrent.futures.Future[T]) -> None:
             if mapped.done():
                 return
             try:

@@ -32,7 +32,8 @@ def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else _as_ids(mask)
         if mask.shape != ids.shape:
-            raise UsageError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+            raise UsageError(f"attention_mask shape {tuple(mask.shape)} != input_ids"
+                             f" {tuple(ids.shape)}")
         return ids, mask
     if is_text(inputs):
         if tokenizer is None:

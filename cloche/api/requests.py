@@ -47,7 +47,9 @@ __all__ = [
     "TokenizerFiles",
 ]
 
-T = TypeVar("T")
+#: what executing a request returns; covariant: a ``Request[list[str]]`` is a
+#: ``Request[Sequence[str]]`` (the output is only ever produced, never consumed)
+T_co = TypeVar("T_co", covariant=True)
 
 #: canonical point name -> probe functions, applied in order
 ProbePlanSpec = dict[str, list[Callable[..., Any]]]
@@ -60,8 +62,8 @@ CONTEXT_ACTIONS: tuple[str, ...] = ("keys", "fetch", "state", "num_runs", "reduc
 _WRITING_ACTIONS = ("clear", "persist", "restore")
 
 
-class Request(Generic[T]):
-    """Base of every request record; ``T`` is what executing it returns."""
+class Request(Generic[T_co]):
+    """Base of every request record; ``T_co`` is what executing it returns."""
 
     heavy: ClassVar[bool] = False
 

@@ -60,8 +60,8 @@ class ClientConnection:
         self.session: str = welcome["session"]
         self.resumed: bool = bool(welcome.get("resumed"))
         self.info: dict[str, Any] = dict(welcome.get("info") or {})
-        self._reader = threading.Thread(target=self._read_loop, name=f"cloche-client-{self.address}",
-                                        daemon=True)
+        self._reader = threading.Thread(target=self._read_loop,
+                                        name=f"cloche-client-{self.address}", daemon=True)
         self._reader.start()
 
     def _handshake(self, token: str, session: str | None, timeout: float) -> dict:
@@ -142,8 +142,10 @@ class ClientConnection:
                     self._resolve(kind, rid, payload)
         except errors.ClocheError as exc:
             if not self._closed:
-                failure = exc if not isinstance(exc, errors.ConnectionError) else errors.ConnectionError(
-                    f"lost the connection to {self.address}: {exc}")
+                failure = exc
+                if isinstance(exc, errors.ConnectionError):
+                    failure = errors.ConnectionError(
+                        f"lost the connection to {self.address}: {exc}")
         finally:
             self._closed = True
             self._framed.close()

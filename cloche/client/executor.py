@@ -17,11 +17,11 @@ import pathlib
 import ssl
 import tempfile
 import threading
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloche import errors
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink
+from cloche.api.executor import CancelEvent, EventSink, Executor
 from cloche.api.futures import RequestFuture, wait
 from cloche.api.model import Model
 from cloche.client.connection import ClientConnection
@@ -171,3 +171,8 @@ class RemoteExecutor:
 
     def __repr__(self) -> str:
         return f"RemoteExecutor({self.address}, session {self.session[:8]})"
+
+
+if TYPE_CHECKING:  # mypy: this class is an Executor
+    def _is_executor(executor: RemoteExecutor) -> Executor:
+        return executor

@@ -31,7 +31,7 @@ class Pool:
                 f"got {len(tokens)} tokens for {len(addresses)} addresses")
         self.models: list[Model] = []
         try:
-            for address, tok in zip(addresses, tokens):
+            for address, tok in zip(addresses, tokens, strict=True):
                 self.models.append(connect(address, token=tok, tls=tls, timeout=timeout))
         except BaseException:
             self.close()

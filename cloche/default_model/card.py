@@ -69,7 +69,8 @@ def figures_block(directory: Path, metrics: dict) -> str:
         ),
         f"| reduction vs bigram (required ≥ 20%) | {100 * metrics['reduction_vs_bigram']:.1f}% |",
         (
-            f"| induction head (score required ≥ 0.4) | {layer}.{head} (layer {layer}, head {head}): "
+            f"| induction head (score required ≥ 0.4) | {layer}.{head}"
+            f" (layer {layer}, head {head}): "
             f"{metrics['induction_score']:.3f} |"
         ),
         (

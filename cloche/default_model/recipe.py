@@ -164,9 +164,8 @@ class Rows:
 
 def encode_stream(files: list[corpus.CorpusFile], tok) -> torch.Tensor:
     """All files as one id stream, each file preceded by ``<|endoftext|>`` (id 0)."""
-    parts = []
-    for enc in tok.encode_batch([f.text for f in files]):
-        parts.append(torch.tensor([0] + enc.ids, dtype=torch.long))
+    parts = [torch.tensor([0, *enc.ids], dtype=torch.long)
+             for enc in tok.encode_batch([f.text for f in files])]
     return torch.cat(parts)
 
 
@@ -297,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder")
-    parser.add_argument("--init", type=Path, default=None, help="stage 2 starts from stage 1's folder")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="stage 2 starts from stage 1's folder")
     parser.add_argument("--minutes", type=float, default=55.0, help="wall-clock budget")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--seed", type=int, default=0)

@@ -19,7 +19,8 @@ __all__ = ["from_payload", "to_payload"]
 _CLASSES: dict[str, type[errors.ClocheError]] = {
     name: getattr(errors, name)
     for name in errors.__all__
-    if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.ClocheError)
+    if isinstance(getattr(errors, name), type)
+    and issubclass(getattr(errors, name), errors.ClocheError)
 }
 _MAX_TEXT = 64 * 1024
 

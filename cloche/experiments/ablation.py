@@ -160,7 +160,7 @@ def _ablation_probe(target: Target, method: str, mean: torch.Tensor | None) -> A
             source = mean.to(x).reshape(x.shape[2:]).expand_as(x)
         else:
             if x.shape[0] < 2:
-                raise ValueError("resample ablation takes the activation of another row of the "
+                raise UsageError("resample ablation takes the activation of another row of the "
                                  "batch: use batch_size >= 2 (and at least two inputs)")
             source = x.roll(1, 0)
         if kind == "all":

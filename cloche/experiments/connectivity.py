@@ -154,7 +154,7 @@ def _circuit(m: Any, which: str, layer: int, head: int, fold_ln: bool) -> tuple[
 
     n_heads = int(m.n_heads)
     if not 0 <= head < n_heads:
-        raise ValueError(f"head {head} is out of range ({n_heads} heads)")
+        raise UsageError(f"head {head} is out of range ({n_heads} heads)")
     w_e = m.param("embed.W_E").double()
     ln = m.param(f"layers.{layer}.ln1.w").double()[:, None] if fold_ln else 1.0
 
@@ -204,8 +204,10 @@ def _logit_effect(m: Any, layer: Any, neuron: Any, direction: Any, k: int, fold_
     effect = direction.to(w_u) @ w_u
     up = effect.topk(k)
     down = (-effect).topk(k)
-    return {"top": list(zip(str_tokens(m, up.indices.tolist()), up.values.tolist())),
-            "bottom": list(zip(str_tokens(m, down.indices.tolist()), (-down.values).tolist()))}
+    return {"top": list(zip(str_tokens(m, up.indices.tolist()), up.values.tolist(),
+                            strict=True)),
+            "bottom": list(zip(str_tokens(m, down.indices.tolist()), (-down.values).tolist(),
+                               strict=True))}
 
 
 def composition_scores(model: Any, *, fold_ln: bool = False) -> dict[str, np.ndarray]:

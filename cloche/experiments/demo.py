@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from cloche import errors
+
 __all__ = ["build_parser", "main", "run_demo"]
 
 SKIP_FIRST = 4  # positions left out when choosing a neuron and its examples
@@ -68,7 +70,7 @@ def started_server(model_dir: str | None, token: str, timeout: float = 180.0) ->
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     lines: queue.Queue[str | None] = queue.Queue()
-    errors: list[str] = []
+    stderr_lines: list[str] = []
 
     def pump(stream: Any, sink: Any, end: Any = None) -> None:
         for line in stream:
@@ -78,7 +80,7 @@ def started_server(model_dir: str | None, token: str, timeout: float = 180.0) ->
 
     readers = [threading.Thread(target=pump, args=(proc.stdout, lines.put,
                                                    lambda: lines.put(None)), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, errors.append), daemon=True)]
+               threading.Thread(target=pump, args=(proc.stderr, stderr_lines.append), daemon=True)]
     for reader in readers:
         reader.start()
     try:
@@ -93,7 +95,8 @@ def started_server(model_dir: str | None, token: str, timeout: float = 180.0) ->
                 proc.terminate()
                 proc.wait(timeout=20)
                 readers[1].join(timeout=5)
-                raise RuntimeError("the server did not start: " + "".join(errors)[-2000:].strip())
+                raise errors.ConnectionError("the server did not start: "
+                                             + "".join(stderr_lines)[-2000:].strip())
             if line.startswith("listening on "):
                 address = line.split("listening on ", 1)[1].strip()
         yield address
@@ -258,7 +261,7 @@ def write_plots(model: Any, args: argparse.Namespace, scores: dict[str, np.ndarr
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cloche demo``; returns the exit code."""
-    from cloche import connect, errors
+    from cloche import connect
 
     args = build_parser().parse_args(argv)
     try:

@@ -102,7 +102,7 @@ def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *
     values = [float(v) for v in top["values"][keep, 0]]
     windows = contexts(model, dataset, ids, positions, window)
     return [Example(i, p, v, w["tokens"], w["token_ids"], w["peak"])
-            for i, p, v, w in zip(ids, positions, values, windows)]
+            for i, p, v, w in zip(ids, positions, values, windows, strict=True)]
 
 
 def top_activations(model: Any, point: str, dataset: Any, k: int = 10, *, units: Any = None,
@@ -135,9 +135,11 @@ def contexts(model: Any, dataset: Any, example_ids: list[int], positions: list[i
 
     before, after = window
     if isinstance(dataset, data.Dataset):  # the client holds the tokens: ship only windows
-        cut = [_cut(dataset[i], p, before, after) for i, p in zip(example_ids, positions)]
+        cut = [_cut(dataset[i], p, before, after)
+               for i, p in zip(example_ids, positions, strict=True)]
         decoded = model.call(_decode_windows, [c[0] for c in cut])
-        return [{"tokens": t, "token_ids": c[0], "peak": c[1]} for t, c in zip(decoded, cut)]
+        return [{"tokens": t, "token_ids": c[0], "peak": c[1]}
+                for t, c in zip(decoded, cut, strict=True)]
     return model.call(_server_contexts, dataset, list(example_ids), list(positions), before, after)
 
 
@@ -162,7 +164,7 @@ def _server_contexts(m: Any, dataset: Any, example_ids: list[int], positions: li
 
     ds = server_dataset(m, dataset)
     out = []
-    for i, p in zip(example_ids, positions):
+    for i, p in zip(example_ids, positions, strict=True):
         ids, peak = _cut(ds[i], p, before, after)
         out.append({"tokens": str_tokens(m, ids), "token_ids": ids, "peak": peak})
     return out
@@ -216,7 +218,7 @@ def quantile_examples(model: Any, point: str, unit: Any, dataset: Any, *, n_bins
     for b in range(n_bins):
         keep = picked["values"][:, b] >= 0
         bins.append(list(zip(picked["example_ids"][keep, b].tolist(),
-                             picked["positions"][keep, b].tolist())))
+                             picked["positions"][keep, b].tolist(), strict=True)))
     flat = [pair for row in bins for pair in row]
     if not flat:
         return [[] for _ in bins]

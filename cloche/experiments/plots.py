@@ -42,7 +42,7 @@ def token_heatmap(tokens: list[str], values: Any, *, ax: Any = None, cmap: str =
     if len(values) != len(tokens):
         raise UsageError(f"{len(tokens)} tokens but {len(values)} values")
     placed, col, row = [], 0, 0
-    for tok, v in zip(tokens, values):
+    for tok, v in zip(tokens, values, strict=True):
         text = _visible(tok.replace("\n", "")) if tok.strip("\n") else _visible(tok)
         if col and col + len(text) > width:
             col, row = 0, row + 1

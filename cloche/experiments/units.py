@@ -52,7 +52,7 @@ def activations(model: Any, point: str, unit: Any, inputs: Any) -> TokenValues:
         out = model.run(inputs, probes={point: unit_probe}, save=name, return_logits=False)
         values = model.save_context(name).fetch("values")[0]
     tokens = []
-    for row, mask in zip(out.tokens, out.attention_mask):
+    for row, mask in zip(out.tokens, out.attention_mask, strict=True):
         ids = row[mask.bool()]
         try:
             tokens.append(model.to_str_tokens(ids))

@@ -50,7 +50,8 @@ class Adapter:
     block_sites: dict[str, Site]
     block_weights: dict[str, WeightRule]
     global_weights: dict[str, WeightRule]
-    attention: str | None  # path of the attention module inside a block (internals via AttentionInterface)
+    #: path of the attention module inside a block (internals via AttentionInterface)
+    attention: str | None
     gated_mlp: bool = False
     causal: bool = True
     notes: tuple[str, ...] = field(default=())

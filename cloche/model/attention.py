@@ -14,8 +14,10 @@ attention expanded to every query head); pattern is ``(batch, head, query, key)`
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,37 +60,46 @@ def probed_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: object,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with probe taps, in the layout transformers passes (batch, head, seq, d)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eager attention with probe taps, in the layout transformers passes (batch, head, seq, d).
+
+    Returns ``(z, pattern)``; ``pattern`` is ``None`` when nobody probes it (the fused kernel
+    then mixes the values, as transformers' sdpa attention does).
+    """
     tap = _ACTIVE.get()
     layer = tap[0].get(id(module)) if tap is not None else None
+    # apply(which, tensor) for this module's layer; None when nothing is probed here
+    apply: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    fused = False
+    if tap is not None and layer is not None:
+        apply = functools.partial(tap[1], layer)
+        fused = not tap[2](layer)
     n_rep = query.shape[1] // key.shape[1]
     key = _expand_heads(key, n_rep)
     value = _expand_heads(value, n_rep)
-    if layer is not None:
-        apply = tap[1]
-        query = apply(layer, "q", query.transpose(1, 2)).transpose(1, 2)
-        key = apply(layer, "k", key.transpose(1, 2)).transpose(1, 2)
-        value = apply(layer, "v", value.transpose(1, 2)).transpose(1, 2)
+    if apply is not None:
+        query = apply("q", query.transpose(1, 2)).transpose(1, 2)
+        key = apply("k", key.transpose(1, 2)).transpose(1, 2)
+        value = apply("v", value.transpose(1, 2)).transpose(1, 2)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    if layer is not None and not tap[2](layer):
+    if apply is not None and fused:
         # nobody looks at this layer's pattern: let the fused kernel mix the values
         mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
         z = nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
             scale=scaling).transpose(1, 2).contiguous()
-        return tap[1](layer, "z", z), None
+        return apply("z", z), None
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
-    if layer is not None:
-        pattern = apply(layer, "pattern", pattern)
+    if apply is not None:
+        pattern = apply("pattern", pattern)
     z = torch.matmul(pattern, value).transpose(1, 2).contiguous()
-    if layer is not None:
-        z = apply(layer, "z", z)
+    if apply is not None:
+        z = apply("z", z)
     return z, pattern
 
 
@@ -101,7 +112,7 @@ def attention_taps(
 ) -> Iterator[None]:
     """Route ``hf_model``'s attention through :func:`probed_attention` for the duration."""
     _register()
-    config = hf_model.config
+    config: Any = hf_model.config  # a PretrainedConfig (nn.Module types attributes as tensors)
     previous = config._attn_implementation
     token = _ACTIVE.set((layer_of_module, apply, needs_pattern))
     config._attn_implementation = IMPLEMENTATION

@@ -100,6 +100,7 @@ def load_hf(
     hf_model.to(device)
     hf_model.eval()
     tokenizer = None
-    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    if any((directory / f).is_file() for f in tokenizer_files):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return Loaded(hf_model, tokenizer, directory)

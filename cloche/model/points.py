@@ -56,7 +56,9 @@ def _join(*parts: str) -> str:
 
 
 def _kind_of(suffix: str) -> str:
-    return suffix.split(".")[0] if "." in suffix else ("resid" if suffix.startswith("resid") else "ln")
+    if "." in suffix:
+        return suffix.split(".")[0]
+    return "resid" if suffix.startswith("resid") else "ln"
 
 
 def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, PointSpec]:

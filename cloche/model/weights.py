@@ -10,6 +10,7 @@ Each is a view or a cheap reshape of the raw parameter, never a copy of the whol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ class HeadShape:
     d_model: int
 
 
-def head_shape(config: object) -> HeadShape:
+def head_shape(config: Any) -> HeadShape:
     """Attention geometry from a Hugging Face config."""
     n_heads = int(config.num_attention_heads)
     d_model = int(config.hidden_size)
@@ -56,13 +57,16 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
         return raw.reshape(hs.n_heads, hs.d_head)
     if layout == "bias_kv_heads":
         return raw.reshape(hs.n_kv_heads, hs.d_head)
+    if layout == "conv1d_out_heads":
+        return raw.reshape(hs.n_heads, hs.d_head, raw.shape[1])
     width = hs.n_heads * hs.d_head
+    if part is None:  # every layout below reads one part of a fused tensor
+        raise UsageError(f"weight layout {layout!r} of {rule.param!r} is unknown or lacks the"
+                         " part of the fused tensor it reads (an adapter table is wrong)")
     if layout == "conv1d_qkv_heads":
         return _split_heads_in(raw[:, part * width : (part + 1) * width], hs.n_heads, hs.d_head)
     if layout == "qkv_bias_heads":
         return raw[part * width : (part + 1) * width].reshape(hs.n_heads, hs.d_head)
-    if layout == "conv1d_out_heads":
-        return raw.reshape(hs.n_heads, hs.d_head, raw.shape[1])
     if layout == "neox_qkv_heads":
         per_head = raw.reshape(hs.n_heads, 3, hs.d_head, raw.shape[1])[:, part]
         return per_head.transpose(1, 2)

@@ -48,7 +48,7 @@ class Reducer(ABC):
         if kind is None:
             return
         if kind in REDUCERS and REDUCERS[kind] is not cls:
-            raise TypeError(f"reducer kind {kind!r} is already registered by {REDUCERS[kind]!r}")
+            raise UsageError(f"reducer kind {kind!r} is already registered by {REDUCERS[kind]!r}")
         REDUCERS[kind] = cls
 
     def __init__(self) -> None:
@@ -229,7 +229,7 @@ class Reducer(ABC):
         return f"{type(self).__name__}({', '.join(args)})"
 
     # ----- helpers for subclasses ----------------------------------------------------------
-    def _check_loaded(self) -> None:
+    def _check_loaded(self) -> None:  # noqa: B027 - an optional hook: by default, no checks
         """Extra consistency checks on a state loaded by ``from_state_dict``."""
 
     def _describe(self) -> str:

@@ -33,7 +33,8 @@ def _encode_item(item: Any) -> Any:
         return _encode_item(item)
     if isinstance(item, (list, tuple)) and all(isinstance(i, (int, bool)) for i in item):
         return {"l": [int(i) if not isinstance(i, bool) else i for i in item]}
-    raise UsageError(f"cannot index a saved tensor with {item!r} (use ints, slices, None, ..., int lists)")
+    raise UsageError(f"cannot index a saved tensor with {item!r} (use ints, slices, None, ...,"
+                     " int lists)")
 
 
 def _plain_int(value: Any) -> int | None:

@@ -100,15 +100,20 @@ class PendingWrites:
                example_ids: torch.Tensor | None, mask: torch.Tensor | None) -> Reducer:
         staged = self.reducers.get(name)
         if staged is None:
-            base = self._committed.reducers.get(name)
-            if base is None and reducer is None:
-                raise UsageError(f"reducer {name!r} does not exist yet: pass a reducer to create it")
-            staged = (base if base is not None else reducer).empty_like()
+            template = self._committed.reducers.get(name)
+            if template is None:
+                template = reducer
+            if template is None:
+                raise UsageError(f"reducer {name!r} does not exist yet: pass a reducer to create"
+                                 " it")
+            staged = template.empty_like()
             self.reducers[name] = staged
-        if reducer is not None and (reducer.kind, reducer.config()) != (staged.kind, staged.config()):
+        if reducer is not None and (reducer.kind, reducer.config()) != (staged.kind,
+                                                                         staged.config()):
             raise UsageError(
                 f"reducer {name!r} already holds a {staged.kind} with config {staged.config()};"
-                f" got {reducer.kind} with {reducer.config()} (use another name or clear the context)"
+                f" got {reducer.kind} with {reducer.config()} (use another name or clear the"
+                " context)"
             )
         staged.update(x.detach(), example_ids=example_ids, mask=mask)
         return staged

@@ -14,13 +14,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink
+from cloche.api.executor import CancelEvent, EventSink, Executor
 from cloche.api.futures import RequestFuture, run_in_thread
 from cloche.api.inputs import next_token_loss
 from cloche.api.model import Model
@@ -200,7 +200,7 @@ class LocalExecutor:
         n = 1 if grad else max(1, min(micro_batches, ids.shape[0]))
         chunks = []
         for part_ids, part_mask, part_examples in zip(ids.chunk(n), mask.chunk(n),
-                                                      example_ids.chunk(n)):
+                                                      example_ids.chunk(n), strict=True):
             out = self.forward(part_ids, part_mask, plan, writes, part_examples, cancel,
                                grad=grad)
             chunks.append(out.logits if hasattr(out, "logits") else out[0])
@@ -246,10 +246,11 @@ class LocalExecutor:
                       Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
                                  cancel, self._block_paths, self._attention_paths))
         handle = self.hf_model.register_forward_pre_hook(track, with_kwargs=True)
+        hf_model: Any = self.hf_model  # a transformers model: nn.Module has no generate()
         try:
             with attachment.attached(), torch.no_grad():
-                return self.hf_model.generate(input_ids=ids.to(self.device),
-                                              attention_mask=mask.to(self.device), **options)
+                return hf_model.generate(input_ids=ids.to(self.device),
+                                         attention_mask=mask.to(self.device), **options)
         finally:
             handle.remove()
 
@@ -293,7 +294,7 @@ class LocalExecutor:
             self._tokenizer.save_pretrained(directory)
             return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
 
-    _HANDLERS: dict[type, Callable[..., Any]] = {
+    _HANDLERS: ClassVar[dict[type, Callable[..., Any]]] = {
         rq.Run: _run,
         rq.Generate: _generate,
         rq.RunDataset: _run_dataset,
@@ -321,3 +322,8 @@ def dataset_summary(totals: dict[str, int], ds: Any, store: SaveStore, save: str
     return {**totals, "dataset": ds.name, "fingerprint": ds.fingerprint(),
             "reducers": {name: r.result() for name, r in reducers.items()},
             "state": context_action(store, save, "state")}
+
+
+if TYPE_CHECKING:  # mypy: this class is an Executor
+    def _is_executor(executor: LocalExecutor) -> Executor:
+        return executor

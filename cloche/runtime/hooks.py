@@ -189,11 +189,14 @@ class Attachment:
                 if spec.attention is not None:
                     uses_attention = True
                     continue
-                module = self._modules[spec.site.module]
-                if spec.site.where == "output":
+                site = spec.site
+                if site is None:  # build_specs gives every other point a module site
+                    raise ClocheError(f"probe point {name!r} has no module to hook")
+                module = self._modules[site.module]
+                if site.where == "output":
                     self._handles.append(module.register_forward_hook(self._output_hook(name)))
                 else:
-                    hook = self._input_hook(name, spec.site.where == "input_inplace")
+                    hook = self._input_hook(name, site.where == "input_inplace")
                     self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if self._cancel is not None:
                 for path in self._block_paths:

@@ -41,7 +41,8 @@ class Job:
         self.conn = conn
         self.request = request
         self.op: rq.Request[Any] = request.op
-        self.session: Session = conn.session  # type: ignore[assignment]
+        assert conn.session is not None  # requests are read only after the handshake
+        self.session: Session = conn.session
         self.cancel = threading.Event()
         self.position: int | None = None
         self.finished = False
@@ -128,7 +129,8 @@ class ServerConnection:
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name=f"cloche-writer-{self.peer}")
         self._writer.start()
-        log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened", self.peer)
+        log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened",
+                 self.peer)
         return True
 
     # ----------------------------------------------------------------- requests

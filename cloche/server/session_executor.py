@@ -11,7 +11,7 @@ called them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from cloche.api import requests as rq
 from cloche.api.executor import CancelEvent, EventSink, Executor
@@ -25,6 +25,7 @@ from cloche.server.sessions import Session
 __all__ = ["SessionExecutor"]
 
 T = TypeVar("T")
+R = TypeVar("R", bound=rq.Request[Any])
 
 
 class SessionExecutor:
@@ -56,7 +57,7 @@ class SessionExecutor:
         """The served transformers module, for shipped code (None when sharded)."""
         return getattr(self._inner, "hf_model", None)
 
-    def _namespaced(self, request: rq.Request[T]) -> rq.Request[T]:
+    def _namespaced(self, request: R) -> R:
         name = self._session.context_name
         if isinstance(request, (rq.Run, rq.Generate, rq.RunDataset)):
             return dataclasses.replace(request, save=name(request.save, DEFAULT_CONTEXT))
@@ -78,7 +79,8 @@ class SessionExecutor:
             exc.message = exc.message.replace(self._session.prefix, "")
             raise
         if isinstance(request, rq.ListContexts):
-            return self._session.visible(value)  # type: ignore[return-value]
+            # T is list[str] here, which mypy cannot tie to the narrowed request
+            return cast(T, self._session.visible(cast("list[str]", value)))
         return value
 
     def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
@@ -98,3 +100,8 @@ class SessionExecutor:
 
     def __repr__(self) -> str:
         return f"SessionExecutor({self._inner!r}, session {self._session.id[:8]})"
+
+
+if TYPE_CHECKING:  # mypy: this class is an Executor
+    def _is_executor(executor: SessionExecutor) -> Executor:
+        return executor

@@ -87,7 +87,8 @@ class SessionRegistry:
         with self._lock:
             return len(self._sessions)
 
-    def expire(self, drop_contexts: Callable[[Session], None], now: float | None = None) -> list[str]:
+    def expire(self, drop_contexts: Callable[[Session], None], now: float | None = None
+               ) -> list[str]:
         """Drop idle sessions (and, through ``drop_contexts``, their save contexts)."""
         if self.idle_expiry is None:
             return []

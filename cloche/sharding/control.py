@@ -53,7 +53,7 @@ class Liveness:
                 self.lost = WorkerLost(f"the control store is gone (rank 0 died?): {exc}",
                                        rank=0)
                 raise self.lost from exc
-            for rank, raw in zip(self._others, values):
+            for rank, raw in zip(self._others, values, strict=True):
                 value = bytes(raw).decode()
                 last = self._seen.get(rank)
                 if last is None or last[0] != value:

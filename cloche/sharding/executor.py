@@ -21,14 +21,14 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import cloudpickle
 import torch
 
 from cloche import errors
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink
+from cloche.api.executor import CancelEvent, EventSink, Executor
 from cloche.api.futures import RequestFuture, run_in_thread
 from cloche.api.model import Model
 from cloche.errors import ClocheError, UsageError, WorkerLost
@@ -45,6 +45,9 @@ from cloche.sharding.control import Control
 from cloche.sharding.p2p import Channel
 from cloche.sharding.stage import Command, Stage, error_envelope
 from cloche.sharding.worker import Rank
+
+if TYPE_CHECKING:
+    from cloche.sharding.launch import LocalGroup
 
 __all__ = ["ShardedExecutor"]
 
@@ -87,7 +90,8 @@ class ShardedExecutor:
         self._local = self._stage.local
         self.plan = self._stage.plan
         self.world_size = rank.layout.world_size
-        self.group: Any = None  # the worker processes, when started by cloche.sharding.launch
+        #: the worker processes, when started by cloche.sharding.launch
+        self.group: LocalGroup | None = None
         self._on_close: list[Callable[[], None]] = []
         self._specs = self._stage.full_specs
         self._info: ModelInfo | None = None
@@ -197,9 +201,9 @@ class ShardedExecutor:
                             own_error = exc
                             envelopes[0] = error_envelope(
                                 exc, aborted=isinstance(exc, errors.Aborted), rank=0)
-                    for r in range(1, self.world_size):
-                        envelopes.append(self._channel.recv_object(r, keys.result(seq, r),
-                                                                   abortable=False))
+                    envelopes.extend(self._channel.recv_object(r, keys.result(seq, r),
+                                                               abortable=False)
+                                     for r in range(1, self.world_size))
                 finally:
                     self._control.end()
                 store.delete_key(f"cmd/{seq}")
@@ -352,7 +356,7 @@ class ShardedExecutor:
             return self._ctx(name, "fetch", key, mode, ops, ranks=[rank])[rank]
         parts = self._ctx(name, "entries", key, ranks=holders)
         ordered = sorted((tuple(o), v) for part in parts if part
-                         for o, v in zip(part["order"], part["values"]))
+                         for o, v in zip(part["order"], part["values"], strict=True))
         return join_entries([v for _, v in ordered], mode, key, ops)
 
     def _context_state(self, name: str) -> dict[str, Any]:
@@ -497,7 +501,7 @@ class ShardedExecutor:
         """Call ``callback()`` after :meth:`close` (the launcher reaps its processes there)."""
         self._on_close.append(callback)
 
-    _HANDLERS: dict[type, Callable[..., Any]] = {
+    _HANDLERS: ClassVar[dict[type, Callable[..., Any]]] = {
         rq.Run: _run,
         rq.Generate: _generate,
         rq.RunDataset: _run_dataset,
@@ -517,3 +521,8 @@ class ShardedExecutor:
     def __repr__(self) -> str:
         return (f"ShardedExecutor({self.name!r}, world_size={self.world_size},"
                 f" layers_per_rank={self.plan.layers_per_rank()})")
+
+
+if TYPE_CHECKING:  # mypy: this class is an Executor
+    def _is_executor(executor: ShardedExecutor) -> Executor:
+        return executor

@@ -16,12 +16,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloche.api.model import Model
 from cloche.errors import UsageError, WorkerLost
 from cloche.sharding.layout import DistConfig
 from cloche.sharding.worker import EXIT_WORKER_LOST, join
+
+if TYPE_CHECKING:
+    from cloche.sharding.executor import ShardedExecutor
 
 __all__ = ["LocalGroup", "serve_distributed", "start_local"]
 
@@ -108,6 +111,20 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
 
     ``model.executor.group`` holds the worker processes; ``model.close()`` shuts them down.
     """
+    executor, _ = _start_group(model_dir, world_size, layers_per_rank=layers_per_rank,
+                               backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
+                               micro_batches=micro_batches, threads=threads,
+                               master_addr=master_addr, port=port, on_lost=on_lost)
+    return Model(executor)
+
+
+def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
+                 layers_per_rank: Sequence[int] | None, backend: str | None,
+                 device: str | None, dtype: str | None, timeout_s: float, micro_batches: int,
+                 threads: int | None, master_addr: str, port: int | None,
+                 on_lost: Callable[[WorkerLost], None] | None
+                 ) -> tuple[ShardedExecutor, LocalGroup]:
+    """Rank 0's executor (joined to the group) and the worker processes it drives."""
     from cloche.sharding.executor import ShardedExecutor
 
     model_dir = str(Path(model_dir).expanduser())
@@ -136,7 +153,7 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
             group.terminate()
 
     executor.add_close_callback(reap)
-    return Model(executor)
+    return executor, group
 
 
 def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
@@ -163,11 +180,13 @@ def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
             group_box[0].terminate(grace_s=2.0)
         os._exit(EXIT_WORKER_LOST)
 
-    model = start_local(model_dir, world_size, layers_per_rank=layers_per_rank,
-                        backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
-                        micro_batches=micro_batches, threads=threads, master_addr=master_addr,
-                        port=port, on_lost=on_lost)
-    group_box.append(model.executor.group)
+    executor, group = _start_group(model_dir, world_size, layers_per_rank=layers_per_rank,
+                                   backend=backend, device=device, dtype=dtype,
+                                   timeout_s=timeout_s, micro_batches=micro_batches,
+                                   threads=threads, master_addr=master_addr, port=port,
+                                   on_lost=on_lost)
+    group_box.append(group)
+    model = Model(executor)
     try:
         serve_fn(model)
     finally:

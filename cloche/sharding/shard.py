@@ -248,7 +248,7 @@ class _SafetensorsFile:
                   and target.is_contiguous() and sys.byteorder == "little")
         buffer = target if direct else torch.empty(shape, dtype=dtype)
         self._file.seek(self._base + begin)
-        view = memoryview(buffer.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+        view = buffer.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         if self._file.readinto(view) != end - begin:
             raise UsageError(f"{self.path.name} ended inside tensor {key!r}")
         if not direct:
@@ -330,6 +330,7 @@ def build_shard(sk: Skeleton, plan: ShardPlan, rank: int, stage: Pipeline,
         from transformers import GenerationConfig
 
         generation = GenerationConfig.from_pretrained(sk.path)
+        # nn.Module.__setattr__ is typed for tensors and modules; any attribute is fine at runtime
         model.generation_config = generation  # type: ignore[assignment]
     model.eval()
     return Loaded(model, _tokenizer(sk.path), sk.path)

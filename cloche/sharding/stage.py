@@ -269,7 +269,7 @@ class Stage:
             if grad:
                 self.hf.zero_grad(set_to_none=True)
             n = 1 if grad else max(1, min(micro_batches, ids.shape[0]))
-            for chunk_ids, chunk_mask in zip(ids.chunk(n), mask.chunk(n)):
+            for chunk_ids, chunk_mask in zip(ids.chunk(n), mask.chunk(n), strict=True):
                 self._forward(chunk_ids, chunk_mask, plan, writes, None, grad=grad)
             value: dict[str, Any] = {}
             if self.rank == self.last:
@@ -369,7 +369,7 @@ class Stage:
                     raise Cancelled("the dataset run was cancelled")
                 n = max(1, min(micro_batches, batch.tokens.shape[0]))
                 for ids, mask, ex in zip(batch.tokens.chunk(n), batch.attention_mask.chunk(n),
-                                         batch.example_ids.chunk(n)):
+                                         batch.example_ids.chunk(n), strict=True):
                     self._forward(ids, mask, plan, writes, ex, grad=False)
                 writes.runs += 1
         except BaseException:

@@ -382,7 +382,8 @@ class _Decoder:
             if type(raw) is not bytes or type(refs) is not list:
                 raise ProtocolError("malformed pickled field")
             if not self.allow_code:
-                raise ProtocolError("a pickled field was sent on a connection that may not ship code")
+                raise ProtocolError("a pickled field was sent on a connection that may not ship"
+                                    " code")
             self.deferred += 1
             return _Deferred(raw, refs)
         raise ProtocolError(f"unknown extension type {code}")
@@ -437,7 +438,7 @@ class _Decoder:
         unknown = set(fields) - {f.name for f in dataclasses.fields(target)}
         if unknown:
             raise ProtocolError(f"record {path!r} has no field(s) {sorted(unknown)[:5]}")
-        obj = object.__new__(target)
+        obj: Any = object.__new__(target)
         for field in dataclasses.fields(target):
             if field.name in fields:
                 value = fields[field.name]

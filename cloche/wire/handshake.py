@@ -43,11 +43,13 @@ def _key(token: str | bytes) -> bytes:
 
 
 def client_proof(token: str | bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    return hmac.new(_key(token), _CLIENT_LABEL + server_nonce + client_nonce, hashlib.sha256).digest()
+    return hmac.new(_key(token), _CLIENT_LABEL + server_nonce + client_nonce,
+                    hashlib.sha256).digest()
 
 
 def server_proof(token: str | bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    return hmac.new(_key(token), _SERVER_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
+    return hmac.new(_key(token), _SERVER_LABEL + client_nonce + server_nonce,
+                    hashlib.sha256).digest()
 
 
 def _field(msg: Any, kind: str, name: str, kinds: type | tuple[type, ...]) -> Any:
@@ -92,7 +94,8 @@ class ServerHandshake:
             return {"kind": messages.CHALLENGE, "proto": PROTOCOL_VERSION, "nonce": self._nonce}
         proof = _field(msg, messages.AUTH, "proof", bytes)
         session = msg.get("session")
-        if session is not None and (not isinstance(session, str) or len(session) > _MAX_SESSION_LEN):
+        if session is not None and (not isinstance(session, str)
+                                    or len(session) > _MAX_SESSION_LEN):
             raise ProtocolError("bad session id in the handshake")
         expected = client_proof(self._token, self._nonce, self._client_nonce)
         if not hmac.compare_digest(proof, expected):
@@ -129,7 +132,8 @@ class ClientHandshake:
     def receive(self, msg: Any) -> dict | None:
         if type(msg) is dict and msg.get("kind") == messages.REFUSED:
             reason = msg.get("reason")
-            raise AuthError(f"server refused the connection: {reason if isinstance(reason, str) else '?'}")
+            reason = reason if isinstance(reason, str) else "?"
+            raise AuthError(f"server refused the connection: {reason}")
         if self._server_nonce is None:
             self._server_nonce = _nonce(msg, messages.CHALLENGE)
             return {
@@ -138,7 +142,8 @@ class ClientHandshake:
                 "session": self._session,
             }
         proof = _field(msg, messages.WELCOME, "proof", bytes)
-        if not hmac.compare_digest(proof, server_proof(self._token, self._nonce, self._server_nonce)):
+        expected = server_proof(self._token, self._nonce, self._server_nonce)
+        if not hmac.compare_digest(proof, expected):
             raise AuthError("the server could not prove it knows the token; not sending anything")
         self.done = True
         self.welcome = msg
