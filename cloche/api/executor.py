@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from cloche.api.futures import RequestFuture
+from cloche.api.futures import RequestFuture, run_in_thread
 from cloche.api.requests import ModelInfo, Request
+from cloche.errors import UsageError
 
-__all__ = ["CancelEvent", "EventSink", "Executor"]
+__all__ = ["CancelEvent", "EventSink", "Executor", "dispatch", "submit_in_thread"]
 
 T = TypeVar("T")
 
@@ -65,3 +66,25 @@ class Executor(Protocol):
     def close(self) -> None:
         """Release what the executor holds (connections, worker processes)."""
         ...
+
+
+Handler = Callable[[Any, Any, "CancelEvent | None", "EventSink | None"], Any]
+
+
+def dispatch(handlers: dict[type, Handler], owner: Any, request: Request[T],
+             cancel: CancelEvent | None, on_event: EventSink | None) -> T:
+    """``execute`` for an executor with a table of handlers, one per request type."""
+    handler = handlers.get(type(request))
+    if handler is None:
+        raise UsageError(f"unknown request {type(request).__name__}")
+    value: T = handler(owner, request, cancel, on_event)
+    return value
+
+
+def submit_in_thread(executor: Executor, request: Request[T], on_event: EventSink | None
+                     ) -> RequestFuture[T]:
+    """``submit`` for an executor that runs in this process: ``execute`` on a new thread,
+    cancelled through the event it polls."""
+    return run_in_thread(type(request).__name__.lower(),
+                         lambda cancel: executor.execute(request, cancel=cancel,
+                                                         on_event=on_event))

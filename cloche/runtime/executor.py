@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink, Executor
-from cloche.api.futures import RequestFuture, run_in_thread
+from cloche.api.executor import CancelEvent, EventSink, Executor, dispatch, submit_in_thread
+from cloche.api.futures import RequestFuture
 from cloche.api.inputs import next_token_loss
 from cloche.api.model import Model
 from cloche.api.results import Outputs
@@ -138,16 +138,11 @@ class LocalExecutor:
     # ----------------------------------------------------------------- the seam
     def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
                 on_event: EventSink | None = None) -> T:
-        handler = self._HANDLERS.get(type(request))
-        if handler is None:
-            raise UsageError(f"unknown request {type(request).__name__}")
-        return handler(self, request, cancel, on_event)
+        return dispatch(self._HANDLERS, self, request, cancel, on_event)
 
     def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
                ) -> RequestFuture[T]:
-        return run_in_thread(type(request).__name__.lower(),
-                             lambda cancel: self.execute(request, cancel=cancel,
-                                                         on_event=on_event))
+        return submit_in_thread(self, request, on_event)
 
     def close(self) -> None:
         """Nothing to release: the model lives as long as this object."""

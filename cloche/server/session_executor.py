@@ -14,8 +14,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink, Executor
-from cloche.api.futures import RequestFuture, run_in_thread
+from cloche.api.executor import CancelEvent, EventSink, Executor, submit_in_thread
+from cloche.api.futures import RequestFuture
 from cloche.api.model import DEFAULT_CONTEXT, Model
 from cloche.errors import ClocheError
 from cloche.model.info import ModelInfo
@@ -85,9 +85,7 @@ class SessionExecutor:
 
     def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
                ) -> RequestFuture[T]:
-        return run_in_thread(type(request).__name__.lower(),
-                             lambda cancel: self.execute(request, cancel=cancel,
-                                                         on_event=on_event))
+        return submit_in_thread(self, request, on_event)
 
     def close(self) -> None:
         """Nothing to release: the served executor outlives every session."""

@@ -28,8 +28,8 @@ import torch
 
 from cloche import errors
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink, Executor
-from cloche.api.futures import RequestFuture, run_in_thread
+from cloche.api.executor import CancelEvent, EventSink, Executor, dispatch, submit_in_thread
+from cloche.api.futures import RequestFuture
 from cloche.api.model import Model
 from cloche.errors import ClocheError, UsageError, WorkerLost
 from cloche.errors.payload import from_payload
@@ -150,16 +150,11 @@ class ShardedExecutor:
     # ----------------------------------------------------------------- the seam
     def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
                 on_event: EventSink | None = None) -> T:
-        handler = self._HANDLERS.get(type(request))
-        if handler is None:
-            raise UsageError(f"unknown request {type(request).__name__}")
-        return handler(self, request, cancel, on_event)
+        return dispatch(self._HANDLERS, self, request, cancel, on_event)
 
     def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
                ) -> RequestFuture[T]:
-        return run_in_thread(type(request).__name__.lower(),
-                             lambda cancel: self.execute(request, cancel=cancel,
-                                                         on_event=on_event))
+        return submit_in_thread(self, request, on_event)
 
     # ----------------------------------------------------------------- commands
     def _lost(self, exc: WorkerLost) -> None:
