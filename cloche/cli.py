@@ -190,6 +190,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
     if args.torchrun:
+        if generated:
+            raise UsageError("under --torchrun every node needs the same token (the ranks"
+                             " authenticate each other with it): set CLOCHE_TOKEN or pass"
+                             " --token-file on every node")
         from cloche.default_model import weights_dir
         from cloche.sharding.worker import config_from_env, run_rank
 
@@ -198,7 +202,7 @@ def run_serve(args: argparse.Namespace) -> int:
             layers_per_rank=args.layers_per_rank, backend=args.backend,
             device=None if args.device == "cpu" else args.device, dtype=args.dtype,
             timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
-            store_port_offset=args.store_port_offset)
+            store_port_offset=args.store_port_offset, token=config.token)
         return run_rank(dist_config, lambda model: serve_until_stopped(model, config, generated))
     if args.world_size == 1:
         serve_until_stopped(load_model(args), config, generated)

@@ -43,6 +43,7 @@ from cloche.runtime.usercode import run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
 from cloche.sharding.p2p import Channel
+from cloche.sharding.sealing import seal
 from cloche.sharding.stage import Command, Stage, error_envelope
 from cloche.sharding.worker import Rank
 
@@ -79,9 +80,10 @@ class ShardedExecutor:
                                 rank.layout.world_size, rank.config.timeout_s,
                                 rank.config.heartbeat_s)
         light_control.liveness = self._control.liveness  # one view of who is alive
+        self._key = rank.layout.key
         self._light_channel = Channel(light_control, 0, rank.layout.device,
                                       rank.layout.tensor_group, rank.layout.object_group,
-                                      announce=False)
+                                      key=self._key, announce=False)
         self._broken: WorkerLost | None = None
         self._on_lost = on_lost
         self._shapes: dict[str, Any] | None = None
@@ -181,7 +183,7 @@ class ShardedExecutor:
             self._seq = seq
             store = self._control.store
             try:
-                store.set(f"cmd/{seq}", payload)
+                store.set(f"cmd/{seq}", seal(self._key, f"cmd/{seq}", payload))
                 self._control.begin(seq, cancel)
                 try:
                     envelopes = [self._stage.execute(cmd, **(local or {}))]
@@ -440,7 +442,8 @@ class ShardedExecutor:
                     if r == 0:
                         continue
                     self._light_seq[r] += 1
-                    store.set(f"light/{r}/{self._light_seq[r]}", payload)
+                    name = f"light/{r}/{self._light_seq[r]}"
+                    store.set(name, seal(self._key, name, payload))
                     sent.append((r, self._light_seq[r]))
                 if 0 in targets:
                     values[0] = self._stage.light(op, kwargs)

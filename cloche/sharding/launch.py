@@ -10,6 +10,7 @@ runs across machines — with the rank and rendezvous in its environment.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cloche.api.model import Model
 from cloche.errors import UsageError, WorkerLost
 from cloche.sharding.layout import DistConfig
-from cloche.sharding.worker import EXIT_WORKER_LOST, join
+from cloche.sharding.worker import CONTROL_KEY_ENV, EXIT_WORKER_LOST, join
 
 if TYPE_CHECKING:
     from cloche.sharding.executor import ShardedExecutor
@@ -71,14 +72,15 @@ class LocalGroup:
 
 
 def _spawn_workers(model_dir: str, world_size: int, port: int, options: list[str],
-                   master_addr: str, device: str | None) -> LocalGroup:
+                   master_addr: str, device: str | None, key: bytes) -> LocalGroup:
     root = str(Path(__file__).resolve().parents[2])
     paths = [root, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     processes = {}
     for rank in range(1, world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    MASTER_ADDR=master_addr, MASTER_PORT=str(port),
-                   PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+                   PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)),
+                   **{CONTROL_KEY_ENV: key.hex()})
         cmd = [sys.executable, "-m", "cloche.sharding.worker", "--model", model_dir,
                "--store-port-offset", "0", *options]
         if device is not None:
@@ -131,14 +133,16 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
         raise UsageError(f"world_size ({world_size!r}) must be an int >= 2")
     port = port or _free_port(master_addr)
+    key = secrets.token_bytes(32)  # this group's control key: the workers get it, nobody else
     options = _options(layers_per_rank, backend, dtype, timeout_s, micro_batches, threads)
     group = _spawn_workers(model_dir, world_size, port, options, master_addr,
-                           "cuda" if device and device.startswith("cuda") else device)
+                           "cuda" if device and device.startswith("cuda") else device, key)
     config = DistConfig(model_dir=model_dir, rank=0, world_size=world_size,
                         master_addr=master_addr, master_port=port, store_is_master=True,
                         backend=backend, device=device, dtype=dtype,
                         layers_per_rank=tuple(layers_per_rank) if layers_per_rank else None,
-                        timeout_s=timeout_s, micro_batches=micro_batches, threads=threads)
+                        timeout_s=timeout_s, micro_batches=micro_batches, threads=threads,
+                        control_key=key)
     try:
         rank = join(config, local_check=group.dead)
     except BaseException:

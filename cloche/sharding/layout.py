@@ -12,13 +12,15 @@ only transfers, never a peer's thinking time.
 from __future__ import annotations
 
 import datetime
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
 
 from cloche.errors import UsageError, WorkerLost
+from cloche.sharding.sealing import store_prefix
 
 __all__ = ["DistConfig", "Layout"]
 
@@ -50,8 +52,13 @@ class DistConfig:
     connect_timeout_s: float = 300.0
     micro_batches: int = 1
     threads: int | None = None
+    control_key: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.control_key, bytes) or len(self.control_key) < 16:
+            raise UsageError("the group needs a control key of at least 16 bytes, the same on"
+                             " every rank (a local launch draws one; under torchrun it is"
+                             " derived from the server token, CLOCHE_TOKEN or --token-file)")
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) \
                 or self.world_size < 2:
             raise UsageError(f"world_size ({self.world_size!r}) must be an int >= 2"
@@ -69,6 +76,19 @@ class DistConfig:
     @property
     def heartbeat_s(self) -> float:
         return min(max(self.timeout_s / 6.0, 0.05), 5.0)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` only (TCPStore alone would listen on every address)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        raise UsageError(f"cannot listen for the other ranks on {host}:{port}: {exc}") from exc
+    return sock
 
 
 class Layout:
@@ -96,15 +116,22 @@ class Layout:
         if is_master is None:
             is_master = config.rank == 0
         self._store_args = (config.master_addr, config.master_port)
+        self.key = config.control_key
+        self._prefix = f"{config.store_prefix}/{store_prefix(self.key)}/"
         connect = datetime.timedelta(seconds=config.connect_timeout_s)
+        # the hosting rank listens only on the address the others were told to reach; the
+        # store takes over the socket (its file descriptor) for the life of the process
+        listen_fd = _listen(config.master_addr, config.master_port).detach() if is_master \
+            else None
         try:
             base = tdist.TCPStore(config.master_addr, config.master_port, None,
-                                  is_master=is_master, timeout=connect, wait_for_workers=False)
+                                  is_master=is_master, timeout=connect, wait_for_workers=False,
+                                  master_listen_fd=listen_fd)
         except (RuntimeError, tdist.DistStoreError) as exc:
             raise WorkerLost(f"rank {self.rank} could not reach the control store at"
                              f" {config.master_addr}:{config.master_port}: {exc}") from exc
         self._base_store = base  # keeps the server alive on the hosting rank
-        self.store = tdist.PrefixStore(f"{config.store_prefix}/", base)
+        self.store = tdist.PrefixStore(self._prefix, base)
         self._meet(connect)
         timeout = datetime.timedelta(seconds=config.timeout_s)
         tdist.init_process_group(backend, store=tdist.PrefixStore("pg/", self.store),
@@ -123,7 +150,8 @@ class Layout:
         while int(self.store.add("joined", 0)) < self.world_size:
             if time.monotonic() > deadline:
                 raise WorkerLost(f"only {int(self.store.add('joined', 0))} of {self.world_size}"
-                                 f" ranks joined within {timeout.total_seconds():.0f} s")
+                                 f" ranks joined within {timeout.total_seconds():.0f} s (every"
+                                 " rank needs the same control key: the same server token)")
             time.sleep(0.05)
 
     @property
@@ -136,7 +164,7 @@ class Layout:
         client = tdist.TCPStore(host, port, None, is_master=False,
                                 timeout=datetime.timedelta(seconds=self.config.connect_timeout_s),
                                 wait_for_workers=False)
-        return tdist.PrefixStore(f"{self.config.store_prefix}/", client)
+        return tdist.PrefixStore(self._prefix, client)
 
     def close(self) -> None:
         if tdist.is_initialized():

@@ -27,6 +27,7 @@ import torch.distributed as tdist
 
 from cloche.errors import Cancelled, WorkerLost
 from cloche.sharding.control import Aborted, Control
+from cloche.sharding.sealing import open_sealed, seal
 
 __all__ = ["Channel"]
 
@@ -43,9 +44,10 @@ class Channel:
     """Sends and receives tensors and objects between this rank and its peers."""
 
     def __init__(self, control: Control, rank: int, device: torch.device,
-                 tensor_group: Any, object_group: Any, window: int = 2,
+                 tensor_group: Any, object_group: Any, *, key: bytes, window: int = 2,
                  announce: bool = True) -> None:
         self.control = control
+        self.key = key  # seals objects: nothing is unpickled unless a rank of this group sent it
         self.rank = rank
         self.device = device
         self.tensor_group = tensor_group
@@ -83,10 +85,11 @@ class Channel:
         queue.append((key, work, tensor))
 
     def send_object(self, dst: int, key: str, value: Any) -> None:
+        """Send a picklable ``value``, sealed (``sharding.sealing``): raises if it cannot pickle."""
         buffer = io.BytesIO()
         torch.save(value, buffer)
-        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-        self.send(dst, key, data, objects=True)
+        sealed = seal(self.key, f"obj/{key}", buffer.getvalue())
+        self.send(dst, key, torch.frombuffer(bytearray(sealed), dtype=torch.uint8), objects=True)
 
     def _settle(self, item: tuple[str, Any, torch.Tensor], *, abortable: bool = True) -> None:
         key, work, tensor = item
@@ -163,5 +166,7 @@ class Channel:
         return dropped
 
     def recv_object(self, src: int, key: str, *, abortable: bool = True) -> Any:
+        """An object ``src`` sent with :meth:`send_object`; refused unless its seal verifies."""
         data = self.recv(src, key, abortable=abortable)
-        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+        payload = open_sealed(self.key, f"obj/{key}", data.numpy().tobytes())
+        return torch.load(io.BytesIO(payload), weights_only=False)

@@ -33,17 +33,20 @@ import cloudpickle
 import torch
 import torch.distributed as tdist
 
-from cloche.errors import Aborted, UsageError, WorkerLost
+from cloche.errors import Aborted, ProtocolError, UsageError, WorkerLost
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
 from cloche.sharding.layout import DistConfig, Layout
 from cloche.sharding.p2p import Channel
+from cloche.sharding.sealing import key_from_token, open_sealed
 from cloche.sharding.shard import make_plan, skeleton
 from cloche.sharding.stage import Stage, error_envelope
 
 __all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main"]
 
 EXIT_WORKER_LOST = 3
+#: the local launcher hands its workers the group's control key in this variable (hex)
+CONTROL_KEY_ENV = "CLOCHE_CONTROL_KEY"
 TRANSACTIONAL = ("run", "generate", "dataset")
 
 
@@ -71,7 +74,7 @@ def join(config: DistConfig,
     control = Control(layout.store, layout.new_store_client(), layout.rank, layout.world_size,
                       config.timeout_s, config.heartbeat_s, local_check)
     channel = Channel(control, layout.rank, layout.device, layout.tensor_group,
-                      layout.object_group)
+                      layout.object_group, key=layout.key)
     sk = skeleton(config.model_dir, config.dtype)
     plan = make_plan(sk, layout.world_size, config.layers_per_rank)
     stage = Stage(sk, plan, layout.rank, layout.device, control, channel)
@@ -86,10 +89,37 @@ def _lost_exit(rank: int) -> Callable[[WorkerLost], None]:
     return on_lost
 
 
+def receive_sealed(control: Control, key: bytes, name: str, rank: int) -> Any:
+    """Wait for ``name`` in the store and unpickle it — only if rank 0 sealed it.
+
+    A payload that is not sealed with the group's key is dropped unread (and said on stderr),
+    and the wait goes on: a stranger's write neither runs nor stalls anything.
+    """
+    while True:
+        raw = control.wait(name, abortable=False)
+        try:
+            payload = open_sealed(key, name, raw)
+        except ProtocolError as exc:
+            print(f"cloche rank {rank}: {exc}", file=sys.stderr, flush=True)
+            control.store.delete_key(name)
+            continue
+        return cloudpickle.loads(payload)
+
+
+def send_reply(channel: Channel, name: str, envelope: dict[str, Any], what: str,
+               rank: int) -> None:
+    """Send an envelope to rank 0; one whose value cannot be pickled becomes a clear error."""
+    try:
+        channel.send_object(0, name, envelope)
+    except Exception as exc:  # noqa: BLE001 - pickling fails in many ways; rank 0 must hear
+        failure = UsageError(f"the result of {what} on rank {rank} cannot be sent to rank 0"
+                             f" ({type(exc).__name__}: {exc}); keep only tensors and plain"
+                             " data in what travels between ranks (saved values, ctx.state)")
+        channel.send_object(0, name, error_envelope(failure, aborted=False, rank=rank))
+
+
 def command_loop(rank: Rank) -> int:
     """Ranks > 0: execute rank 0's commands until it says shut down (returns the exit code)."""
-    import pickle
-
     control, stage, channel = rank.control, rank.stage, rank.channel
     control.on_lost = _lost_exit(rank.layout.rank)
     control.watch_idle = True
@@ -98,17 +128,11 @@ def command_loop(rank: Rank) -> int:
     seq = 1
     while True:
         try:
-            raw = control.wait(f"cmd/{seq}", abortable=False)
-            cmd = cloudpickle.loads(raw)
+            cmd = receive_sealed(control, rank.layout.key, f"cmd/{seq}", rank.layout.rank)
             control.begin(seq)
             envelope = stage.execute(cmd)
-            try:
-                channel.send_object(0, keys.result(seq, rank.layout.rank), envelope)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                failure = UsageError(f"the result of {cmd.op} cannot be sent to rank 0: {exc}")
-                channel.send_object(0, keys.result(seq, rank.layout.rank),
-                                    error_envelope(failure, aborted=False,
-                                                           rank=rank.layout.rank))
+            send_reply(channel, keys.result(seq, rank.layout.rank), envelope, cmd.op,
+                       rank.layout.rank)
             channel.flush()
             control.end()
             if cmd.op in TRANSACTIONAL:  # rank 0 decides once it heard from every rank
@@ -177,22 +201,23 @@ class LightService(threading.Thread):
         self.stage = rank.stage
         self.control = Control(layout.new_store_client(), None, layout.rank, layout.world_size,
                                rank.config.timeout_s, rank.config.heartbeat_s)
+        self.key = layout.key
         self.channel = Channel(self.control, layout.rank, layout.device, layout.tensor_group,
-                               layout.object_group, announce=False)
+                               layout.object_group, key=layout.key, announce=False)
 
     def run(self) -> None:
         n = 1
         while True:
             try:
                 key = f"light/{self.rank}/{n}"
-                raw = self.control.wait(key, abortable=False)
+                op, kwargs = receive_sealed(self.control, self.key, key, self.rank)
                 self.control.store.delete_key(key)
-                op, kwargs = cloudpickle.loads(raw)
                 try:
                     reply = {"ok": True, "value": self.stage.light(op, kwargs)}
                 except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
                     reply = error_envelope(exc, aborted=False, rank=self.rank)
-                self.channel.send_object(0, keys.light(self.rank, n), reply)
+                send_reply(self.channel, keys.light(self.rank, n), reply, f"{op} (a read)",
+                           self.rank)
                 self.channel.flush()
             except (WorkerLost, Aborted):
                 return  # lost: the main thread reports it and exits; Aborted: shutting down
@@ -258,11 +283,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def control_key(env: dict[str, str], token: str | None = None) -> bytes:
+    """The group's control key: the local launcher's (``CLOCHE_CONTROL_KEY``), else derived from
+    the server token (``token``, else ``CLOCHE_TOKEN``) that every torchrun node shares."""
+    if env.get(CONTROL_KEY_ENV):
+        try:
+            return bytes.fromhex(env[CONTROL_KEY_ENV])
+        except ValueError as exc:
+            raise UsageError(f"{CONTROL_KEY_ENV} must be hex") from exc
+    token = token or env.get("CLOCHE_TOKEN", "").strip()
+    if not token:
+        raise UsageError("the ranks of a sharded model authenticate each other with the server"
+                         " token: set CLOCHE_TOKEN (or pass --token-file) on every node")
+    return key_from_token(token)
+
+
 def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str | None = None,
                     backend: str | None = None, device: str | None = None,
                     dtype: str | None = None, timeout_s: float = 60.0, micro_batches: int = 1,
-                    threads: int | None = None, store_port_offset: int = 1) -> DistConfig:
-    """The entry point's one look at the environment torchrun (or the launcher) prepared."""
+                    threads: int | None = None, store_port_offset: int = 1,
+                    token: str | None = None) -> DistConfig:
+    """The entry point's one look at the environment torchrun (or the launcher) prepared.
+
+    ``token`` is the server token when the caller read it elsewhere (``--token-file``).
+    """
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
@@ -283,7 +327,8 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                                                if "TORCHELASTIC_RESTART_COUNT" in env else ""),
                       backend=backend, device=device, local_rank=local_rank, dtype=dtype,
                       layers_per_rank=layers, timeout_s=timeout_s,
-                      micro_batches=micro_batches, threads=threads)
+                      micro_batches=micro_batches, threads=threads,
+                      control_key=control_key(env, token))
 
 
 def main(argv: list[str] | None = None) -> int:

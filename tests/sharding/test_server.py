@@ -68,7 +68,7 @@ def test_cloche_serve_under_torchrun_serves_clients_and_shuts_down_cleanly(
     with open(tmp_path / "rank1.log", "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "cloche", "serve", "--model", str(directory), *flags],
-            env={**os.environ, **rendezvous, "RANK": "1"},
+            env={**os.environ, **rendezvous, "RANK": "1", "CLOCHE_TOKEN": "torchrun-token"},
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         for key, value in {**rendezvous, "RANK": "0"}.items():
             monkeypatch.setenv(key, value)
