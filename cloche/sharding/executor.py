@@ -183,7 +183,8 @@ class ShardedExecutor:
             self._seq = seq
             store = self._control.store
             try:
-                store.set(f"cmd/{seq}", seal(self._key, f"cmd/{seq}", payload))
+                sealed = seal(self._key, f"cmd/{seq}", payload)
+                store.set(f"cmd/{seq}", sealed)  # type: ignore[arg-type]  # bytes work too
                 self._control.begin(seq, cancel)
                 try:
                     envelopes = [self._stage.execute(cmd, **(local or {}))]
@@ -443,7 +444,7 @@ class ShardedExecutor:
                         continue
                     self._light_seq[r] += 1
                     name = f"light/{r}/{self._light_seq[r]}"
-                    store.set(name, seal(self._key, name, payload))
+                    store.set(name, seal(self._key, name, payload))  # type: ignore[arg-type]
                     sent.append((r, self._light_seq[r]))
                 if 0 in targets:
                     values[0] = self._stage.light(op, kwargs)

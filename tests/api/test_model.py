@@ -204,7 +204,7 @@ def test_the_underlying_module_is_reachable_only_where_it_runs(models, kind):
     if kind == "local":
         assert isinstance(model.hf_model, torch.nn.Module)
     else:
-        with pytest.raises(cloche.UsageError, match="model.call"):
+        with pytest.raises(cloche.UsageError, match=r"model\.call"):
             model.hf_model  # noqa: B018 - the access is the test
     n_params = sum(p.numel() for p in models["local"].hf_model.parameters())
     shard = 0 if kind == "sharded" else None
