@@ -84,6 +84,11 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         metavar="DURATION",
                         help="drop a session and its save contexts after it has had no "
                              "connection for this long: 3600, 30m, 2h, never (default: 24h)")
+    parser.add_argument("--request-timeout", type=parse_duration, default=None,
+                        metavar="DURATION",
+                        help="stop any request that runs longer than this (30s, 10m, 1h), even "
+                             "inside a probe or shipped function stuck in a loop; the client gets "
+                             "Cancelled and the run is rolled back (default: no limit)")
     parser.add_argument("--device", default="cpu",
                         help="torch device to load the model on (default: cpu)")
     parser.add_argument("--dtype", default=None,
@@ -141,6 +146,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
     config = ServerConfig(
         token=token, host=args.host, port=args.port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
+        request_timeout=args.request_timeout,
     )
     return config, generated
 

@@ -36,6 +36,7 @@ from cloche.probes.context import RunInfo
 from cloche.probes.store import SaveStore, Transaction
 from cloche.runtime.datasets import as_dataset, iterate
 from cloche.runtime.hooks import Attachment, ProbePlan
+from cloche.runtime.interrupt import interruptible
 from cloche.runtime.shapes import probe_ids, shape_reader
 from cloche.runtime.usercode import backward_objective, run_user_function
 
@@ -138,7 +139,10 @@ class LocalExecutor:
     # ----------------------------------------------------------------- the seam
     def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
                 on_event: EventSink | None = None) -> T:
-        return dispatch(self._HANDLERS, self, request, cancel, on_event)
+        if cancel is None or not request.is_heavy:
+            return dispatch(self._HANDLERS, self, request, cancel, on_event)
+        with interruptible(cancel):  # a cancel also stops a probe stuck in a Python loop
+            return dispatch(self._HANDLERS, self, request, cancel, on_event)
 
     def submit(self, request: rq.Request[T], *, on_event: EventSink | None = None
                ) -> RequestFuture[T]:

@@ -209,5 +209,15 @@ class Attachment:
             yield
 
     def detach(self) -> None:
+        """Remove every hook, even if an exception (a cancel delivered into this thread at a
+        bytecode boundary) interrupts one removal: the next run must see the plain model."""
+        failure: BaseException | None = None
         while self._handles:
-            self._handles.pop().remove()
+            handle = self._handles.pop()
+            try:
+                handle.remove()
+            except BaseException as exc:  # noqa: BLE001 - finish detaching, then re-raise
+                failure = failure or exc
+                handle.remove()
+        if failure is not None:
+            raise failure

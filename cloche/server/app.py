@@ -216,6 +216,7 @@ class Server:
                                                            request_id=job.request.id))
                 continue
             self._running = job
+            timer = self._start_deadline(job)
             try:
                 job.emit({"type": "started"})
                 executor = SessionExecutor(self.executor, job.session, job.cancel)
@@ -223,11 +224,33 @@ class Server:
                     job.op, cancel=job.cancel,
                     on_event=throttled(job.emit, self.config.progress_interval))
             except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
+                if job.timed_out and isinstance(exc, errors.Cancelled):
+                    exc = errors.Cancelled(
+                        f"the request ran longer than the server's --request-timeout"
+                        f" ({self.config.request_timeout:g} s) and was stopped (rolled back)",
+                        request_id=job.request.id)
                 self._complete(job, error=exc)
             else:
                 self._complete(job, value=value)
             finally:
+                if timer is not None:
+                    timer.cancel()
                 self._running = None
+
+    def _start_deadline(self, job: Job) -> threading.Timer | None:
+        """Cancel ``job`` when it outlives ``request_timeout`` (user code stuck in a loop is
+        then interrupted too: see ``runtime.interrupt``)."""
+        if self.config.request_timeout is None:
+            return None
+
+        def expire() -> None:
+            job.timed_out = True
+            job.cancel.set()
+
+        timer = threading.Timer(self.config.request_timeout, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     # ----------------------------------------------------------------- sessions
     def _janitor_loop(self) -> None:

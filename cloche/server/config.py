@@ -16,6 +16,8 @@ class ServerConfig:
     ``session_idle_expiry`` (seconds, ``None`` for never) drops a session's save contexts once
     it has had no connection and no work for that long. ``max_frame_bytes`` bounds what an
     authenticated client may send in one frame (before authentication the bound is 4 KiB).
+    ``request_timeout`` (seconds, ``None`` for no limit) stops a heavy request that runs longer,
+    user code stuck in a loop included.
     """
 
     token: str
@@ -28,6 +30,7 @@ class ServerConfig:
     max_frame_bytes: int = 1 << 40
     max_connections: int = 256
     progress_interval: float = 0.05
+    request_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token:
@@ -40,5 +43,7 @@ class ServerConfig:
             raise UsageError(
                 f"session_idle_expiry ({self.session_idle_expiry}) must be positive or None"
             )
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise UsageError(f"request_timeout ({self.request_timeout}) must be positive or None")
         if self.handshake_timeout <= 0:
             raise UsageError(f"handshake_timeout ({self.handshake_timeout}) must be positive")

@@ -46,6 +46,7 @@ class Job:
         self.cancel = threading.Event()
         self.position: int | None = None
         self.finished = False
+        self.timed_out = False  # cancelled by the server's request timeout
 
     def emit(self, event: dict[str, Any]) -> None:
         self.conn.send(messages.event(self.request.id, event))

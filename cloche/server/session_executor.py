@@ -19,6 +19,7 @@ from cloche.api.futures import RequestFuture
 from cloche.api.model import DEFAULT_CONTEXT, Model
 from cloche.errors import ClocheError
 from cloche.model.info import ModelInfo
+from cloche.runtime.interrupt import interruptible
 from cloche.runtime.usercode import run_user_function
 from cloche.server.sessions import Session
 
@@ -71,7 +72,8 @@ class SessionExecutor:
         if isinstance(request, rq.Call) and request.rank is None:
             # shipped code gets the model through this session (and this request's cancel)
             here = Model(SessionExecutor(self._inner, self._session, cancel))
-            return run_user_function(request.fn, here, request.args, request.kwargs)
+            with interruptible(cancel):  # a cancel also stops a function stuck in a loop
+                return run_user_function(request.fn, here, request.args, request.kwargs)
         try:
             value = self._inner.execute(self._namespaced(request), cancel=cancel,
                                         on_event=on_event)

@@ -28,6 +28,7 @@ from cloche.probes.context import RunInfo
 from cloche.probes.store import PendingWrites, Transaction
 from cloche.runtime.executor import SHAPES_CONTEXT, LocalExecutor
 from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
+from cloche.runtime.interrupt import interruptible
 from cloche.runtime.shapes import probe_ids, shape_reader
 from cloche.runtime.usercode import backward_objective, run_user_function
 from cloche.sharding.channel_keys import keys
@@ -196,7 +197,8 @@ class Stage:
         try:
             if handler is None:
                 raise UsageError(f"unknown distributed command {cmd.op!r}")
-            value = handler(**cmd.kwargs, **local)
+            with interruptible(self.control.abort_event):  # stops user code stuck in a loop
+                value = handler(**cmd.kwargs, **local)
         except BaseException as exc:  # reported to rank 0, which raises it for the client
             self.last_exception = exc
             aborted = self.control.abort_event.is_set() and \
