@@ -24,6 +24,7 @@ from cloche.errors import (
     ProbeError,
     RemoteError,
     ResourceLimit,
+    SessionLost,
     UnknownProbePoint,
     UsageError,
     WorkerLost,
@@ -49,6 +50,6 @@ __all__ = [
     "AuthError", "Cancelled", "ClocheError", "Covariance", "GenerateResult", "Histogram",
     "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError", "ProbePoint",
     "Reducer", "RemoteError", "RequestFuture", "ResourceLimit", "RunResult",
-    "SaveContextHandle", "TensorRef", "TopK", "UnknownProbePoint", "UsageError", "Variance",
-    "WorkerLost", "connect", "data", "errors", "experiments", "load",
+    "SaveContextHandle", "SessionLost", "TensorRef", "TopK", "UnknownProbePoint", "UsageError",
+    "Variance", "WorkerLost", "connect", "data", "errors", "experiments", "load",
 ]

@@ -84,6 +84,11 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         metavar="DURATION",
                         help="drop a session and its save contexts after it has had no "
                              "connection for this long: 3600, 30m, 2h, never (default: 24h)")
+    parser.add_argument("--state-dir", metavar="DIR", default=None,
+                        help="keep sessions and every committed save context in DIR, written "
+                             "before each run returns (crash-consistent); a restarted server "
+                             "finds them there and clients reconnect to their sessions "
+                             "(default: in memory only; a restart loses them)")
     parser.add_argument("--request-timeout", type=parse_duration, default=None,
                         metavar="DURATION",
                         help="stop any request that runs longer than this (30s, 10m, 1h), even "
@@ -146,7 +151,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
     config = ServerConfig(
         token=token, host=args.host, port=args.port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, state_dir=args.state_dir,
     )
     return config, generated
 
@@ -155,7 +160,7 @@ def load_model(args: argparse.Namespace) -> Any:
     import cloche
 
     return cloche.load(args.model, device=args.device, dtype=args.dtype,
-                       max_saved_bytes=args.max_saved_bytes)
+                       max_saved_bytes=args.max_saved_bytes, state_dir=args.state_dir)
 
 
 def _layers_per_rank(text: str | None) -> list[int] | None:
@@ -208,7 +213,8 @@ def run_serve(args: argparse.Namespace) -> int:
             layers_per_rank=args.layers_per_rank, backend=args.backend,
             device=None if args.device == "cpu" else args.device, dtype=args.dtype,
             timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
-            store_port_offset=args.store_port_offset, token=config.token)
+            store_port_offset=args.store_port_offset, token=config.token,
+            state_dir=args.state_dir)
         return run_rank(dist_config, lambda model: serve_until_stopped(model, config, generated))
     if args.world_size == 1:
         serve_until_stopped(load_model(args), config, generated)
@@ -221,7 +227,8 @@ def run_serve(args: argparse.Namespace) -> int:
         lambda model: serve_until_stopped(model, config, generated),
         layers_per_rank=_layers_per_rank(args.layers_per_rank), backend=args.backend,
         device=None if args.device == "cpu" else args.device, dtype=args.dtype,
-        timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches)
+        timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
+        state_dir=args.state_dir)
 
 
 # --------------------------------------------------------------------------------- demo

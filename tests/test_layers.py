@@ -23,7 +23,7 @@ ALLOWED = {
     "runtime": {"errors", "model", "probes", "api", "data"},
     "sharding": {"errors", "model", "probes", "api", "runtime", "data"},
     "client": {"errors", "model", "api", "wire"},
-    "server": {"errors", "model", "api", "runtime", "wire"},
+    "server": {"errors", "model", "probes", "api", "runtime", "wire"},
     "load": {"errors", "model", "probes", "api", "runtime", "default_model"},
     # built only on the public API: the front door, its errors and datasets
     "experiments": {"cloche", "errors", "data"},

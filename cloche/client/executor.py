@@ -17,6 +17,7 @@ import pathlib
 import ssl
 import tempfile
 import threading
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloche import errors
@@ -53,27 +54,32 @@ def connect(
     session: str | None = None,
     tls: bool | str | os.PathLike[str] | ssl.SSLContext | None = None,
     timeout: float = 30.0,
+    reconnect_timeout: float = 60.0,
 ) -> Model:
     """Connect to ``cloche serve`` at ``address`` and authenticate with ``token``.
 
-    ``session``: resume an earlier session (its save contexts) by id. ``tls``: ``True`` verifies
-    the server against the system CAs, a path trusts that certificate/CA file.
+    ``session``: resume an earlier session (its save contexts) by id; ``SessionLost`` if the
+    server no longer has it. ``tls``: ``True`` verifies the server against the system CAs, a
+    path trusts that certificate/CA file. When the connection drops (a network blip, a server
+    restarted with ``--state-dir``), the next request reconnects to the same session, retrying
+    for up to ``reconnect_timeout`` seconds.
     """
     return Model(RemoteExecutor(address, token=token, session=session, tls=tls,
-                                timeout=timeout))
+                                timeout=timeout, reconnect_timeout=reconnect_timeout))
 
 
 class RemoteExecutor:
     """Executes request records on a server; one connection, reopened to the same session."""
 
     def __init__(self, address: str | tuple[str, int], *, token: str, session: str | None = None,
-                 tls: Any = None, timeout: float = 30.0) -> None:
+                 tls: Any = None, timeout: float = 30.0, reconnect_timeout: float = 60.0) -> None:
         if not isinstance(token, str) or not token:
             raise errors.UsageError("connect needs the server's token (printed by `cloche serve`)")
         self._host, self._port = parse_address(address)
         self._token = token
         self._ssl = client_ssl_context(os.fspath(tls) if isinstance(tls, os.PathLike) else tls)
         self._timeout = timeout
+        self._reconnect_timeout = reconnect_timeout
         self._lock = threading.Lock()
         self._conn = self._open(session)
         self._info: ModelInfo | None = None
@@ -82,8 +88,33 @@ class RemoteExecutor:
 
     # ----------------------------------------------------------------- connection
     def _open(self, session: str | None) -> ClientConnection:
-        return ClientConnection(self._host, self._port, token=self._token, session=session,
+        conn = ClientConnection(self._host, self._port, token=self._token, session=session,
                                 ssl_context=self._ssl, timeout=self._timeout)
+        if session is not None and not conn.resumed:  # never continue in an empty session
+            conn.close()
+            raise errors.SessionLost(
+                f"the server at {self.address} no longer has session {session[:8]}… (it"
+                " restarted without --state-dir, or the session expired): its save contexts"
+                " are gone; cloche.connect(...) without session= starts a new session")
+        return conn
+
+    def _reopen(self, session: str) -> ClientConnection:
+        """Reconnect to ``session`` after the connection dropped, retrying while the server is
+        away (restarting, say) for up to ``reconnect_timeout`` seconds."""
+        deadline = time.monotonic() + self._reconnect_timeout
+        delay = 0.1
+        while True:
+            try:
+                return self._open(session)
+            except (errors.AuthError, errors.SessionLost):
+                raise
+            except errors.ConnectionError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise errors.ConnectionError(
+                        f"lost the connection to {self.address} and could not reconnect within"
+                        f" {self._reconnect_timeout:g} s: {exc.message}") from exc
+                time.sleep(delay)  # back off while the server is away
+                delay = min(delay * 2, 2.0)
 
     @property
     def address(self) -> str:
@@ -104,12 +135,12 @@ class RemoteExecutor:
         with self._lock:
             old = self._conn
             old.close()
-            self._conn = self._open(old.session)
+            self._conn = self._reopen(old.session)
 
     def _connection(self) -> ClientConnection:
         with self._lock:
             if self._conn.closed:
-                self._conn = self._open(self._conn.session)
+                self._conn = self._reopen(self._conn.session)
             return self._conn
 
     def close(self) -> None:

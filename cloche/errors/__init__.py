@@ -15,7 +15,9 @@ Callers catch what they can act on; the hierarchy is::
     ├── ProtocolError              the peer sent bytes that are not cloche protocol
     │   └── FrameTooLarge
     └── ConnectionError            the connection could not be made or was lost
-        └── AuthError              the handshake failed (wrong or missing token)
+        ├── AuthError              the handshake failed (wrong or missing token)
+        └── SessionLost            the server no longer has the session (restarted without
+                                   --state-dir, or the session expired): its contexts are gone
 
 Errors that happen on a server carry ``request_id``, ``rank`` and ``remote_traceback`` so that
 the user sees which of their code failed, where, and why. ``cloche.errors.payload`` turns an
@@ -37,6 +39,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "ResourceLimit",
+    "SessionLost",
     "UnknownProbePoint",
     "UsageError",
     "WorkerLost",
@@ -143,3 +146,11 @@ class ConnectionError(ClocheError, builtins.ConnectionError):
 
 class AuthError(ConnectionError):
     """The handshake failed: wrong token, no token, or the peer is not a cloche server."""
+
+
+class SessionLost(ConnectionError):
+    """The server does not have the session the client asked to resume.
+
+    It restarted without ``--state-dir`` (nothing was kept), or the session expired. Its save
+    contexts are gone; ``cloche.connect(...)`` without ``session=`` starts a new one.
+    """

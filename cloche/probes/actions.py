@@ -4,27 +4,23 @@
 ``reducers``, ``result``, ``nbytes``, ``clear``, ``persist``, ``restore``) on a
 :class:`~cloche.probes.store.SaveStore`. The local executor calls it for the user's handle, and
 every rank of a sharded model for its own part; :func:`write_context` / :func:`read_context`
-are the one on-disk format (safetensors with a JSON header) for persisted contexts.
+(``probes.disk``) are the one on-disk format for persisted contexts.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from cloche.errors import UsageError
-from cloche.probes.reducers import Reducer, reducer_from_state
+from cloche.probes.disk import read_context, write_context
+from cloche.probes.reducers import Reducer
 from cloche.probes.refs import Op, apply_ops
 from cloche.probes.store import SaveContext, SaveStore
 
-__all__ = ["FETCH_MODES", "combine", "context_action", "entries", "join_entries", "read_context",
-           "write_context"]
+__all__ = ["FETCH_MODES", "combine", "context_action", "entries", "join_entries"]
 
 FETCH_MODES = ("stack", "cat", "list")
 
@@ -121,61 +117,3 @@ def _args(action: str, args: tuple[Any, ...], n: int) -> tuple[Any, ...]:
     if not isinstance(args, (tuple, list)) or len(args) != n:
         raise UsageError(f"save-context action {action!r} takes {n} argument(s), got {args!r}")
     return tuple(args)
-
-
-def write_context(ctx: SaveContext, path: str | os.PathLike[str]) -> None:
-    """Write a whole context (entries, reducers, tensor and JSON state) to one safetensors file."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"num_runs": ctx.num_runs, "entries": {}, "reducers": {},
-                            "state": {}, "state_tensors": []}
-    for key, values in ctx.entries.items():
-        meta["entries"][key] = len(values)
-        for i, v in enumerate(values):
-            tensors[f"entry/{key}/{i}"] = v.detach().cpu().contiguous().clone()
-    for rname, reducer in ctx.reducers.items():
-        plain = {}
-        for field, value in reducer.state_dict().items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"reducer/{rname}/{field}"] = value.detach().cpu().contiguous().clone()
-            else:
-                plain[field] = value
-        meta["reducers"][rname] = plain
-    for key, value in ctx.state.items():
-        if isinstance(value, torch.Tensor):
-            tensors[f"state/{key}"] = value.detach().cpu().contiguous().clone()
-            meta["state_tensors"].append(key)
-        else:
-            meta["state"][key] = value
-    try:
-        header = json.dumps(meta)
-    except TypeError as exc:
-        raise UsageError(f"ctx.state of {ctx.name!r} holds values that are neither tensors nor"
-                         f" JSON: {exc}") from exc
-    save_file(tensors, os.fspath(path), metadata={"cloche": header})
-
-
-def read_context(path: str | os.PathLike[str], name: str) -> SaveContext:
-    """A context named ``name`` from a file :func:`write_context` wrote."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            header = (f.metadata() or {}).get("cloche")
-    except (OSError, SafetensorError) as exc:
-        raise UsageError(f"cannot read a saved context from {os.fspath(path)!r}: {exc}") from exc
-    if header is None:
-        raise UsageError(f"{os.fspath(path)!r} was not written by persist()")
-    meta = json.loads(header)
-    tensors = load_file(os.fspath(path))
-    ctx = SaveContext(name)
-    ctx.num_runs = meta["num_runs"]
-    for key, n in meta["entries"].items():
-        ctx.entries[key] = [tensors[f"entry/{key}/{i}"] for i in range(n)]
-    for rname, plain in meta["reducers"].items():
-        prefix = f"reducer/{rname}/"
-        state = dict(plain)
-        state.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        ctx.reducers[rname] = reducer_from_state(state)
-    ctx.state = dict(meta["state"])
-    for key in meta["state_tensors"]:
-        ctx.state[key] = tensors[f"state/{key}"]
-    return ctx
-

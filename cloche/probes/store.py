@@ -15,12 +15,16 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cloche.errors import ResourceLimit, UsageError
 from cloche.probes.reducers import Reducer
+
+if TYPE_CHECKING:
+    from cloche.probes.journal import Journal
 
 
 def tensor_nbytes(value: Any) -> int:
@@ -47,6 +51,9 @@ class SaveContext:
     def __init__(self, name: str) -> None:
         self.name = name
         self.entries: dict[str, list[torch.Tensor]] = {}
+        # for entries written by the ranks of a sharded model: where each fell in the order one
+        # process would have written them (parallel to ``entries[key]``; see sharding.stage)
+        self.order: dict[str, list[tuple[int, ...]]] = {}
         self.state: dict[str, Any] = {}
         self.reducers: dict[str, Reducer] = {}
         self.num_runs = 0
@@ -60,6 +67,22 @@ class SaveContext:
         )
 
 
+@dataclass
+class Change:
+    """What one commit does to one save context (reducers: their state after the merge).
+
+    A journal writes it to disk before the commit becomes visible.
+    """
+
+    name: str
+    entries: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    reducers: dict[str, Reducer] = field(default_factory=dict)
+    state: dict[str, Any] | None = None  # None: unchanged
+    runs: int = 0
+    examples: int = 0
+    order: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+
+
 class PendingWrites:
     """What one run has written to one save context so far (not yet visible to anybody)."""
 
@@ -67,6 +90,7 @@ class PendingWrites:
         self._transaction = transaction
         self._committed = committed
         self.saves: dict[str, list[torch.Tensor]] = {}
+        self.order: dict[str, list[tuple[int, ...]]] = {}
         self.reducers: dict[str, Reducer] = {}
         self._state: dict[str, Any] | None = None
         self.runs = 0
@@ -87,7 +111,8 @@ class PendingWrites:
             self._state = copy.deepcopy(self._committed.state)
         return self._state
 
-    def save(self, key: str, value: Any) -> None:
+    def save(self, key: str, value: Any, order: tuple[int, ...] | None = None) -> None:
+        """Stage ``value`` under ``key``; ``order`` places it among other ranks' entries."""
         if not isinstance(key, str) or not key:
             raise UsageError(f"save keys are non-empty strings, not {key!r}")
         if not isinstance(value, torch.Tensor):
@@ -95,6 +120,8 @@ class PendingWrites:
         value = own_tensor(value)
         self._transaction.charge(tensor_nbytes(value))
         self.saves.setdefault(key, []).append(value)
+        if order is not None:
+            self.order.setdefault(key, []).append(order)
 
     def reduce(self, name: str, x: torch.Tensor, reducer: Reducer | None, *,
                example_ids: torch.Tensor | None, mask: torch.Tensor | None) -> Reducer:
@@ -149,33 +176,63 @@ class Transaction:
             )
 
     def commit(self) -> None:
+        """Make the writes visible — after the journal, if the store has one, has them on disk."""
         with self._store.lock:
+            journal = self._store.journal
             for name, pending in self._pending.items():
-                ctx = self._store.get(name)
+                found = self._store.find(name)
+                ctx = found if found is not None else SaveContext(name)
+                if journal is not None:
+                    # on disk first (the merged reducer states), then in memory
+                    merged = {r: _merged(ctx.reducers.get(r), staged)
+                              for r, staged in pending.reducers.items()}
+                    journal.record(Change(name, pending.saves, merged, pending._state,
+                                          pending.runs, pending.examples, pending.order), ctx)
+                    ctx.reducers.update(merged)
+                else:
+                    for rname, staged in pending.reducers.items():
+                        if rname in ctx.reducers:
+                            ctx.reducers[rname].merge(staged)
+                        else:
+                            ctx.reducers[rname] = staged
                 for key, values in pending.saves.items():
                     ctx.entries.setdefault(key, []).extend(values)
+                for key, order in pending.order.items():
+                    ctx.order.setdefault(key, []).extend(order)
                 if pending._state is not None:
                     ctx.state = pending._state
-                for rname, staged in pending.reducers.items():
-                    if rname in ctx.reducers:
-                        ctx.reducers[rname].merge(staged)
-                    else:
-                        ctx.reducers[rname] = staged
                 ctx.num_runs += pending.runs
                 ctx.num_examples += pending.examples
+                if found is None:  # created by this commit, now that nothing can fail it
+                    self._store.put_new(ctx)
         self._pending.clear()
 
     def rollback(self) -> None:
         self._pending.clear()
 
 
-class SaveStore:
-    """All save contexts held by one model (one rank), with an optional memory cap."""
+def _merged(committed: Reducer | None, staged: Reducer) -> Reducer:
+    """``committed`` merged with ``staged``, as a new reducer (``committed`` is left as it is)."""
+    if committed is None:
+        return staged
+    return committed.empty_like().merge(committed).merge(staged)
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+
+class SaveStore:
+    """All save contexts held by one model (one rank), with an optional memory cap.
+
+    With a ``journal`` (``probes.journal``), every commit is written to disk before it becomes
+    visible, and the contexts on disk are loaded now: the store survives a crash.
+    """
+
+    def __init__(self, max_bytes: int | None = None, journal: Journal | None = None) -> None:
         self.max_bytes = max_bytes
         self.lock = threading.RLock()
         self._contexts: dict[str, SaveContext] = {}
+        self.journal = journal
+        if journal is not None:
+            for ctx in journal.load():
+                self._contexts[ctx.name] = ctx
 
     def get(self, name: str) -> SaveContext:
         with self.lock:
@@ -192,13 +249,22 @@ class SaveStore:
         with self.lock:
             return sorted(self._contexts)
 
+    def put_new(self, ctx: SaveContext) -> None:
+        """Register a context a commit created (already on disk, if there is a journal)."""
+        with self.lock:
+            self._contexts[ctx.name] = ctx
+
     def put(self, ctx: SaveContext) -> None:
         """Install ``ctx`` under its name, replacing what was there (restore from a file)."""
         with self.lock:
+            if self.journal is not None:
+                self.journal.replace(ctx)
             self._contexts[ctx.name] = ctx
 
     def drop(self, name: str) -> None:
         with self.lock:
+            if self.journal is not None:
+                self.journal.drop(name)
             self._contexts.pop(name, None)
 
     def nbytes(self) -> int:

@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -59,7 +60,9 @@ class Server:
     def __init__(self, model: Model | Executor, config: ServerConfig) -> None:
         self.executor: Executor = model.executor if isinstance(model, Model) else model
         self.config = config
-        self.sessions = SessionRegistry(config.session_idle_expiry)
+        self.sessions = SessionRegistry(
+            config.session_idle_expiry,
+            None if config.state_dir is None else Path(config.state_dir) / "sessions.json")
         self.queue: FairQueue[Job] = FairQueue()
         self.info: dict[str, Any] = {}
         self._ssl = (

@@ -17,7 +17,8 @@ class ServerConfig:
     it has had no connection and no work for that long. ``max_frame_bytes`` bounds what an
     authenticated client may send in one frame (before authentication the bound is 4 KiB).
     ``request_timeout`` (seconds, ``None`` for no limit) stops a heavy request that runs longer,
-    user code stuck in a loop included.
+    user code stuck in a loop included. ``state_dir`` keeps the sessions on disk (the model's
+    store keeps their save contexts there too: ``cloche.load(..., state_dir=...)``).
     """
 
     token: str
@@ -31,6 +32,7 @@ class ServerConfig:
     max_connections: int = 256
     progress_interval: float = 0.05
     request_timeout: float | None = None
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token:

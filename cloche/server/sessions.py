@@ -4,18 +4,22 @@ A session's context ``acts`` is the model-level context ``s/{session id}/acts``;
 start with ``shared/`` are the same for every session. A session outlives its connections: a
 client that reconnects with its session id gets its contexts back. A session with no
 connection and no work for longer than the operator's idle expiry is dropped with its
-contexts.
+contexts. With a state directory the registry is kept on disk, so sessions (and, through the
+store's journal, their contexts) survive a restart of the server.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from cloche.errors import UsageError
+from cloche.probes.disk import atomic_write
 
 __all__ = ["SHARED_PREFIX", "Session", "SessionRegistry"]
 
@@ -52,12 +56,24 @@ class Session:
 
 
 class SessionRegistry:
-    """All live sessions; thread-safe."""
+    """All live sessions; thread-safe. ``path``: a file that keeps the session ids on disk."""
 
-    def __init__(self, idle_expiry: float | None) -> None:
+    def __init__(self, idle_expiry: float | None, path: str | Path | None = None) -> None:
         self.idle_expiry = idle_expiry
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._path = Path(path) if path is not None else None
+        if self._path is not None and self._path.exists():
+            for sid in json.loads(self._path.read_text()).get("sessions", []):
+                if _SESSION_ID.match(sid):
+                    self._sessions[sid] = Session(sid)
+
+    def _save(self) -> None:
+        """Write the session ids (under the lock); a session is on disk before its welcome."""
+        if self._path is None:
+            return
+        text = json.dumps({"sessions": sorted(self._sessions)})
+        atomic_write(self._path, lambda tmp: Path(tmp).write_text(text))
 
     def open(self, requested: str | None) -> tuple[Session, bool]:
         """Resume ``requested`` if it is alive, else start a new session: (session, resumed)."""
@@ -69,6 +85,7 @@ class SessionRegistry:
             if session is None:
                 session = Session(secrets.token_hex(16))
                 self._sessions[session.id] = session
+                self._save()
             session.busy += 1
             session.last_seen = time.monotonic()
             return session, resumed
@@ -100,6 +117,8 @@ class SessionRegistry:
             ]
             for session in idle:
                 del self._sessions[session.id]
+            if idle:
+                self._save()
         for session in idle:
             drop_contexts(session)
         return [s.id for s in idle]

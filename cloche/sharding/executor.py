@@ -36,7 +36,8 @@ from cloche.errors.payload import from_payload
 from cloche.model.info import ModelInfo, describe
 from cloche.model.points import ProbePoint
 from cloche.model.weights import WeightCatalog
-from cloche.probes.actions import join_entries, read_context, write_context
+from cloche.probes.actions import join_entries
+from cloche.probes.disk import read_context, write_context
 from cloche.probes.reducers import Reducer, reducer_from_state
 from cloche.probes.store import SaveContext
 from cloche.runtime.usercode import run_user_function

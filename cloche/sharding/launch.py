@@ -90,8 +90,11 @@ def _spawn_workers(model_dir: str, world_size: int, port: int, options: list[str
 
 
 def _options(layers_per_rank: Sequence[int] | None, backend: str | None, dtype: str | None,
-             timeout_s: float, micro_batches: int, threads: int | None) -> list[str]:
+             timeout_s: float, micro_batches: int, threads: int | None,
+             state_dir: str | None) -> list[str]:
     opts = ["--timeout", str(timeout_s), "--micro-batches", str(micro_batches)]
+    if state_dir is not None:
+        opts += ["--state-dir", state_dir]
     if layers_per_rank is not None:
         opts += ["--layers-per-rank", ",".join(str(int(n)) for n in layers_per_rank)]
     if backend is not None:
@@ -108,15 +111,18 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
                 device: str | None = None, dtype: str | None = None, timeout_s: float = 60.0,
                 micro_batches: int = 1, threads: int | None = None,
                 master_addr: str = "127.0.0.1", port: int | None = None,
-                on_lost: Callable[[WorkerLost], None] | None = None) -> Model:
+                on_lost: Callable[[WorkerLost], None] | None = None,
+                state_dir: str | os.PathLike[str] | None = None) -> Model:
     """A :class:`cloche.Model` sharded over ``world_size`` ranks of this machine (rank 0 here).
 
     ``model.executor.group`` holds the worker processes; ``model.close()`` shuts them down.
+    ``state_dir`` keeps every rank's committed save contexts on disk (``rank-{r}`` inside it).
     """
     executor, _ = _start_group(model_dir, world_size, layers_per_rank=layers_per_rank,
                                backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
                                micro_batches=micro_batches, threads=threads,
-                               master_addr=master_addr, port=port, on_lost=on_lost)
+                               master_addr=master_addr, port=port, on_lost=on_lost,
+                               state_dir=state_dir)
     return Model(executor)
 
 
@@ -124,7 +130,8 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
                  layers_per_rank: Sequence[int] | None, backend: str | None,
                  device: str | None, dtype: str | None, timeout_s: float, micro_batches: int,
                  threads: int | None, master_addr: str, port: int | None,
-                 on_lost: Callable[[WorkerLost], None] | None
+                 on_lost: Callable[[WorkerLost], None] | None,
+                 state_dir: str | os.PathLike[str] | None = None
                  ) -> tuple[ShardedExecutor, LocalGroup]:
     """Rank 0's executor (joined to the group) and the worker processes it drives."""
     from cloche.sharding.executor import ShardedExecutor
@@ -134,7 +141,8 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
         raise UsageError(f"world_size ({world_size!r}) must be an int >= 2")
     port = port or _free_port(master_addr)
     key = secrets.token_bytes(32)  # this group's control key: the workers get it, nobody else
-    options = _options(layers_per_rank, backend, dtype, timeout_s, micro_batches, threads)
+    state = None if state_dir is None else str(Path(state_dir).expanduser().resolve())
+    options = _options(layers_per_rank, backend, dtype, timeout_s, micro_batches, threads, state)
     group = _spawn_workers(model_dir, world_size, port, options, master_addr,
                            "cuda" if device and device.startswith("cuda") else device, key)
     config = DistConfig(model_dir=model_dir, rank=0, world_size=world_size,
@@ -142,7 +150,7 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
                         backend=backend, device=device, dtype=dtype,
                         layers_per_rank=tuple(layers_per_rank) if layers_per_rank else None,
                         timeout_s=timeout_s, micro_batches=micro_batches, threads=threads,
-                        control_key=key)
+                        control_key=key, state_dir=state)
     try:
         rank = join(config, local_check=group.dead)
     except BaseException:
@@ -166,7 +174,8 @@ def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
                       device: str | None = None, dtype: str | None = None,
                       timeout_s: float = 60.0, micro_batches: int = 1,
                       threads: int | None = None, master_addr: str = "127.0.0.1",
-                      port: int | None = None) -> int:
+                      port: int | None = None,
+                      state_dir: str | os.PathLike[str] | None = None) -> int:
     """``cloche serve --world-size N``: start N ranks here and call ``serve_fn(model)`` on rank 0.
 
     Returns 0 when ``serve_fn`` returns (the workers are shut down). If a rank is lost, the
@@ -188,7 +197,7 @@ def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
                                    backend=backend, device=device, dtype=dtype,
                                    timeout_s=timeout_s, micro_batches=micro_batches,
                                    threads=threads, master_addr=master_addr, port=port,
-                                   on_lost=on_lost)
+                                   on_lost=on_lost, state_dir=state_dir)
     group_box.append(group)
     model = Model(executor)
     try:

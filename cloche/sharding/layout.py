@@ -53,6 +53,7 @@ class DistConfig:
     micro_batches: int = 1
     threads: int | None = None
     control_key: bytes = field(default=b"", repr=False)
+    state_dir: str | None = None  # each rank keeps its save contexts in state_dir/rank-{r}
 
     def __post_init__(self) -> None:
         if not isinstance(self.control_key, bytes) or len(self.control_key) < 16:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from cloche.errors.payload import to_payload
 from cloche.model.points import PointSpec, build_specs
 from cloche.probes.actions import context_action, entries
 from cloche.probes.context import RunInfo
-from cloche.probes.store import PendingWrites, Transaction
+from cloche.probes.journal import Journal
+from cloche.probes.store import PendingWrites, SaveStore, Transaction
 from cloche.runtime.executor import SHAPES_CONTEXT, LocalExecutor
 from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
 from cloche.runtime.interrupt import interruptible
@@ -55,15 +57,14 @@ OrderKey = tuple[int, int, int, int, int]
 class OrderedWrites:
     """A run's pending writes, remembering where each ``ctx.save`` fell in the global order.
 
-    Saves of one run happen on several ranks; the key (command, pass, phase, rank, n) sorts
-    them into the order a single process would have produced (forward passes in rank order,
-    backward passes in reverse rank order).
+    Saves of one run happen on several ranks; the key (run, pass, phase, rank, n) — stored with
+    each entry, so it survives a restart — sorts them into the order a single process would have
+    produced (runs in order, forward passes in rank order, backward passes in reverse rank order).
     """
 
     def __init__(self, pending: PendingWrites, stage: Stage) -> None:
         self._pending = pending
         self._stage = stage
-        self.order: dict[str, list[OrderKey]] = {}
         self._n = 0
 
     @property
@@ -83,9 +84,8 @@ class OrderedWrites:
         self._pending.runs = value
 
     def save(self, key: str, value: Any) -> None:
-        self._pending.save(key, value)
         self._n += 1
-        self.order.setdefault(key, []).append(self._stage.order_key(self._n))
+        self._pending.save(key, value, self._stage.order_key(self.run_index, self._n))
 
     def reduce(self, *args: Any, **kwargs: Any) -> Any:
         return self._pending.reduce(*args, **kwargs)
@@ -104,7 +104,7 @@ class Stage:
     """This rank's shard and the code that runs commands on it."""
 
     def __init__(self, sk: Skeleton, plan: ShardPlan, rank: int, device: torch.device,
-                 control: Control, channel: Channel) -> None:
+                 control: Control, channel: Channel, *, state_dir: str | None = None) -> None:
         self.rank = rank
         self.plan = plan
         self.last = plan.last
@@ -119,7 +119,8 @@ class Stage:
                                 sk.meta_model.named_parameters(remove_duplicate=False)]
         loaded = build_shard(sk, plan, rank, self, device)
         self.hf: Any = loaded.hf_model
-        self.local = LocalExecutor(loaded, rank=rank)
+        journal = None if state_dir is None else Journal(Path(state_dir) / f"rank-{rank}")
+        self.local = LocalExecutor(loaded, rank=rank, store=SaveStore(journal=journal))
         self.config = self.hf.config
         self.specs = build_specs(self.hf, self.adapter)
         self.modules = dict(self.hf.named_modules())
@@ -129,7 +130,6 @@ class Stage:
         attn = self.adapter.attention
         self.attention_paths = ({f"{layers}.{i}.{attn}": i for i in range(start, stop)}
                                 if attn else {})
-        self.order: dict[tuple[str, str], list[OrderKey]] = {}
         self._held: tuple[int, Transaction, OrderedWrites, str] | None = None
         self.last_exception: BaseException | None = None
         self._seq = 0
@@ -143,9 +143,8 @@ class Stage:
         self.hf.register_forward_hook(self._end_pass)
 
     # ----------------------------------------------------------------- pipeline callbacks
-    def order_key(self, n: int) -> OrderKey:
-        return (self._seq, self._pass, self._phase,
-                self.rank if self._phase == 0 else -self.rank, n)
+    def order_key(self, run: int, n: int) -> OrderKey:
+        return (run, self._pass, self._phase, self.rank if self._phase == 0 else -self.rank, n)
 
     def _begin_pass(self, module: Any, args: Any) -> None:
         self._pass += 1
@@ -223,13 +222,11 @@ class Stage:
         held, self._held = self._held, None
         if held is None or held[0] != seq:
             return
-        _, txn, writes, name = held
+        txn = held[1]
         if not commit:
             txn.rollback()
             return
         txn.commit()
-        for key, order in writes.order.items():
-            self.order.setdefault((name, key), []).extend(order)
 
     def _hold(self, txn: Transaction, writes: OrderedWrites, save: str) -> None:
         self._held = (self._seq, txn, writes, save)
@@ -413,8 +410,9 @@ class Stage:
         if action == "entries":
             (key,) = args
             values = entries(store, name, key)
-            order = self.order.get((name, key), [])
-            if len(order) != len(values):
+            ctx = store.find(name)
+            order = list(ctx.order.get(key, [])) if ctx is not None else []
+            if len(order) != len(values):  # restored from a file: keep the stored order
                 order = [(0, 0, 0, self.rank, i) for i in range(len(values))]
             return {"order": order, "values": [v.cpu() for v in values]}
         if action == "fetch":
@@ -426,8 +424,6 @@ class Stage:
             return {n: r.state_dict() for n, r in context_action(store, name, "reducers").items()}
         if action == "clear":
             context_action(store, name, "clear")
-            for k in [k for k in self.order if k[0] == name]:
-                del self.order[k]
             return None
         if action == "put":
             (ctx_obj,) = args

@@ -77,7 +77,8 @@ def join(config: DistConfig,
                       layout.object_group, key=layout.key)
     sk = skeleton(config.model_dir, config.dtype)
     plan = make_plan(sk, layout.world_size, config.layers_per_rank)
-    stage = Stage(sk, plan, layout.rank, layout.device, control, channel)
+    stage = Stage(sk, plan, layout.rank, layout.device, control, channel,
+                  state_dir=config.state_dir)
     return Rank(config, layout, control, channel, stage)
 
 
@@ -280,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cloche's control store listens on MASTER_PORT + this")
     parser.add_argument("--serve", default=None,
                         help="module:function called on rank 0 with the model")
+    parser.add_argument("--state-dir", default=None,
+                        help="keep this rank's committed save contexts in STATE_DIR/rank-N")
     return parser.parse_args(argv)
 
 
@@ -302,7 +305,7 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                     backend: str | None = None, device: str | None = None,
                     dtype: str | None = None, timeout_s: float = 60.0, micro_batches: int = 1,
                     threads: int | None = None, store_port_offset: int = 1,
-                    token: str | None = None) -> DistConfig:
+                    token: str | None = None, state_dir: str | None = None) -> DistConfig:
     """The entry point's one look at the environment torchrun (or the launcher) prepared.
 
     ``token`` is the server token when the caller read it elsewhere (``--token-file``).
@@ -328,7 +331,7 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                       backend=backend, device=device, local_rank=local_rank, dtype=dtype,
                       layers_per_rank=layers, timeout_s=timeout_s,
                       micro_batches=micro_batches, threads=threads,
-                      control_key=control_key(env, token))
+                      control_key=control_key(env, token), state_dir=state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         dict(os.environ), model_dir=args.model, layers_per_rank=args.layers_per_rank,
         backend=args.backend, device=args.device, dtype=args.dtype, timeout_s=args.timeout,
         micro_batches=args.micro_batches, threads=args.threads,
-        store_port_offset=args.store_port_offset)
+        store_port_offset=args.store_port_offset, state_dir=args.state_dir)
     return run_rank(config, _import(args.serve) if args.serve else None)
 
 

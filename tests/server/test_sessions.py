@@ -47,9 +47,9 @@ def test_a_dropped_connection_reconnects_transparently_to_the_same_session(serve
         assert model.save_context("survives").num_runs == 1
 
 
-def test_unknown_session_ids_start_fresh_sessions(served):
-    with connect(served.address, token=served.token, session="f" * 32) as model:
-        assert not model.executor.resumed and model.session != "f" * 32
+def test_an_unknown_session_id_is_a_clear_error_not_an_empty_session(served):
+    with pytest.raises(cloche.SessionLost, match="no longer has session"):
+        connect(served.address, token=served.token, session="f" * 32)
 
 
 def test_shared_contexts_are_shared(served):
@@ -79,8 +79,8 @@ def test_idle_sessions_expire_with_their_contexts(local_model):
         while any(n.startswith(f"s/{session}/") for n in local_model.save_contexts()):
             assert time.monotonic() < deadline, "the idle session never expired"
             time.sleep(0.05)
-        with connect(server.address, token=server.token, session=session) as again:
-            assert not again.executor.resumed and again.save_contexts() == []
+        with pytest.raises(cloche.SessionLost):
+            connect(server.address, token=server.token, session=session)
 
 
 def test_memory_cap_gives_a_clear_error_and_rolls_back(local_model):
