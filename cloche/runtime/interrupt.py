@@ -93,10 +93,12 @@ def interruptible(cancel: Any = None, *, timeout_s: float | None = None,
     ``cancel`` is the request's event; ``on_timeout()`` is called when ``timeout_s`` passes
     first (typically it sets ``cancel``). With neither, the block runs as it is.
     """
-    if (cancel is None and timeout_s is None) or getattr(_local, "watched", False):
-        yield  # nothing to watch, or an outer block of this thread already watches
+    watched: set[int] = _local.__dict__.setdefault("watched", set())
+    if (cancel is None and timeout_s is None) or (timeout_s is None and id(cancel) in watched):
+        yield  # nothing to watch, or an outer block of this thread watches the same event
         return
-    _local.watched = True
+    token = id(cancel)
+    watched.add(token)
     watch = _Watch(threading.get_ident())
     watcher = threading.Thread(target=_watch, args=(watch, cancel, timeout_s, on_timeout, grace_s),
                                name="cloche-interrupt", daemon=True)
@@ -105,4 +107,4 @@ def interruptible(cancel: Any = None, *, timeout_s: float | None = None,
         yield
     finally:
         watch.disarm()
-        _local.watched = False
+        watched.discard(token)

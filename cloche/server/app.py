@@ -213,32 +213,57 @@ class Server:
             job = self.queue.get()
             if job is None:
                 return
-            self._announce_positions()
-            if job.cancel.is_set():
-                self._complete(job, error=errors.Cancelled("cancelled while queued",
-                                                           request_id=job.request.id))
-                continue
-            self._running = job
-            timer = self._start_deadline(job)
-            try:
-                job.emit({"type": "started"})
-                executor = SessionExecutor(self.executor, job.session, job.cancel)
-                value = executor.execute(
-                    job.op, cancel=job.cancel,
-                    on_event=throttled(job.emit, self.config.progress_interval))
-            except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
-                if job.timed_out and isinstance(exc, errors.Cancelled):
-                    exc = errors.Cancelled(
-                        f"the request ran longer than the server's --request-timeout"
-                        f" ({self.config.request_timeout:g} s) and was stopped (rolled back)",
-                        request_id=job.request.id)
-                self._complete(job, error=exc)
-            else:
-                self._complete(job, value=value)
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                self._running = None
+            self._run_job(job)
+
+    def _run_job(self, job: Job) -> None:
+        """Execute one heavy request on this (the worker) thread and answer it."""
+        self._announce_positions()
+        if job.cancel.is_set():
+            self._complete(job, error=errors.Cancelled("cancelled while queued",
+                                                       request_id=job.request.id))
+            return
+        outer, self._running = self._running, job
+        timer = self._start_deadline(job)
+        try:
+            job.emit({"type": "started"})
+            executor = SessionExecutor(self.executor, job.session, job.cancel)
+            on_event = throttled(job.emit, self.config.progress_interval)
+            if isinstance(job.op, rq.RunDataset) and self.info.get("world_size") == 1:
+                # (the ranks of a sharded model are inside one command for the whole run)
+                on_event = self._yielding(job, on_event)
+            value = executor.execute(job.op, cancel=job.cancel, on_event=on_event)
+        except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
+            if job.timed_out and isinstance(exc, errors.Cancelled):
+                exc = errors.Cancelled(
+                    f"the request ran longer than the server's --request-timeout"
+                    f" ({self.config.request_timeout:g} s) and was stopped (rolled back)",
+                    request_id=job.request.id)
+            self._complete(job, error=exc)
+        else:
+            self._complete(job, value=value)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._running = outer
+
+    def _yielding(self, job: Job, emit: EventSink) -> EventSink:
+        """Between two batches of ``job`` (a dataset run), serve what other sessions wait for.
+
+        A long dataset run is one transaction, but between its batches no probe is attached,
+        so the model can answer another session's request and go on: that request waits for
+        at most one batch, not for the whole run. Other dataset runs keep their place in line.
+        """
+
+        def on_event(event: dict[str, Any]) -> None:
+            emit(event)
+            if event.get("type") != "progress":
+                return
+            waiting = self.queue.take_each_other(
+                job.session.id, lambda other: not isinstance(other.op, rq.RunDataset))
+            for other in waiting:
+                self._run_job(other)
+
+        return on_event
 
     def _start_deadline(self, job: Job) -> threading.Timer | None:
         """Cancel ``job`` when it outlives ``request_timeout`` (user code stuck in a loop is

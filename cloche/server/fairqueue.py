@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["FairQueue"]
@@ -43,6 +43,23 @@ class FairQueue(Generic[T]):
             else:
                 del self._queues[key]
             return item
+
+    def take_each_other(self, key: Hashable, wanted: Callable[[T], bool]) -> list[T]:
+        """The first waiting item of every *other* lane, where it is ``wanted`` (taken out).
+
+        What a long job of lane ``key`` serves between two of its steps: one item per other
+        lane, in round-robin order.
+        """
+        taken: list[T] = []
+        with self._cond:
+            for lane in list(self._queues):
+                items = self._queues[lane]
+                if lane == key or not items or not wanted(items[0]):
+                    continue
+                taken.append(items.popleft())
+                if not items:
+                    del self._queues[lane]
+        return taken
 
     def remove(self, key: Hashable, item: T) -> bool:
         """Take a waiting item out (a cancel); False if it is no longer waiting."""

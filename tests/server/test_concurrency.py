@@ -94,29 +94,6 @@ def test_light_requests_are_not_stuck_behind_a_long_run(served):
         future.cancel()
 
 
-def test_waiting_clients_see_their_queue_position(served):
-    with connect(served.address, token=served.token) as a, \
-            connect(served.address, token=served.token) as b, \
-            connect(served.address, token=served.token) as c:
-        running = threading.Event()
-        long_run = a.submit("run_dataset", LONG * 20, batch_size=1, progress=lambda u: running.set())
-        assert running.wait(60)
-        b_events: list[dict] = []
-        c_events: list[dict] = []
-        b_future = b.submit("run", "def f():", on_event=b_events.append)
-        c_future = c.submit("run", "def g():", on_event=c_events.append)
-        # b and c arrive on different connections: either may be queued first
-        assert wait_until(lambda: b_events and c_events), (b_events, c_events)
-        assert {b_events[0]["position"], c_events[0]["position"]} == {1, 2}
-        assert all(e["type"] == "queued" for e in b_events + c_events)
-        second = b_events if b_events[0]["position"] == 2 else c_events
-        long_run.cancel()
-        b_future.result(timeout=60)
-        c_future.result(timeout=60)
-        assert {"type": "started"} in b_events and {"type": "started"} in c_events
-        assert {"type": "queued", "position": 1} in second  # moved up when the first started
-
-
 def wait_until(predicate, timeout=30.0):
     done = threading.Event()
     for _ in range(int(timeout / 0.02)):
