@@ -8,7 +8,7 @@ ratios, which cancels slow drifts in background load):
 
 - ``ws1, 1 thread``   local ``cloche.load`` model, ``model.run(batch)`` — the baseline
 - ``ws1, 2 threads``  the same with 2 torch threads (all cores of a 2-core machine)
-- ``ws2, run``        ``DistributedModel.run(batch)``, one thread per rank
+- ``ws2, run``        ``Model.run(batch)`` over two ranks, one thread per rank
 - ``ws2, run, 4 mb``  the same batch split in 4 micro-batches so the ranks overlap
 - ``ws1 dataset`` / ``ws2 dataset`` / ``ws2 dataset, 4 mb``: ``run_dataset`` over 8 batches
   with a ``Mean`` reducer at the last block's output (batches stream through the pipeline)
