@@ -87,10 +87,17 @@ def command_loop(rank: Rank) -> int:
     light = LightService(rank)
     light.start()
     seq = 1
+    shutting_down = False
     while True:
         try:
             raw = control.wait(f"cmd/{seq}", abortable=False)
             cmd = cloudpickle.loads(raw)
+            if cmd.op == "shutdown":
+                # Rank 0 may exit, and the control store it hosts with it, as soon as it has
+                # this rank's answer: stop the heartbeat poller now, and read a store that
+                # vanishes from here on as the end we were told to reach, not a lost rank 0.
+                shutting_down = True
+                control.close()
             control.begin(seq)
             envelope = stage.execute(cmd)
             try:
@@ -106,8 +113,9 @@ def command_loop(rank: Rank) -> int:
                 stage.settle(seq, verdict == b"1")
                 control.store.add(f"settled/{seq}", 1)  # reads after this see the outcome
         except WorkerLost as exc:
-            _lost_exit(rank.layout.rank)(exc)
-        if cmd.op == "shutdown":
+            if not shutting_down:
+                _lost_exit(rank.layout.rank)(exc)
+        if shutting_down:
             light.stop()
             return 0
         seq += 1
