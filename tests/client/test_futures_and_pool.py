@@ -12,8 +12,6 @@ from cloche.client import Pool, connect
 from cloche.client.remote import parse_address
 from tests.server.helpers import InProcessServer
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def second_server(server_model_dir):

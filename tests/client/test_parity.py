@@ -15,8 +15,6 @@ import torch
 import cloche
 from cloche.client import connect
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def local(server_model_dir):

@@ -25,7 +25,6 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    torch.set_num_threads(1)
     tok = tok_mod.train_tokenizer(TEXTS * 5, vocab_size=300)
     directory = tmp_path_factory.mktemp("tok")
     tok_mod.save(tok, directory)

@@ -29,7 +29,6 @@ def metrics() -> dict:
 def model():
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
     m = AutoModelForCausalLM.from_pretrained(str(weights_dir()), attn_implementation="eager")
     return m.eval()
 

@@ -19,8 +19,7 @@ import transformers
 
 import cloche
 from cloche.default_model import weights_dir
-
-torch.set_num_threads(1)
+from tests.threads import TORCH_THREADS
 
 KINDS = ["tiny-gpt2", "tiny-llama", "default", "remote", "sharded"]
 
@@ -66,9 +65,13 @@ def default_available() -> bool:
     return (default_dir() / "config.json").exists()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def local_models(tiny_model, tmp_path_factory):
-    """kind -> a cloche model (local, remote or sharded), made once per session."""
+    """kind -> a cloche model (local, remote or sharded), made once for this package.
+
+    Package scope, not session: the sharded kind holds this process's torch.distributed group,
+    and the tests/sharding groups that run later need it released (one group per process).
+    """
     loaded: dict[str, object] = {}
     cleanup: list = []
     llama_dir: list[Path] = []
@@ -101,7 +104,8 @@ def local_models(tiny_model, tmp_path_factory):
             elif kind == "sharded":  # the tiny Llama over two gloo ranks, one layer each
                 from cloche.sharding import start_local
 
-                loaded[kind] = start_local(tiny_llama_dir(), 2, timeout_s=30.0)
+                loaded[kind] = start_local(tiny_llama_dir(), 2, timeout_s=30.0,
+                                           threads=TORCH_THREADS)
                 cleanup.append(loaded[kind].close)
             else:
                 raise ValueError(kind)

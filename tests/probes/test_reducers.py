@@ -32,8 +32,6 @@ from cloche.probes.reducers import (
     reducer_from_state,
 )
 
-torch.set_num_threads(1)
-
 PROPERTY = settings(max_examples=50, deadline=None)
 
 

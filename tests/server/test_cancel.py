@@ -14,9 +14,10 @@ from cloche.client import connect
 from cloche.errors import Cancelled
 from tests.server.helpers import hook_count, rss_bytes
 
-torch.set_num_threads(1)
-
 LONG = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 300
+# Minutes of work: a test that asserts "still running" after a few round trips uses this, so
+# that only a hang (not a busy machine) could let the run finish first. Such runs are cancelled.
+ENDLESS = LONG * 20
 TEXT = "class Point:\n    def __init__(self, x):"
 
 
@@ -36,12 +37,12 @@ def model(served):
         yield m
 
 
-def start_long_run(model, context="cancelled"):
+def start_long_run(model, context="cancelled", texts=LONG):
     """Submit a long dataset run and return its future once the server is running it."""
     running = threading.Event()
-    future = model.submit("run_dataset", LONG, probes={"layers.0.mlp.post": save_everything},
+    future = model.submit("run_dataset", texts, probes={"layers.0.mlp.post": save_everything},
                           save=context, batch_size=1, progress=lambda update: running.set())
-    assert running.wait(60), "the dataset run never reported progress"
+    assert running.wait(120), "the dataset run never reported progress"
     return future
 
 
@@ -84,17 +85,15 @@ def test_ctrl_c_cancels_on_the_server_and_keeps_the_connection(model, expected):
 
 def test_cancel_event_argument_like_the_local_model(model):
     cancel = threading.Event()
-    timer = threading.Timer(0.5, cancel.set)
-    timer.start()
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled):  # set once the server reports the run under way
         model.run_dataset(LONG, probes={"layers.0.mlp.post": save_everything}, save="evt",
-                          batch_size=1, progress=False, cancel=cancel)
-    timer.join()
+                          batch_size=1, progress=lambda update: cancel.set(), cancel=cancel)
+    assert cancel.is_set()
     assert model.save_context("evt").num_runs == 0
 
 
 def test_cancel_while_queued_answers_at_once(served, model):
-    running = start_long_run(model, "first")
+    running = start_long_run(model, "first", ENDLESS)
     with connect(served.address, token=served.token) as other:
         events = []
         queued = other.submit("run", TEXT, on_event=events.append)

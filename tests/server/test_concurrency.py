@@ -11,9 +11,8 @@ import torch
 
 import cloche
 from cloche.client import connect
-from tests.server.test_cancel import LONG, save_everything
-
-torch.set_num_threads(1)
+from tests.server.helpers import wait_until
+from tests.server.test_cancel import ENDLESS, save_everything
 
 TEXTS = ["def add(a, b):", "for i in range(3):", "import os", "class P:", "while x:",
          "print(1)", "x = y", "return z"]
@@ -83,7 +82,8 @@ def test_light_requests_are_not_stuck_behind_a_long_run(served):
     with connect(served.address, token=served.token) as busy, \
             connect(served.address, token=served.token) as light:
         running = threading.Event()
-        future = busy.submit("run_dataset", LONG, probes={"layers.0.mlp.post": save_everything},
+        future = busy.submit("run_dataset", ENDLESS,
+                             probes={"layers.0.mlp.post": save_everything},
                              save="long", batch_size=1, progress=lambda u: running.set())
         assert running.wait(60)
         assert light.param("embed.W_E").shape[1] == light.d_model
@@ -99,7 +99,8 @@ def test_waiting_clients_see_their_queue_position(served):
             connect(served.address, token=served.token) as b, \
             connect(served.address, token=served.token) as c:
         running = threading.Event()
-        long_run = a.submit("run_dataset", LONG * 20, batch_size=1, progress=lambda u: running.set())
+        long_run = a.submit("run_dataset", ENDLESS, batch_size=1,
+                            progress=lambda u: running.set())
         assert running.wait(60)
         b_events: list[dict] = []
         c_events: list[dict] = []
@@ -115,12 +116,3 @@ def test_waiting_clients_see_their_queue_position(served):
         c_future.result(timeout=60)
         assert {"type": "started"} in b_events and {"type": "started"} in c_events
         assert {"type": "queued", "position": 1} in second  # moved up when the first started
-
-
-def wait_until(predicate, timeout=30.0):
-    done = threading.Event()
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return True
-        done.wait(0.02)
-    return False

@@ -9,6 +9,7 @@ import cloche
 from cloche.data import Dataset
 from cloche.sharding.launch import start_local
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
+from tests.threads import TORCH_THREADS
 from tests.tiny_models import VOCAB
 
 ATOL = 1e-5
@@ -22,7 +23,7 @@ def pair(request, tiny4_dir):
     family, world_size, layers = request.param
     directory = tiny4_dir(family)
     model = start_local(directory, world_size, layers_per_rank=layers, timeout_s=TIMEOUT_S,
-                        threads=1)
+                        threads=TORCH_THREADS)
     try:
         yield cloche.load(directory), model
     finally:

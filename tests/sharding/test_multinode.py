@@ -17,6 +17,7 @@ import torch
 
 import cloche
 from tests.sharding.conftest import ids_batch
+from tests.threads import TORCH_THREADS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,11 +80,12 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
     for node, (ns, iface) in enumerate(zip((namespaces["a"], namespaces["b"]),
                                            namespaces["ifaces"])):
         env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=iface,
-                   CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS="1")
+                   CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS=str(TORCH_THREADS))
         cmd = ["ip", "netns", "exec", ns, torchrun, "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node), "--master-addr", namespaces["addr"],
                "--master-port", "29640", "-m", "cloche.sharding.worker", "--model", str(directory),
-               "--timeout", "20", "--threads", "1", "--serve", "tests.sharding.netns_job:serve"]
+               "--timeout", "20", "--threads", str(TORCH_THREADS),
+               "--serve", "tests.sharding.netns_job:serve"]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = []

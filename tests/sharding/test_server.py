@@ -7,10 +7,11 @@ import torch
 
 import cloche
 from cloche.client.remote import connect
-from cloche.sharding.launch import start_local
 from cloche.server.app import Server
 from cloche.server.config import ServerConfig
+from cloche.sharding.launch import start_local
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
+from tests.threads import TORCH_THREADS
 
 
 def keep_mlp(ctx, x):
@@ -21,7 +22,7 @@ def keep_mlp(ctx, x):
 def test_client_against_sharded_server(tiny4_dir):
     directory = tiny4_dir("llama")
     local = cloche.load(directory)
-    model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=1)
+    model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
     server = Server(model, ServerConfig(token="secret"))
     try:
         host, port = server.start()

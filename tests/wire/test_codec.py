@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 from cloche.errors import ProtocolError, UsageError
 from cloche.wire import codec
 
-torch.set_num_threads(1)
-
 COMMON_DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
