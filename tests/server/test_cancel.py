@@ -65,7 +65,16 @@ def test_fifty_cancels_in_a_row_each_followed_by_a_correct_run(model, served, ex
     assert growth < 64 * 2**20, f"server memory grew by {growth / 2**20:.1f} MiB over 40 cancels"
 
 
-def test_ctrl_c_cancels_on_the_server_and_keeps_the_connection(model, expected):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt here, as in a terminal, even when the suite was started
+    in the background (`pytest &` in a script, nohup): such processes inherit SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cancels_on_the_server_and_keeps_the_connection(model, expected, ctrl_c_raises):
     main = threading.main_thread().ident
     fired = threading.Event()
 
