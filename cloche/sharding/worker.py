@@ -95,7 +95,8 @@ def command_loop(rank: Rank) -> int:
             if cmd.op == "shutdown":
                 # Rank 0 may exit, and the control store it hosts with it, as soon as it has
                 # this rank's answer: stop the heartbeat poller now, and read a store that
-                # vanishes from here on as the end we were told to reach, not a lost rank 0.
+                # vanishes from here on (WorkerLost, or a store call's RuntimeError) as the end
+                # we were told to reach, not a lost rank 0.
                 shutting_down = True
                 control.close()
             control.begin(seq)
@@ -115,6 +116,9 @@ def command_loop(rank: Rank) -> int:
         except WorkerLost as exc:
             if not shutting_down:
                 _lost_exit(rank.layout.rank)(exc)
+        except RuntimeError:
+            if not shutting_down:
+                raise
         if shutting_down:
             light.stop()
             return 0

@@ -15,8 +15,8 @@ from cloche.errors import Cancelled
 from tests.server.helpers import hook_count, rss_bytes
 
 LONG = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 300
-# Minutes of work: a test that asserts "still running" after a few round trips uses this, so
-# that only a hang (not a busy machine) could let the run finish first. Such runs are cancelled.
+# Minutes of work even on an idle machine (tests cancel it): where a test checks that a run is
+# still going after a few round trips, a loaded machine slows both alike, never enough to matter.
 ENDLESS = LONG * 20
 TEXT = "class Point:\n    def __init__(self, x):"
 
