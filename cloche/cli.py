@@ -98,6 +98,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         help="torch device to load the model on (default: cpu)")
     parser.add_argument("--dtype", default=None,
                         help="load the weights in this dtype, e.g. float16 (default: as saved)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads (torch.set_num_threads) for the server and, "
+                             "with --world-size, each rank (default: torch's own choice)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="server log verbosity on stderr (default: INFO)")
@@ -200,6 +203,12 @@ def run_serve(args: argparse.Namespace) -> int:
     config, generated = serve_config(args, os.environ)
     if args.world_size < 1:
         raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads ({args.threads}) must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.torchrun:
         if generated:
             raise UsageError("under --torchrun every node needs the same token (the ranks"
@@ -213,8 +222,8 @@ def run_serve(args: argparse.Namespace) -> int:
             layers_per_rank=args.layers_per_rank, backend=args.backend,
             device=None if args.device == "cpu" else args.device, dtype=args.dtype,
             timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
-            store_port_offset=args.store_port_offset, token=config.token,
-            state_dir=args.state_dir)
+            threads=args.threads, store_port_offset=args.store_port_offset,
+            token=config.token, state_dir=args.state_dir)
         return run_rank(dist_config, lambda model: serve_until_stopped(model, config, generated))
     if args.world_size == 1:
         serve_until_stopped(load_model(args), config, generated)
@@ -228,7 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
         layers_per_rank=_layers_per_rank(args.layers_per_rank), backend=args.backend,
         device=None if args.device == "cpu" else args.device, dtype=args.dtype,
         timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
-        state_dir=args.state_dir)
+        threads=args.threads, state_dir=args.state_dir)
 
 
 # --------------------------------------------------------------------------------- demo

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import cloche
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
-import cloche
 from tests.conftest_server import served, server_model_dir, server_token  # noqa: F401
+from tests.threads import TORCH_THREADS
 from tests.tiny_models import save_tiny
 
-torch.set_num_threads(1)
+# Loaded before any test module is imported, so every @settings(...) inherits it: a busy machine
+# must not fail a property test for being slow (a deadline or a data-generation health check).
+settings.register_profile("cloche", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cloche")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads_for_the_session():
+    """Session- and module-scoped fixtures (expected outputs) run at the pinned count too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(_torch_threads_for_the_session):
+    """Every test runs at ``TORCH_THREADS``; whatever a test changes is put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ import time
 import pytest
 import torch
 
+from tests.threads import TORCH_THREADS
+
 __all__ = [
     "CORPUS",
     "ServerProcess",
@@ -47,7 +49,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def save_tiny_gpt2_with_tokenizer(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """A 2-layer GPT-2 (d_model 32) and a ~300-token byte-level BPE, saved for ``cloche.load``."""
     import transformers
-
     from cloche.default_model.tokenizer import save, train_tokenizer
 
     tok = train_tokenizer(CORPUS, vocab_size=300)
@@ -71,8 +72,9 @@ class ServerProcess:
 
     def __init__(self, model_dir: pathlib.Path, token: str, *args: str,
                  startup_timeout: float = 120.0, log_path: pathlib.Path | None = None) -> None:
-        env = dict(os.environ, CLOCHE_TOKEN=token, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1")
+        threads = str(TORCH_THREADS)  # the test process runs at this count too (tests/threads.py)
+        env = dict(os.environ, CLOCHE_TOKEN=token, OMP_NUM_THREADS=threads,
+                   MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.token = token
         self._log = (
@@ -81,10 +83,10 @@ class ServerProcess:
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cloche", "serve", "--model", str(model_dir), "--port", "0",
-             "--log-level", "WARNING", *args],
+             "--threads", threads, "--log-level", "WARNING", *args],
             stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=str(REPO),
         )
-        self.lines: queue.Queue[str] = queue.Queue()
+        self.lines: queue.Queue[str | None] = queue.Queue()  # None: the end of its stdout
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + startup_timeout
         self.address = ""
@@ -94,16 +96,17 @@ class ServerProcess:
             except queue.Empty:
                 self.stop()
                 raise RuntimeError("the server did not start listening in time") from None
+            if line is None:  # the end of its stdout: it exited without listening
+                self.stop()
+                raise RuntimeError(f"the server exited with {self.proc.returncode}")
             if line.startswith("listening on "):
                 self.address = line.split()[-1]
-            elif not line and self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}")
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             self.lines.put(raw.decode(errors="replace").rstrip("\n"))
-        self.lines.put("")
+        self.lines.put(None)
 
     @property
     def host(self) -> str:
@@ -115,6 +118,13 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def remaining_output(self, timeout: float = 120.0) -> list[str]:
+        """The stdout lines not read yet, up to its end (call once the process is exiting)."""
+        lines = []
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            lines.append(line)
+        return lines
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc.poll() is None:

@@ -8,7 +8,6 @@ import sys
 import cloche
 from cloche import errors
 
-
 # the subpackages a user reaches through the front door (the others are implementation)
 PUBLIC_MODULES = {"data", "errors", "experiments"}
 

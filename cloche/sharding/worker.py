@@ -127,9 +127,17 @@ def command_loop(rank: Rank) -> int:
     light = LightService(rank)
     light.start()
     seq = 1
+    shutting_down = False
     while True:
         try:
             cmd = receive_sealed(control, rank.layout.key, f"cmd/{seq}", rank.layout.rank)
+            if cmd.op == "shutdown":
+                # Rank 0 may exit, and the control store it hosts with it, once every rank has
+                # departed (or its wait ran out): stop the heartbeat poller now, and read a
+                # store that vanishes from here on as the end we were told to reach, not as a
+                # lost rank 0.
+                shutting_down = True
+                control.close()
             control.begin(seq)
             envelope = stage.execute(cmd)
             send_reply(channel, keys.result(seq, rank.layout.rank), envelope, cmd.op,
@@ -141,8 +149,12 @@ def command_loop(rank: Rank) -> int:
                 stage.settle(seq, verdict == b"1")
                 control.store.add(f"settled/{seq}", 1)  # reads after this see the outcome
         except WorkerLost as exc:
-            _lost_exit(rank.layout.rank)(exc)
-        if cmd.op == "shutdown":
+            if not shutting_down:
+                _lost_exit(rank.layout.rank)(exc)
+        except RuntimeError:
+            if not shutting_down:
+                raise
+        if shutting_down:
             light.stop()
             _depart(rank)
             return 0

@@ -7,16 +7,16 @@ import inspect
 import threading
 import time
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.api.executor import Executor
 from cloche.client.executor import RemoteExecutor
 from cloche.runtime.executor import LocalExecutor
 from cloche.server.session_executor import SessionExecutor
 from cloche.sharding.executor import ShardedExecutor
 from cloche.sharding.launch import start_local
+
 from tests.server.helpers import InProcessServer
 from tests.sharding.conftest import save_tiny4
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.client import Pool, connect
 from cloche.client.executor import parse_address
-from tests.server.helpers import InProcessServer
 
-torch.set_num_threads(1)
+from tests.server.helpers import InProcessServer
 
 
 @pytest.fixture(scope="module")

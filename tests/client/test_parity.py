@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import cloche
 import numpy as np
 import pytest
 import torch
-
-import cloche
 from cloche.client import connect
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import cloche
-from cloche.client import connect
 from cloche.api.progress import ProgressReporter
+from cloche.client import connect
 
 TEXTS = ["def f(x):\n    return x\n", "for i in range(3): pass"] * 10
 

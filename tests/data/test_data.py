@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-
 from cloche import data
 from cloche.data import Batch, Dataset
 from cloche.default_model import tokenizer as tok_mod
@@ -25,7 +24,6 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    torch.set_num_threads(1)
     tok = tok_mod.train_tokenizer(TEXTS * 5, vocab_size=300)
     directory = tmp_path_factory.mktemp("tok")
     tok_mod.save(tok, directory)
@@ -89,7 +87,7 @@ def test_getitem_out_of_range_is_usage_error(tokenizer):
 def test_fingerprint_is_deterministic_and_content_sensitive(tokenizer):
     a = data.from_texts(TEXTS, tokenizer, seq_len=32)
     b = data.from_texts(list(TEXTS), tokenizer, seq_len=32, name="other name")
-    c = data.from_texts(TEXTS[:-1] + ["x = 1\n"], tokenizer, seq_len=32)
+    c = data.from_texts([*TEXTS[:-1], "x = 1\n"], tokenizer, seq_len=32)
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
     # Same tokens, split differently into examples, is different data.

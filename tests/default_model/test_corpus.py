@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from cloche.default_model import corpus
 from cloche.default_model.induction import measure_induction, repeated_random_tokens
 
@@ -40,7 +39,7 @@ def test_manifest_has_only_training_files_and_diff_reports_changes():
     assert not any(corpus.is_heldout(p) for p in manifest["files"])
     files = [corpus.CorpusFile("a.py", "x = 1\n"), corpus.CorpusFile("b.py", "y = 2\n")]
     shipped = {"files": {"a.py": files[0].sha256, "b.py": "0" * 64, "gone.py": "0" * 64}}
-    extra = files + [corpus.CorpusFile("new.py", "z = 3\n")]
+    extra = [*files, corpus.CorpusFile("new.py", "z = 3\n")]
     diff = corpus.compare_manifest(extra, shipped)
     assert (diff.missing, diff.added, diff.changed) == (["gone.py"], ["new.py"], ["b.py"])
     assert not diff.identical

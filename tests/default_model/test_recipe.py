@@ -11,11 +11,10 @@ import itertools
 import json
 import math
 
+import cloche
 import pytest
 import torch
 import torch.nn.functional as F
-
-import cloche
 from cloche.default_model import corpus, recipe, weights_dir
 from cloche.default_model import tokenizer as tok_mod
 
@@ -198,7 +197,7 @@ def test_encode_stream_puts_endoftext_before_every_file():
     tok = Tokenizer.from_file(str(weights_dir() / "tokenizer.json"))
     files = [corpus.CorpusFile("a.py", "x = 1\n"), corpus.CorpusFile("b.py", "def f():\n    pass\n")]
     stream = recipe.encode_stream(files, tok)
-    expected = [0] + tok.encode(files[0].text).ids + [0] + tok.encode(files[1].text).ids
+    expected = [0, *tok.encode(files[0].text).ids, 0, *tok.encode(files[1].text).ids]
     assert stream.dtype == torch.long and stream.tolist() == expected
 
 
@@ -268,8 +267,8 @@ def test_stage2_runs_from_the_shipped_weights_and_checkpoints(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     records: list[dict] = []
-    state = recipe.train(2, tmp_path, minutes=5, steps=2, init=weights_dir(), seed=0,
-                         log=records.append)
+    state = recipe.train(2, tmp_path, minutes=24 * 60, steps=2, init=weights_dir(), seed=0,
+                         log=records.append)  # ended by its steps, never by its clock budget
     assert state["steps"] == 2 and state["stage"] == 2 and state["switch"] is None
     assert "manifest" in capsys.readouterr().err, "the training split is checked"
     assert json.loads((tmp_path / "training.json").read_text()) == state

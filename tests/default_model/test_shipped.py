@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cloche import data
 from cloche.default_model import weights_dir
 
@@ -29,7 +28,6 @@ def metrics() -> dict:
 def model():
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
     m = AutoModelForCausalLM.from_pretrained(str(weights_dir()), attn_implementation="eager")
     return m.eval()
 

@@ -13,14 +13,13 @@ import os
 import string
 from pathlib import Path
 
+import cloche
 import pytest
 import torch
 import transformers
-
-import cloche
 from cloche.default_model import weights_dir
 
-torch.set_num_threads(1)
+from tests.threads import TORCH_THREADS
 
 KINDS = ["tiny-gpt2", "tiny-llama", "default", "remote", "sharded"]
 
@@ -105,7 +104,8 @@ def local_models(tiny_model, tmp_path_factory):
             elif kind == "sharded":  # the tiny Llama over two gloo ranks, one layer each
                 from cloche.sharding import start_local
 
-                loaded[kind] = start_local(tiny_llama_dir(), 2, timeout_s=30.0)
+                loaded[kind] = start_local(tiny_llama_dir(), 2, timeout_s=30.0,
+                                           threads=TORCH_THREADS)
                 cleanup.append(loaded[kind].close)
             else:
                 raise ValueError(kind)

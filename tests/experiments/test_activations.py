@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cloche import experiments as ex
 from sklearn.decomposition import PCA as SkPCA
 
-from cloche import experiments as ex
 from tests.experiments.helpers import activations_by_example, random_dataset
 
 

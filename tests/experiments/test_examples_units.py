@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from cloche import experiments as ex
 from cloche.errors import UsageError
+
 from tests.experiments.helpers import activations_by_example, random_dataset
 
 POINT = "layers.1.mlp.post"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from cloche import experiments as ex
+
 from tests.experiments.helpers import random_dataset
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402 - after selecting the Agg backend
 
 
 @pytest.fixture
@@ -48,6 +48,7 @@ def test_plots_draw_experiment_results(llama, tmp_path):
 
 def test_demo_runs_against_a_server_it_starts(tmp_path, capsys):
     from cloche.experiments import demo
+
     from tests.experiments.conftest import save_tiny_llama
 
     model_dir = save_tiny_llama(tmp_path / "model")

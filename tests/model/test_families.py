@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import cloche
 import pytest
 import torch
 import transformers
-
-import cloche
 from tests.tiny_models import CAUSAL, FAMILIES, VOCAB
 
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -136,7 +135,8 @@ def test_gradient_probes_equal_autograd(family, tiny_dir, tiny_model):
         h = ln2.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
         out = hf(IDS)
         h.remove()
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), IDS[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB),
+                                                 IDS[:, 1:].reshape(-1))
         (g,) = torch.autograd.grad(loss, captured["x"])
         torch.testing.assert_close(handle.fetch("resid_mid")[0], g, atol=1e-6, rtol=1e-5)
     handle.clear()

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from cloche.errors import ResourceLimit
 from cloche.probes import Covariance, Mean, TopK
 from cloche.probes.actions import context_action
 from cloche.probes.journal import COMPACT_EVERY, Journal
 from cloche.probes.store import SaveStore
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def _commit(store: SaveStore, name: str, i: int, *, state: bool = True) -> None:

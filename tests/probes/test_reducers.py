@@ -16,9 +16,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cloche.errors import UsageError
 from cloche.probes.reducers import (
     REDUCERS,
@@ -31,8 +28,8 @@ from cloche.probes.reducers import (
     Variance,
     reducer_from_state,
 )
-
-torch.set_num_threads(1)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 PROPERTY = settings(max_examples=50, deadline=None)
 

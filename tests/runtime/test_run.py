@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import cloche
 import pytest
 import torch
 import transformers
-
-import cloche
 from cloche import data
 from tests.tiny_models import VOCAB
 
@@ -227,7 +226,7 @@ def test_dataset_runs_reduce_over_all_examples(gpt2):
     assert [e["done"] for e in events] == [4, 8, 10]
     # padding is excluded: the mean equals the mean over real tokens, computed one by one
     rows = []
-    for i, e in enumerate(examples):
+    for e in examples:
         gpt2.run(torch.tensor(e), probes={"layers.1.mlp.post": lambda c, x: c.save("x", x[0])},
                  save="one")
         rows.append(gpt2.save_context("one").fetch("x", mode="list")[-1])

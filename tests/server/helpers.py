@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 from cloche.wire import codec, frames
 from cloche.wire.handshake import ClientHandshake
@@ -67,6 +68,17 @@ def server_threads(model) -> int:
         return threading.active_count()
 
     return model.call(count)
+
+
+def wait_until(predicate, timeout: float = 120.0, every: float = 0.02) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` s (a bound, not a schedule: it
+    returns as soon as the state it checks is reached)."""
+    pause = threading.Event()
+    for _ in range(int(timeout / every)):
+        if predicate():
+            return True
+        pause.wait(every)
+    return bool(predicate())
 
 
 def rss_bytes(pid: int) -> int:

@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from cloche import cli
 from cloche.client import connect
 from cloche.errors import ConnectionError, UsageError
+
 from tests.conftest_server import REPO, ServerProcess
+from tests.threads import TORCH_THREADS
 
 
 def test_help_documents_every_flag():
@@ -39,6 +40,26 @@ def test_sizes_durations_and_token_sources(tmp_path):
     assert generated and len(token) >= 24
     with pytest.raises(UsageError):
         cli.resolve_token(str(tmp_path / "missing"), {})
+
+
+def torch_threads(model) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_threads_flag_pins_the_server(served, server_model_dir, tmp_path):
+    with connect(served.address, token=served.token) as model:
+        assert model.call(torch_threads) == TORCH_THREADS  # what the tests compare against
+    server = ServerProcess(server_model_dir, "t", "--threads", "3", log_path=tmp_path / "log")
+    try:  # the flag wins over the OMP_NUM_THREADS the test servers also get
+        with connect(server.address, token="t") as model:
+            assert model.call(torch_threads) == 3
+    finally:
+        server.stop()
+    done = subprocess.run([sys.executable, "-m", "cloche", "serve", "--threads", "0"], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--threads (0) must be at least 1" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +93,8 @@ def test_tls_token_file_and_clean_sigint_shutdown(server_model_dir, certificate,
         with pytest.raises(ConnectionError):
             connect(server.address, token="ignored-env-token", tls=cert)
         server.proc.send_signal(signal.SIGINT)
-        assert server.proc.wait(30) == 0
-        lines = []
-        while not server.lines.empty():
-            lines.append(server.lines.get())
-        assert "cloche: server stopped" in lines
+        assert server.proc.wait(120) == 0
+        assert "cloche: server stopped" in server.remaining_output()
     finally:
         server.stop()
     assert b"refused" in (tmp_path / "log").read_bytes()

@@ -6,14 +6,12 @@ from __future__ import annotations
 import threading
 import uuid
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.client import connect
-from tests.server.test_cancel import LONG, save_everything
 
-torch.set_num_threads(1)
+from tests.server.test_cancel import ENDLESS, save_everything
 
 TEXTS = ["def add(a, b):", "for i in range(3):", "import os", "class P:", "while x:",
          "print(1)", "x = y", "return z"]
@@ -83,7 +81,8 @@ def test_light_requests_are_not_stuck_behind_a_long_run(served):
     with connect(served.address, token=served.token) as busy, \
             connect(served.address, token=served.token) as light:
         running = threading.Event()
-        future = busy.submit("run_dataset", LONG, probes={"layers.0.mlp.post": save_everything},
+        future = busy.submit("run_dataset", ENDLESS,
+                             probes={"layers.0.mlp.post": save_everything},
                              save="long", batch_size=1, progress=lambda u: running.set())
         assert running.wait(60)
         assert light.param("embed.W_E").shape[1] == light.d_model
@@ -92,12 +91,3 @@ def test_light_requests_are_not_stuck_behind_a_long_run(served):
         assert light.save_context("nothing").keys() == []
         assert not future.done()  # all of the above answered while the run was going
         future.cancel()
-
-
-def wait_until(predicate, timeout=30.0):
-    done = threading.Event()
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return True
-        done.wait(0.02)
-    return False

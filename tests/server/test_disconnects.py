@@ -9,21 +9,18 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
-
-import torch
 
 import cloche
+import torch
 from cloche.api.requests import Call, Context, Param
 from cloche.client import connect
-from tests.conftest_server import REPO
-from tests.server.helpers import authenticated, hook_count, server_threads
 
-torch.set_num_threads(1)
+from tests.conftest_server import REPO
+from tests.server.helpers import authenticated, hook_count, server_threads, wait_until
 
 CLIENT = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from cloche.client import connect
 
     model = connect(sys.argv[1], token=sys.argv[2])
@@ -35,18 +32,9 @@ CLIENT = textwrap.dedent(
     future = model.submit("run_dataset", texts, probes={"layers.0.mlp.post": keep},
                           save="doomed", batch_size=1,
                           progress=lambda update: print("progress", flush=True))
-    time.sleep(600)
+    future.result()  # hours of work: the test kills this process while it waits here
     """
 )
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_client_killed_mid_run(served, server_model_dir):
@@ -67,7 +55,7 @@ def test_client_killed_mid_run(served, server_model_dir):
         future = watcher.submit("run", "while True:")
         assert torch.equal(future.result(timeout=60).logits, expected.logits)
         assert hook_count(watcher) == 0
-        assert wait_for(lambda: server_threads(watcher) <= threads_before)
+        assert wait_until(lambda: server_threads(watcher) <= threads_before)
     assert served.alive()
 
 
@@ -89,7 +77,7 @@ def test_client_reset_mid_transfer(served):
             framed.sock.close()  # ...and gone, with a reset
         fetched = model.save_context(big).fetch("t")
         assert fetched.shape == (1, 2**23)
-        assert wait_for(lambda: server_threads(model) <= threads_before)
+        assert wait_until(lambda: server_threads(model) <= threads_before)
         model.save_context(big).clear()
     assert served.alive()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import threading
 
+import cloche
 import pytest
 
-import cloche
 from tests.server.helpers import InProcessServer
 
 # Module level, so that shipped functions refer to them by reference: the in-process server

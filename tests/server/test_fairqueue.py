@@ -41,6 +41,6 @@ def test_remove_and_close():
     waiter = threading.Thread(target=lambda: waiter_result.append(empty.get()))
     waiter.start()
     assert empty.close() == []
-    waiter.join(5)
+    waiter.join(60)
     assert waiter_result == [None]
     assert q.close() == ["y"] and q.get(0) is None

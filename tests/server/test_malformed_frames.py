@@ -7,13 +7,13 @@ import socket
 import struct
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from cloche.api.requests import Ping
 from cloche.client import connect
 from cloche.model.points import ProbePoint
 from cloche.wire import frames
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.server.helpers import authenticated, raw_socket, read_until_closed
 
 MAGIC = frames.MAGIC
@@ -25,7 +25,8 @@ def preamble(version=1, flags=0, header_len=1, body_len=0) -> bytes:
 
 header_bytes = st.one_of(
     st.binary(min_size=1, max_size=64),  # bad msgpack
-    st.builds(lambda v: msgpack.packb(v), st.integers(-(2**63), 2**64 - 1) | st.text(max_size=10)),  # not a map
+    # not a map
+    st.builds(lambda v: msgpack.packb(v), st.integers(-(2**63), 2**64 - 1) | st.text(max_size=10)),
     st.builds(lambda code, data: msgpack.packb(msgpack.ExtType(code, data)),
               st.integers(0, 127), st.binary(max_size=16)),  # ext types with junk payloads
 )

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 
+import cloche
 import pytest
 import torch
 
-import cloche
 from tests.conftest_server import ServerProcess
 
 TOKEN = "restart-test-token-0123456789"

@@ -6,15 +6,13 @@ from __future__ import annotations
 import socket
 import time
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.client import connect
 from cloche.server.sessions import Session, SessionRegistry
-from tests.server.helpers import InProcessServer
 
-torch.set_num_threads(1)
+from tests.server.helpers import InProcessServer, wait_until
 
 
 def keep(ctx, x):
@@ -75,10 +73,9 @@ def test_idle_sessions_expire_with_their_contexts(local_model):
         session = model.session
         assert any(n.startswith(f"s/{session}/") for n in local_model.save_contexts())
         model.close()
-        deadline = time.monotonic() + 30
-        while any(n.startswith(f"s/{session}/") for n in local_model.save_contexts()):
-            assert time.monotonic() < deadline, "the idle session never expired"
-            time.sleep(0.05)
+        assert wait_until(lambda: not any(n.startswith(f"s/{session}/")
+                                          for n in local_model.save_contexts())), \
+            "the idle session never expired"
         with pytest.raises(cloche.SessionLost):
             connect(server.address, token=server.token, session=session)
 

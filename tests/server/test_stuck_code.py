@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 
+import cloche
 import pytest
 import torch
 
-import cloche
 from tests.server.helpers import InProcessServer, hook_count
 
 

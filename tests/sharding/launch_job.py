@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
+import threading
 
 import torch
-
 from cloche.sharding.launch import serve_distributed
+
+from tests.threads import TORCH_THREADS
 
 
 def check_and_return(model) -> None:
@@ -28,10 +29,10 @@ def lose_a_rank(model) -> None:
         model.run(torch.tensor([[5, 6, 7, 8]]))
     except Exception as exc:  # noqa: BLE001 - the test reads what a client would see
         print(f"client saw {type(exc).__name__}: {exc}", flush=True)
-    time.sleep(30)  # serve_distributed's handler exits the process before this ends
+    threading.Event().wait()  # parked: serve_distributed's handler ends the process (code 3)
 
 
 if __name__ == "__main__":
     directory, mode = sys.argv[1], sys.argv[2]
     serve = check_and_return if mode == "ok" else lose_a_rank
-    sys.exit(serve_distributed(directory, 2, serve, timeout_s=5.0, threads=1))
+    sys.exit(serve_distributed(directory, 2, serve, timeout_s=5.0, threads=TORCH_THREADS))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.data import Dataset
 from cloche.sharding.launch import start_local
+
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
+from tests.threads import TORCH_THREADS
 from tests.tiny_models import VOCAB
 
 ATOL = 1e-5
@@ -22,7 +23,7 @@ def pair(request, tiny4_dir):
     family, world_size, layers = request.param
     directory = tiny4_dir(family)
     model = start_local(directory, world_size, layers_per_rank=layers, timeout_s=TIMEOUT_S,
-                        threads=1)
+                        threads=TORCH_THREADS)
     try:
         yield cloche.load(directory), model
     finally:
@@ -64,7 +65,7 @@ def test_every_canonical_point_is_captured_identically(pair):
     inputs = ids_batch(seed=2)
     for model in (local, dist):
         model.save_context("all").clear()
-        model.run(inputs, probes={n: saver for n in names}, save="all")
+        model.run(inputs, probes=dict.fromkeys(names, saver), save="all")
     want, got = local.save_context("all"), dist.save_context("all")
     assert got.keys() == want.keys() == sorted(names)
     for name in names:

@@ -21,11 +21,12 @@ import threading
 import time
 from pathlib import Path
 
+import cloche
 import pytest
 import torch
 
-import cloche
 from tests.sharding.conftest import ids_batch
+from tests.threads import TORCH_THREADS
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun script runs
@@ -181,13 +182,13 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
     for node, (ns, iface) in enumerate(zip((namespaces["a"], namespaces["b"]),
                                            namespaces["ifaces"])):
         envs.append(dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=iface,
-                         CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS="1",
+                         CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS=str(TORCH_THREADS),
                          CLOCHE_TOKEN="multinode-token"))
         cmds.append(["ip", "netns", "exec", ns, *TORCHRUN, "--nnodes", "2",
                      "--nproc-per-node", "1", "--node-rank", str(node),
                      "--master-addr", namespaces["addr"], "--master-port", "29640",
                      "-m", "cloche.sharding.worker", "--model", str(directory),
-                     "--timeout", "20", "--threads", "1",
+                     "--timeout", "20", "--threads", str(TORCH_THREADS),
                      "--serve", "tests.sharding.netns_job:serve"])
         logs.append(tmp_path / f"node{node}.log")
     started = time.monotonic()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
+from cloche.errors import UsageError
 from cloche.sharding.plan import ShardPlan, balanced_plan, plan_from_counts
 from cloche.sharding.shard import Ownership, make_plan, skeleton
-from cloche.errors import UsageError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_equal_blocks_split_evenly_and_heavy_ends_get_fewer_blocks():

@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime
 import pickle
 
+import cloche
 import pytest
 import torch
 import torch.distributed as tdist
-
-import cloche
 from cloche.sharding.launch import start_local
 from cloche.sharding.sealing import open_sealed, seal, store_prefix
+
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
 
 

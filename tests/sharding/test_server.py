@@ -8,16 +8,17 @@ import socket
 import subprocess
 import sys
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.client.executor import connect
 from cloche.server.app import Server
 from cloche.server.config import ServerConfig
 from cloche.sharding.launch import start_local
+
 from tests.conftest_server import REPO, ServerProcess
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
+from tests.threads import TORCH_THREADS
 
 
 def keep_mlp(ctx, x):
@@ -28,7 +29,7 @@ def keep_mlp(ctx, x):
 def test_client_against_sharded_server(tiny4_dir):
     directory = tiny4_dir("llama")
     local = cloche.load(directory)
-    model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=1)
+    model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
     server = Server(model, ServerConfig(token="secret"))
     try:
         host, port = server.start()

@@ -3,10 +3,10 @@ every rank journals its part, and entries written on several ranks keep single-p
 
 from __future__ import annotations
 
-import torch
-
 import cloche
+import torch
 from cloche.sharding.launch import start_local
+
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import cloche
 import pytest
 import torch
-
-import cloche
 from cloche.sharding.launch import start_local
+
 from tests.sharding.conftest import TIMEOUT_S, ids_batch
 
 

@@ -8,13 +8,10 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from cloche.errors import ProtocolError, UsageError
 from cloche.wire import codec
-
-torch.set_num_threads(1)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 COMMON_DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -64,7 +61,10 @@ def assert_same(a, b):
     assert type(a) is type(b), (type(a), type(b))
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.view(torch.uint8) if a.dim() and a.dtype == torch.bool else a, b.view(torch.uint8) if b.dim() and b.dtype == torch.bool else b)
+        def raw(t):
+            return t.view(torch.uint8) if t.dim() and t.dtype == torch.bool else t
+
+        assert torch.equal(raw(a), raw(b))
     elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
@@ -88,7 +88,7 @@ def test_round_trip_nested_trees(tree):
     assert_same(tree, roundtrip(tree))
 
 
-@pytest.mark.parametrize("dtype", COMMON_DTYPES + [torch.uint16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [*COMMON_DTYPES, torch.uint16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (2, 3)])
 def test_round_trip_every_dtype_and_degenerate_shapes(dtype, shape):
     tensor = torch.ones(shape).to(dtype)
@@ -166,7 +166,7 @@ def ext(code, payload):
 
 
 @pytest.mark.parametrize(
-    "header, body_len",
+    ("header", "body_len"),
     [
         (b"\xc1", 0),  # never-used msgpack byte
         (b"\x92\x01", 0),  # truncated array

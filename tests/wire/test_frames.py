@@ -5,11 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cloche.errors import FrameTooLarge, ProtocolError
 from cloche.wire import frames
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_short_preamble_layout():
@@ -41,7 +40,7 @@ def test_limits_are_checked_from_the_preamble_alone():
 
 
 @pytest.mark.parametrize(
-    "raw, message",
+    ("raw", "message"),
     [
         (b"HTTP" + bytes(12), "not a cloche frame"),
         (b"CLCH" + bytes([2, 0, 0, 0]) + struct.pack(">II", 1, 0), "version 2"),

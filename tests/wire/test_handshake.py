@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cloche.errors import AuthError, ProtocolError
 from cloche.wire.handshake import ClientHandshake, ServerHandshake
 

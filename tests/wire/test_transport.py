@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-
 from cloche.errors import ConnectionError, FrameTooLarge, ProtocolError
 from cloche.wire import frames
 from cloche.wire.transport import FramedSocket
