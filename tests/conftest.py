@@ -17,6 +17,20 @@ settings.register_profile("cloche", deadline=None, suppress_health_check=[Health
 settings.load_profile("cloche")
 
 
+# Slow: they start process groups, server subprocesses, torchrun or whole linters. CI runs them
+# (the README's test command runs everything); `scripts/check` runs the rest (-m "not slow").
+SLOW = ("tests/sharding/", "tests/server/test_restart.py", "tests/server/test_cli.py",
+        "tests/server/test_disconnects.py", "tests/experiments/test_tutorial.py",
+        "tests/default_model/test_recipe.py", "tests/test_lint.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.as_posix()
+        if any(f"/{part}" in path for part in SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads_for_the_session():
     """Session- and module-scoped fixtures (expected outputs) run at the pinned count too."""
