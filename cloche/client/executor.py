@@ -33,6 +33,9 @@ __all__ = ["RemoteExecutor", "connect", "parse_address"]
 
 T = TypeVar("T")
 _UNSET: Any = object()
+# Loading a tokenizer or config imports transformers, whose lazy module fails when several
+# threads import it at once: one loader at a time in this process.
+_LOADING = threading.Lock()
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -173,6 +176,10 @@ class RemoteExecutor:
     @property
     def config(self) -> Any:
         """The model's Hugging Face config, rebuilt locally from the server's."""
+        with _LOADING:
+            return self._load_config()
+
+    def _load_config(self) -> Any:
         if self._config is None:
             from transformers import AutoConfig
 
@@ -183,7 +190,14 @@ class RemoteExecutor:
 
     @property
     def tokenizer(self) -> Any:
-        """The model's tokenizer, loaded locally from the server's files (None if it has none)."""
+        """The model's tokenizer, loaded locally from the server's files (None if it has none).
+
+        Loaded once, by one thread at a time (see ``_LOADING``).
+        """
+        with _LOADING:
+            return self._load_tokenizer()
+
+    def _load_tokenizer(self) -> Any:
         if self._tokenizer is _UNSET:
             files = self.execute(rq.TokenizerFiles())
             if files is None:

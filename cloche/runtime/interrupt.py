@@ -2,15 +2,28 @@
 
 A run checks its cancellation event between layers, but a probe or a shipped function stuck in
 a Python loop never gets there: the client is told "cancelled" while the server keeps burning
-the model's only worker. :func:`interruptible` closes that gap. While its block runs, a watcher
-waits for the cancellation event (or the deadline); if the block is still running a short grace
-period later, the watcher raises :class:`UserCodeInterrupted` *inside* the executing thread, at
-its next bytecode boundary (CPython's ``PyThreadState_SetAsyncExc``). The run then unwinds like
-any failed run: hooks detached, transaction rolled back.
+the model's only worker. :func:`interruptible` closes that gap. While its block runs, one
+watchdog thread (shared by every block of the process) watches the block's cancellation event
+(and deadline); if the block is still running a short grace period after the cancel, the
+watchdog raises :class:`UserCodeInterrupted` *inside* the executing thread, at its next
+bytecode boundary (CPython's ``PyThreadState_SetAsyncExc``). The run then unwinds like any
+failed run: hooks detached, transaction rolled back.
+
+Three hazards, and what guards them:
+
+- *Late delivery.* The exception must never surface after the block: leaving the block
+  disarms its watch under a lock and clears an exception raised but not yet delivered.
+- *A thread being started.* A new thread's state carries its creator's id until it runs, and
+  ``SetAsyncExc`` would hit that thread instead (it then dies before signalling that it started,
+  and its creator waits in ``Thread.start()`` forever). So the watchdog fires only while no
+  ``threading.Thread`` is starting (``threading._limbo`` empty, checked under the lock that
+  guards it), and starts no thread of its own per block.
+- *Nested work.* A server serves other sessions' requests between two batches of a long dataset
+  run, on the same thread: :func:`paused` suspends the enclosing blocks' watches meanwhile, so
+  one request's cancel never lands in another's code.
 
 Code blocked inside a C call (a long matmul, ``time.sleep``) is interrupted when it returns to
-Python. The watcher never fires after the block has exited: leaving the block disarms it under a
-lock and clears an exception that was raised but not yet delivered.
+Python.
 """
 
 from __future__ import annotations
@@ -24,12 +37,11 @@ from typing import Any
 
 from cloche.errors import Cancelled
 
-__all__ = ["GRACE_S", "UserCodeInterrupted", "interruptible"]
+__all__ = ["GRACE_S", "UserCodeInterrupted", "interruptible", "paused"]
 
 #: how long a cancelled run may take to reach its next layer boundary before it is interrupted
 GRACE_S = 0.5
-
-_local = threading.local()
+_POLL_S = 0.02
 
 
 class UserCodeInterrupted(Cancelled):
@@ -41,48 +53,94 @@ class UserCodeInterrupted(Cancelled):
                          " interrupted at its next Python bytecode (the run was rolled back)")
 
 
-def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exc) if exc else None)
+def _raise_in(thread_id: int, exc: type[BaseException] | None) -> int:
+    result: int = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+    return result
 
 
 class _Watch:
-    def __init__(self, thread_id: int) -> None:
+    """One block: its thread, what it waits for, and whether it may still be interrupted."""
+
+    def __init__(self, thread_id: int, cancel: Any, timeout_s: float | None, on_timeout: Any,
+                 grace_s: float) -> None:
         self.thread_id = thread_id
-        self.lock = threading.Lock()
+        self.cancel = cancel
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.on_timeout = on_timeout
+        self.grace_s = grace_s
         self.armed = True
+        self.paused = 0
+        self.fire_at: float | None = None  # once cancelled: when the grace period is over
         self.fired = False
-        self.done = threading.Event()
 
-    def fire(self) -> None:
-        with self.lock:
-            if self.armed:
+    def step(self, now: float) -> None:
+        """Called by the watchdog under the registry lock: fire if due."""
+        if not self.armed or self.fired:
+            return
+        if self.fire_at is None:
+            if self.cancel is not None and self.cancel.is_set():
+                self.fire_at = now + self.grace_s
+            elif self.deadline is not None and now >= self.deadline:
+                if self.on_timeout is not None:
+                    self.on_timeout()  # sets the cancel: layer boundaries stop it cleanly
+                self.fire_at = now + self.grace_s
+            return
+        if self.paused or now < self.fire_at:
+            return
+        # a thread being started would carry this thread's id and take the exception instead
+        with threading._active_limbo_lock:  # type: ignore[attr-defined]  # CPython internals
+            if threading._limbo:  # type: ignore[attr-defined]
+                return  # try again at the next poll
+            if _raise_in(self.thread_id, UserCodeInterrupted):
                 self.fired = True
-                _raise_in(self.thread_id, UserCodeInterrupted)
 
-    def disarm(self) -> None:
+
+class _Watchdog:
+    """The one thread that watches every active block (started on first use)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.watches: set[_Watch] = set()
+        self.wake = threading.Condition(self.lock)
+        self.thread: threading.Thread | None = None
+
+    def add(self, watch: _Watch) -> None:
         with self.lock:
-            self.armed = False
-            if self.fired:  # raised but perhaps not delivered: it must not surface later
-                _raise_in(self.thread_id, None)
-        self.done.set()
+            self.watches.add(watch)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="cloche-interrupt",
+                                               daemon=True)
+                self.thread.start()
+            self.wake.notify()
+
+    def remove(self, watch: _Watch) -> None:
+        """Disarm ``watch``: after this, nothing is raised for it (and nothing pending stays)."""
+        with self.lock:
+            watch.armed = False
+            self.watches.discard(watch)
+            if watch.fired:  # raised but perhaps not delivered: it must not surface later
+                _raise_in(watch.thread_id, None)
+
+    def _run(self) -> None:
+        with self.lock:
+            while True:
+                if not self.watches:
+                    self.wake.wait()
+                    continue
+                now = time.monotonic()
+                for watch in list(self.watches):
+                    watch.step(now)
+                self.wake.wait(_POLL_S)
 
 
-def _watch(watch: _Watch, cancel: Any, timeout_s: float | None, on_timeout: Any,
-           grace_s: float, poll_s: float = 0.02) -> None:
-    """Until the block is done: wait for the cancel or the deadline, then give it ``grace_s``."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not watch.done.wait(poll_s):
-        if cancel is not None and cancel.is_set():
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            if on_timeout is not None:
-                on_timeout()  # sets the cancellation event: layer boundaries stop it cleanly
-            break
-    else:
-        return  # the block finished first
-    if not watch.done.wait(grace_s):
-        watch.fire()
+_watchdog = _Watchdog()
+_local = threading.local()
+
+
+def _stack() -> list[_Watch]:
+    stack: list[_Watch] = _local.__dict__.setdefault("stack", [])
+    return stack
 
 
 @contextlib.contextmanager
@@ -91,20 +149,40 @@ def interruptible(cancel: Any = None, *, timeout_s: float | None = None,
     """Run the block so that a cancel (or ``timeout_s``) stops it even inside user code.
 
     ``cancel`` is the request's event; ``on_timeout()`` is called when ``timeout_s`` passes
-    first (typically it sets ``cancel``). With neither, the block runs as it is.
+    first (typically it sets ``cancel``). With neither, or when an enclosing block of this
+    thread already watches the same event, the block runs as it is.
     """
-    watched: set[int] = _local.__dict__.setdefault("watched", set())
-    if (cancel is None and timeout_s is None) or (timeout_s is None and id(cancel) in watched):
-        yield  # nothing to watch, or an outer block of this thread watches the same event
+    stack = _stack()
+    if (cancel is None and timeout_s is None) or (
+            timeout_s is None and any(w.cancel is cancel for w in stack)):
+        yield
         return
-    token = id(cancel)
-    watched.add(token)
-    watch = _Watch(threading.get_ident())
-    watcher = threading.Thread(target=_watch, args=(watch, cancel, timeout_s, on_timeout, grace_s),
-                               name="cloche-interrupt", daemon=True)
-    watcher.start()
+    watch = _Watch(threading.get_ident(), cancel, timeout_s, on_timeout, grace_s)
+    stack.append(watch)
+    _watchdog.add(watch)
     try:
         yield
     finally:
-        watch.disarm()
-        watched.discard(token)
+        _watchdog.remove(watch)
+        stack.remove(watch)
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Suspend the watches of this thread's enclosing blocks (for nested, unrelated work).
+
+    A cancel that arrives meanwhile still counts: its grace period starts again on resume.
+    """
+    stack = list(_stack())
+    with _watchdog.lock:
+        for watch in stack:
+            watch.paused += 1
+    try:
+        yield
+    finally:
+        now = time.monotonic()
+        with _watchdog.lock:
+            for watch in stack:
+                watch.paused -= 1
+                if watch.fire_at is not None:
+                    watch.fire_at = max(watch.fire_at, now + watch.grace_s)

@@ -24,6 +24,7 @@ from cloche import errors
 from cloche.api import requests as rq
 from cloche.api.executor import EventSink, Executor
 from cloche.api.model import Model
+from cloche.runtime.interrupt import paused
 from cloche.server.config import ServerConfig
 from cloche.server.connection import Job, ServerConnection
 from cloche.server.fairqueue import FairQueue
@@ -260,8 +261,10 @@ class Server:
                 return
             waiting = self.queue.take_each_other(
                 job.session.id, lambda other: not isinstance(other.op, rq.RunDataset))
-            for other in waiting:
-                self._run_job(other)
+            if waiting:
+                with paused():  # this run's cancel must not land in the other requests' code
+                    for other in waiting:
+                        self._run_job(other)
 
         return on_event
 

@@ -76,6 +76,18 @@ class OrderedWrites:
         return self._pending.state
 
     @property
+    def examples_seen(self) -> int:
+        return self._pending.examples_seen
+
+    @property
+    def examples(self) -> int:
+        return self._pending.examples
+
+    @examples.setter
+    def examples(self, value: int) -> None:
+        self._pending.examples = value
+
+    @property
     def runs(self) -> int:
         return self._pending.runs
 
@@ -268,8 +280,13 @@ class Stage:
             if grad:
                 self.hf.zero_grad(set_to_none=True)
             n = 1 if grad else max(1, min(micro_batches, ids.shape[0]))
-            for chunk_ids, chunk_mask in zip(ids.chunk(n), mask.chunk(n), strict=True):
-                self._forward(chunk_ids, chunk_mask, plan, writes, None, grad=grad)
+            # plain runs number their rows per save context, on every rank alike (as locally)
+            start = writes.examples_seen
+            example_ids = torch.arange(start, start + ids.shape[0])
+            writes.examples += ids.shape[0]
+            for chunk_ids, chunk_mask, chunk_examples in zip(
+                    ids.chunk(n), mask.chunk(n), example_ids.chunk(n), strict=True):
+                self._forward(chunk_ids, chunk_mask, plan, writes, chunk_examples, grad=grad)
             value: dict[str, Any] = {}
             if self.rank == self.last:
                 logits = self._logits[0] if len(self._logits) == 1 else torch.cat(self._logits)

@@ -210,3 +210,24 @@ def test_the_underlying_module_is_reachable_only_where_it_runs(models, kind):
     shard = 0 if kind == "sharded" else None
     counted = model.call(lambda m: sum(p.numel() for p in m.hf_model.parameters()), rank=shard)
     assert counted == n_params if kind != "sharded" else 0 < counted < n_params
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_example_ids_number_the_rows_of_plain_runs_everywhere(models, kind):
+    """A TopK reducer in a plain run needs example ids: every executor numbers the rows of a
+    save context's plain runs alike (0, 1, 2, ... across runs). Before, a sharded run gave none."""
+    model, local = models[kind], models["local"]
+
+    def top(ctx, x):
+        ctx.reduce("top", x[:, -1], cloche.TopK(3))
+
+    both = [model] if model is local else [model, local]
+    for m in both:
+        m.run(IDS, probes={"layers.3.resid_post": top}, save="ids")
+        m.run(IDS + 1, probes={"layers.3.resid_post": top}, save="ids")
+    got, want = model.save_context("ids").result("top"), local.save_context("ids").result("top")
+    assert torch.equal(got["example_ids"], want["example_ids"])
+    assert set(got["example_ids"].flatten().tolist()) <= {0, 1, 2, 3}
+    torch.testing.assert_close(got["values"], want["values"], atol=1e-5, rtol=0)
+    for m in both:
+        m.save_context("ids").clear()

@@ -88,3 +88,55 @@ def test_a_long_dataset_run_yields_to_other_sessions_between_batches(server):
         for _ in texts:
             PERMITS.release()
         assert run.result(timeout=120)["examples"] == 40
+
+
+def busy_for(model, seconds, start_threads=False):
+    """Keep the worker busy in Python for ``seconds`` (optionally starting threads)."""
+    import threading as t
+    import time as tm
+
+    end, n = tm.monotonic() + seconds, 0
+    while tm.monotonic() < end:
+        if start_threads:
+            worker = t.Thread(target=lambda: None)
+            worker.start()
+            worker.join()
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("start_threads", [False, True])
+def test_a_cancelled_run_never_interrupts_the_request_served_inside_it(server, start_threads):
+    """Session A's dataset run is cancelled while the worker serves session B between two of
+    A's batches: B finishes normally (before, A's interrupt landed in B's code — or, if B was
+    starting a thread, in that thread, and the worker hung for good)."""
+    texts = [f"x = {i}" for i in range(8)]
+    with cloche.connect(server.address, token=server.token) as a, \
+            cloche.connect(server.address, token=server.token) as b, \
+            cloche.connect(server.address, token=server.token) as c:
+        started = threading.Event()
+        run = a.submit("run_dataset", texts, probes={"embed": one_batch_per_permit},
+                       batch_size=1, save="cancelled-a",
+                       on_event=lambda e: e.get("type") == "started" and started.set())
+        assert started.wait(60)
+        b_started, b_queued = threading.Event(), threading.Event()
+
+        def on_b(event):
+            if event.get("type") == "queued":
+                b_queued.set()
+            if event.get("type") == "started":
+                b_started.set()
+
+        # B runs well past the grace period after A's cancel
+        b_call = b.submit("call", busy_for, 3.0, start_threads, on_event=on_b)
+        assert b_queued.wait(60)
+        PERMITS.release()  # A's first batch ends; B is served before A's second batch
+        assert b_started.wait(60)
+        assert run.cancel()
+        assert b_call.result(timeout=120) > 0  # not Cancelled
+        for _ in texts:
+            PERMITS.release()
+        assert c.run("z = 1").logits.shape[0] == 1  # and the worker serves on
+        assert "cancelled-a" not in a.save_contexts()
+    while PERMITS.acquire(blocking=False):  # leave no permits for the next test
+        pass
