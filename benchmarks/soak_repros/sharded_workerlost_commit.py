@@ -12,6 +12,13 @@ moment hits it by chance (in the soak a dataset run that failed with ``WorkerLos
 after the restart).
 
     PYTHONPATH=. python benchmarks/soak_repros/sharded_workerlost_commit.py
+
+Fixed: rank 0 now commits last, after every worker applied the decision, and records the
+transaction as whole; a rank lost in between rolls rank 0 back, and a restart on the same state
+directory takes back what the workers committed (``ShardedExecutor.reconcile``). The script
+kills rank 1 at the same moment of the new order (after its vote, before the decision) and
+prints ``WorkerLost`` then one run on every rank. Regression tests:
+tests/sharding/test_state_dir.py.
 """
 import tempfile
 
@@ -39,16 +46,24 @@ state = tempfile.mkdtemp()
 model = start_local(weights_dir(), 2, state_dir=state, threads=1, timeout_s=20)
 model.run(ids, probes=POINTS, save="c")  # one committed run
 executor = model.executor
-original = executor._stage.settle
+if hasattr(executor, "_settle"):  # rank 0 publishes the decision, then commits last
+    original = executor._settle
 
+    def settle(*args):  # rank 1 has voted; it dies before it reads the decision
+        executor.group.processes[1].kill()
+        executor.group.processes[1].wait()
+        return original(*args)
 
-def settle(seq, ok):  # rank 1 has voted; it dies before it reads the decision
-    executor.group.processes[1].kill()
-    executor.group.processes[1].wait()
-    return original(seq, ok)
+    executor._settle = settle
+else:  # the order the soak found: rank 0 committed first
+    original = executor._stage.settle
 
+    def settle(*args):
+        executor.group.processes[1].kill()
+        executor.group.processes[1].wait()
+        return original(*args)
 
-executor._stage.settle = settle
+    executor._stage.settle = settle
 try:
     model.run(ids, probes=POINTS, save="c")
     print("second run: returned")

@@ -10,8 +10,10 @@ at any moment leaves either the old manifest or the new one, and a committed run
 Files that no manifest lists (a commit interrupted half-way) are removed when the journal opens.
 
 Reading a folder back folds its files in order: entries are appended, the last reducer state and
-``ctx.state`` win, counts add up. Every ``COMPACT_EVERY`` commits a folder is rewritten as one
-file, so superseded reducer states do not pile up.
+``ctx.state`` win, counts add up. Every ``COMPACT_EVERY`` commits a folder's files but the last
+are rewritten as one, so superseded reducer states do not pile up. The last commit always stays
+a file of its own, with its transaction's tag: :meth:`Journal.undo_after` can take it back (a
+sharded group restarted after a crash in the middle of a commit makes its ranks agree so).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = ["COMPACT_EVERY", "Change", "Journal"]
 
 COMPACT_EVERY = 32
 _MANIFEST = "manifest.json"
+_COMMITTED = "committed-transaction"
 _VERSION = 1
 
 
@@ -64,6 +67,7 @@ class Journal:
             for stray in folder.iterdir():
                 if stray.name != _MANIFEST and stray.name not in listed:
                     stray.unlink(missing_ok=True)
+            manifest.setdefault("tags", [None] * len(manifest["files"]))
             name = manifest["name"]
             ctx = SaveContext(name)
             for file in manifest["files"]:
@@ -73,7 +77,7 @@ class Journal:
         return contexts
 
     # ----------------------------------------------------------------- writing
-    def record(self, change: Change, current: SaveContext) -> None:
+    def record(self, change: Change, current: SaveContext, *, tag: str | None = None) -> None:
         """Write ``change`` (before it is applied to ``current``, the committed context)."""
         delta = SaveContext(change.name)
         delta.entries = change.entries
@@ -86,43 +90,79 @@ class Journal:
         try:
             folder.mkdir(exist_ok=True)
             if manifest is None:
-                manifest = {"version": _VERSION, "name": change.name, "files": [], "next": 1}
+                manifest = {"version": _VERSION, "name": change.name, "files": [], "tags": [],
+                            "next": 1}
             file = f"{manifest['next']:08d}.safetensors"
             write_context(delta, folder / file, extra={"state_changed": change.state is not None})
             updated = {**manifest, "files": [*manifest["files"], file],
-                       "next": manifest["next"] + 1}
+                       "tags": [*manifest["tags"], tag], "next": manifest["next"] + 1}
             _write_manifest(folder, updated)
         except OSError as exc:  # nothing was applied: the run is rolled back
             raise ResourceLimit(f"cannot write save context {change.name!r} to the state"
                                 f" directory {self.root}: {exc}") from exc
         self._manifests[change.name] = updated
-        if len(updated["files"]) >= COMPACT_EVERY:
-            self._compact(change, current, folder)
+        if len(updated["files"]) > COMPACT_EVERY:
+            self._compact(current, folder)
 
-    def _compact(self, change: Change, current: SaveContext, folder: Path) -> None:
-        """Rewrite the folder as one file holding the whole context after this commit."""
-        whole = SaveContext(change.name)
-        whole.entries = {k: list(v) for k, v in current.entries.items()}
-        for key, values in change.entries.items():
-            whole.entries.setdefault(key, []).extend(values)
-        whole.reducers = {**current.reducers, **change.reducers}
-        whole.state = change.state if change.state is not None else current.state
-        whole.order = {k: list(v) for k, v in current.order.items()}
-        for key, order in change.order.items():
-            whole.order.setdefault(key, []).extend(order)
-        whole.num_runs = current.num_runs + change.runs
-        whole.num_examples = current.num_examples + change.examples
-        manifest = self._manifests[change.name]
+    def _compact(self, before: SaveContext, folder: Path) -> None:
+        """Rewrite every file but the last as one: ``before``, the context before that commit."""
+        manifest = self._manifests[before.name]
         file = f"{manifest['next']:08d}.safetensors"
         try:
-            write_context(whole, folder / file, extra={"state_changed": True})
-            updated = {**manifest, "files": [file], "next": manifest["next"] + 1}
+            write_context(before, folder / file, extra={"state_changed": True})
+            updated = {**manifest, "files": [file, manifest["files"][-1]],
+                       "tags": [manifest["tags"][-2], manifest["tags"][-1]],
+                       "next": manifest["next"] + 1}
             _write_manifest(folder, updated)
         except OSError:
             return  # the uncompacted files are still complete: try again at the next commit
-        self._manifests[change.name] = updated
-        for old in manifest["files"]:
+        self._manifests[before.name] = updated
+        for old in manifest["files"][:-1]:
             (folder / old).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- in-doubt commits
+    def committed(self) -> str | None:
+        """The tag of the last transaction this store's group committed as a whole (or None)."""
+        path = self.root / _COMMITTED
+        return path.read_text() if path.exists() else None
+
+    def mark_committed(self, tag: str) -> None:
+        """Record that transaction ``tag`` is committed on every rank (rank 0 writes it last)."""
+        atomic_write(self.root / _COMMITTED, lambda tmp: Path(tmp).write_text(tag))
+
+    def undo_after(self, committed: str | None) -> dict[str, SaveContext | None]:
+        """Take back every commit tagged later than ``committed``; the contexts as they are now.
+
+        Tags order like the transactions that made them (see ``ShardedExecutor``); an untagged
+        commit (a restore, a single-process store) is never in doubt and stays.
+        """
+        changed: dict[str, SaveContext | None] = {}
+        for name in list(self._manifests):
+            while self._in_doubt(name, committed):
+                changed[name] = self._undo_last(name)
+        return changed
+
+    def _in_doubt(self, name: str, committed: str | None) -> bool:
+        manifest = self._manifests.get(name)
+        if manifest is None or not manifest["tags"]:
+            return False
+        last = manifest["tags"][-1]
+        return last is not None and (committed is None or last > committed)
+
+    def _undo_last(self, name: str) -> SaveContext | None:
+        manifest = self._manifests[name]
+        if len(manifest["files"]) <= 1:
+            self.drop(name)
+            return None
+        folder = self._folder(name)
+        updated = {**manifest, "files": manifest["files"][:-1], "tags": manifest["tags"][:-1]}
+        _write_manifest(folder, updated)
+        self._manifests[name] = updated
+        (folder / manifest["files"][-1]).unlink(missing_ok=True)
+        ctx = SaveContext(name)
+        for file in updated["files"]:
+            _fold(ctx, folder / file)
+        return ctx
 
     def replace(self, ctx: SaveContext) -> None:
         """Make ``ctx`` the whole content of its context on disk (a restore)."""

@@ -147,10 +147,15 @@ class PendingWrites:
 
 
 class Transaction:
-    """All writes of one run (or one dataset run) to any number of save contexts."""
+    """All writes of one run (or one dataset run) to any number of save contexts.
 
-    def __init__(self, store: SaveStore) -> None:
+    ``tag`` names the transaction in the journal (the ranks of a sharded model tag theirs alike,
+    so a restarted group can tell which of them committed it).
+    """
+
+    def __init__(self, store: SaveStore, tag: str | None = None) -> None:
         self._store = store
+        self.tag = tag
         self._pending: dict[str, PendingWrites] = {}
         self._charged = 0
 
@@ -187,7 +192,8 @@ class Transaction:
                     merged = {r: _merged(ctx.reducers.get(r), staged)
                               for r, staged in pending.reducers.items()}
                     journal.record(Change(name, pending.saves, merged, pending._state,
-                                          pending.runs, pending.examples, pending.order), ctx)
+                                          pending.runs, pending.examples, pending.order),
+                                   ctx, tag=self.tag)
                     ctx.reducers.update(merged)
                 else:
                     for rname, staged in pending.reducers.items():
@@ -267,12 +273,29 @@ class SaveStore:
                 self.journal.drop(name)
             self._contexts.pop(name, None)
 
+    def undo_after(self, committed: str | None) -> list[str]:
+        """Take back the journaled commits tagged later than ``committed`` (names changed).
+
+        A sharded group that stopped in the middle of a commit calls this on every rank when it
+        restarts, so that all ranks hold the transactions rank 0 recorded as whole, and no more.
+        """
+        if self.journal is None:
+            return []
+        with self.lock:
+            changed = self.journal.undo_after(committed)
+            for name, ctx in changed.items():
+                if ctx is None:
+                    self._contexts.pop(name, None)
+                else:
+                    self._contexts[name] = ctx
+            return sorted(changed)
+
     def nbytes(self) -> int:
         with self.lock:
             return sum(ctx.nbytes() for ctx in self._contexts.values())
 
-    def begin(self) -> Transaction:
-        return Transaction(self)
+    def begin(self, tag: str | None = None) -> Transaction:
+        return Transaction(self, tag)
 
     def __iter__(self) -> Iterator[SaveContext]:
         with self.lock:

@@ -45,7 +45,7 @@ from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
 from cloche.sharding.p2p import Channel
 from cloche.sharding.sealing import seal
-from cloche.sharding.stage import Command, Stage, error_envelope
+from cloche.sharding.stage import TRANSACTIONAL, Command, Stage, error_envelope
 from cloche.sharding.worker import Rank
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ __all__ = ["ShardedExecutor"]
 T = TypeVar("T")
 
 
-_TRANSACTIONAL = ("run", "generate", "dataset")
 
 
 class ShardedExecutor:
@@ -102,6 +101,10 @@ class ShardedExecutor:
         self._facade: Model | None = None
         self._control.on_lost = self._lost
         self._control.watch_idle = True
+        self._journal = self._local.store.journal
+        self._launch = self._launch_number()
+        if self._journal is not None:
+            self.reconcile()
 
     # ----------------------------------------------------------------- description
     @property
@@ -175,7 +178,8 @@ class ShardedExecutor:
             if self._closed:
                 raise UsageError("the sharded model was closed")
             seq = self._seq + 1
-            cmd = Command(seq, op, kwargs)
+            txn = f"{self._launch:020d}:{seq:012d}" if op in TRANSACTIONAL else None
+            cmd = Command(seq, op, kwargs, txn)
             try:
                 payload = cloudpickle.dumps(cmd)
             except Exception as exc:  # the sequence number stays unused: ranks wait for it
@@ -211,19 +215,54 @@ class ShardedExecutor:
                 self._lost(exc)
                 raise
             ok = all(e["ok"] for e in envelopes)
-            if op in _TRANSACTIONAL:
-                self._stage.settle(seq, ok)
-                try:
-                    store.set(f"decide/{seq}", "1" if ok else "0")
-                except RuntimeError as exc:
-                    lost = WorkerLost(f"the control store failed: {exc}", rank=0)
-                    self._lost(lost)
-                    raise lost from exc
-                self._await_settled(seq)
+            if txn is not None:
+                self._settle(seq, txn, ok)
             if not ok:
                 raise self._failure(envelopes, own_error)
             values = [e["value"] for e in envelopes]
             return (values, extra) if after is not None else values
+
+    def _settle(self, seq: int, txn: str, ok: bool) -> None:
+        """Commit (or roll back) transaction ``txn`` on every rank, rank 0 last.
+
+        Rank 0 publishes the decision, waits until every worker applied it, and only then
+        applies its own and records ``txn`` as committed. A rank lost in between leaves rank 0's
+        part rolled back and no record: a restart with the same state directory takes the
+        workers' parts back too (``reconcile``), so a run that failed with ``WorkerLost`` is on
+        no rank, as a failed run must be.
+        """
+        try:
+            self._control.store.set(f"decide/{seq}", "1" if ok else "0")
+        except RuntimeError as exc:
+            lost = WorkerLost(f"the control store failed: {exc}", rank=0)
+            self._lost(lost)
+            self._stage.settle(seq, False)
+            raise lost from exc
+        try:
+            self._await_settled(seq)
+        except WorkerLost:
+            self._stage.settle(seq, False)
+            raise
+        self._stage.settle(seq, ok)
+        if ok and self._journal is not None:
+            self._journal.mark_committed(txn)
+
+    def _launch_number(self) -> int:
+        """A number larger than that of every launch whose commits the state directory holds."""
+        now = time.time_ns()
+        committed = self._journal.committed() if self._journal is not None else None
+        return now if committed is None else max(now, int(committed.split(":")[0]) + 1)
+
+    def reconcile(self) -> list[str]:
+        """Make every rank hold exactly the transactions rank 0 recorded as committed.
+
+        Run when a sharded model starts on a state directory: a group stopped between a
+        worker's commit and rank 0's record (a rank killed, the machine lost) would otherwise
+        come back with ranks that disagree. Returns the contexts that changed on any rank.
+        """
+        committed = self._journal.committed() if self._journal is not None else None
+        changed = self._command("undo_after", committed=committed)
+        return sorted({name for names in changed for name in names})
 
     def _await_settled(self, seq: int) -> None:
         """Wait until every worker applied the decision, so reads that follow see it."""

@@ -49,6 +49,11 @@ class Command:
     seq: int
     op: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    txn: str | None = None  # a transactional command's tag in every rank's journal
+
+
+#: the commands whose writes every rank commits, or none does (settled by ``decide/{seq}``)
+TRANSACTIONAL = ("run", "generate", "dataset")
 
 
 OrderKey = tuple[int, int, int, int, int]
@@ -148,6 +153,7 @@ class Stage:
         self._pass = 0
         self._phase = 0
         self._mode = "run"
+        self._txn: str | None = None
         self._received: list[torch.Tensor] = []
         self._sent: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
@@ -199,6 +205,7 @@ class Stage:
         if cmd.seq > 1:
             self.channel.drain(cmd.seq - 1)
         self._seq = cmd.seq
+        self._txn = cmd.txn
         self._pass = 0
         self._phase = 0
         self._received, self._sent, self._logits = [], [], []
@@ -268,7 +275,7 @@ class Stage:
                           block_paths=self.block_paths, attention_paths=self.attention_paths)
 
     def _begin(self, save: str) -> tuple[Transaction, OrderedWrites]:
-        txn = self.local.store.begin()
+        txn = self.local.store.begin(tag=self._txn)
         return txn, OrderedWrites(txn.writes(save), self)
 
     def op_run(self, ids: torch.Tensor, mask: torch.Tensor, forward: dict, backward_probes: dict,
@@ -472,6 +479,11 @@ class Stage:
 
     def op_ping(self) -> int:
         return self.rank
+
+    # ----------------------------------------------------------------- recovery
+    def op_undo_after(self, committed: str | None) -> list[str]:
+        """Take back this rank's commits of transactions rank 0 never recorded as whole."""
+        return self.local.store.undo_after(committed)
 
     def op_shutdown(self) -> None:
         return None

@@ -47,7 +47,6 @@ __all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main"]
 EXIT_WORKER_LOST = 3
 #: the local launcher hands its workers the group's control key in this variable (hex)
 CONTROL_KEY_ENV = "CLOCHE_CONTROL_KEY"
-TRANSACTIONAL = ("run", "generate", "dataset")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def command_loop(rank: Rank) -> int:
                        rank.layout.rank)
             channel.flush()
             control.end()
-            if cmd.op in TRANSACTIONAL:  # rank 0 decides once it heard from every rank
+            if cmd.txn is not None:  # rank 0 decides once it heard from every rank
                 verdict = control.wait(f"decide/{seq}", abortable=False)
                 stage.settle(seq, verdict == b"1")
                 control.store.add(f"settled/{seq}", 1)  # reads after this see the outcome
