@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -26,9 +25,11 @@ from cloche.api.model import Model
 from cloche.server.config import ServerConfig
 from cloche.server.connection import Job, ServerConnection
 from cloche.server.fairqueue import FairQueue
+from cloche.server.guard import AdmissionGuard
 from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session, SessionRegistry
 from cloche.wire import transport
+from cloche.wire.handshake import ServerHandshake
 
 __all__ = ["Server"]
 
@@ -66,6 +67,10 @@ class Server:
             transport.server_ssl_context(config.tls_cert, config.tls_key)
             if config.tls_cert else None
         )
+        self.guard = AdmissionGuard(
+            per_address=config.max_unauthenticated_per_address,
+            total=config.max_unauthenticated, failure_limit=config.auth_failure_limit,
+            backoff=config.auth_backoff, backoff_max=config.auth_backoff_max)
         self._listener: socket.socket | None = None
         self._connections: set[ServerConnection] = set()
         self._conn_lock = threading.Lock()
@@ -142,26 +147,29 @@ class Server:
                 if self._stop.is_set():
                     return
                 continue
-            peer = f"{addr[0]}:{addr[1]}"
+            host = addr[0]
+            peer = f"{host}:{addr[1]}"
             with self._conn_lock:
                 full = len(self._connections) >= self.config.max_connections
             if full:
                 log.warning("refused %s: %d connections already open", peer, len(self._connections))
-                sock.close()
+                self._turn_away(sock, "busy", "the server has too many connections")
+                continue
+            refusal = self.guard.admit(host)
+            if refusal is not None:
+                log.debug("refused %s: %s", peer, refusal.reason)
+                self._turn_away(sock, refusal.code, refusal.reason)
                 continue
             transport.accepted(sock)
-            if self._ssl is not None:
-                try:
-                    sock = self._ssl.wrap_socket(sock, server_side=True,
-                                                 do_handshake_on_connect=False)
-                except (ssl.SSLError, OSError) as exc:
-                    log.warning("refused %s: %s", peer, exc)
-                    sock.close()
-                    continue
-            conn = ServerConnection(self, sock, peer)
+            conn = ServerConnection(self, sock, peer, host, ssl_context=self._ssl)
             with self._conn_lock:
                 self._connections.add(conn)
             threading.Thread(target=conn.serve, name=f"cloche-conn-{peer}", daemon=True).start()
+
+    def _turn_away(self, sock: socket.socket, code: str, reason: str) -> None:
+        # A TLS client could not read a plain refusal: it just sees the connection close.
+        message = None if self._ssl is not None else ServerHandshake.refusal(reason, code)
+        transport.turn_away(sock, message)
 
     def forget(self, conn: ServerConnection) -> None:
         with self._conn_lock:

@@ -16,6 +16,13 @@ class ServerConfig:
     ``session_idle_expiry`` (seconds, ``None`` for never) drops a session's save contexts once
     it has had no connection and no work for that long. ``max_frame_bytes`` bounds what an
     authenticated client may send in one frame (before authentication the bound is 4 KiB).
+
+    Strangers (see :mod:`cloche.server.guard`): ``handshake_timeout`` is one deadline for the
+    whole handshake (TLS included), not for each read, so a peer trickling bytes cannot hold a
+    slot longer. At most ``max_unauthenticated_per_address`` connections per peer address and
+    ``max_unauthenticated`` in all may be unauthenticated at once. After
+    ``auth_failure_limit`` wrong tokens from an address, it is refused for ``auth_backoff``
+    seconds, doubling with each further failure up to ``auth_backoff_max``.
     """
 
     token: str
@@ -27,6 +34,11 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_frame_bytes: int = 1 << 40
     max_connections: int = 256
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_address: int = 8
+    auth_failure_limit: int = 5
+    auth_backoff: float = 1.0
+    auth_backoff_max: float = 300.0
     progress_interval: float = 0.05
 
     def __post_init__(self) -> None:
@@ -40,5 +52,11 @@ class ServerConfig:
             raise UsageError(
                 f"session_idle_expiry ({self.session_idle_expiry}) must be positive or None"
             )
-        if self.handshake_timeout <= 0:
-            raise UsageError(f"handshake_timeout ({self.handshake_timeout}) must be positive")
+        for name in ("handshake_timeout", "auth_backoff", "auth_backoff_max"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} ({getattr(self, name)}) must be positive")
+        for name in ("max_connections", "max_unauthenticated", "max_unauthenticated_per_address",
+                     "auth_failure_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} ({value!r}) must be a positive int")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import selectors
 import socket
 import ssl
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from cloche import errors
@@ -21,7 +23,7 @@ from cloche.api import requests as rq
 from cloche.errors.payload import to_payload
 from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session
-from cloche.wire import codec, messages
+from cloche.wire import codec, frames, messages
 from cloche.wire.frames import Limits
 from cloche.wire.handshake import ServerHandshake
 from cloche.wire.transport import FramedSocket
@@ -52,9 +54,15 @@ class Job:
 
 
 class ServerConnection:
-    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
+    """``host`` is the peer's address (the unit of the admission guard's caps and backoff);
+    ``ssl_context`` wraps the socket in TLS before the cloche handshake."""
+
+    def __init__(self, server: Server, sock: socket.socket, peer: str, host: str, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.server = server
         self.peer = peer
+        self.host = host
+        self._ssl = ssl_context
         self.framed = FramedSocket(sock, limits=Limits.handshake())
         self.session: Session | None = None
         self.jobs: dict[int, Job] = {}
@@ -94,44 +102,104 @@ class ServerConnection:
         self.server.forget(self)
 
     def _handshake(self) -> bool:
-        sock = self.framed.sock
-        sock.settimeout(self.server.config.handshake_timeout)
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                log.warning("refused %s: TLS handshake failed: %s", self.peer, exc)
-                return False
-        shake = ServerHandshake(self.server.config.token)
+        """TLS (if configured) and the cloche handshake, under one deadline for the whole."""
+        config = self.server.config
+        self.framed.deadline = time.monotonic() + config.handshake_timeout
         try:
-            hello = self.framed.recv(allow_code=False)
-            if hello is None:
+            if self._ssl is not None and not self._start_tls(self._ssl):
                 return False
-            self.framed.send(shake.receive(hello))
-            auth = self.framed.recv(allow_code=False)
-            if auth is None:
+            shake = ServerHandshake(config.token)
+            try:
+                hello = self.framed.recv(allow_code=False)
+                if hello is None:
+                    return False
+                self.framed.send(shake.receive(hello))
+                auth = self.framed.recv(allow_code=False)
+                if auth is None:
+                    return False
+                welcome = shake.receive(auth)
+            except errors.AuthError as exc:
+                log.warning("refused %s: %s", self.peer, exc)
+                if self.server.guard.failed(self.host):
+                    log.warning("refusing %s for a while: %d failed authentications", self.host,
+                                self.server.guard.failures(self.host))
+                self.send(ServerHandshake.refusal("authentication failed"))
                 return False
-            welcome = shake.receive(auth)
-        except errors.AuthError as exc:
-            log.warning("refused %s: %s", self.peer, exc)
-            self.send(ServerHandshake.refusal("authentication failed"))
+            except errors.ProtocolError as exc:
+                log.warning("refused %s: not a cloche client (%s)", self.peer, exc)
+                self.send(ServerHandshake.refusal(f"protocol error: {exc}", code="protocol"))
+                return False
+        except errors.ConnectionError as exc:
+            log.info("dropped %s during the handshake: %s", self.peer, exc)
             return False
-        except errors.ProtocolError as exc:
-            log.warning("refused %s: not a cloche client (%s)", self.peer, exc)
-            self.send(ServerHandshake.refusal(f"protocol error: {exc}"))
-            return False
+        finally:
+            self.server.guard.release(self.host)
         session, resumed = self.server.sessions.open(shake.session)
         self.session = session
         welcome.update(session=session.id, resumed=resumed, info=self.server.info)
         self.framed.send(welcome)
-        self.framed.limits = Limits(max_body=self.server.config.max_frame_bytes)
-        sock.settimeout(None)
+        self.framed.deadline = None
+        self.framed.limits = Limits(max_body=config.max_frame_bytes)
+        self.framed.sock.settimeout(None)
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name=f"cloche-writer-{self.peer}")
         self._writer.start()
         log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened",
                  self.peer)
         return True
+
+    def _start_tls(self, context: ssl.SSLContext) -> bool:
+        """The TLS handshake, non-blocking so that the connection's deadline bounds it whole.
+
+        A peer whose first byte is the cloche magic's is a plain client: it gets a plain
+        ``refused`` that says the server wants TLS, rather than a TLS error it cannot read.
+        """
+        raw = self.framed.sock
+        deadline = self.framed.deadline
+        assert deadline is not None
+        try:
+            raw.settimeout(max(deadline - time.monotonic(), 0.001))
+            first = raw.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            log.info("dropped %s before TLS: %s", self.peer, exc)
+            return False
+        if first == frames.MAGIC[:1]:
+            log.warning("refused %s: a plain (non-TLS) cloche client on a TLS server", self.peer)
+            self.send(ServerHandshake.refusal(
+                "this server only accepts TLS connections: connect with tls=True (or tls= the"
+                " server's certificate or CA file)", code="tls"))
+            return False
+        if not first:
+            return False
+        try:
+            tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("refused %s: %s", self.peer, exc)
+            return False
+        self.framed.sock = tls
+        tls.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            while True:
+                try:
+                    tls.do_handshake()
+                    return True
+                except ssl.SSLWantReadError:
+                    events = selectors.EVENT_READ
+                except ssl.SSLWantWriteError:
+                    events = selectors.EVENT_WRITE
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("refused %s: TLS handshake failed: %s", self.peer, exc)
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.info("dropped %s: the TLS handshake took too long", self.peer)
+                    return False
+                selector.register(tls, events)
+                ready = selector.select(remaining)
+                selector.unregister(tls)
+                if not ready:
+                    log.info("dropped %s: the TLS handshake took too long", self.peer)
+                    return False
 
     # ----------------------------------------------------------------- requests
     def _loop(self) -> None:

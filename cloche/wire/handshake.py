@@ -109,8 +109,9 @@ class ServerHandshake:
         }
 
     @staticmethod
-    def refusal(reason: str) -> dict:
-        return {"kind": messages.REFUSED, "reason": reason}
+    def refusal(reason: str, code: str = "auth") -> dict:
+        """``code`` says what kind of refusal it is (see ``REFUSAL_CODES``)."""
+        return {"kind": messages.REFUSED, "reason": reason, "code": code}
 
 
 class ClientHandshake:

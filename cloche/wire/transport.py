@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from cloche import errors
@@ -22,6 +23,7 @@ __all__ = [
     "listen",
     "open_connection",
     "server_ssl_context",
+    "turn_away",
 ]
 
 _CHUNK = 64 * 1024 * 1024
@@ -32,14 +34,25 @@ class FramedSocket:
     """Sends and receives whole messages on one socket.
 
     ``send`` is thread-safe (one frame at a time); ``recv`` must be called from one thread only.
-    ``limits`` may be replaced after the handshake (small before, large after).
+    ``limits`` may be replaced after the handshake (small before, large after). ``deadline``
+    (a :func:`time.monotonic` time, or None) bounds every send and receive until it is reset:
+    one deadline for a whole exchange, however slowly the peer trickles its bytes.
     """
 
     def __init__(self, sock: socket.socket, *, limits: frames.Limits | None = None) -> None:
         self.sock = sock
         self.limits = limits or frames.Limits()
+        self.deadline: float | None = None
         self._send_lock = threading.Lock()
         self._closed = False
+
+    def _arm(self) -> None:
+        """Before each socket call under a deadline: time out when the deadline does."""
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the deadline passed")
+            self.sock.settimeout(remaining)
 
     # ------------------------------------------------------------------ sending
     def send(self, message: Any) -> None:
@@ -50,6 +63,7 @@ class FramedSocket:
         head = frames.encode_preamble(len(encoded.header), body_len) + encoded.header
         try:
             with self._send_lock:
+                self._arm()
                 if body_len <= _SMALL:
                     self.sock.sendall(b"".join([head, *encoded.buffers]))
                     return
@@ -89,6 +103,7 @@ class FramedSocket:
         got = 0
         try:
             while got < total:
+                self._arm()
                 n = self.sock.recv_into(view[got:], min(total - got, _CHUNK))
                 if n == 0:
                     if at_boundary and got == 0:
@@ -161,6 +176,28 @@ def accepted(sock: socket.socket) -> socket.socket:
     """Tune a freshly accepted socket like a connecting one."""
     _tune(sock)
     return sock
+
+
+def turn_away(sock: socket.socket, message: Any = None) -> None:
+    """Close a just-accepted socket, first sending ``message`` (one small frame) if given.
+
+    Never blocks: the frame goes out only if it fits the socket buffer (it always does on a
+    fresh connection). Whatever the peer already sent is drained first, so that the close is a
+    FIN and not a reset, which could destroy the frame before the peer reads it.
+    """
+    try:
+        sock.setblocking(False)
+        if message is not None:
+            encoded = codec.encode(message)
+            sock.send(frames.encode_preamble(len(encoded.header), 0) + encoded.header)
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(65536):
+                break
+    except (OSError, errors.ClocheError):
+        pass  # best effort: the peer is being turned away anyway
+    finally:
+        sock.close()
 
 
 def server_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:

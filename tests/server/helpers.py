@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import socket
 
+from cloche.errors import ConnectionError
 from cloche.wire import codec, frames
 from cloche.wire.handshake import ClientHandshake
 from cloche.wire.transport import FramedSocket
 
 
-def raw_socket(address: str, timeout: float = 10.0) -> socket.socket:
+def raw_socket(address: str, timeout: float = 10.0, *, source: str | None = None
+               ) -> socket.socket:
+    """A TCP connection to ``address``; ``source`` binds the local end first (127.0.0.2 is
+    loopback on Linux too, so tests can play a second peer address)."""
     host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock = socket.create_connection((host, int(port)), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     return sock
 
 
@@ -35,15 +40,25 @@ def read_until_closed(sock: socket.socket, limit: int = 1 << 20) -> bytes:
     return data
 
 
-def authenticated(address: str, token: str) -> FramedSocket:
-    """A FramedSocket that has completed the handshake (the welcome is consumed)."""
-    framed = FramedSocket(raw_socket(address))
-    shake = ClientHandshake(token)
-    framed.send(shake.start())
-    while not shake.done:
-        reply = shake.receive(framed.recv())
-        if reply is not None:
-            framed.send(reply)
+def authenticated(address: str, token: str, *, source: str | None = None) -> FramedSocket:
+    """A FramedSocket that has completed the handshake (the welcome is consumed).
+
+    Raises what the client handshake raises (AuthError for a refusal, ConnectionError...).
+    """
+    framed = FramedSocket(raw_socket(address, source=source))
+    try:
+        shake = ClientHandshake(token)
+        framed.send(shake.start())
+        while not shake.done:
+            msg = framed.recv()
+            if msg is None:
+                raise ConnectionError("the server closed the connection during the handshake")
+            reply = shake.receive(msg)
+            if reply is not None:
+                framed.send(reply)
+    except BaseException:
+        framed.close()
+        raise
     return framed
 
 
@@ -93,3 +108,15 @@ class InProcessServer:
 
     def __exit__(self, *exc):
         self.server.shutdown()
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it holds (True) or a generous deadline passes (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,96 @@
+"""Strangers cannot lock others out before authenticating: one deadline for the whole handshake,
+caps on half-open connections per peer address and in total, and backoff after wrong tokens.
+
+127.0.0.2 plays the attacker's address (all of 127.0.0.0/8 is loopback on Linux), 127.0.0.1
+the legitimate client's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+
+import pytest
+import torch
+
+import cloche
+from cloche.client import connect
+from cloche.wire.handshake import ClientHandshake
+from tests.server.helpers import InProcessServer, frame, raw_socket, wait_for
+
+torch.set_num_threads(1)
+
+ATTACKER = "127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def local_model(server_model_dir):
+    return cloche.load(server_model_dir)
+
+
+def test_a_trickled_handshake_is_cut_off_at_one_deadline_for_the_whole_exchange(local_model):
+    # One byte every 0.2 s never trips a per-recv timeout of 1.5 s; only a deadline for the
+    # whole exchange stops it. The hello is ~70 bytes: trickled whole, it would take ~14 s.
+    with InProcessServer(local_model, handshake_timeout=1.5) as server:
+        hello = frame(ClientHandshake(server.token).start())
+        sock = raw_socket(server.address, timeout=30)
+        sent, answer = 0, None
+        try:
+            for byte in hello:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                readable, _, _ = select.select([sock], [], [], 0.2)  # the trickle's pace
+                if readable:
+                    answer = sock.recv(4096)
+                    break
+        except OSError:
+            answer = b""  # reset by the server: cut off as well
+        finally:
+            sock.close()
+        assert answer == b"", f"the server answered {answer!r} after {sent} trickled bytes"
+        assert sent < len(hello), "the whole hello got through a trickle"
+        with connect(server.address, token=server.token) as model:
+            assert model.ping("after") == "after"
+
+
+def stalled(address: str, source: str, count: int) -> list[socket.socket]:
+    """``count`` half-open handshakes from ``source``: one byte of a hello, then nothing."""
+    socks = []
+    for _ in range(count):
+        sock = raw_socket(address, timeout=30, source=source)
+        with contextlib.suppress(OSError):
+            sock.sendall(b"C")
+        socks.append(sock)
+    return socks
+
+
+def test_half_open_connections_from_one_address_do_not_lock_out_another(local_model):
+    with InProcessServer(local_model, max_connections=32) as server:
+        attackers = stalled(server.address, ATTACKER, 48)
+        try:
+            with connect(server.address, token=server.token, timeout=30) as model:
+                assert model.ping("got in") == "got in"
+        finally:
+            for sock in attackers:
+                sock.close()
+
+
+def test_unauthenticated_connections_are_capped_per_address_and_in_total(local_model):
+    with InProcessServer(local_model, max_unauthenticated_per_address=3,
+                         max_unauthenticated=8) as server:
+        guard = server.server.guard
+        socks = []
+        try:
+            for i in range(2, 6):  # four addresses, five half-open connections each
+                socks += stalled(server.address, f"127.0.0.{i}", 5)
+            # 20 connections: 3 + 3 + 2 admitted (the total cap), the other 12 refused
+            assert wait_for(lambda: guard.refused_busy >= 12)
+            assert guard.pending_total == 8
+            assert max(guard.pending(f"127.0.0.{i}") for i in range(2, 6)) == 3
+        finally:
+            for sock in socks:
+                sock.close()
+        assert wait_for(lambda: guard.pending_total == 0)
+        with connect(server.address, token=server.token) as model:
+            assert model.ping(1) == 1
