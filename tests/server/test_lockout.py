@@ -16,8 +16,10 @@ import torch
 
 import cloche
 from cloche.client import connect
+from cloche.errors import AuthError
+from cloche.server.guard import AdmissionGuard, address_key
 from cloche.wire.handshake import ClientHandshake
-from tests.server.helpers import InProcessServer, frame, raw_socket, wait_for
+from tests.server.helpers import InProcessServer, authenticated, frame, raw_socket, wait_for
 
 torch.set_num_threads(1)
 
@@ -94,3 +96,44 @@ def test_unauthenticated_connections_are_capped_per_address_and_in_total(local_m
         assert wait_for(lambda: guard.pending_total == 0)
         with connect(server.address, token=server.token) as model:
             assert model.ping(1) == 1
+
+
+def test_wrong_tokens_from_one_address_back_it_off_without_slowing_another(local_model):
+    with InProcessServer(local_model, auth_failure_limit=3, auth_backoff=600.0) as server:
+        for _ in range(3):
+            with pytest.raises(AuthError, match="authentication failed"):
+                authenticated(server.address, "a wrong guess of the token", source=ATTACKER)
+        # the address now waits (10 minutes here), whatever it sends, the right token included
+        with pytest.raises(AuthError, match="too many failed authentications"):
+            authenticated(server.address, server.token, source=ATTACKER)
+        assert server.server.guard.failures(ATTACKER) == 3
+        assert server.server.guard.refused_backoff == 1
+        # another address is not slowed down at all
+        authenticated(server.address, server.token, source="127.0.0.1").close()
+        with connect(server.address, token=server.token) as model:
+            assert model.ping("still in") == "still in"
+
+
+def test_backoff_doubles_is_capped_and_is_forgotten():
+    now = [0.0]
+    guard = AdmissionGuard(per_address=8, total=64, failure_limit=2, backoff=1.0,
+                           backoff_max=4.0, forget_after=100.0, clock=lambda: now[0])
+    assert not guard.failed("10.0.0.1")
+    assert guard.failed("10.0.0.1")  # the limit: blocked for 1 s
+    assert guard.admit("10.0.0.1") is not None and guard.admit("10.0.0.2") is None
+    now[0] = 1.5
+    assert guard.admit("10.0.0.1") is None
+    guard.release("10.0.0.1")
+    guard.failed("10.0.0.1")  # 2 s
+    now[0] = 3.0
+    assert guard.admit("10.0.0.1") is not None
+    for _ in range(10):
+        guard.failed("10.0.0.1")
+    now[0] += 4.01  # capped at 4 s
+    assert guard.admit("10.0.0.1") is None
+    now[0] += 200  # quiet for long enough: a fresh record
+    guard.failed("10.0.0.1")
+    assert guard.failures("10.0.0.1") == 1
+    # IPv6 peers count per /64; IPv4-mapped IPv6 as the IPv4 address
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff") != address_key("2001:db9::1")
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
