@@ -76,6 +76,10 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                              "tls=True or tls='ca.pem'")
     parser.add_argument("--tls-key", metavar="PEM", default=None,
                         help="private key for --tls-cert (if not inside the certificate file)")
+    parser.add_argument("--insecure-no-tls", action="store_true",
+                        help="serve off loopback without TLS (refused otherwise): only the"
+                             " handshake is protected, so anyone on the network path can read"
+                             " the traffic and inject code that runs as this user")
     parser.add_argument("--max-saved-bytes", type=parse_size, default=None, metavar="SIZE",
                         help="cap on memory held by save contexts of all sessions, e.g. 8GiB; "
                              "a run that would exceed it fails with ResourceLimit and is rolled "
@@ -141,8 +145,21 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
     config = ServerConfig(
         token=token, host=args.host, port=args.port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
+        insecure_no_tls=args.insecure_no_tls,
     )
     return config, generated
+
+
+def warn_if_insecure(config: Any) -> None:
+    """The loud warning for ``--insecure-no-tls`` off loopback (stderr, before serving)."""
+    from cloche.server.config import is_loopback
+
+    if config.tls_cert is None and not is_loopback(config.host):
+        print(f"cloche: WARNING: serving on {config.host or 'every interface'} without TLS"
+              " (--insecure-no-tls). Only the handshake is protected: anyone on the network"
+              " path can read every request and result, and inject requests that run code as"
+              " this user. Use --tls-cert/--tls-key unless every machine on the path is"
+              " trusted.", file=sys.stderr, flush=True)
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -187,6 +204,7 @@ def run_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     config, generated = serve_config(args, os.environ)
+    warn_if_insecure(config)
     if args.world_size < 1:
         raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
     if args.torchrun:

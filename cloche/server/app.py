@@ -22,7 +22,7 @@ from cloche import errors
 from cloche.api import requests as rq
 from cloche.api.executor import EventSink, Executor
 from cloche.api.model import Model
-from cloche.server.config import ServerConfig
+from cloche.server.config import ServerConfig, is_loopback
 from cloche.server.connection import Job, ServerConnection
 from cloche.server.fairqueue import FairQueue
 from cloche.server.guard import AdmissionGuard
@@ -93,6 +93,9 @@ class Server:
         self.executor.execute(rq.ProbePoints())
         self.info = self.executor.describe().summary()
         self._listener = transport.listen(self.config.host, self.config.port)
+        if self._ssl is None and not is_loopback(self.config.host):
+            log.warning("serving on %s without TLS (insecure_no_tls): frames after the"
+                        " handshake are not protected", self.config.host)
         for target, name in (
             (self._accept_loop, "cloche-accept"),
             (self._work_loop, "cloche-worker"),

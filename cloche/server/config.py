@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from cloche.errors import UsageError
 
-__all__ = ["ServerConfig"]
+__all__ = ["ServerConfig", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the server on this machine: 127.0.0.0/8, ::1 (also
+    IPv4-mapped) or ``localhost``. Any other name is not trusted to resolve to loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,6 +38,9 @@ class ServerConfig:
     ``max_unauthenticated`` in all may be unauthenticated at once. After
     ``auth_failure_limit`` wrong tokens from an address, it is refused for ``auth_backoff``
     seconds, doubling with each further failure up to ``auth_backoff_max``.
+
+    Off loopback the server needs TLS (``tls_cert``) unless ``insecure_no_tls`` says otherwise:
+    the handshake proves who the client is, but only TLS protects the frames that follow it.
     """
 
     token: str
@@ -40,6 +58,7 @@ class ServerConfig:
     auth_backoff: float = 1.0
     auth_backoff_max: float = 300.0
     progress_interval: float = 0.05
+    insecure_no_tls: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token:
@@ -48,6 +67,16 @@ class ServerConfig:
             raise UsageError(f"port ({self.port}) must be between 0 and 65535")
         if self.tls_key is not None and self.tls_cert is None:
             raise UsageError("--tls-key needs --tls-cert")
+        if not is_loopback(self.host) and self.tls_cert is None and not self.insecure_no_tls:
+            raise UsageError(
+                f"refusing to serve on {self.host or 'every interface'!r} without TLS. The"
+                " handshake proves that a client knows the token, but only TLS protects the"
+                " frames that follow it: anyone on the network path could read them, or inject"
+                " a request that runs code as this user. Pass --tls-cert/--tls-key"
+                " (ServerConfig.tls_cert/tls_key), or --insecure-no-tls"
+                " (ServerConfig.insecure_no_tls=True) if every machine on the path is trusted."
+                " Loopback addresses (127.0.0.1, ::1, localhost) need no TLS: other users cannot"
+                " intercept loopback traffic.")
         if self.session_idle_expiry is not None and self.session_idle_expiry <= 0:
             raise UsageError(
                 f"session_idle_expiry ({self.session_idle_expiry}) must be positive or None"

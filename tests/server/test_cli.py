@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,10 @@ import pytest
 from cloche import cli
 from cloche.client import connect
 from cloche.errors import ConnectionError, UsageError
+from cloche.server.config import ServerConfig, is_loopback
 from tests.conftest_server import REPO, ServerProcess
+
+TOKEN = "a-test-token-of-24-chars"
 
 
 def test_help_documents_every_flag():
@@ -61,8 +65,9 @@ def test_tls_token_file_and_clean_sigint_shutdown(server_model_dir, certificate,
     token_file = tmp_path / "token"
     token_file.write_text("file-token")
     server = ServerProcess(server_model_dir, "ignored-env-token", "--token-file", str(token_file),
-                           "--tls-cert", str(cert), "--tls-key", str(key),
+                           "--tls-cert", str(cert), "--tls-key", str(key), "--host", "0.0.0.0",
                            log_path=tmp_path / "log")
+    server.address = f"127.0.0.1:{server.port}"  # every interface, loopback included, over TLS
     try:
         with connect(server.address, token="file-token", tls=cert) as model:
             assert model.ping("over tls") == "over tls"
@@ -80,3 +85,48 @@ def test_tls_token_file_and_clean_sigint_shutdown(server_model_dir, certificate,
     finally:
         server.stop()
     assert b"refused" in (tmp_path / "log").read_bytes()
+
+
+def test_serving_off_loopback_without_tls_is_refused_before_loading_anything(server_model_dir):
+    env = dict(os.environ, CLOCHE_TOKEN=TOKEN, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloche", "serve", "--model", str(server_model_dir),
+         "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        listening = any(line.startswith("listening on") for line in proc.stdout)  # stops at one
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        stderr = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not listening, "the server listened on every interface without TLS"
+    assert proc.returncode == 2
+    assert "--insecure-no-tls" in stderr and "--tls-cert" in stderr and "TLS" in stderr
+
+
+def test_insecure_no_tls_serves_off_loopback_with_a_loud_warning(server_model_dir, tmp_path):
+    server = ServerProcess(server_model_dir, TOKEN, "--host", "0.0.0.0", "--insecure-no-tls",
+                           log_path=tmp_path / "log")
+    try:
+        with connect(f"127.0.0.1:{server.port}", token=TOKEN) as model:
+            assert model.ping("plain") == "plain"
+    finally:
+        server.stop()
+    log = (tmp_path / "log").read_text()
+    assert "WARNING" in log and "without TLS" in log
+
+
+def test_loopback_addresses_and_the_config_rule():
+    for host in ("127.0.0.1", "127.3.4.5", "::1", "localhost", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+        ServerConfig(token=TOKEN, host=host)
+    for host in ("0.0.0.0", "", "::", "10.1.2.3", "example.org"):
+        assert not is_loopback(host), host
+        with pytest.raises(UsageError, match="insecure_no_tls"):
+            ServerConfig(token=TOKEN, host=host)
+        ServerConfig(token=TOKEN, host=host, insecure_no_tls=True)
+        ServerConfig(token=TOKEN, host=host, tls_cert="cert.pem")
