@@ -50,6 +50,7 @@ class ClientConnection:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
+        self._reader: threading.Thread | None = None
         try:
             welcome = self._handshake(token, session, timeout)
         except BaseException:
@@ -121,7 +122,11 @@ class ClientConnection:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._framed.close()
+            reader = self._reader
+            if reader is not None and reader.is_alive():
+                self._framed.abort()  # the reader wakes up and closes the socket itself
+            else:
+                self._framed.close()
         self._fail_all(errors.ConnectionError(f"the connection to {self.address} was closed"))
 
     # ----------------------------------------------------------------- replies

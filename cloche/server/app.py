@@ -129,7 +129,7 @@ class Server:
         with self._conn_lock:
             connections = list(self._connections)
         for conn in connections:
-            conn.framed.close()
+            conn.framed.abort()  # each connection's thread then cleans up and closes
         for thread in self._threads:
             thread.join(timeout=10)
 

@@ -39,6 +39,10 @@ class ServerConfig:
     ``auth_failure_limit`` wrong tokens from an address, it is refused for ``auth_backoff``
     seconds, doubling with each further failure up to ``auth_backoff_max``.
 
+    ``max_outbox_bytes`` bounds the replies queued for one connection beyond the frame being
+    sent: a client that stops reading is disconnected (its requests cancelled) instead of
+    growing the server's memory; one reply of any size still goes to a client that reads.
+
     Off loopback the server needs TLS (``tls_cert``) unless ``insecure_no_tls`` says otherwise:
     the handshake proves who the client is, but only TLS protects the frames that follow it.
     """
@@ -52,6 +56,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_frame_bytes: int = 1 << 40
     max_connections: int = 256
+    max_outbox_bytes: int = 256 * 1024 * 1024
     max_unauthenticated: int = 64
     max_unauthenticated_per_address: int = 8
     auth_failure_limit: int = 5
@@ -84,8 +89,8 @@ class ServerConfig:
         for name in ("handshake_timeout", "auth_backoff", "auth_backoff_max"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} ({getattr(self, name)}) must be positive")
-        for name in ("max_connections", "max_unauthenticated", "max_unauthenticated_per_address",
-                     "auth_failure_limit"):
+        for name in ("max_connections", "max_outbox_bytes", "max_unauthenticated",
+                     "max_unauthenticated_per_address", "auth_failure_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} ({value!r}) must be a positive int")

@@ -10,12 +10,12 @@ running requests are cancelled; its session stays for a reconnect.
 from __future__ import annotations
 
 import logging
-import queue
 import selectors
 import socket
 import ssl
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from cloche import errors
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 __all__ = ["Job", "ServerConnection"]
 
 log = logging.getLogger("cloche.server")
+
+
+def _size(encoded: codec.Encoded) -> int:
+    return len(encoded.header) + encoded.body_len
 
 
 class Job:
@@ -68,8 +72,12 @@ class ServerConnection:
         self.jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
         # After the handshake every outgoing frame goes through one writer thread, so that the
-        # worker never blocks on a slow or vanished peer and frames keep their order.
-        self._outbox: queue.SimpleQueue[codec.Encoded | None] = queue.SimpleQueue()
+        # worker never blocks on a slow or vanished peer and frames keep their order. The outbox
+        # is bounded in bytes (see _post): a peer that stops reading cannot make it grow.
+        self._outbox: deque[codec.Encoded | None] = deque()
+        self._queued = 0  # bytes in the outbox, not counting the frame the writer is sending
+        self._outbox_cond = threading.Condition()
+        self._dead = False  # no more frames will be sent (overflow, or the peer is gone)
         self._writer: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -89,7 +97,9 @@ class ServerConnection:
 
     def close(self) -> None:
         if self._writer is not None:
-            self._outbox.put(None)  # flush what is queued (a final error, say), then stop
+            with self._outbox_cond:  # flush what is queued (a final error, say), then stop
+                self._outbox.append(None)
+                self._outbox_cond.notify_all()
             self._writer.join(timeout=5)
         self.framed.close()
         with self._lock:
@@ -212,14 +222,14 @@ class ServerConnection:
             except errors.UsageError as exc:  # shipped code that cannot load here
                 peeked = pending.peek()
                 rid = peeked.get("id") if type(peeked) is dict else None
-                self.send_error(rid if type(rid) is int else None, exc)
+                self.send_error(rid if type(rid) is int else None, exc, wait=True)
                 continue
             try:
                 request = messages.parse_request_or_cancel(msg)
             except errors.ProtocolError as exc:
                 rid = msg.get("id") if type(msg) is dict else None
                 log.warning("bad request from %s: %s", self.peer, exc)
-                self.send_error(rid if type(rid) is int else None, exc)
+                self.send_error(rid if type(rid) is int else None, exc, wait=True)
                 continue
             self._dispatch(request)
 
@@ -232,7 +242,7 @@ class ServerConnection:
             return
         if not isinstance(request.op, rq.Request):
             self.send_error(request.id, errors.UsageError(
-                f"{type(request.op).__name__} is not a request"))
+                f"{type(request.op).__name__} is not a request"), wait=True)
             return
         if not request.op.is_heavy:
             self._run_light(request)
@@ -242,7 +252,8 @@ class ServerConnection:
             if job is not None:
                 self.jobs[request.id] = job
         if job is None:
-            self.send_error(request.id, errors.UsageError(f"request id {request.id} is in use"))
+            self.send_error(request.id, errors.UsageError(f"request id {request.id} is in use"),
+                            wait=True)
             return
         self.server.enqueue(job)
 
@@ -252,9 +263,9 @@ class ServerConnection:
         try:
             value = executor.execute(request.op)
         except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
-            self.send_error(request.id, exc)
+            self.send_error(request.id, exc, wait=True)
             return
-        self.send_result(request.id, value)
+        self.send_result(request.id, value, wait=True)
 
     def finish(self, job: Job) -> None:
         with self._lock:
@@ -262,43 +273,97 @@ class ServerConnection:
 
     # ----------------------------------------------------------------- replies
     def _write_loop(self) -> None:
-        while (encoded := self._outbox.get()) is not None:
+        while True:
+            with self._outbox_cond:
+                self._outbox_cond.wait_for(lambda: bool(self._outbox))
+                encoded = self._outbox.popleft()
+                if encoded is None:
+                    return
+                self._queued -= _size(encoded)  # now in flight: no longer counts as queued
+                self._outbox_cond.notify_all()
             try:
                 self.framed.send_encoded(encoded)
             except errors.ConnectionError:
-                self.framed.close()  # wakes the reader, which cleans up; keep draining
-                while self._outbox.get() is not None:
-                    pass
+                self._give_up()
+                self.framed.abort()  # wakes the reader, which cleans up
                 return
 
-    def _post(self, encoded: codec.Encoded) -> bool:
+    def _backlog(self) -> int:
+        """Bytes queued behind the next frame out (call with ``_outbox_cond`` held)."""
+        head = self._outbox[0] if self._outbox else None
+        return self._queued - (0 if head is None else _size(head))
+
+    def _give_up(self) -> None:
+        """Send nothing more: drop what is queued (freeing its memory) and wake any waiter."""
+        with self._outbox_cond:
+            self._dead = True
+            closing = None in self._outbox
+            self._outbox.clear()
+            if closing:
+                self._outbox.append(None)
+            self._queued = 0
+            self._outbox_cond.notify_all()
+
+    def _post(self, encoded: codec.Encoded, *, wait: bool = False) -> bool:
+        """Queue a frame for the writer; False when it will not be sent.
+
+        The bound is on the *backlog*: the bytes queued behind the next frame to go out (the
+        frame being sent and the one after it are the peer's current reply, whatever their
+        size, so a big reply still reaches a client that reads). With ``wait`` (the replies to
+        light requests, made on this connection's own thread while it holds no lock) a frame
+        waits until it fits under ``max_outbox_bytes`` (or the backlog is empty): the peer is
+        slowed down to the pace at which it reads. Anything else — results and events from the
+        worker, or from another connection's thread, which must never wait for one client — joins
+        while the backlog is at most the bound; finding it over the bound means the peer has
+        stopped reading: the connection is closed and its requests are cancelled. So a
+        connection never holds more than the bound plus three frames.
+        """
         if self._writer is None:  # still in the handshake: write directly
             try:
                 self.framed.send_encoded(encoded)
             except errors.ConnectionError:
                 return False
             return True
-        if self.framed.closed:
-            return False
-        self._outbox.put(encoded)
-        return True
+        bound = self.server.config.max_outbox_bytes
+        size = _size(encoded)
+        with self._outbox_cond:
+            if wait:  # and leaves the worker its headroom
+                self._outbox_cond.wait_for(
+                    lambda: self._dead or self._backlog() == 0 or self._backlog() + size <= bound)
+            if self._dead or self.framed.closed:
+                return False
+            overflow = self._backlog()
+            if overflow <= bound:
+                self._outbox.append(encoded)
+                self._queued += size
+                self._outbox_cond.notify_all()
+                return True
+        log.warning("closing connection %s: it is not reading its replies (%d bytes queued, the"
+                    " limit is %d)", self.peer, overflow, bound)
+        self._give_up()
+        self.framed.abort()  # wakes the reader and the writer; the reader cleans up
+        return False
 
-    def send(self, message: Any) -> bool:
-        """Queue a message for the peer; False when it cannot be sent (the peer is gone)."""
+    def send(self, message: Any, *, wait: bool = False) -> bool:
+        """Queue a message for the peer; False when it cannot be sent (the peer is gone).
+
+        ``wait``: only on this connection's thread, holding no lock (see :meth:`_post`).
+        """
         try:
-            return self._post(codec.encode(message))
+            return self._post(codec.encode(message), wait=wait)
         except errors.UsageError:
             return False
 
-    def send_result(self, rid: int, value: Any) -> None:
+    def send_result(self, rid: int, value: Any, *, wait: bool = False) -> None:
         try:
             encoded = codec.encode(messages.result(rid, value))
         except errors.UsageError as exc:
-            self.send_error(rid, errors.UsageError(f"the result cannot be sent: {exc}"))
+            self.send_error(rid, errors.UsageError(f"the result cannot be sent: {exc}"),
+                            wait=wait)
             return
-        self._post(encoded)
+        self._post(encoded, wait=wait)
 
-    def send_error(self, rid: int | None, exc: BaseException) -> None:
+    def send_error(self, rid: int | None, exc: BaseException, *, wait: bool = False) -> None:
         if not isinstance(exc, (errors.Cancelled, errors.UsageError)):
             log.info("request %s from %s failed: %s: %s", rid, self.peer, type(exc).__name__, exc)
-        self.send(messages.error(rid, to_payload(exc, rid)))
+        self.send(messages.error(rid, to_payload(exc, rid)), wait=wait)

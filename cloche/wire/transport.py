@@ -63,6 +63,8 @@ class FramedSocket:
         head = frames.encode_preamble(len(encoded.header), body_len) + encoded.header
         try:
             with self._send_lock:
+                if self._closed:
+                    raise OSError("the connection is closed")
                 self._arm()
                 if body_len <= _SMALL:
                     self.sock.sendall(b"".join([head, *encoded.buffers]))
@@ -117,15 +119,30 @@ class FramedSocket:
         return True
 
     # ------------------------------------------------------------------ closing
+    def abort(self) -> None:
+        """Shut the connection down from any thread: blocked sends and receives fail at once.
+
+        The descriptor stays open: the thread that receives closes it (:meth:`close`). A
+        descriptor closed under a thread about to read it can be reused at once by a new
+        connection, whose bytes that thread would then steal (TLS reads a 5-byte record
+        header before Python can notice the close).
+        """
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the raw socket, TLS or not
+        except OSError:
+            pass  # already disconnected
+
     def close(self) -> None:
+        """Shut down and close; only from the thread that receives (or when none does).
+
+        Sends are fenced off by the send lock, so no send uses the descriptor once it closes.
+        """
         if self._closed:
             return
-        self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already disconnected: nothing to shut down
-        self.sock.close()
+        self.abort()  # first: a send blocked on a peer that does not read lets go of the lock
+        with self._send_lock:
+            self._closed = True
+            self.sock.close()
 
     @property
     def closed(self) -> bool:

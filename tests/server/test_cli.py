@@ -130,3 +130,21 @@ def test_loopback_addresses_and_the_config_rule():
             ServerConfig(token=TOKEN, host=host)
         ServerConfig(token=TOKEN, host=host, insecure_no_tls=True)
         ServerConfig(token=TOKEN, host=host, tls_cert="cert.pem")
+
+
+def test_closing_a_tls_connection_never_steals_bytes_from_the_next_one(server_model_dir,
+                                                                        certificate):
+    # Regression: close() from the user's thread used to close the descriptor under the reader
+    # thread; the next connection got the same descriptor number and the old reader's TLS
+    # layer read its first 5 bytes. Closing now only shuts down; the reader closes.
+    import cloche
+    from tests.server.helpers import InProcessServer
+
+    cert, key = certificate
+    with InProcessServer(cloche.load(server_model_dir), token=TOKEN, tls_cert=str(cert),
+                         tls_key=str(key)) as server:
+        for _ in range(40):
+            with connect(server.address, token=TOKEN, tls=cert) as model:
+                assert model.ping(1) == 1
+            with pytest.raises(ConnectionError, match="only accepts TLS"):
+                connect(server.address, token=TOKEN, timeout=30)
