@@ -92,13 +92,33 @@ class FramedSocket:
             extra = bytearray(frames.EXTENDED_SIZE)
             self._fill(memoryview(extra))
             preamble = frames.parse_extended(preamble, extra, self.limits)
-        header = bytearray(preamble.header_len)
-        self._fill(memoryview(header))
+        header = self._read_header(preamble.header_len)
         pending = codec.decode_header(header, preamble.body_len, allow_code=allow_code)
         for target in pending.targets:
             if target.nbytes:
                 self._fill(target)
         return pending
+
+    def _read_header(self, size: int) -> bytes | bytearray:
+        """The header's bytes, in memory that grows as they arrive.
+
+        A peer may announce a header of up to ``limits.max_header`` bytes and send none of it:
+        memory is taken in chunks that double from 64 KiB, each only once the previous one is
+        full, so what is held never exceeds twice what arrived (plus 64 KiB).
+        """
+        if size <= _SMALL:
+            header = bytearray(size)
+            self._fill(memoryview(header))
+            return header
+        chunks: list[bytearray] = []
+        got, step = 0, _SMALL
+        while got < size:
+            chunk = bytearray(min(step, size - got))
+            self._fill(memoryview(chunk))
+            chunks.append(chunk)
+            got += len(chunk)
+            step = min(2 * step, _CHUNK)
+        return b"".join(chunks)
 
     def _fill(self, view: memoryview, *, at_boundary: bool = False) -> bool:
         total = view.nbytes

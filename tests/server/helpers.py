@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 from cloche.errors import ConnectionError
 from cloche.wire import codec, frames
@@ -90,6 +91,50 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def _proc_net_address(address: tuple) -> str:
+    host, port = address[:2]
+    packed = socket.inet_aton(host)
+    return f"{int.from_bytes(packed, 'little'):08X}:{port:04X}"
+
+
+def unread_by_peer(sock: socket.socket) -> int | None:
+    """Bytes that reached the other end of this loopback TCP connection but that its process
+    has not read yet (its receive queue in /proc/net/tcp); None if the socket is not listed.
+
+    ``unread_by_peer(sock) == 0`` tells a test that the server has consumed everything sent.
+    """
+    local = _proc_net_address(sock.getpeername())
+    remote = _proc_net_address(sock.getsockname())
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+class PeakRss:
+    """Samples a process's resident memory in the background; ``peak`` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def stop(self) -> int:
+        """The peak growth over the starting memory, in bytes."""
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pid))
+        return self.peak - self.start
 
 
 class InProcessServer:

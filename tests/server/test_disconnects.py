@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import torch
@@ -20,9 +19,9 @@ from cloche.client import connect
 from tests.conftest_server import REPO
 from tests.server.helpers import (
     InProcessServer,
+    PeakRss,
     authenticated,
     hook_count,
-    rss_bytes,
     server_threads,
 )
 
@@ -103,28 +102,6 @@ def test_client_reset_mid_transfer(served):
 
 def big_result(model):
     return torch.zeros(2**24)  # 64 MiB: far more than the socket buffers hold
-
-
-class PeakRss:
-    """Samples a process's resident memory in the background; ``peak`` is the highest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.start = self.peak = rss_bytes(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_bytes(self.pid))
-
-    def stop(self) -> int:
-        """The peak growth over the starting memory, in bytes."""
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes(self.pid))
-        return self.peak - self.start
 
 
 def test_a_client_that_stops_reading_does_not_block_the_others(served):
