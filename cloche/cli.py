@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -69,8 +70,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7450,
                         help="TCP port (default: 7450; 0 picks a free port, printed at start)")
     parser.add_argument("--token-file", metavar="FILE", default=None,
-                        help="file holding the shared token (default: $CLOCHE_TOKEN, else a "
-                             "random token is generated and printed)")
+                        help="file holding the shared token, readable only by you (chmod 600)"
+                             " and at least 16 characters long (default: $CLOCHE_TOKEN, else a"
+                             " random token is generated and printed)")
     parser.add_argument("--tls-cert", metavar="PEM", default=None,
                         help="serve TLS with this certificate (chain) file; clients pass "
                              "tls=True or tls='ca.pem'")
@@ -121,13 +123,22 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:
-    """(token, generated): from the file, else $CLOCHE_TOKEN, else a fresh random one."""
+    """(token, generated): from the file, else $CLOCHE_TOKEN, else a fresh random one.
+
+    Like ssh with a private key, a token file that other users can read or write is refused.
+    """
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as f:
+                mode = os.fstat(f.fileno()).st_mode
                 token = f.read().strip()
         except OSError as exc:
             raise UsageError(f"cannot read --token-file {token_file!r}: {exc}") from exc
+        if os.name == "posix" and mode & 0o077:
+            raise UsageError(
+                f"--token-file {token_file!r} is accessible by other users (mode"
+                f" {stat.S_IMODE(mode):03o}): anyone who reads the token can run code as this"
+                f" user. Restrict it to yourself: chmod 600 {token_file}")
         if not token:
             raise UsageError(f"--token-file {token_file!r} is empty")
         return token, False

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from cloche.errors import UsageError
 
-__all__ = ["ServerConfig", "is_loopback"]
+__all__ = ["MIN_TOKEN_LENGTH", "ServerConfig", "is_loopback"]
+
+#: shorter shared tokens are refused: the token is all that stands between a stranger and
+#: running code as the server's user (backoff slows guessing; length makes it hopeless)
+MIN_TOKEN_LENGTH = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -68,6 +72,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token:
             raise UsageError("the server needs a non-empty token")
+        if len(self.token) < MIN_TOKEN_LENGTH:
+            raise UsageError(
+                f"the token is {len(self.token)} characters long; use at least"
+                f" {MIN_TOKEN_LENGTH} characters (anyone who guesses it can run code as this"
+                " user). Leave $CLOCHE_TOKEN and --token-file unset to have a random one made,"
+                " or make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port ({self.port}) must be between 0 and 65535")
         if self.tls_key is not None and self.tls_cert is None:

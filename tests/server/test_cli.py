@@ -17,6 +17,7 @@ from cloche.server.config import ServerConfig, is_loopback
 from tests.conftest_server import REPO, ServerProcess
 
 TOKEN = "a-test-token-of-24-chars"
+FILE_TOKEN = "token-from-the-file-0123"
 
 
 def test_help_documents_every_flag():
@@ -36,8 +37,10 @@ def test_sizes_durations_and_token_sources(tmp_path):
     assert cli.parse_duration("30m") == 1800 and cli.parse_duration("never") is None
     assert cli.parse_duration("90") == 90
     token_file = tmp_path / "token"
-    token_file.write_text("from-file\n")
-    assert cli.resolve_token(str(token_file), {"CLOCHE_TOKEN": "env"}) == ("from-file", False)
+    token_file.write_text("from-file-token-0123\n")
+    token_file.chmod(0o600)
+    assert cli.resolve_token(str(token_file), {"CLOCHE_TOKEN": "env"}) == (
+        "from-file-token-0123", False)
     assert cli.resolve_token(None, {"CLOCHE_TOKEN": "env"}) == ("env", False)
     token, generated = cli.resolve_token(None, {})
     assert generated and len(token) >= 24
@@ -63,17 +66,18 @@ def certificate(tmp_path_factory):
 def test_tls_token_file_and_clean_sigint_shutdown(server_model_dir, certificate, tmp_path):
     cert, key = certificate
     token_file = tmp_path / "token"
-    token_file.write_text("file-token")
+    token_file.write_text(FILE_TOKEN)
+    token_file.chmod(0o600)
     server = ServerProcess(server_model_dir, "ignored-env-token", "--token-file", str(token_file),
                            "--tls-cert", str(cert), "--tls-key", str(key), "--host", "0.0.0.0",
                            log_path=tmp_path / "log")
     server.address = f"127.0.0.1:{server.port}"  # every interface, loopback included, over TLS
     try:
-        with connect(server.address, token="file-token", tls=cert) as model:
+        with connect(server.address, token=FILE_TOKEN, tls=cert) as model:
             assert model.ping("over tls") == "over tls"
             assert model.run("def f():").logits.shape[0] == 1
         with pytest.raises(ConnectionError):
-            connect(server.address, token="file-token", timeout=10)  # plain TCP to a TLS server
+            connect(server.address, token=FILE_TOKEN, timeout=10)  # plain TCP to a TLS server
         with pytest.raises(ConnectionError):
             connect(server.address, token="ignored-env-token", tls=cert)
         server.proc.send_signal(signal.SIGINT)
@@ -148,3 +152,24 @@ def test_closing_a_tls_connection_never_steals_bytes_from_the_next_one(server_mo
                 assert model.ping(1) == 1
             with pytest.raises(ConnectionError, match="only accepts TLS"):
                 connect(server.address, token=TOKEN, timeout=30)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_token_file_others_can_read_is_refused(tmp_path, mode):
+    token_file = tmp_path / "token"
+    token_file.write_text(FILE_TOKEN)
+    token_file.chmod(mode)
+    with pytest.raises(UsageError, match="chmod 600"):
+        cli.resolve_token(str(token_file), {})
+    token_file.chmod(0o400)
+    assert cli.resolve_token(str(token_file), {}) == (FILE_TOKEN, False)
+
+
+def test_short_tokens_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="at least 16 characters"):
+        ServerConfig(token="secret")
+    ServerConfig(token="x" * 16)
+    env = dict(os.environ, CLOCHE_TOKEN="short", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "cloche", "serve", "--port", "0"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "at least 16 characters" in done.stderr
