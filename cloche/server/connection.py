@@ -25,7 +25,7 @@ from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session
 from cloche.wire import codec, frames, messages
 from cloche.wire.frames import Limits
-from cloche.wire.handshake import ServerHandshake
+from cloche.wire.handshake import ServerHandshake, code_skew, local_versions
 from cloche.wire.transport import FramedSocket
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class ServerConnection:
         self._outbox_cond = threading.Condition()
         self._dead = False  # no more frames will be sent (overflow, or the peer is gone)
         self._writer: threading.Thread | None = None
+        self.peer_versions: dict[str, str] | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def serve(self) -> None:
@@ -134,16 +135,31 @@ class ServerConnection:
                     log.warning("refusing %s for a while: %d failed authentications", self.host,
                                 self.server.guard.failures(self.host))
                 self.send(ServerHandshake.refusal("authentication failed"))
+                self._drain()
+                return False
+            except errors.VersionMismatch as exc:
+                log.warning("refused %s: %s", self.peer, exc)
+                self.send(ServerHandshake.refusal(
+                    f"the client speaks cloche protocol version {exc.received}, this server"
+                    f" speaks {exc.speaks}: install the same cloche release on both sides",
+                    code="version"))
+                self._drain()
                 return False
             except errors.ProtocolError as exc:
                 log.warning("refused %s: not a cloche client (%s)", self.peer, exc)
                 self.send(ServerHandshake.refusal(f"protocol error: {exc}", code="protocol"))
+                self._drain()
                 return False
         except errors.ConnectionError as exc:
             log.info("dropped %s during the handshake: %s", self.peer, exc)
             return False
         finally:
             self.server.guard.release(self.host)
+        self.peer_versions = shake.peer_versions
+        skew = code_skew(local_versions(), self.peer_versions, me="this server",
+                         them=f"the client at {self.peer}")
+        if skew:
+            log.warning("%s", skew)
         session, resumed = self.server.sessions.open(shake.session)
         self.session = session
         welcome.update(session=session.id, resumed=resumed, info=self.server.info)
@@ -157,6 +173,18 @@ class ServerConnection:
         log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened",
                  self.peer)
         return True
+
+    def _drain(self) -> None:
+        """Before closing on a refusal: read what the peer already sent, so that the close is
+        a FIN, not a reset that could destroy the refusal before the peer reads it."""
+        sock = self.framed.sock
+        try:
+            sock.setblocking(False)
+            for _ in range(16):
+                if not socket.socket.recv(sock, 65536):  # raw bytes, TLS or not: we are leaving
+                    return
+        except OSError:
+            pass  # nothing more to read (or already gone)
 
     def _start_tls(self, context: ssl.SSLContext) -> bool:
         """The TLS handshake, non-blocking so that the connection's deadline bounds it whole.
@@ -178,6 +206,7 @@ class ServerConnection:
             self.send(ServerHandshake.refusal(
                 "this server only accepts TLS connections: connect with tls=True (or tls= the"
                 " server's certificate or CA file)", code="tls"))
+            self._drain()
             return False
         if not first:
             return False
@@ -222,6 +251,10 @@ class ServerConnection:
             except errors.UsageError as exc:  # shipped code that cannot load here
                 peeked = pending.peek()
                 rid = peeked.get("id") if type(peeked) is dict else None
+                skew = code_skew(local_versions(), self.peer_versions, me="this server",
+                                 them="the client")
+                if skew:
+                    exc = errors.UsageError(f"{exc.message} ({skew})")
                 self.send_error(rid if type(rid) is int else None, exc, wait=True)
                 continue
             try:

@@ -28,6 +28,9 @@ __all__ = [
 
 _CHUNK = 64 * 1024 * 1024
 _SMALL = 64 * 1024
+#: OpenSSL's reasons when the peer's first bytes are not a TLS record (a plain server's reply)
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                      "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNEXPECTED_RECORD"})
 
 
 class FramedSocket:
@@ -187,6 +190,11 @@ def open_connection(
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
         except ssl.SSLError as exc:
             sock.close()
+            if exc.reason in _NOT_TLS:
+                raise errors.ConnectionError(
+                    f"{host}:{port} did not answer in TLS ({exc.reason}): it is probably a"
+                    " cloche server without TLS. Connect without tls=, or start the server with"
+                    " --tls-cert/--tls-key") from exc
             raise errors.AuthError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
         except OSError as exc:
             sock.close()

@@ -12,7 +12,7 @@ import pytest
 
 from cloche import cli
 from cloche.client import connect
-from cloche.errors import ConnectionError, UsageError
+from cloche.errors import AuthError, ConnectionError, UsageError
 from cloche.server.config import ServerConfig, is_loopback
 from tests.conftest_server import REPO, ServerProcess
 
@@ -76,8 +76,9 @@ def test_tls_token_file_and_clean_sigint_shutdown(server_model_dir, certificate,
         with connect(server.address, token=FILE_TOKEN, tls=cert) as model:
             assert model.ping("over tls") == "over tls"
             assert model.run("def f():").logits.shape[0] == 1
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match="only accepts TLS") as info:
             connect(server.address, token=FILE_TOKEN, timeout=10)  # plain TCP to a TLS server
+        assert not isinstance(info.value, AuthError)
         with pytest.raises(ConnectionError):
             connect(server.address, token="ignored-env-token", tls=cert)
         server.proc.send_signal(signal.SIGINT)
