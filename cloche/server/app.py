@@ -63,6 +63,7 @@ class Server:
         self.sessions = SessionRegistry(config.session_idle_expiry)
         self.queue: FairQueue[Job] = FairQueue()
         self.info: dict[str, Any] = {}
+        self.model_info: rq.ModelInfo | None = None
         self._ssl = (
             transport.server_ssl_context(config.tls_cert, config.tls_key)
             if config.tls_cert else None
@@ -91,7 +92,8 @@ class Server:
         # Probe-point shapes are discovered with a forward pass: do it now, before any client
         # can ask for them concurrently with a run.
         self.executor.execute(rq.ProbePoints())
-        self.info = self.executor.describe().summary()
+        self.model_info = self.executor.describe()  # what requests are checked against
+        self.info = self.model_info.summary()
         self._listener = transport.listen(self.config.host, self.config.port)
         if self._ssl is None and not is_loopback(self.config.host):
             log.warning("serving on %s without TLS (insecure_no_tls): frames after the"

@@ -277,6 +277,18 @@ class ServerConnection:
             self.send_error(request.id, errors.UsageError(
                 f"{type(request.op).__name__} is not a request"), wait=True)
             return
+        try:  # a peer need not have used the facade: check every field before running it
+            request.op.check(self.server.model_info)
+        except errors.UsageError as exc:
+            self.send_error(request.id, exc, wait=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - a check that trips on junk: still the answer
+            log.warning("checking a %s from %s raised %r", type(request.op).__name__, self.peer,
+                        exc)
+            self.send_error(request.id, errors.UsageError(
+                f"malformed {type(request.op).__name__} request: {type(exc).__name__}: {exc}"),
+                wait=True)
+            return
         if not request.op.is_heavy:
             self._run_light(request)
             return
