@@ -160,13 +160,13 @@ class Server:
                 log.warning("refused %s: %d connections already open", peer, len(self._connections))
                 self._turn_away(sock, "busy", "the server has too many connections")
                 continue
-            refusal = self.guard.admit(host)
+            conn = ServerConnection(self, sock, peer, host, ssl_context=self._ssl)
+            refusal = self.guard.admit(host, conn)
             if refusal is not None:
                 log.debug("refused %s: %s", peer, refusal.reason)
                 self._turn_away(sock, refusal.code, refusal.reason)
                 continue
             transport.accepted(sock)
-            conn = ServerConnection(self, sock, peer, host, ssl_context=self._ssl)
             with self._conn_lock:
                 self._connections.add(conn)
             threading.Thread(target=conn.serve, name=f"cloche-conn-{peer}", daemon=True).start()

@@ -39,7 +39,8 @@ class ServerConfig:
     Strangers (see :mod:`cloche.server.guard`): ``handshake_timeout`` is one deadline for the
     whole handshake (TLS included), not for each read, so a peer trickling bytes cannot hold a
     slot longer. At most ``max_unauthenticated_per_address`` connections per peer address and
-    ``max_unauthenticated`` in all may be unauthenticated at once. After
+    ``max_unauthenticated`` in all may be unauthenticated at once (when all are taken, a
+    newcomer evicts a half-open connection of the address holding the most). After
     ``auth_failure_limit`` wrong tokens from an address, it is refused for ``auth_backoff``
     seconds, doubling with each further failure up to ``auth_backoff_max``.
 

@@ -80,6 +80,8 @@ class ServerConnection:
         self._dead = False  # no more frames will be sent (overflow, or the peer is gone)
         self._writer: threading.Thread | None = None
         self.peer_versions: dict[str, str] | None = None
+        self._authenticated = False
+        self._evicted = False
 
     # ----------------------------------------------------------------- lifecycle
     def serve(self) -> None:
@@ -129,6 +131,7 @@ class ServerConnection:
                 if auth is None:
                     return False
                 welcome = shake.receive(auth)
+                self._authenticated = True  # from here on, never evicted
             except errors.AuthError as exc:
                 log.warning("refused %s: %s", self.peer, exc)
                 if self.server.guard.failed(self.host):
@@ -154,7 +157,7 @@ class ServerConnection:
             log.info("dropped %s during the handshake: %s", self.peer, exc)
             return False
         finally:
-            self.server.guard.release(self.host)
+            self.server.guard.release(self)
         self.peer_versions = shake.peer_versions
         skew = code_skew(local_versions(), self.peer_versions, me="this server",
                          them=f"the client at {self.peer}")
@@ -173,6 +176,15 @@ class ServerConnection:
         log.info("session %s %s from %s", session.id[:8], "resumed" if resumed else "opened",
                  self.peer)
         return True
+
+    def evict(self) -> None:
+        """Make room for a newcomer (the admission guard's call, from the accept thread)."""
+        if self._authenticated:
+            return  # it authenticated just as the guard picked it: it stays
+        log.info("evicted %s: a half-open connection, to make room for another address",
+                 self.peer)
+        self._evicted = True
+        self.framed.abort()  # the handshake fails at once; this connection's thread cleans up
 
     def _drain(self) -> None:
         """Before closing on a refusal: read what the peer already sent, so that the close is
@@ -216,6 +228,8 @@ class ServerConnection:
             log.warning("refused %s: %s", self.peer, exc)
             return False
         self.framed.sock = tls
+        if self._evicted:  # evicted while the socket changed hands: abort() missed it
+            return False
         tls.setblocking(False)
         with selectors.DefaultSelector() as selector:
             while True:

@@ -5,7 +5,10 @@ without limits one address trickling hundreds of half-open handshakes fills ever
 locks everyone else out. The guard is asked at ``accept`` time, before any byte is read:
 
 - at most ``per_address`` unauthenticated connections per peer address and ``total`` in all
-  (an authenticated connection no longer counts: the caps bound strangers, not users);
+  (an authenticated connection no longer counts: the caps bound strangers, not users). When
+  all ``total`` slots are taken, a newcomer evicts the oldest half-open connection of the
+  address that holds the most, if that address would still hold more than the newcomer's: so
+  a flood from a few addresses shrinks to a fair share, and a new address always gets in;
 - after ``failure_limit`` wrong proofs from an address, that address is refused for
   ``backoff`` seconds, doubling with every further failure up to ``backoff_max``. The record is
   forgotten once the address has been quiet for ``forget_after``; a success does not reset it
@@ -21,9 +24,10 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["AdmissionGuard", "Refusal", "address_key"]
 
@@ -59,7 +63,12 @@ class _Failures:
 
 
 class AdmissionGuard:
-    """Counts unauthenticated connections and failed authentications per peer address."""
+    """Counts unauthenticated connections and failed authentications per peer address.
+
+    Each admitted connection is a *ticket* (any object; the server passes the connection): it
+    is released with :meth:`release`, and evicted by calling its ``evict()`` method, if it has
+    one, outside the guard's lock.
+    """
 
     def __init__(self, *, per_address: int, total: int, failure_limit: int, backoff: float,
                  backoff_max: float, forget_after: float = 900.0,
@@ -72,17 +81,21 @@ class AdmissionGuard:
         self._forget_after = max(forget_after, backoff_max)
         self._clock = clock
         self._lock = threading.Lock()
-        self._pending: dict[str, int] = {}
+        self._pending: dict[str, deque[Any]] = {}  # address -> its tickets, oldest first
+        self._where: dict[int, str] = {}  # id(ticket) -> address
         self._pending_total = 0
         self._failures: OrderedDict[str, _Failures] = OrderedDict()
-        #: connections turned away because a cap was reached / the address was backing off
+        #: connections turned away because a cap was reached / the address was backing off,
+        #: and half-open connections evicted to make room for a newcomer
         self.refused_busy = 0
         self.refused_backoff = 0
+        self.evicted = 0
 
     # ------------------------------------------------------------------ admission
-    def admit(self, host: str) -> Refusal | None:
-        """Count a new unauthenticated connection from ``host``, or say why it is refused."""
+    def admit(self, host: str, ticket: Any) -> Refusal | None:
+        """Count ``ticket``, a new unauthenticated connection from ``host``, or say why not."""
         key = address_key(host)
+        victim = None
         with self._lock:
             now = self._clock()
             record = self._failures.get(key)
@@ -91,28 +104,39 @@ class AdmissionGuard:
                 wait = record.blocked_until - now
                 return Refusal("backoff", f"too many failed authentications from {host}; "
                                           f"try again in {wait:.0f} s")
-            if self._pending.get(key, 0) >= self._per_address:
+            mine = len(self._pending.get(key, ()))
+            if mine >= self._per_address:
                 self.refused_busy += 1
                 return Refusal("busy", f"too many unauthenticated connections from {host}")
             if self._pending_total >= self._total:
-                self.refused_busy += 1
-                return Refusal("busy", "too many unauthenticated connections")
-            self._pending[key] = self._pending.get(key, 0) + 1
+                crowded = max(self._pending, key=lambda k: len(self._pending[k]))
+                if len(self._pending[crowded]) <= mine + 1:  # no address holds more than its share
+                    self.refused_busy += 1
+                    return Refusal("busy", "too many unauthenticated connections")
+                victim = self._pending[crowded][0]
+                self._forget(victim)
+                self.evicted += 1
+            self._pending.setdefault(key, deque()).append(ticket)
+            self._where[id(ticket)] = key
             self._pending_total += 1
-            return None
+        if victim is not None and hasattr(victim, "evict"):
+            victim.evict()
+        return None
 
-    def release(self, host: str) -> None:
-        """The connection admitted for ``host`` authenticated, failed or went away."""
-        key = address_key(host)
+    def release(self, ticket: Any) -> None:
+        """The connection of ``ticket`` authenticated, failed or went away (idempotent)."""
         with self._lock:
-            left = self._pending.get(key, 0) - 1
-            if left < 0:
-                return
-            if left:
-                self._pending[key] = left
-            else:
-                del self._pending[key]
-            self._pending_total -= 1
+            self._forget(ticket)
+
+    def _forget(self, ticket: Any) -> None:
+        key = self._where.pop(id(ticket), None)
+        if key is None:
+            return
+        tickets = self._pending[key]
+        tickets.remove(ticket)
+        if not tickets:
+            del self._pending[key]
+        self._pending_total -= 1
 
     def failed(self, host: str) -> bool:
         """``host`` sent a wrong proof: count it; True when the address is now blocked."""
@@ -142,7 +166,7 @@ class AdmissionGuard:
     # ------------------------------------------------------------------ introspection
     def pending(self, host: str) -> int:
         with self._lock:
-            return self._pending.get(address_key(host), 0)
+            return len(self._pending.get(address_key(host), ()))
 
     @property
     def pending_total(self) -> int:

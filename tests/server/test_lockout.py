@@ -86,16 +86,32 @@ def test_unauthenticated_connections_are_capped_per_address_and_in_total(local_m
         try:
             for i in range(2, 6):  # four addresses, five half-open connections each
                 socks += stalled(server.address, f"127.0.0.{i}", 5)
-            # 20 connections: 3 + 3 + 2 admitted (the total cap), the other 12 refused
-            assert wait_for(lambda: guard.refused_busy >= 12)
+            # 20 connections, 8 slots: every address ends with its fair share, the others were
+            # refused or (when a newcomer needed the slot) evicted
+            assert wait_for(lambda: guard.refused_busy + guard.evicted == 12)
             assert guard.pending_total == 8
-            assert max(guard.pending(f"127.0.0.{i}") for i in range(2, 6)) == 3
+            assert sorted(guard.pending(f"127.0.0.{i}") for i in range(2, 6)) == [2, 2, 2, 2]
         finally:
             for sock in socks:
                 sock.close()
         assert wait_for(lambda: guard.pending_total == 0)
         with connect(server.address, token=server.token) as model:
             assert model.ping(1) == 1
+
+
+def test_a_flood_from_several_addresses_does_not_keep_a_new_address_out(local_model):
+    with InProcessServer(local_model, max_unauthenticated_per_address=4,
+                         max_unauthenticated=8) as server:
+        guard = server.server.guard
+        flood = stalled(server.address, "127.0.0.2", 4) + stalled(server.address, "127.0.0.3", 4)
+        try:
+            assert wait_for(lambda: guard.pending_total == 8)  # every slot taken
+            with connect(server.address, token=server.token, timeout=30) as model:
+                assert model.ping("got in") == "got in"
+            assert guard.evicted == 1
+        finally:
+            for sock in flood:
+                sock.close()
 
 
 def test_wrong_tokens_from_one_address_back_it_off_without_slowing_another(local_model):
@@ -120,17 +136,19 @@ def test_backoff_doubles_is_capped_and_is_forgotten():
                            backoff_max=4.0, forget_after=100.0, clock=lambda: now[0])
     assert not guard.failed("10.0.0.1")
     assert guard.failed("10.0.0.1")  # the limit: blocked for 1 s
-    assert guard.admit("10.0.0.1") is not None and guard.admit("10.0.0.2") is None
+    assert guard.admit("10.0.0.1", object()) is not None
+    assert guard.admit("10.0.0.2", object()) is None
     now[0] = 1.5
-    assert guard.admit("10.0.0.1") is None
-    guard.release("10.0.0.1")
+    ticket = object()
+    assert guard.admit("10.0.0.1", ticket) is None
+    guard.release(ticket)
     guard.failed("10.0.0.1")  # 2 s
     now[0] = 3.0
-    assert guard.admit("10.0.0.1") is not None
+    assert guard.admit("10.0.0.1", object()) is not None
     for _ in range(10):
         guard.failed("10.0.0.1")
     now[0] += 4.01  # capped at 4 s
-    assert guard.admit("10.0.0.1") is None
+    assert guard.admit("10.0.0.1", object()) is None
     now[0] += 200  # quiet for long enough: a fresh record
     guard.failed("10.0.0.1")
     assert guard.failures("10.0.0.1") == 1
