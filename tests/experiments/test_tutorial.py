@@ -31,8 +31,9 @@ def test_tutorial_runs_against_a_server(capsys):
             # the reader pastes their server's address and token; the test uses its own
             code = re.sub(r"^ADDRESS = .*$", f'ADDRESS = "{host}:{port}"', block,
                           flags=re.MULTILINE)
-            code = re.sub(r"^TOKEN = .*$", 'TOKEN = "tutorial-test-token"', code, flags=re.MULTILINE)
-            exec(compile(code, str(TUTORIAL), "exec"), namespace)  # noqa: S102 (the docs' own code)
+            code = re.sub(r"^TOKEN = .*$", 'TOKEN = "tutorial-test-token"', code,
+                          flags=re.MULTILINE)
+            exec(compile(code, str(TUTORIAL), "exec"), namespace)  # the docs' own code
     finally:
         if "model" in namespace:
             namespace["model"].close()
