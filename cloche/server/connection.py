@@ -10,7 +10,6 @@ running requests are cancelled; its session stays for a reconnect.
 from __future__ import annotations
 
 import logging
-import selectors
 import socket
 import ssl
 import threading
@@ -199,7 +198,7 @@ class ServerConnection:
             pass  # nothing more to read (or already gone)
 
     def _start_tls(self, context: ssl.SSLContext) -> bool:
-        """The TLS handshake, non-blocking so that the connection's deadline bounds it whole.
+        """The TLS handshake, under the connection's deadline.
 
         A peer whose first byte is the cloche magic's is a plain client: it gets a plain
         ``refused`` that says the server wants TLS, rather than a TLS error it cannot read.
@@ -230,29 +229,14 @@ class ServerConnection:
         self.framed.sock = tls
         if self._evicted:  # evicted while the socket changed hands: abort() missed it
             return False
-        tls.setblocking(False)
-        with selectors.DefaultSelector() as selector:
-            while True:
-                try:
-                    tls.do_handshake()
-                    return True
-                except ssl.SSLWantReadError:
-                    events = selectors.EVENT_READ
-                except ssl.SSLWantWriteError:
-                    events = selectors.EVENT_WRITE
-                except (ssl.SSLError, OSError) as exc:
-                    log.warning("refused %s: TLS handshake failed: %s", self.peer, exc)
-                    return False
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.info("dropped %s: the TLS handshake took too long", self.peer)
-                    return False
-                selector.register(tls, events)
-                ready = selector.select(remaining)
-                selector.unregister(tls)
-                if not ready:
-                    log.info("dropped %s: the TLS handshake took too long", self.peer)
-                    return False
+        try:
+            # CPython bounds the whole TLS handshake by the socket timeout (not each read)
+            tls.settimeout(max(deadline - time.monotonic(), 0.001))
+            tls.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("refused %s: TLS handshake failed: %s", self.peer, exc)
+            return False
+        return True
 
     # ----------------------------------------------------------------- requests
     def _loop(self) -> None:

@@ -174,3 +174,37 @@ def test_short_tokens_are_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cloche", "serve", "--port", "0"], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "at least 16 characters" in done.stderr
+
+
+def test_a_trickled_tls_handshake_is_cut_off_at_the_same_deadline(server_model_dir,
+                                                                   certificate):
+    # (the TLS part was bounded as a whole before too: this guards that it stays so)
+    import select
+    import ssl
+
+    import cloche
+    from tests.server.helpers import InProcessServer, raw_socket
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with pytest.raises(ssl.SSLWantReadError):
+        context.wrap_bio(incoming, outgoing, server_hostname="localhost").do_handshake()
+    client_hello = outgoing.read()  # a real ClientHello, a few hundred bytes
+    cert, key = certificate
+    with InProcessServer(cloche.load(server_model_dir), token=TOKEN, tls_cert=str(cert),
+                         tls_key=str(key), handshake_timeout=1.5) as server:
+        sock = raw_socket(server.address, timeout=30)
+        sent, answer = 0, None
+        try:
+            for byte in client_hello:  # one byte every 0.2 s: each read is quick, the whole not
+                sock.sendall(bytes([byte]))
+                sent += 1
+                if select.select([sock], [], [], 0.2)[0]:
+                    answer = sock.recv(4096)
+                    break
+        except OSError:
+            answer = b""
+        finally:
+            sock.close()
+        assert answer == b"" and sent < len(client_hello)
