@@ -6,7 +6,7 @@ Probes are ``fn(ctx, x)`` attached at named probe points; save contexts keep wha
 across runs; reducers compute statistics next to the data.
 """
 
-from cloche import errors
+from cloche import _version, errors
 from cloche._load import load
 from cloche.api import (
     GenerateResult,
@@ -42,7 +42,7 @@ from cloche.probes import (
     Variance,
 )
 
-__version__ = "0.1.0"
+__version__ = _version.__version__
 
 from cloche import data, experiments
 

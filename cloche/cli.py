@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -69,13 +70,18 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7450,
                         help="TCP port (default: 7450; 0 picks a free port, printed at start)")
     parser.add_argument("--token-file", metavar="FILE", default=None,
-                        help="file holding the shared token (default: $CLOCHE_TOKEN, else a "
-                             "random token is generated and printed)")
+                        help="file holding the shared token, readable only by you (chmod 600)"
+                             " and at least 16 characters long (default: $CLOCHE_TOKEN, else a"
+                             " random token is generated and printed)")
     parser.add_argument("--tls-cert", metavar="PEM", default=None,
                         help="serve TLS with this certificate (chain) file; clients pass "
                              "tls=True or tls='ca.pem'")
     parser.add_argument("--tls-key", metavar="PEM", default=None,
                         help="private key for --tls-cert (if not inside the certificate file)")
+    parser.add_argument("--insecure-no-tls", action="store_true",
+                        help="serve off loopback without TLS (refused otherwise): only the"
+                             " handshake is protected, so anyone on the network path can read"
+                             " the traffic and inject code that runs as this user")
     parser.add_argument("--max-saved-bytes", type=parse_size, default=None, metavar="SIZE",
                         help="cap on memory held by save contexts of all sessions, e.g. 8GiB; "
                              "a run that would exceed it fails with ResourceLimit and is rolled "
@@ -130,13 +136,22 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:
-    """(token, generated): from the file, else $CLOCHE_TOKEN, else a fresh random one."""
+    """(token, generated): from the file, else $CLOCHE_TOKEN, else a fresh random one.
+
+    Like ssh with a private key, a token file that other users can read or write is refused.
+    """
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as f:
+                mode = os.fstat(f.fileno()).st_mode
                 token = f.read().strip()
         except OSError as exc:
             raise UsageError(f"cannot read --token-file {token_file!r}: {exc}") from exc
+        if os.name == "posix" and mode & 0o077:
+            raise UsageError(
+                f"--token-file {token_file!r} is accessible by other users (mode"
+                f" {stat.S_IMODE(mode):03o}): anyone who reads the token can run code as this"
+                f" user. Restrict it to yourself: chmod 600 {token_file}")
         if not token:
             raise UsageError(f"--token-file {token_file!r} is empty")
         return token, False
@@ -155,8 +170,21 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
         token=token, host=args.host, port=args.port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
         request_timeout=args.request_timeout, state_dir=args.state_dir,
+        insecure_no_tls=args.insecure_no_tls,
     )
     return config, generated
+
+
+def warn_if_insecure(config: Any) -> None:
+    """The loud warning for ``--insecure-no-tls`` off loopback (stderr, before serving)."""
+    from cloche.server.config import is_loopback
+
+    if config.tls_cert is None and not is_loopback(config.host):
+        print(f"cloche: WARNING: serving on {config.host or 'every interface'} without TLS"
+              " (--insecure-no-tls). Only the handshake is protected: anyone on the network"
+              " path can read every request and result, and inject requests that run code as"
+              " this user. Use --tls-cert/--tls-key unless every machine on the path is"
+              " trusted.", file=sys.stderr, flush=True)
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -201,6 +229,7 @@ def run_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     config, generated = serve_config(args, os.environ)
+    warn_if_insecure(config)
     if args.world_size < 1:
         raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
     if args.threads is not None:

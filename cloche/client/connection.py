@@ -14,6 +14,7 @@ import itertools
 import logging
 import ssl
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from cloche.api.futures import RequestFuture
 from cloche.errors.payload import from_payload
 from cloche.wire import messages
 from cloche.wire.frames import Limits
-from cloche.wire.handshake import ClientHandshake
+from cloche.wire.handshake import ClientHandshake, code_skew
 from cloche.wire.transport import FramedSocket, open_connection
 
 __all__ = ["ClientConnection"]
@@ -50,6 +51,9 @@ class ClientConnection:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
+        self._reader: threading.Thread | None = None
+        self.peer_versions: dict[str, str] | None = None
+        self._skew: str | None = None
         try:
             welcome = self._handshake(token, session, timeout)
         except BaseException:
@@ -79,6 +83,11 @@ class ClientConnection:
         welcome = shake.welcome or {}
         if not isinstance(welcome.get("session"), str):
             raise errors.ProtocolError("the server's welcome lacks a session id")
+        self.peer_versions = shake.peer_versions
+        self._skew = code_skew(shake.versions, self.peer_versions, me="this client",
+                               them=f"the server at {self.address}")
+        if self._skew:
+            warnings.warn(self._skew, RuntimeWarning, stacklevel=5)
         return welcome
 
     # ----------------------------------------------------------------- requests
@@ -121,7 +130,11 @@ class ClientConnection:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._framed.close()
+            reader = self._reader
+            if reader is not None and reader.is_alive():
+                self._framed.abort()  # the reader wakes up and closes the socket itself
+            else:
+                self._framed.close()
         self._fail_all(errors.ConnectionError(f"the connection to {self.address} was closed"))
 
     # ----------------------------------------------------------------- replies
@@ -130,9 +143,14 @@ class ClientConnection:
             f"the server at {self.address} closed the connection")
         try:
             while True:
-                msg = self._framed.recv(allow_code=True)
-                if msg is None:
+                pending = self._framed.recv_pending(allow_code=True)
+                if pending is None:
                     break
+                try:
+                    msg = pending.finish()
+                except errors.UsageError as exc:  # a pickled result that cannot load here
+                    self._unloadable(pending.peek(), exc)
+                    continue
                 kind, rid, payload = messages.parse_response(msg)
                 if kind == messages.EVENT:
                     self._event(rid, payload)
@@ -150,6 +168,21 @@ class ClientConnection:
             self._closed = True
             self._framed.close()
             self._fail_all(failure)
+
+    def _unloadable(self, peeked: Any, exc: errors.UsageError) -> None:
+        """Fail the one request whose reply could not be loaded; the stream is still in sync."""
+        rid = peeked.get("id") if type(peeked) is dict else None
+        if type(rid) is not int:
+            raise exc
+        if self._skew:
+            exc = errors.UsageError(f"{exc.message} ({self._skew})", request_id=rid)
+        with self._lock:
+            entry = self._calls.pop(rid, None)
+        if entry is not None:
+            try:
+                entry[0].set_exception(exc)
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled on this side already
 
     def _event(self, rid: int | None, payload: dict) -> None:
         with self._lock:

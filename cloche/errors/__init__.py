@@ -13,7 +13,8 @@ Callers catch what they can act on; the hierarchy is::
     ├── WorkerLost                 a rank died or stopped answering
     ├── ResourceLimit              a configured limit (memory for saved data, frame size) was hit
     ├── ProtocolError              the peer sent bytes that are not cloche protocol
-    │   └── FrameTooLarge
+    │   ├── FrameTooLarge
+    │   └── VersionMismatch        the peer speaks another cloche protocol version
     └── ConnectionError            the connection could not be made or was lost
         ├── AuthError              the handshake failed (wrong or missing token)
         └── SessionLost            the server no longer has the session (restarted without
@@ -42,6 +43,7 @@ __all__ = [
     "SessionLost",
     "UnknownProbePoint",
     "UsageError",
+    "VersionMismatch",
     "WorkerLost",
 ]
 
@@ -138,6 +140,19 @@ class ProtocolError(ClocheError):
 
 class FrameTooLarge(ProtocolError, ResourceLimit):
     """A frame announced a size above the configured maximum."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the cloche protocol (the message names both).
+
+    ``received`` is the peer's protocol version and ``speaks`` this side's, when known.
+    """
+
+    def __init__(self, message: str = "", *, received: object = None, speaks: object = None,
+                 **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.received = received
+        self.speaks = speaks
 
 
 class ConnectionError(ClocheError, builtins.ConnectionError):

@@ -21,7 +21,8 @@ class ModelInfo:
     """A model's description; ``point_names`` holds every probe point's canonical name.
 
     ``rank`` is the rank this description was made on: 0 for a whole model, ``k`` for the shard
-    that a function shipped with ``call(fn, rank=k)`` receives.
+    that a function shipped with ``call(fn, rank=k)`` receives. ``max_positions`` is the longest
+    sequence a model with learned position embeddings can take (0: no such hard limit).
     """
 
     name: str
@@ -40,6 +41,7 @@ class ModelInfo:
     layers_per_rank: tuple[int, ...] = ()
     rank: int = 0
     point_names: tuple[str, ...] = ()
+    max_positions: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The plain dict ``model.info()`` returns (everything but the point names)."""
@@ -78,4 +80,7 @@ def describe(config: Any, adapter: Adapter | None, *, name: str, device: Any,
         d_head=heads.d_head if heads else 0, d_vocab=_int(config, "vocab_size"),
         causal=causal, device=str(device), world_size=world_size,
         layers_per_rank=tuple(layers_per_rank), rank=rank, point_names=tuple(point_names),
+        max_positions=(_int(config, "max_position_embeddings", "n_positions")
+                       if adapter is not None and "pos_embed.W_pos" in adapter.global_weights
+                       else 0),
     )

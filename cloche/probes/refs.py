@@ -78,12 +78,18 @@ def apply_ops(tensor: torch.Tensor, ops: list[Op]) -> torch.Tensor:
     """Apply recorded operations to ``tensor`` (on the side that holds it)."""
     for op in ops:
         kind = op[0]
-        if kind == "index":
-            tensor = tensor[tuple(_decode_item(i) for i in op[1])]
-        elif kind == "to":
-            tensor = tensor.to(getattr(torch, _dtype_name(op[1])))
-        else:
-            raise UsageError(f"unknown tensor operation {kind!r}")
+        shape = tuple(tensor.shape)
+        try:
+            if kind == "index":
+                tensor = tensor[tuple(_decode_item(i) for i in op[1])]
+            elif kind == "to":
+                tensor = tensor.to(getattr(torch, _dtype_name(op[1])))
+            else:
+                raise UsageError(f"unknown tensor operation {kind!r}")
+        except (IndexError, TypeError, ValueError, RuntimeError) as exc:
+            # the ops come from the user (or a peer): indexing that does not fit is their error
+            raise UsageError(f"cannot apply {op!r} to a saved tensor of shape {shape}: {exc}"
+                             ) from exc
     return tensor
 
 

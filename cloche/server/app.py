@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -25,12 +24,14 @@ from cloche.api import requests as rq
 from cloche.api.executor import EventSink, Executor
 from cloche.api.model import Model
 from cloche.runtime.interrupt import paused
-from cloche.server.config import ServerConfig
+from cloche.server.config import ServerConfig, is_loopback
 from cloche.server.connection import Job, ServerConnection
 from cloche.server.fairqueue import FairQueue
+from cloche.server.guard import AdmissionGuard
 from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session, SessionRegistry
 from cloche.wire import transport
+from cloche.wire.handshake import ServerHandshake
 
 __all__ = ["Server"]
 
@@ -66,10 +67,15 @@ class Server:
             None if config.state_dir is None else Path(config.state_dir) / "sessions.json")
         self.queue: FairQueue[Job] = FairQueue()
         self.info: dict[str, Any] = {}
+        self.model_info: rq.ModelInfo | None = None
         self._ssl = (
             transport.server_ssl_context(config.tls_cert, config.tls_key)
             if config.tls_cert else None
         )
+        self.guard = AdmissionGuard(
+            per_address=config.max_unauthenticated_per_address,
+            total=config.max_unauthenticated, failure_limit=config.auth_failure_limit,
+            backoff=config.auth_backoff, backoff_max=config.auth_backoff_max)
         self._listener: socket.socket | None = None
         self._connections: set[ServerConnection] = set()
         self._conn_lock = threading.Lock()
@@ -90,8 +96,12 @@ class Server:
         # Probe-point shapes are discovered with a forward pass: do it now, before any client
         # can ask for them concurrently with a run.
         self.executor.execute(rq.ProbePoints())
-        self.info = self.executor.describe().summary()
+        self.model_info = self.executor.describe()  # what requests are checked against
+        self.info = self.model_info.summary()
         self._listener = transport.listen(self.config.host, self.config.port)
+        if self._ssl is None and not is_loopback(self.config.host):
+            log.warning("serving on %s without TLS (insecure_no_tls): frames after the"
+                        " handshake are not protected", self.config.host)
         for target, name in (
             (self._accept_loop, "cloche-accept"),
             (self._work_loop, "cloche-worker"),
@@ -125,7 +135,7 @@ class Server:
         with self._conn_lock:
             connections = list(self._connections)
         for conn in connections:
-            conn.framed.close()
+            conn.framed.abort()  # each connection's thread then cleans up and closes
         for thread in self._threads:
             thread.join(timeout=10)
 
@@ -146,26 +156,29 @@ class Server:
                 if self._stop.is_set():
                     return
                 continue
-            peer = f"{addr[0]}:{addr[1]}"
+            host = addr[0]
+            peer = f"{host}:{addr[1]}"
             with self._conn_lock:
                 full = len(self._connections) >= self.config.max_connections
             if full:
                 log.warning("refused %s: %d connections already open", peer, len(self._connections))
-                sock.close()
+                self._turn_away(sock, "busy", "the server has too many connections")
+                continue
+            conn = ServerConnection(self, sock, peer, host, ssl_context=self._ssl)
+            refusal = self.guard.admit(host, conn)
+            if refusal is not None:
+                log.debug("refused %s: %s", peer, refusal.reason)
+                self._turn_away(sock, refusal.code, refusal.reason)
                 continue
             transport.accepted(sock)
-            if self._ssl is not None:
-                try:
-                    sock = self._ssl.wrap_socket(sock, server_side=True,
-                                                 do_handshake_on_connect=False)
-                except (ssl.SSLError, OSError) as exc:
-                    log.warning("refused %s: %s", peer, exc)
-                    sock.close()
-                    continue
-            conn = ServerConnection(self, sock, peer)
             with self._conn_lock:
                 self._connections.add(conn)
             threading.Thread(target=conn.serve, name=f"cloche-conn-{peer}", daemon=True).start()
+
+    def _turn_away(self, sock: socket.socket, code: str, reason: str) -> None:
+        # A TLS client could not read a plain refusal: it just sees the connection close.
+        message = None if self._ssl is not None else ServerHandshake.refusal(reason, code)
+        transport.turn_away(sock, message)
 
     def forget(self, conn: ServerConnection) -> None:
         with self._conn_lock:

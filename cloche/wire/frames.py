@@ -9,7 +9,7 @@ Byte layout (all integers big-endian)::
 
     offset  size  field
     0       4     magic  b"CLCH"
-    4       1     protocol version (1)
+    4       1     protocol version (2)
     5       1     flags (reserved, 0)
     6       2     reserved (0)
     8       4     header length (u32)
@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from cloche.errors import FrameTooLarge, ProtocolError
+from cloche.errors import FrameTooLarge, ProtocolError, VersionMismatch
 
 __all__ = [
     "EXTENDED_SIZE",
@@ -39,11 +39,13 @@ __all__ = [
 ]
 
 MAGIC = b"CLCH"
-PROTOCOL_VERSION = 1
+#: 2: the hello and the welcome carry the peers' versions, a refusal carries a code
+PROTOCOL_VERSION = 2
 PREAMBLE_SIZE = 16
 EXTENDED_SIZE = 8
 _ESCAPE = 0xFFFFFFFF
 _FIXED = struct.Struct(">4sBBHII")
+_TLS_RECORDS = (0x15, 0x16)  # alert, handshake: the first byte of what a TLS peer sends
 _U64 = struct.Struct(">Q")
 
 
@@ -103,11 +105,16 @@ def parse_preamble(data: bytes | bytearray | memoryview, limits: Limits | None =
         raise ProtocolError(f"a frame preamble is {PREAMBLE_SIZE} bytes, got {len(data)}")
     magic, version, flags, reserved, header_len, body_len = _FIXED.unpack(data)
     if magic != MAGIC:
+        if magic[0] in _TLS_RECORDS and magic[1] == 3:
+            raise ProtocolError(
+                "this is TLS, not a cloche frame: the peer speaks TLS and this connection does"
+                " not (a client connects with tls=...; a server needs --tls-cert)")
         raise ProtocolError(f"not a cloche frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"peer speaks cloche protocol version {version}, this side speaks {PROTOCOL_VERSION}"
-        )
+        raise VersionMismatch(
+            f"the peer speaks cloche protocol version {version}, this side speaks"
+            f" {PROTOCOL_VERSION}: install the same cloche release on both sides",
+            received=version, speaks=PROTOCOL_VERSION)
     if flags != 0 or reserved != 0:
         raise ProtocolError(f"reserved preamble bits are set (flags={flags}, reserved={reserved})")
     if header_len == 0:

@@ -3,15 +3,21 @@
 Nothing but these four small messages is accepted before it completes, and none of them can
 carry code (the server decodes them with ``allow_code=False`` and a 4 KiB frame limit)::
 
-    1. client -> server  hello     {proto, nonce: Nc (32 random bytes)}
+    1. client -> server  hello     {proto, nonce: Nc (32 random bytes), versions}
     2. server -> client  challenge {proto, nonce: Ns (32 random bytes)}
     3. client -> server  auth      {proof: HMAC(token, "cloche-v1/client\\0" Ns Nc), session}
-    4. server -> client  welcome   {proof: HMAC(token, "cloche-v1/server\\0" Nc Ns), session, info}
-       or                refused   {reason}, and the server closes the connection
+    4. server -> client  welcome   {proof: HMAC(token, "cloche-v1/server\\0" Nc Ns), session, info,
+                                    versions}
+       or                refused   {reason, code}, and the server closes the connection
 
 HMAC is HMAC-SHA256, proofs are compared with :func:`hmac.compare_digest`. The client checks the
 server's proof too, so it never ships code to a peer that does not know the token. The two
 proofs use different labels, so a proof obtained from one side cannot be replayed to the other.
+
+``versions`` ({cloche, python, cloudpickle}) lets each side explain a failure that version skew
+causes; the server tells its own only after authentication. A different protocol version is
+fatal (:class:`~cloche.errors.VersionMismatch`); Python and cloudpickle versions only matter to
+shipped code (:func:`code_skew`). A refusal's ``code`` picks the client's error class.
 
 Pure state machines: feed them decoded messages, send what they return.
 """
@@ -20,19 +26,66 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import platform
 import secrets
 from typing import Any
 
-from cloche.errors import AuthError, ProtocolError
+import cloudpickle
+
+from cloche import errors
+from cloche._version import __version__
+from cloche.errors import AuthError, ProtocolError, VersionMismatch
 from cloche.wire import messages
 from cloche.wire.frames import PROTOCOL_VERSION
 
-__all__ = ["NONCE_SIZE", "ClientHandshake", "ServerHandshake", "client_proof", "server_proof"]
+__all__ = ["NONCE_SIZE", "REFUSAL_CODES", "ClientHandshake", "ServerHandshake", "client_proof",
+           "code_skew", "local_versions", "server_proof"]
 
 NONCE_SIZE = 32
 _CLIENT_LABEL = b"cloche-v1/client\x00"
 _SERVER_LABEL = b"cloche-v1/server\x00"
 _MAX_SESSION_LEN = 128
+_MAX_VERSION_LEN = 64
+
+#: the error a client raises for each refusal code (a missing or unknown code: AuthError)
+REFUSAL_CODES: dict[str, type[errors.ClocheError]] = {
+    "auth": AuthError,  # wrong token
+    "backoff": AuthError,  # too many wrong tokens from this address: wait
+    "busy": errors.ConnectionError,  # too many (unauthenticated) connections
+    "tls": errors.ConnectionError,  # a plain client on a TLS server
+    "version": VersionMismatch,  # another protocol version
+    "protocol": ProtocolError,  # not cloche protocol
+}
+
+
+def local_versions() -> dict[str, str]:
+    """What this side runs: the cloche release, Python and cloudpickle versions."""
+    return {"cloche": __version__, "python": platform.python_version(),
+            "cloudpickle": str(cloudpickle.__version__)}
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def code_skew(mine: dict[str, str], theirs: dict[str, str] | None, *, me: str = "this side",
+              them: str = "the peer") -> str | None:
+    """Why functions pickled on one side may not load on the other, or None.
+
+    Cloudpickled functions carry bytecode: it needs the same Python major.minor, and the same
+    cloudpickle release to unpickle. A peer that sends no versions (a client in another
+    language ships no code) is never skewed.
+    """
+    if not theirs:
+        return None
+    py_a, py_b = mine.get("python", "?"), theirs.get("python", "?")
+    cp_a, cp_b = mine.get("cloudpickle", "?"), theirs.get("cloudpickle", "?")
+    if _minor(py_a) == _minor(py_b) and cp_a == cp_b:
+        return None
+    return (f"{them} runs Python {py_b} with cloudpickle {cp_b}, {me} Python {py_a} with"
+            f" cloudpickle {cp_a}: functions shipped between them (probes, call, datasets) need"
+            " the same Python minor version and the same cloudpickle on both sides, or they"
+            " fail to load (or misbehave)")
 
 
 def _key(token: str | bytes) -> bytes:
@@ -64,19 +117,34 @@ def _field(msg: Any, kind: str, name: str, kinds: type | tuple[type, ...]) -> An
 
 def _nonce(msg: Any, kind: str) -> bytes:
     if type(msg) is dict and msg.get("proto") != PROTOCOL_VERSION and msg.get("kind") == kind:
-        raise ProtocolError(
-            f"peer speaks cloche protocol {msg.get('proto')!r}, this side speaks {PROTOCOL_VERSION}"
-        )
+        received = str(msg.get("proto"))[:20]
+        raise VersionMismatch(
+            f"the peer speaks cloche protocol {received}, this side speaks"
+            f" {PROTOCOL_VERSION}: install the same cloche release on both sides",
+            received=received, speaks=PROTOCOL_VERSION)
     nonce = _field(msg, kind, "nonce", bytes)
     if len(nonce) != NONCE_SIZE:
         raise ProtocolError(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}")
     return nonce
 
 
+def _versions(msg: dict) -> dict[str, str] | None:
+    """The peer's ``versions`` map (optional: clients in other languages may leave it out)."""
+    value = msg.get("versions")
+    if value is None:
+        return None
+    if (type(value) is not dict or len(value) > 8
+            or not all(type(k) is str and type(v) is str and len(k) <= _MAX_VERSION_LEN
+                       and len(v) <= _MAX_VERSION_LEN for k, v in value.items())):
+        raise ProtocolError("handshake message has a bad 'versions' field")
+    return value
+
+
 class ServerHandshake:
     """Server side. ``receive`` returns the reply to send; after ``done`` the peer is trusted.
 
     A wrong proof raises :class:`AuthError`; the caller sends :meth:`refusal` and closes.
+    ``peer_versions`` is what the client said it runs (None if it did not say).
     """
 
     def __init__(self, token: str | bytes, *, nonce: bytes | None = None) -> None:
@@ -85,12 +153,14 @@ class ServerHandshake:
         self._client_nonce: bytes | None = None
         self.done = False
         self.session: str | None = None
+        self.peer_versions: dict[str, str] | None = None
 
     def receive(self, msg: Any) -> dict:
         if self.done:
             raise ProtocolError("handshake already finished")
         if self._client_nonce is None:
             self._client_nonce = _nonce(msg, messages.HELLO)
+            self.peer_versions = _versions(msg)
             return {"kind": messages.CHALLENGE, "proto": PROTOCOL_VERSION, "nonce": self._nonce}
         proof = _field(msg, messages.AUTH, "proof", bytes)
         session = msg.get("session")
@@ -106,15 +176,21 @@ class ServerHandshake:
             "kind": messages.WELCOME,
             "proto": PROTOCOL_VERSION,
             "proof": server_proof(self._token, self._client_nonce, self._nonce),
+            "versions": local_versions(),
         }
 
     @staticmethod
-    def refusal(reason: str) -> dict:
-        return {"kind": messages.REFUSED, "reason": reason}
+    def refusal(reason: str, code: str = "auth") -> dict:
+        """``code`` says what kind of refusal it is (see ``REFUSAL_CODES``)."""
+        return {"kind": messages.REFUSED, "reason": reason, "code": code}
 
 
 class ClientHandshake:
-    """Client side: ``start()`` gives the hello; feed each server message to ``receive``."""
+    """Client side: ``start()`` gives the hello; feed each server message to ``receive``.
+
+    ``versions`` is what the hello announces; after ``done``, ``peer_versions`` is what the
+    server runs (None if it did not say).
+    """
 
     def __init__(
         self, token: str | bytes, *, session: str | None = None, nonce: bytes | None = None
@@ -125,15 +201,20 @@ class ClientHandshake:
         self._session = session
         self.done = False
         self.welcome: dict | None = None
+        self.versions = local_versions()  # what this side announces
+        self.peer_versions: dict[str, str] | None = None
 
     def start(self) -> dict:
-        return {"kind": messages.HELLO, "proto": PROTOCOL_VERSION, "nonce": self._nonce}
+        return {"kind": messages.HELLO, "proto": PROTOCOL_VERSION, "nonce": self._nonce,
+                "versions": self.versions}
 
     def receive(self, msg: Any) -> dict | None:
         if type(msg) is dict and msg.get("kind") == messages.REFUSED:
             reason = msg.get("reason")
             reason = reason if isinstance(reason, str) else "?"
-            raise AuthError(f"server refused the connection: {reason}")
+            code = msg.get("code")
+            error = REFUSAL_CODES.get(code, AuthError) if isinstance(code, str) else AuthError
+            raise error(f"server refused the connection: {reason}")
         if self._server_nonce is None:
             self._server_nonce = _nonce(msg, messages.CHALLENGE)
             return {
@@ -145,6 +226,7 @@ class ClientHandshake:
         expected = server_proof(self._token, self._nonce, self._server_nonce)
         if not hmac.compare_digest(proof, expected):
             raise AuthError("the server could not prove it knows the token; not sending anything")
+        self.peer_versions = _versions(msg)
         self.done = True
         self.welcome = msg
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from cloche import errors
@@ -22,24 +23,39 @@ __all__ = [
     "listen",
     "open_connection",
     "server_ssl_context",
+    "turn_away",
 ]
 
 _CHUNK = 64 * 1024 * 1024
 _SMALL = 64 * 1024
+#: OpenSSL's reasons when the peer's first bytes are not a TLS record (a plain server's reply)
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                      "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNEXPECTED_RECORD"})
 
 
 class FramedSocket:
     """Sends and receives whole messages on one socket.
 
     ``send`` is thread-safe (one frame at a time); ``recv`` must be called from one thread only.
-    ``limits`` may be replaced after the handshake (small before, large after).
+    ``limits`` may be replaced after the handshake (small before, large after). ``deadline``
+    (a :func:`time.monotonic` time, or None) bounds every send and receive until it is reset:
+    one deadline for a whole exchange, however slowly the peer trickles its bytes.
     """
 
     def __init__(self, sock: socket.socket, *, limits: frames.Limits | None = None) -> None:
         self.sock = sock
         self.limits = limits or frames.Limits()
+        self.deadline: float | None = None
         self._send_lock = threading.Lock()
         self._closed = False
+
+    def _arm(self) -> None:
+        """Before each socket call under a deadline: time out when the deadline does."""
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the deadline passed")
+            self.sock.settimeout(remaining)
 
     # ------------------------------------------------------------------ sending
     def send(self, message: Any) -> None:
@@ -50,6 +66,9 @@ class FramedSocket:
         head = frames.encode_preamble(len(encoded.header), body_len) + encoded.header
         try:
             with self._send_lock:
+                if self._closed:
+                    raise OSError("the connection is closed")
+                self._arm()
                 if body_len <= _SMALL:
                     self.sock.sendall(b"".join([head, *encoded.buffers]))
                     return
@@ -76,19 +95,40 @@ class FramedSocket:
             extra = bytearray(frames.EXTENDED_SIZE)
             self._fill(memoryview(extra))
             preamble = frames.parse_extended(preamble, extra, self.limits)
-        header = bytearray(preamble.header_len)
-        self._fill(memoryview(header))
+        header = self._read_header(preamble.header_len)
         pending = codec.decode_header(header, preamble.body_len, allow_code=allow_code)
         for target in pending.targets:
             if target.nbytes:
                 self._fill(target)
         return pending
 
+    def _read_header(self, size: int) -> bytes | bytearray:
+        """The header's bytes, in memory that grows as they arrive.
+
+        A peer may announce a header of up to ``limits.max_header`` bytes and send none of it:
+        memory is taken in chunks that double from 64 KiB, each only once the previous one is
+        full, so what is held never exceeds twice what arrived (plus 64 KiB).
+        """
+        if size <= _SMALL:
+            header = bytearray(size)
+            self._fill(memoryview(header))
+            return header
+        chunks: list[bytearray] = []
+        got, step = 0, _SMALL
+        while got < size:
+            chunk = bytearray(min(step, size - got))
+            self._fill(memoryview(chunk))
+            chunks.append(chunk)
+            got += len(chunk)
+            step = min(2 * step, _CHUNK)
+        return b"".join(chunks)
+
     def _fill(self, view: memoryview, *, at_boundary: bool = False) -> bool:
         total = view.nbytes
         got = 0
         try:
             while got < total:
+                self._arm()
                 n = self.sock.recv_into(view[got:], min(total - got, _CHUNK))
                 if n == 0:
                     if at_boundary and got == 0:
@@ -102,15 +142,30 @@ class FramedSocket:
         return True
 
     # ------------------------------------------------------------------ closing
+    def abort(self) -> None:
+        """Shut the connection down from any thread: blocked sends and receives fail at once.
+
+        The descriptor stays open: the thread that receives closes it (:meth:`close`). A
+        descriptor closed under a thread about to read it can be reused at once by a new
+        connection, whose bytes that thread would then steal (TLS reads a 5-byte record
+        header before Python can notice the close).
+        """
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the raw socket, TLS or not
+        except OSError:
+            pass  # already disconnected
+
     def close(self) -> None:
+        """Shut down and close; only from the thread that receives (or when none does).
+
+        Sends are fenced off by the send lock, so no send uses the descriptor once it closes.
+        """
         if self._closed:
             return
-        self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already disconnected: nothing to shut down
-        self.sock.close()
+        self.abort()  # first: a send blocked on a peer that does not read lets go of the lock
+        with self._send_lock:
+            self._closed = True
+            self.sock.close()
 
     @property
     def closed(self) -> bool:
@@ -135,6 +190,11 @@ def open_connection(
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
         except ssl.SSLError as exc:
             sock.close()
+            if exc.reason in _NOT_TLS:
+                raise errors.ConnectionError(
+                    f"{host}:{port} did not answer in TLS ({exc.reason}): it is probably a"
+                    " cloche server without TLS. Connect without tls=, or start the server with"
+                    " --tls-cert/--tls-key") from exc
             raise errors.AuthError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
         except OSError as exc:
             sock.close()
@@ -161,6 +221,28 @@ def accepted(sock: socket.socket) -> socket.socket:
     """Tune a freshly accepted socket like a connecting one."""
     _tune(sock)
     return sock
+
+
+def turn_away(sock: socket.socket, message: Any = None) -> None:
+    """Close a just-accepted socket, first sending ``message`` (one small frame) if given.
+
+    Never blocks: the frame goes out only if it fits the socket buffer (it always does on a
+    fresh connection). Whatever the peer already sent is drained first, so that the close is a
+    FIN and not a reset, which could destroy the frame before the peer reads it.
+    """
+    try:
+        sock.setblocking(False)
+        if message is not None:
+            encoded = codec.encode(message)
+            sock.send(frames.encode_preamble(len(encoded.header), 0) + encoded.header)
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(65536):
+                break
+    except (OSError, errors.ClocheError):
+        pass  # best effort: the peer is being turned away anyway
+    finally:
+        sock.close()
 
 
 def server_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:

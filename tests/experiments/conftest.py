@@ -96,10 +96,10 @@ def local_models(tiny_model, tmp_path_factory):
                 from cloche.server.config import ServerConfig
 
                 server = Server(cloche.load(tiny_llama_dir()),
-                                ServerConfig(token="experiments", port=0))
+                                ServerConfig(token="experiments-token", port=0))
                 host, port = server.start()
                 cleanup.append(server.shutdown)
-                loaded[kind] = connect(f"{host}:{port}", token="experiments")
+                loaded[kind] = connect(f"{host}:{port}", token="experiments-token")
                 cleanup.append(loaded[kind].close)
             elif kind == "sharded":  # the tiny Llama over two gloo ranks, one layer each
                 from cloche.sharding import start_local

@@ -23,7 +23,7 @@ def test_tutorial_runs_against_a_server(capsys):
     from cloche.server.app import Server
     from cloche.server.config import ServerConfig
 
-    server = Server(cloche.load(default_dir()), ServerConfig(token="tutorial-token", port=0))
+    server = Server(cloche.load(default_dir()), ServerConfig(token="tutorial-test-token", port=0))
     host, port = server.start()
     namespace: dict = {}
     try:
@@ -31,8 +31,9 @@ def test_tutorial_runs_against_a_server(capsys):
             # the reader pastes their server's address and token; the test uses its own
             code = re.sub(r"^ADDRESS = .*$", f'ADDRESS = "{host}:{port}"', block,
                           flags=re.MULTILINE)
-            code = re.sub(r"^TOKEN = .*$", 'TOKEN = "tutorial-token"', code, flags=re.MULTILINE)
-            exec(compile(code, str(TUTORIAL), "exec"), namespace)
+            code = re.sub(r"^TOKEN = .*$", 'TOKEN = "tutorial-test-token"', code,
+                          flags=re.MULTILINE)
+            exec(compile(code, str(TUTORIAL), "exec"), namespace)  # the docs' own code
     finally:
         if "model" in namespace:
             namespace["model"].close()

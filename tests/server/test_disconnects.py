@@ -16,7 +16,14 @@ from cloche.api.requests import Call, Context, Param
 from cloche.client import connect
 
 from tests.conftest_server import REPO
-from tests.server.helpers import authenticated, hook_count, server_threads, wait_until
+from tests.server.helpers import (
+    InProcessServer,
+    PeakRss,
+    authenticated,
+    hook_count,
+    server_threads,
+    wait_until,
+)
 
 CLIENT = textwrap.dedent(
     """
@@ -87,14 +94,43 @@ def big_result(model):
 
 
 def test_a_client_that_stops_reading_does_not_block_the_others(served):
+    # 20 replies of 64 MiB that are never read: buffered, they would cost the server 1.25 GiB.
+    # The outbox of a connection holds at most max_outbox_bytes (256 MiB) beyond the frame in
+    # flight; past that the server closes the connection and cancels its requests.
     stuck = authenticated(served.address, served.token)
+    memory = PeakRss(served.proc.pid)
     try:
-        for rid in (1, 2):  # a heavy and a light request whose replies are never read
-            op = Call(fn=big_result) if rid == 1 else Param(name="embed.W_E")
-            stuck.send({"kind": "request", "id": rid, "op": op})
+        for rid in range(1, 21):
+            stuck.send({"kind": "request", "id": rid, "op": Call(fn=big_result)})
+        stuck.send({"kind": "request", "id": 21, "op": Param(name="embed.W_E")})  # a light one
         with connect(served.address, token=served.token) as other:
-            for _ in range(3):
+            # round-robin: each run of this session lets one of the stuck session's go first,
+            # so after 25 of them every stuck request has been run (or cancelled)
+            for _ in range(25):
                 assert other.submit("run", "def f():").result(timeout=60).logits.shape[0] == 1
+        growth = memory.stop()
+        assert growth < 640 * 2**20, f"the server grew by {growth / 2**20:.0f} MiB"
+        # the server closed the stuck connection: what is left to read ends, well short of
+        # the 1.25 GiB of replies (the closed connection's frames were dropped)
+        stuck.sock.settimeout(60)
+        received = 0
+        try:
+            while received < 2**30 and (chunk := stuck.sock.recv(1 << 20)):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert received < 512 * 2**20
     finally:
+        memory.stop()
         stuck.close()
     assert served.alive()
+
+
+def test_a_reply_bigger_than_the_outbox_bound_still_reaches_a_reading_client(server_model_dir):
+    with InProcessServer(cloche.load(server_model_dir), max_outbox_bytes=2**20) as server, \
+            connect(server.address, token=server.token) as model:
+        for _ in range(2):
+            assert model.call(big_result).shape == (2**24,)  # 64 MiB
+        # light replies pipelined well past the bound: the client is slowed down, not dropped
+        fetched = [model.executor.submit(Param(name="embed.W_E")) for _ in range(200)]  # 7 MiB
+        assert all(f.result(timeout=60).shape == fetched[0].result().shape for f in fetched)

@@ -1,4 +1,5 @@
-"""Strangers: nothing is unpickled before authentication, refusals are logged, the server goes on."""
+"""Strangers: nothing is unpickled before authentication, refusals are logged, the server goes
+on."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ import struct
 
 import msgpack
 import pytest
+import torch
+from cloche.api.requests import Ping
 from cloche.client import connect
 from cloche.errors import AuthError
 from cloche.wire import codec, frames
 from cloche.wire.handshake import ClientHandshake
 
-from tests.server.helpers import frame, raw_socket, read_until_closed
+from tests.server.helpers import (
+    PeakRss,
+    authenticated,
+    frame,
+    raw_socket,
+    read_until_closed,
+    unread_by_peer,
+    wait_for,
+)
 
 
 class CreateFile:
@@ -26,9 +37,10 @@ class CreateFile:
 
 
 def pickle_frame_header(path) -> bytes:
-    """A msgpack header whose hello carries a pickle field (EXT_PICKLE) that would create ``path``."""
+    """A msgpack header whose hello carries a pickle field (EXT_PICKLE) that would create
+    ``path``."""
     payload = msgpack.packb([pickle.dumps(CreateFile(path)), []])
-    hello = {"kind": "hello", "proto": 1, "nonce": bytes(32),
+    hello = {"kind": "hello", "proto": frames.PROTOCOL_VERSION, "nonce": bytes(32),
              "x": msgpack.ExtType(codec.EXT_PICKLE, payload)}
     return msgpack.packb(hello)
 
@@ -107,3 +119,35 @@ def test_silent_peer_is_dropped_after_the_handshake_timeout_not_blocking_others(
         idle.setblocking(False)
         with pytest.raises(BlockingIOError):
             idle.recv(1)  # still open, and nothing was sent to a peer that said nothing
+
+
+def test_frames_announced_but_never_sent_cost_the_server_no_memory(served):
+    # Each connection announces a frame and stalls. Reserving the announced header up front
+    # cost 60 MiB per connection before a byte of it arrived; headers now grow as bytes come.
+    # Bodies are allocated by the codec only once the header is in, as untouched (lazily
+    # committed) tensor memory that is only filled as the body arrives.
+    memory = PeakRss(served.proc.pid)
+    stalled = []
+    try:
+        for _ in range(8):
+            framed = authenticated(served.address, served.token)
+            framed.sock.sendall(frames.encode_preamble(60 * 2**20, 0) + b"\x81")
+            stalled.append(framed)
+        for _ in range(4):
+            encoded = codec.encode({"kind": "request", "id": 1,
+                                    "op": Ping(value=torch.empty(2**28, dtype=torch.uint8))})
+            framed = authenticated(served.address, served.token)
+            framed.sock.sendall(frames.encode_preamble(len(encoded.header), encoded.body_len)
+                                + encoded.header + bytes(1000))
+            stalled.append(framed)
+        # the server has read every byte sent, so it has parsed every announcement
+        assert wait_for(lambda: all(unread_by_peer(f.sock) == 0 for f in stalled))
+        with connect(served.address, token=served.token) as model:
+            assert model.ping("flat") == "flat"
+        growth = memory.stop()
+        assert growth < 64 * 2**20, f"the server grew by {growth / 2**20:.0f} MiB"
+    finally:
+        memory.stop()
+        for framed in stalled:
+            framed.close()
+    assert served.alive()

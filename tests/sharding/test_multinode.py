@@ -164,7 +164,7 @@ def test_every_rank_exits_zero_after_rank_0_returns(tiny4_dir, tmp_path):
     for rank in range(2):
         envs.append(dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2",
                          LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                         OMP_NUM_THREADS="1", CLOCHE_TOKEN="multinode-token"))
+                         OMP_NUM_THREADS="1", CLOCHE_TOKEN="multinode-test-token"))
         cmds.append([sys.executable, "-m", "cloche.sharding.worker", "--model", str(directory),
                      "--store-port-offset", "0", "--timeout", "20", "--threads", "1",
                      "--serve", "tests.sharding.netns_job:ping"])
@@ -183,7 +183,7 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
                                            namespaces["ifaces"])):
         envs.append(dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=iface,
                          CLOCHE_NETNS_OUT=str(out), OMP_NUM_THREADS=str(TORCH_THREADS),
-                         CLOCHE_TOKEN="multinode-token"))
+                         CLOCHE_TOKEN="multinode-test-token"))
         cmds.append(["ip", "netns", "exec", ns, *TORCHRUN, "--nnodes", "2",
                      "--nproc-per-node", "1", "--node-rank", str(node),
                      "--master-addr", namespaces["addr"], "--master-port", "29640",

@@ -30,10 +30,10 @@ def test_client_against_sharded_server(tiny4_dir):
     directory = tiny4_dir("llama")
     local = cloche.load(directory)
     model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
-    server = Server(model, ServerConfig(token="secret"))
+    server = Server(model, ServerConfig(token="sharded-server-token"))
     try:
         host, port = server.start()
-        with connect((host, port), token="secret") as remote:
+        with connect((host, port), token="sharded-server-token") as remote:
             inputs = ids_batch(seed=12)
             got = remote.run(inputs, probes={"layers.3.mlp.post": keep_mlp}, save="acts")
             want = local.run(inputs, probes={"layers.3.mlp.post": keep_mlp}, save="acts")
@@ -69,11 +69,11 @@ def test_cloche_serve_under_torchrun_serves_clients_and_shuts_down_cleanly(
     with open(tmp_path / "rank1.log", "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "cloche", "serve", "--model", str(directory), *flags],
-            env={**os.environ, **rendezvous, "RANK": "1", "CLOCHE_TOKEN": "torchrun-token"},
+            env={**os.environ, **rendezvous, "RANK": "1", "CLOCHE_TOKEN": "torchrun-test-token"},
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         for key, value in {**rendezvous, "RANK": "0"}.items():
             monkeypatch.setenv(key, value)
-        server = ServerProcess(directory, "torchrun-token", *flags,
+        server = ServerProcess(directory, "torchrun-test-token", *flags,
                                log_path=tmp_path / "rank0.log")
         try:
             with connect(server.address, token=server.token) as remote:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from cloche.errors import FrameTooLarge, ProtocolError
+from cloche.errors import FrameTooLarge, ProtocolError, VersionMismatch
 from cloche.wire import frames
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,13 +39,16 @@ def test_limits_are_checked_from_the_preamble_alone():
     assert issubclass(FrameTooLarge, ProtocolError)
 
 
+V = frames.PROTOCOL_VERSION
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         (b"HTTP" + bytes(12), "not a cloche frame"),
-        (b"CLCH" + bytes([2, 0, 0, 0]) + struct.pack(">II", 1, 0), "version 2"),
-        (b"CLCH" + bytes([1, 1, 0, 0]) + struct.pack(">II", 1, 0), "reserved"),
-        (b"CLCH" + bytes([1, 0, 0, 0]) + struct.pack(">II", 0, 0), "empty header"),
+        (b"CLCH" + bytes([V + 1, 0, 0, 0]) + struct.pack(">II", 1, 0), f"version {V + 1}"),
+        (b"CLCH" + bytes([V, 1, 0, 0]) + struct.pack(">II", 1, 0), "reserved"),
+        (b"CLCH" + bytes([V, 0, 0, 0]) + struct.pack(">II", 0, 0), "empty header"),
         (b"CLCH", "16 bytes"),
     ],
 )
@@ -55,7 +58,7 @@ def test_bad_preambles(raw, message):
 
 
 def test_extended_length_must_need_the_escape():
-    first = frames.parse_preamble(b"CLCH" + bytes([1, 0, 0, 0]) + struct.pack(">II", 1, 2**32 - 1))
+    first = frames.parse_preamble(b"CLCH" + bytes([V, 0, 0, 0]) + struct.pack(">II", 1, 2**32 - 1))
     with pytest.raises(ProtocolError, match="short form"):
         frames.parse_extended(first, struct.pack(">Q", 5))
 
@@ -67,3 +70,15 @@ def test_random_preambles_only_raise_protocol_errors(raw):
         frames.parse_preamble(raw, frames.Limits.handshake())
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("first", [b"\x16\x03\x01\x02\x00", b"\x15\x03\x03\x00\x02"])
+def test_tls_bytes_on_a_plain_connection_say_so(first):
+    with pytest.raises(ProtocolError, match="TLS"):
+        frames.parse_preamble(first + bytes(11))
+
+
+def test_another_version_is_a_version_mismatch_naming_both():
+    raw = frames.encode_preamble(1, 0)
+    with pytest.raises(VersionMismatch, match=f"version 7.*speaks {frames.PROTOCOL_VERSION}"):
+        frames.parse_preamble(raw[:4] + bytes([7]) + raw[5:])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from cloche.errors import AuthError, ProtocolError
-from cloche.wire.handshake import ClientHandshake, ServerHandshake
+from cloche.errors import AuthError, ConnectionError, ProtocolError, VersionMismatch
+from cloche.wire.frames import PROTOCOL_VERSION
+from cloche.wire.handshake import ClientHandshake, ServerHandshake, code_skew, local_versions
 
 
 def run(client: ClientHandshake, server: ServerHandshake) -> dict:
@@ -57,9 +58,10 @@ def test_replayed_proof_fails_against_a_fresh_nonce():
     "msg",
     [
         {"kind": "auth", "proof": b"x"},
-        {"kind": "hello", "proto": 1, "nonce": b"short"},
+        {"kind": "hello", "proto": PROTOCOL_VERSION, "nonce": b"short"},
         {"kind": "hello", "proto": 9, "nonce": bytes(32)},
-        {"kind": "hello", "proto": 1},
+        {"kind": "hello", "proto": PROTOCOL_VERSION, "nonce": bytes(32), "versions": "3.11"},
+        {"kind": "hello", "proto": PROTOCOL_VERSION},
         ["not", "a", "map"],
         None,
     ],
@@ -72,3 +74,44 @@ def test_out_of_shape_hellos_are_protocol_errors(msg):
 def test_empty_token_is_refused():
     with pytest.raises(AuthError):
         ServerHandshake("")
+
+
+def test_hello_and_welcome_carry_the_versions_and_each_side_keeps_the_others():
+    client, server = ClientHandshake("t"), ServerHandshake("t")
+    hello = client.start()
+    assert hello["versions"] == local_versions()
+    assert set(hello["versions"]) == {"cloche", "python", "cloudpickle"}
+    challenge = server.receive(hello)
+    assert "versions" not in challenge  # nothing about the server before authentication
+    welcome = server.receive(client.receive(challenge))
+    assert welcome["versions"] == local_versions()
+    client.receive(welcome)
+    assert server.peer_versions == client.peer_versions == local_versions()
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    ("auth", AuthError), (None, AuthError), ("backoff", AuthError), ("busy", ConnectionError),
+    ("tls", ConnectionError), ("version", VersionMismatch), ("protocol", ProtocolError),
+])
+def test_a_refusal_becomes_the_error_its_code_says(code, error):
+    refusal = {"kind": "refused", "reason": "because"}
+    if code is not None:
+        refusal["code"] = code
+    with pytest.raises(error, match="because") as info:
+        ClientHandshake("t").receive(refusal)
+    if error is ConnectionError:
+        assert not isinstance(info.value, AuthError)
+
+
+def test_another_protocol_version_in_a_hello_is_a_version_mismatch_naming_both():
+    with pytest.raises(VersionMismatch, match=f"protocol 9, this side speaks {PROTOCOL_VERSION}"):
+        ServerHandshake("t").receive({"kind": "hello", "proto": 9, "nonce": bytes(32)})
+
+
+def test_code_skew_names_both_sides():
+    mine = {"cloche": "0.1.0", "python": "3.11.7", "cloudpickle": "3.1.3"}
+    assert code_skew(mine, dict(mine, python="3.11.2")) is None  # patch releases agree
+    assert code_skew(mine, {}) is None  # a client in another language ships no code
+    text = code_skew(mine, dict(mine, python="3.12.1", cloudpickle="3.0.0"))
+    assert text is not None
+    assert "Python 3.12.1" in text and "Python 3.11.7" in text and "cloudpickle 3.0.0" in text

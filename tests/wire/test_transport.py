@@ -68,3 +68,24 @@ def test_bad_version_is_a_protocol_error(pair):
     left.sock.sendall(b"CLCH" + bytes([7, 0, 0, 0]) + struct.pack(">II", 1, 0) + b"\xc0")
     with pytest.raises(ProtocolError, match="version 7"):
         right.recv()
+
+
+def test_a_big_header_arrives_whole_through_the_growing_reader(pair):
+    left, right = pair
+    message = {"blob": bytes(range(256)) * 12289, "text": "x" * 70000, "n": 3}  # ~3.2 MB
+    sender = threading.Thread(target=left.send, args=(message,))
+    sender.start()
+    assert right.recv() == message
+    sender.join()
+
+
+def test_a_deadline_bounds_a_whole_exchange_not_each_read(pair):
+    import time
+
+    left, right = pair
+    right.deadline = time.monotonic() + 0.3
+    left.sock.sendall(frames.encode_preamble(10, 0))  # a frame that never finishes
+    with pytest.raises(ConnectionError, match="timed out"):
+        right.recv()
+    right.deadline = None
+    right.sock.settimeout(None)
