@@ -23,17 +23,17 @@ from cloche.errors import ClocheError, UsageError
 
 __all__ = ["build_parser", "main", "parse_duration", "parse_size", "serve_config"]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
     """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes (k/M/G/T are powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 500MB)")
-    value, unit = float(match.group(1)), match.group(2).lower()
-    return int(value * 1024 ** " kmgt".index(unit or " "))
+    from cloche.server import principals
+
+    try:
+        return principals.parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def parse_duration(text: str) -> float | None:
@@ -70,8 +70,10 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7450,
                         help="TCP port (default: 7450; 0 picks a free port, printed at start)")
     parser.add_argument("--token-file", metavar="FILE", default=None,
-                        help="file holding the shared token, readable only by you (chmod 600)"
-                             " and at least 16 characters long (default: $CLOCHE_TOKEN, else a"
+                        help="file holding the token, readable only by you (chmod 600) and at"
+                             " least 16 characters long; or one 'name token"
+                             " [max-saved-bytes=SIZE] [share=N]' line per principal of a team,"
+                             " each seeing only its own sessions (default: $CLOCHE_TOKEN, else a"
                              " random token is generated and printed)")
     parser.add_argument("--tls-cert", metavar="PEM", default=None,
                         help="serve TLS with this certificate (chain) file; clients pass "
@@ -135,16 +137,22 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:
-    """(token, generated): from the file, else $CLOCHE_TOKEN, else a fresh random one.
+def resolve_token(token_file: str | None, environ: Mapping[str, str]
+                  ) -> tuple[str | None, tuple[Any, ...], bool]:
+    """(token, principals, generated): the token file's principals (or its one token), else
+    $CLOCHE_TOKEN, else a fresh random token.
 
     Like ssh with a private key, a token file that other users can read or write is refused.
+    A file with one word holds the server's token; a file with ``name token [options]`` lines
+    names several principals (``cloche.server.principals``).
     """
     if token_file is not None:
+        from cloche.server.principals import OWNER, parse_principals
+
         try:
             with open(token_file, encoding="utf-8") as f:
                 mode = os.fstat(f.fileno()).st_mode
-                token = f.read().strip()
+                text = f.read()
         except OSError as exc:
             raise UsageError(f"cannot read --token-file {token_file!r}: {exc}") from exc
         if os.name == "posix" and mode & 0o077:
@@ -152,22 +160,23 @@ def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> tuple[s
                 f"--token-file {token_file!r} is accessible by other users (mode"
                 f" {stat.S_IMODE(mode):03o}): anyone who reads the token can run code as this"
                 f" user. Restrict it to yourself: chmod 600 {token_file}")
-        if not token:
-            raise UsageError(f"--token-file {token_file!r} is empty")
-        return token, False
+        principals = parse_principals(text, f"--token-file {token_file!r}")
+        if len(principals) == 1 and principals[0].name == OWNER:
+            return principals[0].token, (), False
+        return None, tuple(principals), False
     token = environ.get("CLOCHE_TOKEN", "").strip()
     if token:
-        return token, False
-    return secrets.token_urlsafe(24), True
+        return token, (), False
+    return secrets.token_urlsafe(24), (), True
 
 
 def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Any, bool]:
     """The :class:`ServerConfig` for parsed ``serve`` flags, and whether the token is new."""
     from cloche.server.config import ServerConfig
 
-    token, generated = resolve_token(args.token_file, environ)
+    token, principals, generated = resolve_token(args.token_file, environ)
     config = ServerConfig(
-        token=token, host=args.host, port=args.port, tls_cert=args.tls_cert,
+        token=token, principals=principals, host=args.host, port=args.port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
         request_timeout=args.request_timeout, state_dir=args.state_dir,
         insecure_no_tls=args.insecure_no_tls,
@@ -252,7 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
             device=None if args.device == "cpu" else args.device, dtype=args.dtype,
             timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
             threads=args.threads, store_port_offset=args.store_port_offset,
-            token=config.token, state_dir=args.state_dir)
+            token=config.group_secret, state_dir=args.state_dir)
         return run_rank(dist_config, lambda model: serve_until_stopped(model, config, generated))
     if args.world_size == 1:
         serve_until_stopped(load_model(args), config, generated)

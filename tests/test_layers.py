@@ -14,12 +14,13 @@ _spec.loader.exec_module(import_graph)
 # what each package may import (besides itself); "cloche" is the front door, cloche/__init__.py
 ALLOWED = {
     "errors": set(),
+    "version": set(),  # cloche/_version.py: the release, which the handshake announces
     "model": {"errors"},
-    "wire": {"errors"},
+    "wire": {"errors", "version"},
     "default_model": {"errors", "data"},
     "data": {"errors", "default_model"},
     "probes": {"errors", "model"},
-    "api": {"errors", "model", "probes"},
+    "api": {"errors", "model", "probes", "data"},  # a RunDataset checks its dataset
     "runtime": {"errors", "model", "probes", "api", "data"},
     "sharding": {"errors", "model", "probes", "api", "runtime", "data"},
     "client": {"errors", "model", "api", "wire"},
@@ -29,7 +30,7 @@ ALLOWED = {
     "experiments": {"cloche", "errors", "data"},
     "cli": {"cloche", "errors", "default_model", "experiments", "server", "sharding"},
     "cloche": {"errors", "load", "api", "client", "model", "probes", "data", "experiments",
-               "cli"},
+               "cli", "version"},
 }
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "Ping",
     "ProbePlanSpec",
     "ProbePoints",
+    "Quota",
     "Request",
     "Run",
     "RunDataset",
@@ -498,6 +499,25 @@ class Config(Request[dict[str, Any]]):
 @dataclass(frozen=True, kw_only=True)
 class TokenizerFiles(Request["dict[str, bytes] | None"]):
     """The tokenizer as the files ``save_pretrained`` writes (None without a tokenizer)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quota(Request[None]):
+    """Cap the bytes saved in contexts named ``prefix...`` (``max_bytes`` None lifts it).
+
+    The operator's request, never a client's: a server sets one per principal (its token
+    file's ``max-saved-bytes``), sessions cannot send it, and it is not on the wire's list of
+    records. ``label`` names the cap in the error a run that would exceed it gets.
+    """
+
+    prefix: str
+    max_bytes: int | None
+    label: str
+
+    def check(self, model: ModelInfo | None = None) -> None:
+        _name_field(self, "prefix")
+        _int_field(self, "max_bytes", low=0, optional=True)
+        _name_field(self, "label")
 
 
 @dataclass(frozen=True, kw_only=True)

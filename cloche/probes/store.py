@@ -118,7 +118,7 @@ class PendingWrites:
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
         value = own_tensor(value)
-        self._transaction.charge(tensor_nbytes(value))
+        self._transaction.charge(tensor_nbytes(value), self._committed.name)
         self.saves.setdefault(key, []).append(value)
         if order is not None:
             self.order.setdefault(key, []).append(order)
@@ -158,6 +158,7 @@ class Transaction:
         self.tag = tag
         self._pending: dict[str, PendingWrites] = {}
         self._charged = 0
+        self._charged_under: dict[str, int] = {}  # per quota prefix
 
     def writes(self, name: str) -> PendingWrites:
         pending = self._pending.get(name)
@@ -169,8 +170,9 @@ class Transaction:
             self._pending[name] = pending
         return pending
 
-    def charge(self, nbytes: int) -> None:
-        """Account ``nbytes`` more of staged data; refuse past the store's limit."""
+    def charge(self, nbytes: int, name: str = "") -> None:
+        """Account ``nbytes`` more of staged data for context ``name``; refuse past the store's
+        limit or the quota of a prefix of ``name``."""
         self._charged += nbytes
         limit = self._store.max_bytes
         if limit is not None and self._store.nbytes() + self._charged > limit:
@@ -179,6 +181,14 @@ class Transaction:
                 f" ({self._store.nbytes()} held, this run adds {self._charged});"
                 " fetch and clear save contexts, or save less (slice before ctx.save)"
             )
+        for prefix, quota in self._store.quotas_of(name):
+            charged = self._charged_under[prefix] = self._charged_under.get(prefix, 0) + nbytes
+            held = self._store.nbytes(prefix)
+            if held + charged > quota.max_bytes:
+                raise ResourceLimit(
+                    f"saved data would exceed the limit of {quota.label}: {quota.max_bytes}"
+                    f" bytes ({held} held, this run adds {charged}); fetch and clear save"
+                    " contexts, or save less (slice before ctx.save)")
 
     def commit(self) -> None:
         """Make the writes visible — after the journal, if the store has one, has them on disk."""
@@ -224,6 +234,14 @@ def _merged(committed: Reducer | None, staged: Reducer) -> Reducer:
     return committed.empty_like().merge(committed).merge(staged)
 
 
+@dataclass(frozen=True)
+class Quota:
+    """A cap on the bytes of the contexts under one name prefix."""
+
+    max_bytes: int
+    label: str
+
+
 class SaveStore:
     """All save contexts held by one model (one rank), with an optional memory cap.
 
@@ -235,6 +253,7 @@ class SaveStore:
         self.max_bytes = max_bytes
         self.lock = threading.RLock()
         self._contexts: dict[str, SaveContext] = {}
+        self._quotas: dict[str, Quota] = {}
         self.journal = journal
         if journal is not None:
             for ctx in journal.load():
@@ -290,9 +309,24 @@ class SaveStore:
                     self._contexts[name] = ctx
             return sorted(changed)
 
-    def nbytes(self) -> int:
+    def nbytes(self, prefix: str = "") -> int:
+        """Bytes held by the contexts whose names start with ``prefix``."""
         with self.lock:
-            return sum(ctx.nbytes() for ctx in self._contexts.values())
+            return sum(ctx.nbytes() for name, ctx in self._contexts.items()
+                       if name.startswith(prefix))
+
+    def set_quota(self, prefix: str, max_bytes: int | None, label: str) -> None:
+        """Cap the bytes held by contexts named ``prefix...`` (None lifts it); ``label`` names
+        the cap in the error (a server caps each principal's contexts so)."""
+        with self.lock:
+            if max_bytes is None:
+                self._quotas.pop(prefix, None)
+            else:
+                self._quotas[prefix] = Quota(max_bytes, label)
+
+    def quotas_of(self, name: str) -> list[tuple[str, Quota]]:
+        with self.lock:
+            return [(p, q) for p, q in self._quotas.items() if name.startswith(p)]
 
     def begin(self, tag: str | None = None) -> Transaction:
         return Transaction(self, tag)

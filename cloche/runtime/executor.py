@@ -308,6 +308,8 @@ class LocalExecutor:
         rq.Config: lambda self, req, c, e: self._config.to_dict(),
         rq.TokenizerFiles: lambda self, req, c, e: self.tokenizer_files(),
         rq.Ping: lambda self, req, c, e: req.value,
+        rq.Quota: lambda self, req, c, e: self.store.set_quota(req.prefix, req.max_bytes,
+                                                               req.label),
     }
 
     def __repr__(self) -> str:

@@ -62,6 +62,7 @@ class Server:
     def __init__(self, model: Model | Executor, config: ServerConfig) -> None:
         self.executor: Executor = model.executor if isinstance(model, Model) else model
         self.config = config
+        self._principals = {p.name: p for p in config.principals}
         self.sessions = SessionRegistry(
             config.session_idle_expiry,
             None if config.state_dir is None else Path(config.state_dir) / "sessions.json")
@@ -98,6 +99,11 @@ class Server:
         self.executor.execute(rq.ProbePoints())
         self.model_info = self.executor.describe()  # what requests are checked against
         self.info = self.model_info.summary()
+        for principal in self.config.principals:
+            if principal.max_saved_bytes is not None:
+                self.executor.execute(rq.Quota(
+                    prefix=Session.root_of(principal.name), max_bytes=principal.max_saved_bytes,
+                    label=f"principal {principal.name!r} (max-saved-bytes in the token file)"))
         self._listener = transport.listen(self.config.host, self.config.port)
         if self._ssl is None and not is_loopback(self.config.host):
             log.warning("serving on %s without TLS (insecure_no_tls): frames after the"
@@ -192,7 +198,9 @@ class Server:
     # ----------------------------------------------------------------- the queue
     def enqueue(self, job: Job) -> None:
         self.sessions.acquire(job.session)
-        self.queue.put(job.session.id, job)
+        principal = self._principals.get(job.session.principal)
+        self.queue.put(job.session.id, job, group=job.session.principal,
+                       weight=principal.share if principal is not None else 1)
         self._announce_positions()
 
     def cancel_job(self, job: Job) -> None:
@@ -305,7 +313,7 @@ class Server:
         while not self._stop.wait(interval):
             try:
                 for sid in self.sessions.expire(self._drop_session):
-                    log.info("session %s expired after %.0f s idle", sid[:8], expiry)
+                    log.info("session %s expired after %.0f s idle", sid, expiry)
             except Exception:
                 log.exception("expiring sessions failed")
 

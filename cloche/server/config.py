@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 
 from cloche.errors import UsageError
+from cloche.server.principals import (
+    OWNER,
+    Principal,
+    check_distinct,
+    check_token,
+)
 
-__all__ = ["MIN_TOKEN_LENGTH", "ServerConfig", "is_loopback"]
-
-#: shorter shared tokens are refused: the token is all that stands between a stranger and
-#: running code as the server's user (backoff slows guessing; length makes it hopeless)
-MIN_TOKEN_LENGTH = 16
+__all__ = ["ServerConfig", "is_loopback"]
 
 
 def is_loopback(host: str) -> bool:
@@ -31,6 +34,10 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """How a server listens, authenticates and bounds its clients.
+
+    Either one ``token`` (its holder is principal ``owner``, with full control) or several named
+    ``principals`` (``cloche.server.principals``), each with its own sessions, caps and queue
+    share.
 
     ``session_idle_expiry`` (seconds, ``None`` for never) drops a session's save contexts once
     it has had no connection and no work for that long. ``max_frame_bytes`` bounds what an
@@ -55,7 +62,8 @@ class ServerConfig:
     the handshake proves who the client is, but only TLS protects the frames that follow it.
     """
 
-    token: str
+    token: str | None = None
+    principals: tuple[Principal, ...] = ()
     host: str = "127.0.0.1"
     port: int = 0
     tls_cert: str | None = None
@@ -76,14 +84,18 @@ class ServerConfig:
     insecure_no_tls: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.token, str) or not self.token:
-            raise UsageError("the server needs a non-empty token")
-        if len(self.token) < MIN_TOKEN_LENGTH:
-            raise UsageError(
-                f"the token is {len(self.token)} characters long; use at least"
-                f" {MIN_TOKEN_LENGTH} characters (anyone who guesses it can run code as this"
-                " user). Leave $CLOCHE_TOKEN and --token-file unset to have a random one made,"
-                " or make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+        if self.principals:
+            if self.token is not None:
+                raise UsageError("give the server a token or named principals, not both")
+            if not all(isinstance(p, Principal) for p in self.principals):
+                raise UsageError("principals must be cloche.server.principals.Principal objects")
+            object.__setattr__(self, "principals", tuple(self.principals))
+            check_distinct(list(self.principals))
+        else:
+            if self.token is None:
+                raise UsageError("the server needs a token (or named principals)")
+            check_token(self.token)
+            object.__setattr__(self, "principals", (Principal(OWNER, self.token),))
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port ({self.port}) must be between 0 and 65535")
         if self.tls_key is not None and self.tls_cert is None:
@@ -112,3 +124,16 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} ({value!r}) must be a positive int")
+
+    @property
+    def group_secret(self) -> str:
+        """What every node of a torchrun group derives its control key from: the token, or
+        (several principals) a digest of all of them, which every node's token file holds."""
+        if len(self.principals) == 1 and self.token is not None:
+            return self.token
+        joined = "\n".join(sorted(p.token for p in self.principals))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def __repr__(self) -> str:  # never print a token
+        return (f"ServerConfig(host={self.host!r}, port={self.port},"
+                f" principals={[p.name for p in self.principals]})")

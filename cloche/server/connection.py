@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cloche import errors
 from cloche.api import requests as rq
 from cloche.errors.payload import to_payload
+from cloche.server.principals import OWNER
 from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session
 from cloche.wire import codec, frames, messages
@@ -121,7 +122,7 @@ class ServerConnection:
         try:
             if self._ssl is not None and not self._start_tls(self._ssl):
                 return False
-            shake = ServerHandshake(config.token)
+            shake = ServerHandshake({p.name: p.token for p in config.principals})
             try:
                 hello = self.framed.recv(allow_code=False)
                 if hello is None:
@@ -163,7 +164,9 @@ class ServerConnection:
                          them=f"the client at {self.peer}")
         if skew:
             log.warning("%s", skew)
-        session, resumed = self.server.sessions.open(shake.session)
+        principal = shake.principal or OWNER
+        self.peer = f"{principal}@{self.peer}"  # every later log line names the principal
+        session, resumed = self.server.sessions.open(shake.session, principal)
         self.session = session
         welcome.update(session=session.id, resumed=resumed, info=self.server.info)
         self.framed.send(welcome)

@@ -2,10 +2,10 @@
 
 Every request a client sends — and every request made by code it ships with ``call`` — goes
 through a :class:`SessionExecutor`: save-context names are rewritten into the session's own
-namespace (``acts`` is ``s/{session id}/acts``; ``shared/...`` names are common to all
-sessions), listings show only what the session may see, and requests made by shipped code
-inherit the cancellation of the request that runs it. Error messages name contexts as the user
-called them.
+namespace (``acts`` is ``p/{principal}/s/{session id}/acts``; ``shared/...`` names are common
+to the sessions of one principal), listings show only what the session may see, and requests
+made by shipped code inherit the cancellation of the request that runs it. Error messages name
+contexts as the user called them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from cloche.api import requests as rq
 from cloche.api.executor import CancelEvent, EventSink, Executor, submit_in_thread
 from cloche.api.futures import RequestFuture
 from cloche.api.model import DEFAULT_CONTEXT, Model
-from cloche.errors import ClocheError
+from cloche.errors import ClocheError, UsageError
 from cloche.model.info import ModelInfo
 from cloche.runtime.interrupt import interruptible
 from cloche.runtime.usercode import run_user_function
@@ -69,6 +69,10 @@ class SessionExecutor:
     def execute(self, request: rq.Request[T], *, cancel: CancelEvent | None = None,
                 on_event: EventSink | None = None) -> T:
         cancel = cancel if cancel is not None else self._cancel
+        if isinstance(request, rq.Quota):
+            raise UsageError("caps on saved data are the server operator's: set them per"
+                             " principal in the token file (max-saved-bytes=SIZE) or for the"
+                             " whole server with --max-saved-bytes")
         if isinstance(request, rq.Call) and request.rank is None:
             # shipped code gets the model through this session (and this request's cancel)
             here = Model(SessionExecutor(self._inner, self._session, cancel))
@@ -78,7 +82,8 @@ class SessionExecutor:
             value = self._inner.execute(self._namespaced(request), cancel=cancel,
                                         on_event=on_event)
         except ClocheError as exc:
-            exc.message = exc.message.replace(self._session.prefix, "")
+            exc.message = exc.message.replace(self._session.prefix, "").replace(
+                self._session.root, "")
             raise
         if isinstance(request, rq.ListContexts):
             # T is list[str] here, which mypy cannot tie to the narrowed request

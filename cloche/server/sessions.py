@@ -1,8 +1,11 @@
 """Sessions: each client's own namespace of save contexts, alive across reconnects.
 
-A session's context ``acts`` is the model-level context ``s/{session id}/acts``; names that
-start with ``shared/`` are the same for every session. A session outlives its connections: a
-client that reconnects with its session id gets its contexts back. A session with no
+Every session belongs to the principal whose token opened it (``owner`` on a single-token
+server). Its context ``acts`` is the model-level context ``p/{principal}/s/{session id}/acts``;
+names that start with ``shared/`` are common to the sessions of one principal
+(``p/{principal}/shared/...``), and no principal sees another's. A session outlives its
+connections: a client of the same principal that reconnects with its session id gets its
+contexts back. A session with no
 connection and no work for longer than the operator's idle expiry is dropped with its
 contexts. With a state directory the registry is kept on disk, so sessions (and, through the
 store's journal, their contexts) survive a restart of the server.
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from cloche.errors import UsageError
 from cloche.probes.disk import atomic_write
+from cloche.server.principals import OWNER
 
 __all__ = ["SHARED_PREFIX", "Session", "SessionRegistry"]
 
@@ -30,11 +34,18 @@ _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 class Session:
     """One client's namespace. ``busy`` counts its open connections and unfinished requests."""
 
-    def __init__(self, sid: str) -> None:
+    def __init__(self, sid: str, principal: str = OWNER) -> None:
         self.id = sid
-        self.prefix = f"s/{sid}/"
+        self.principal = principal
+        self.root = self.root_of(principal)  # everything this principal's sessions may touch
+        self.prefix = f"{self.root}s/{sid}/"
         self.busy = 0
         self.last_seen = time.monotonic()
+
+    @staticmethod
+    def root_of(principal: str) -> str:
+        """The model-level prefix of every context of ``principal``'s sessions."""
+        return f"p/{principal}/"
 
     def context_name(self, name: str | None, default: str) -> str:
         """The model-level name of this session's context ``name``."""
@@ -45,13 +56,23 @@ class Session:
         if name.startswith(SHARED_PREFIX):
             if len(name) == len(SHARED_PREFIX):
                 raise UsageError("a shared save context needs a name after 'shared/'")
-            return name
+            return self.root + name
         return self.prefix + name
 
+    def user_name(self, model_name: str) -> str:
+        """How the session calls a model-level name of its own (inverse of ``context_name``)."""
+        if model_name.startswith(self.prefix):
+            return model_name[len(self.prefix):]
+        if model_name.startswith(self.root + SHARED_PREFIX):
+            return model_name[len(self.root):]
+        return model_name
+
     def visible(self, model_names: list[str]) -> list[str]:
-        """The session's view of the model's context names: its own plus the shared ones."""
-        own = [n[len(self.prefix) :] for n in model_names if n.startswith(self.prefix)]
-        shared = [n for n in model_names if n.startswith(SHARED_PREFIX)]
+        """The session's view of the model's context names: its own plus its principal's
+        shared ones."""
+        shared_root = self.root + SHARED_PREFIX
+        own = [self.user_name(n) for n in model_names if n.startswith(self.prefix)]
+        shared = [self.user_name(n) for n in model_names if n.startswith(shared_root)]
         return sorted(own) + sorted(shared)
 
 
@@ -64,26 +85,32 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._path = Path(path) if path is not None else None
         if self._path is not None and self._path.exists():
-            for sid in json.loads(self._path.read_text()).get("sessions", []):
-                if _SESSION_ID.match(sid):
-                    self._sessions[sid] = Session(sid)
+            for entry in json.loads(self._path.read_text()).get("sessions", []):
+                sid, principal = entry.get("id"), entry.get("principal")
+                if isinstance(sid, str) and _SESSION_ID.match(sid) and isinstance(principal, str):
+                    self._sessions[sid] = Session(sid, principal)
 
     def _save(self) -> None:
-        """Write the session ids (under the lock); a session is on disk before its welcome."""
+        """Write the sessions (under the lock); a session is on disk before its welcome."""
         if self._path is None:
             return
-        text = json.dumps({"sessions": sorted(self._sessions)})
+        text = json.dumps({"sessions": [{"id": s.id, "principal": s.principal}
+                                        for s in sorted(self._sessions.values(),
+                                                        key=lambda s: s.id)]})
         atomic_write(self._path, lambda tmp: Path(tmp).write_text(text))
 
-    def open(self, requested: str | None) -> tuple[Session, bool]:
-        """Resume ``requested`` if it is alive, else start a new session: (session, resumed)."""
+    def open(self, requested: str | None, principal: str = OWNER) -> tuple[Session, bool]:
+        """Resume ``requested`` if it is alive and ``principal``'s, else start a new session:
+        (session, resumed). Another principal's session id is treated like an unknown one."""
         with self._lock:
             session = None
             if requested is not None and _SESSION_ID.match(requested):
                 session = self._sessions.get(requested)
+                if session is not None and session.principal != principal:
+                    session = None
             resumed = session is not None
             if session is None:
-                session = Session(secrets.token_hex(16))
+                session = Session(secrets.token_hex(16), principal)
                 self._sessions[session.id] = session
                 self._save()
             session.busy += 1
@@ -106,7 +133,7 @@ class SessionRegistry:
 
     def expire(self, drop_contexts: Callable[[Session], None], now: float | None = None
                ) -> list[str]:
-        """Drop idle sessions (and, through ``drop_contexts``, their save contexts)."""
+        """Drop idle sessions (and, through ``drop_contexts``, their save contexts); their ids."""
         if self.idle_expiry is None:
             return []
         now = time.monotonic() if now is None else now

@@ -501,6 +501,9 @@ class ShardedExecutor:
         return values
 
     # ----------------------------------------------------------------- weights
+    def _set_quota(self, req: rq.Quota) -> None:
+        self._command("quota", prefix=req.prefix, max_bytes=req.max_bytes, label=req.label)
+
     def _catalog(self) -> WeightCatalog:
         if self._weights is None:
             self._weights = WeightCatalog(self._stage.adapter, self.plan.n_layers,
@@ -550,6 +553,7 @@ class ShardedExecutor:
         rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
         rq.Owner: lambda self, req, c, e: self.owner_of(req.point),
         rq.Param: _param,
+        rq.Quota: lambda self, req, c, e: self._set_quota(req),
         rq.ParamNames: lambda self, req, c, e: self._catalog().names(req.canonical),
         rq.ListContexts: lambda self, req, c, e: self._context_names(),
         rq.Config: lambda self, req, c, e: self.config.to_dict(),

@@ -485,5 +485,9 @@ class Stage:
         """Take back this rank's commits of transactions rank 0 never recorded as whole."""
         return self.local.store.undo_after(committed)
 
+    def op_quota(self, prefix: str, max_bytes: int | None, label: str) -> None:
+        """The same cap on every rank's part (each rank holds its own contexts' bytes)."""
+        self.local.store.set_quota(prefix, max_bytes, label)
+
     def op_shutdown(self) -> None:
         return None

@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import platform
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
@@ -143,16 +144,24 @@ def _versions(msg: dict) -> dict[str, str] | None:
 class ServerHandshake:
     """Server side. ``receive`` returns the reply to send; after ``done`` the peer is trusted.
 
-    A wrong proof raises :class:`AuthError`; the caller sends :meth:`refusal` and closes.
-    ``peer_versions`` is what the client said it runs (None if it did not say).
+    ``tokens`` is one token, or several by principal name: the client's proof says which one
+    it holds (every token is tried, so the time taken does not tell which one came close), and
+    ``principal`` names it afterwards. A wrong proof raises :class:`AuthError`; the caller sends
+    :meth:`refusal` and closes. ``peer_versions`` is what the client said it runs (None if it
+    did not say).
     """
 
-    def __init__(self, token: str | bytes, *, nonce: bytes | None = None) -> None:
-        self._token = _key(token)
+    def __init__(self, tokens: str | bytes | Mapping[str, str | bytes], *,
+                 nonce: bytes | None = None) -> None:
+        table = tokens if isinstance(tokens, Mapping) else {"": tokens}
+        if not table:
+            raise AuthError("a server needs at least one token")
+        self._tokens = {name: _key(token) for name, token in table.items()}
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
         self._client_nonce: bytes | None = None
         self.done = False
         self.session: str | None = None
+        self.principal: str | None = None
         self.peer_versions: dict[str, str] | None = None
 
     def receive(self, msg: Any) -> dict:
@@ -167,15 +176,20 @@ class ServerHandshake:
         if session is not None and (not isinstance(session, str)
                                     or len(session) > _MAX_SESSION_LEN):
             raise ProtocolError("bad session id in the handshake")
-        expected = client_proof(self._token, self._nonce, self._client_nonce)
-        if not hmac.compare_digest(proof, expected):
+        matched = None
+        for name, token in self._tokens.items():
+            expected = client_proof(token, self._nonce, self._client_nonce)
+            if hmac.compare_digest(proof, expected) and matched is None:
+                matched = name
+        if matched is None:
             raise AuthError("authentication failed: wrong token")
         self.done = True
         self.session = session
+        self.principal = matched
         return {
             "kind": messages.WELCOME,
             "proto": PROTOCOL_VERSION,
-            "proof": server_proof(self._token, self._client_nonce, self._nonce),
+            "proof": server_proof(self._tokens[matched], self._client_nonce, self._nonce),
             "versions": local_versions(),
         }
 

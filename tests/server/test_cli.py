@@ -41,9 +41,9 @@ def test_sizes_durations_and_token_sources(tmp_path):
     token_file.write_text("from-file-token-0123\n")
     token_file.chmod(0o600)
     assert cli.resolve_token(str(token_file), {"CLOCHE_TOKEN": "env"}) == (
-        "from-file-token-0123", False)
-    assert cli.resolve_token(None, {"CLOCHE_TOKEN": "env"}) == ("env", False)
-    token, generated = cli.resolve_token(None, {})
+        "from-file-token-0123", (), False)
+    assert cli.resolve_token(None, {"CLOCHE_TOKEN": "env"}) == ("env", (), False)
+    token, _, generated = cli.resolve_token(None, {})
     assert generated and len(token) >= 24
     with pytest.raises(UsageError):
         cli.resolve_token(str(tmp_path / "missing"), {})
@@ -182,7 +182,7 @@ def test_a_token_file_others_can_read_is_refused(tmp_path, mode):
     with pytest.raises(UsageError, match="chmod 600"):
         cli.resolve_token(str(token_file), {})
     token_file.chmod(0o400)
-    assert cli.resolve_token(str(token_file), {}) == (FILE_TOKEN, False)
+    assert cli.resolve_token(str(token_file), {}) == (FILE_TOKEN, (), False)
 
 
 def test_short_tokens_are_refused(tmp_path):

@@ -63,7 +63,7 @@ def test_eight_concurrent_clients_see_only_their_own_data(served, local):
         assert torch.equal(r["mine"], torch.full((3, 2), float(i)))
         assert r["state"] == {"owner": i}
         assert "acts" in r["contexts"] and shared in r["contexts"]
-        assert not any(name.startswith("s/") for name in r["contexts"])
+        assert not any(name.startswith(("s/", "p/")) for name in r["contexts"])
 
         def scale(ctx, x, i=i):
             return x * (1 + i / 10)

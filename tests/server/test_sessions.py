@@ -71,9 +71,9 @@ def test_idle_sessions_expire_with_their_contexts(local_model):
         model = connect(server.address, token=server.token)
         model.run("def f():", probes={"embed": keep}, save="ephemeral")
         session = model.session
-        assert any(n.startswith(f"s/{session}/") for n in local_model.save_contexts())
+        assert any(n.startswith(f"p/owner/s/{session}/") for n in local_model.save_contexts())
         model.close()
-        assert wait_until(lambda: not any(n.startswith(f"s/{session}/")
+        assert wait_until(lambda: not any(n.startswith(f"p/owner/s/{session}/")
                                           for n in local_model.save_contexts())), \
             "the idle session never expired"
         with pytest.raises(cloche.SessionLost):
@@ -96,10 +96,11 @@ def test_memory_cap_gives_a_clear_error_and_rolls_back(local_model):
 
 
 def test_session_namespacing_rules():
-    session = Session("a" * 32)
-    assert session.context_name(None, "default") == f"s/{'a' * 32}/default"
-    assert session.context_name("shared/x", "default") == "shared/x"
-    names = [f"s/{'a' * 32}/mine", f"s/{'b' * 32}/theirs", "shared/x", "__shapes__"]
+    session = Session("a" * 32, "alice")
+    assert session.context_name(None, "default") == f"p/alice/s/{'a' * 32}/default"
+    assert session.context_name("shared/x", "default") == "p/alice/shared/x"
+    names = [f"p/alice/s/{'a' * 32}/mine", f"p/alice/s/{'b' * 32}/theirs", "p/alice/shared/x",
+             "p/bob/shared/y", f"p/bob/s/{'a' * 32}/forged", "shared/z", "__shapes__"]
     assert session.visible(names) == ["mine", "shared/x"]
     with pytest.raises(cloche.UsageError):
         session.context_name("shared/", "default")

@@ -90,3 +90,28 @@ def test_cloche_serve_under_torchrun_serves_clients_and_shuts_down_cleanly(
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
+
+
+def test_a_principals_cap_holds_on_every_rank(tiny4_dir):
+    from cloche.server.principals import Principal
+
+    alice = Principal("alice", "alice-token-0123456789", max_saved_bytes=4096)
+    bob = Principal("bob", "bob-token-0123456789abc")
+    model = start_local(tiny4_dir("llama"), 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    server = Server(model, ServerConfig(principals=(alice, bob)))
+
+    def big(ctx, x):
+        ctx.save("big", torch.zeros(2048))  # 8 KiB
+
+    try:
+        address = server.start()
+        assert model.owner_of("layers.3.resid_post") == 1
+        with connect(address, token=alice.token) as a, connect(address, token=bob.token) as b:
+            with pytest.raises(cloche.ResourceLimit, match="principal 'alice'"):
+                a.run(ids_batch(seed=1), probes={"layers.3.resid_post": big}, save="c")
+            assert a.save_contexts() == []
+            b.run(ids_batch(seed=1), probes={"layers.3.resid_post": big}, save="c")
+            assert b.save_context("c").num_runs == 1 and a.save_contexts() == []
+    finally:
+        server.shutdown()
+        model.close()

@@ -38,11 +38,23 @@ def test_client_refuses_a_server_without_the_token():
     client = ClientHandshake("token")
     impostor = ServerHandshake("other")
     auth = client.receive(impostor.receive(client.start()))
-    impostor._token = b"token"  # accepts anybody, but cannot prove the real token
+    impostor._tokens = {"": b"token"}  # accepts anybody, but cannot prove the real token
     welcome = impostor.receive(auth)
     welcome["proof"] = bytes(32)
     with pytest.raises(AuthError, match="could not prove"):
         client.receive(welcome)
+
+
+def test_the_proof_names_the_principal_whose_token_it_is():
+    tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
+    for name, token in tokens.items():
+        client, server = ClientHandshake(token), ServerHandshake(tokens)
+        run(client, server)
+        assert server.done and server.principal == name and client.done
+    client, server = ClientHandshake("carol-token-0123456789"), ServerHandshake(tokens)
+    with pytest.raises(AuthError):
+        run(client, server)
+    assert server.principal is None and not server.done
 
 
 def test_replayed_proof_fails_against_a_fresh_nonce():
