@@ -36,6 +36,20 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def parse_size_or_none(text: str) -> int | None:
+    """A size, or ``"none"`` for no cap."""
+    return None if text.strip().lower() in ("none", "never", "off") else parse_size(text)
+
+
+def default_saved_cap() -> int | None:
+    """Half of the machine's physical memory: saved data never takes the whole machine down
+    by default (None where the platform cannot say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def parse_duration(text: str) -> float | None:
     """``"90"`` (seconds), ``"30m"``, ``"2h"``, ``"1d"``; ``"never"`` or ``"0"`` -> None."""
     if text.strip().lower() in ("never", "none", "0"):
@@ -84,10 +98,12 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         help="serve off loopback without TLS (refused otherwise): only the"
                              " handshake is protected, so anyone on the network path can read"
                              " the traffic and inject code that runs as this user")
-    parser.add_argument("--max-saved-bytes", type=parse_size, default=None, metavar="SIZE",
-                        help="cap on memory held by save contexts of all sessions, e.g. 8GiB; "
-                             "a run that would exceed it fails with ResourceLimit and is rolled "
-                             "back (default: no cap)")
+    parser.add_argument("--max-saved-bytes", type=parse_size_or_none, default=default_saved_cap(),
+                        metavar="SIZE",
+                        help="cap on memory held by save contexts of all sessions (on each rank"
+                             " when sharded), e.g. 8GiB, or 'none'; a run that would exceed it"
+                             " fails with ResourceLimit and is rolled back (default: half of"
+                             " this machine's memory)")
     parser.add_argument("--session-idle-expiry", type=parse_duration, default=24 * 3600.0,
                         metavar="DURATION",
                         help="drop a session and its save contexts after it has had no "
@@ -179,7 +195,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
         token=token, principals=principals, host=args.host, port=args.port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
         request_timeout=args.request_timeout, state_dir=args.state_dir,
-        insecure_no_tls=args.insecure_no_tls,
+        insecure_no_tls=args.insecure_no_tls, max_saved_bytes=args.max_saved_bytes,
     )
     return config, generated
 
@@ -200,7 +216,7 @@ def load_model(args: argparse.Namespace) -> Any:
     import cloche
 
     return cloche.load(args.model, device=args.device, dtype=args.dtype,
-                       max_saved_bytes=args.max_saved_bytes, state_dir=args.state_dir)
+                       state_dir=args.state_dir)  # the server applies --max-saved-bytes
 
 
 def _layers_per_rank(text: str | None) -> list[int] | None:

@@ -177,7 +177,7 @@ class Transaction:
         limit = self._store.max_bytes
         if limit is not None and self._store.nbytes() + self._charged > limit:
             raise ResourceLimit(
-                f"saved data would exceed the server's limit of {limit} bytes"
+                f"saved data would exceed this model's limit of {limit} bytes (max_saved_bytes)"
                 f" ({self._store.nbytes()} held, this run adds {self._charged});"
                 " fetch and clear save contexts, or save less (slice before ctx.save)"
             )

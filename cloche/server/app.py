@@ -99,6 +99,10 @@ class Server:
         self.executor.execute(rq.ProbePoints())
         self.model_info = self.executor.describe()  # what requests are checked against
         self.info = self.model_info.summary()
+        if self.config.max_saved_bytes is not None:  # every session's context is under p/
+            self.executor.execute(rq.Quota(
+                prefix="p/", max_bytes=self.config.max_saved_bytes,
+                label="the server (--max-saved-bytes, ServerConfig.max_saved_bytes)"))
         for principal in self.config.principals:
             if principal.max_saved_bytes is not None:
                 self.executor.execute(rq.Quota(

@@ -43,8 +43,10 @@ class ServerConfig:
     it has had no connection and no work for that long. ``max_frame_bytes`` bounds what an
     authenticated client may send in one frame (before authentication the bound is 4 KiB).
     ``request_timeout`` (seconds, ``None`` for no limit) stops a heavy request that runs longer,
-    user code stuck in a loop included. ``state_dir`` keeps the sessions on disk (the model's
-    store keeps their save contexts there too: ``cloche.load(..., state_dir=...)``).
+    user code stuck in a loop included. ``max_saved_bytes`` caps what all sessions' save
+    contexts may hold (on each rank of a sharded model). ``state_dir`` keeps the sessions on
+    disk (the model's store keeps their save contexts there too:
+    ``cloche.load(..., state_dir=...)``).
 
     Strangers (see :mod:`cloche.server.guard`): ``handshake_timeout`` is one deadline for the
     whole handshake (TLS included), not for each read, so a peer trickling bytes cannot hold a
@@ -80,6 +82,7 @@ class ServerConfig:
     auth_backoff_max: float = 300.0
     progress_interval: float = 0.05
     request_timeout: float | None = None
+    max_saved_bytes: int | None = None
     state_dir: str | None = None
     insecure_no_tls: bool = False
 
@@ -114,6 +117,11 @@ class ServerConfig:
             raise UsageError(
                 f"session_idle_expiry ({self.session_idle_expiry}) must be positive or None"
             )
+        if self.max_saved_bytes is not None and (
+                isinstance(self.max_saved_bytes, bool) or not isinstance(self.max_saved_bytes, int)
+                or self.max_saved_bytes < 0):
+            raise UsageError(f"max_saved_bytes ({self.max_saved_bytes!r}) must be a size in"
+                             " bytes or None")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise UsageError(f"request_timeout ({self.request_timeout}) must be positive or None")
         for name in ("handshake_timeout", "auth_backoff", "auth_backoff_max"):

@@ -11,6 +11,7 @@ import sys
 import cloche
 import pytest
 import torch
+from cloche import cli
 from cloche.client import connect
 from cloche.errors import AuthError, ResourceLimit, SessionLost, UsageError
 from cloche.server.principals import OWNER, Principal, parse_principals
@@ -152,3 +153,22 @@ def test_a_bad_token_file_stops_the_server_with_the_line(tmp_path):
                            str(token_file)], cwd=REPO, capture_output=True, text=True,
                           check=False, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 2 and "line 2" in done.stderr and "bob" in done.stderr
+
+
+def test_the_server_caps_saved_bytes_by_default(server_model_dir):
+    args = cli.build_parser().parse_args(["serve"])
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert args.max_saved_bytes == total // 2  # never the whole machine, unless asked
+    assert cli.build_parser().parse_args(["serve", "--max-saved-bytes", "none"]
+                                         ).max_saved_bytes is None
+
+    def big(ctx, x):
+        ctx.save("big", torch.zeros(2048))  # 8 KiB
+
+    with InProcessServer(cloche.load(server_model_dir), max_saved_bytes=4096) as server, \
+            connect(server.address, token=server.token) as model:
+        with pytest.raises(ResourceLimit, match="--max-saved-bytes"):
+            model.run("x", probes={"embed": big}, save="c")
+        assert model.save_contexts() == []
+        model.run("x", probes={"embed": keep}, save="c")  # small saves still fit
+        assert model.save_context("c").num_runs == 1
