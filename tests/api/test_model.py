@@ -19,6 +19,7 @@ from cloche.sharding.launch import start_local
 
 from tests.server.helpers import InProcessServer
 from tests.sharding.conftest import save_tiny4
+from tests.threads import TORCH_THREADS
 
 IDS = torch.arange(3, 27).reshape(2, 12)
 
@@ -34,7 +35,7 @@ def models(tiny4):
     local = cloche.load(tiny4)
     server = InProcessServer(cloche.load(tiny4))
     remote = cloche.connect(server.address, token=server.token)
-    sharded = start_local(tiny4, 2, timeout_s=30.0, threads=1)
+    sharded = start_local(tiny4, 2, timeout_s=30.0, threads=TORCH_THREADS)
     try:
         yield {"local": local, "remote": remote, "sharded": sharded}
     finally:
@@ -79,12 +80,19 @@ def test_the_same_results_everywhere(models, kind):
 
     got = model.run(IDS, probes={"layers.2.mlp.post": keep}, save="same")
     want = local.run(IDS, probes={"layers.2.mlp.post": keep}, save="same")
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(model.save_context("same").fetch("x"),
-                               local.save_context("same").fetch("x"), atol=1e-5, rtol=0)
+    # bit for bit: every side runs TORCH_THREADS threads, and a sharded rank the same ops
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(model.save_context("same").fetch("x"), local.save_context("same").fetch("x"))
+    grads = {}
+    for name, m in (("got", model), ("want", local)):
+        grads[name] = m.run(IDS, grad_probes={"layers.1.resid_post": keep}, backward=True,
+                            save="grad").logits
+    assert torch.equal(grads["got"], grads["want"])
+    assert torch.equal(model.save_context("grad").fetch("x"), local.save_context("grad").fetch("x"))
     assert model.info()["world_size"] == (2 if kind == "sharded" else 1)
     for m in (model, local):
         m.save_context("same").clear()
+        m.save_context("grad").clear()
 
 
 @pytest.mark.parametrize("kind", KINDS)
