@@ -94,12 +94,17 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     if not (snapshot / "config.json").is_file():
         raise UsageError(f"the hub repository {repo_id!r} (revision {revision or 'main'},"
                          f" commit {commit}) has no config.json: it is not a transformers model")
-    for weights in _weight_files(snapshot):
-        if not (snapshot / weights[0]).exists():
+    candidates = _weight_files(snapshot)
+    for weights in candidates:
+        if not all((snapshot / w).exists() for w in weights):
             _download(repo_id, commit, weights)
         if all((snapshot / w).exists() for w in weights):
-            break
-    return ModelSource(snapshot, repo_id, repo_id, commit)
+            return ModelSource(snapshot, repo_id, repo_id, commit)
+    names = " or ".join(", ".join(w) for w in candidates)
+    raise UsageError(f"the snapshot of {repo_id!r} (commit {commit}) in {snapshot.parent.parent}"
+                     f" has no complete weights ({names}): the download was interrupted, or the"
+                     f" repository has none; run once with network access (HF_HUB_OFFLINE unset)"
+                     f" or `hf download {repo_id}` to complete it")
 
 
 def _weight_files(snapshot: Path) -> list[list[str]]:

@@ -110,6 +110,15 @@ def test_a_cached_repo_without_config_is_not_a_model(cache, tmp_path):
         cloche.load("org/readme-only")
 
 
+def test_a_snapshot_without_its_weights_says_it_is_incomplete(cache, llama_dir, tmp_path):
+    files = tmp_path / "config-only"
+    files.mkdir()
+    (files / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
+    add_snapshot(cache, "org/half-downloaded", files)
+    with pytest.raises(UsageError, match=r"has no complete weights \(model\.safetensors"):
+        cloche.load("org/half-downloaded")
+
+
 # ------------------------------------------------------------------ the class it was saved as
 
 
