@@ -196,16 +196,36 @@ def test_bf16_and_auto_by_name_match_the_directory(cache, llama_dir, tmp_path):
     assert torch.equal(auto.run(IDS).logits, logits)
 
 
+def test_fp16_and_an_explicit_device_by_name(cache, llama_dir):
+    add_snapshot(cache, "org/tiny-llama", llama_dir)
+    by_name = cloche.load("org/tiny-llama", dtype="float16", device="cpu")
+    by_dir = cloche.load(llama_dir, dtype="float16", device=torch.device("cpu"))
+    assert by_name.device == torch.device("cpu") and by_name.info()["device"] == "cpu"
+    logits = by_name.run(IDS).logits
+    assert logits.dtype == torch.float16 and torch.equal(logits, by_dir.run(IDS).logits)
+
+
+def test_a_torchrun_rank_resolves_a_hub_name_itself(cache, llama_dir):
+    from cloche.sharding.worker import model_directory
+
+    snapshot = add_snapshot(cache, "org/tiny-llama", llama_dir, refs=("main", "v1"))
+    assert model_directory("org/tiny-llama") == str(snapshot)
+    assert model_directory("org/tiny-llama", "v1") == str(snapshot)
+    assert model_directory(str(llama_dir)) == str(llama_dir)
+
+
 # ------------------------------------------------------------------ serve and sharded launch
 
 
 @pytest.mark.slow
-def test_cloche_serve_loads_a_hub_name_offline(cache, llama_dir, tmp_path):
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cloche_serve_loads_a_hub_name_offline(cache, llama_dir, tmp_path, world_size):
     other = save_tiny("llama", tmp_path / "v2", seed=7)
     add_snapshot(cache, "org/tiny-llama", llama_dir)
     add_snapshot(cache, "org/tiny-llama", other, refs=("v2",))
     expected = cloche.load(other, dtype="bfloat16").run(IDS).logits
     server = ServerProcess("org/tiny-llama", TOKEN, "--revision", "v2", "--dtype", "bfloat16",
+                           "--device", "cpu", "--world-size", str(world_size),
                            log_path=tmp_path / "serve.log")
     try:
         with cloche.connect(server.address, token=TOKEN) as model:
