@@ -36,6 +36,36 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
         "bert": (t.BertForMaskedLM, t.BertConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, **_COMMON)),
+        "opt": (t.OPTForCausalLM, t.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=64, **_COMMON)),
+        "gptj": (t.GPTJForCausalLM, t.GPTJConfig(
+            n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, **_COMMON)),
+        # a global then a local layer; the window (4) is shorter than the test inputs (9)
+        "gpt_neo": (t.GPTNeoForCausalLM, t.GPTNeoConfig(
+            hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+            attention_types=[[["global", "local"], 1]], window_size=4,
+            max_position_embeddings=64, **_COMMON)),
+        "phi": (t.PhiForCausalLM, t.PhiConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            partial_rotary_factor=0.5, max_position_embeddings=64, **_COMMON)),
+        "gemma": (t.GemmaForCausalLM, t.GemmaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **_COMMON)),
+        # caps small enough to matter on tiny random weights; layer 0 slides over 4 tokens
+        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+            max_position_embeddings=64, **_COMMON)),
+        "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+            **_COMMON)),
+        "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **_COMMON)),
     }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cloche.model.adapters import Adapter
+from cloche.model.families import Adapter
 from cloche.model.weights import head_shape
 
 __all__ = ["ModelInfo", "describe"]

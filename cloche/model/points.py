@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from cloche.errors import UnknownProbePoint
-from cloche.model.adapters import Adapter, Site
+from cloche.model.families import Adapter, Site
 
 ATTENTION_INTERNALS = ("q", "k", "v", "pattern", "z")
 
@@ -67,7 +67,7 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
     specs: dict[str, PointSpec] = {}
     if adapter is not None and adapter.layers in modules:
         config = hf_model.config
-        parallel = bool(getattr(config, "use_parallel_residual", False))
+        parallel = adapter.is_parallel(config)
         if adapter.embed in modules:
             specs["embed"] = PointSpec("embed", "embed", None, Site(adapter.embed, "output"))
         layers = modules[adapter.layers]
@@ -84,7 +84,8 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
                     continue
                 path = _join(base, site.module)
                 if path in modules:
-                    specs[name] = PointSpec(name, _kind_of(suffix), i, Site(path, site.where))
+                    specs[name] = PointSpec(name, _kind_of(suffix), i, Site(path, site.where,
+                                                                            site.flat))
         if adapter.final_norm and adapter.final_norm in modules:
             specs["final_norm"] = PointSpec(
                 "final_norm", "ln", None, Site(adapter.final_norm, "output")

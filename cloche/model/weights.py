@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cloche.errors import UnknownProbePoint, UsageError
-from cloche.model.adapters import Adapter, WeightRule
+from cloche.model.families import Adapter, WeightRule
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
     if part is None:  # every layout below reads one part of a fused tensor
         raise UsageError(f"weight layout {layout!r} of {rule.param!r} is unknown or lacks the"
                          " part of the fused tensor it reads (an adapter table is wrong)")
+    if layout == "rows_from":  # a table with ``part`` unused rows in front (OPT's positions)
+        return raw[part:]
     if layout == "conv1d_qkv_heads":
         return _split_heads_in(raw[:, part * width : (part + 1) * width], hs.n_heads, hs.d_head)
     if layout == "qkv_bias_heads":

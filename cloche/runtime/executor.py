@@ -26,7 +26,7 @@ from cloche.api.inputs import next_token_loss
 from cloche.api.model import Model
 from cloche.api.results import Outputs
 from cloche.errors import UsageError
-from cloche.model.adapters import Adapter, adapter_for
+from cloche.model.families import Adapter, adapter_for
 from cloche.model.info import ModelInfo, describe
 from cloche.model.loader import Loaded
 from cloche.model.points import PointSpec, ProbePoint, build_specs
@@ -78,6 +78,7 @@ class LocalExecutor:
                                      if attn else {})
         else:
             self._block_paths, self._attention_paths = [], {}
+        self._attention_method = self.adapter.attention_method if self.adapter else None
 
     # ----------------------------------------------------------------- description
     @property
@@ -160,7 +161,8 @@ class LocalExecutor:
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
                        model=self.facade, rank=self.rank, cancel=cancel)
         attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
-                                cancel, self._block_paths, self._attention_paths)
+                                cancel, self._block_paths, self._attention_paths,
+                                self._attention_method)
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf_model(input_ids=ids, attention_mask=mask)
 
@@ -243,7 +245,8 @@ class LocalExecutor:
 
         attachment = (attachment_for(info) if attachment_for is not None else
                       Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
-                                 cancel, self._block_paths, self._attention_paths))
+                                 cancel, self._block_paths, self._attention_paths,
+                                self._attention_method))
         handle = self.hf_model.register_forward_pre_hook(track, with_kwargs=True)
         hf_model: Any = self.hf_model  # a transformers model: nn.Module has no generate()
         try:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cloche.errors import UsageError
-from cloche.model.adapters import Adapter, adapter_for
+from cloche.model.families import Adapter, adapter_for
 from cloche.model.loader import Loaded, auto_class, parse_dtype
 from cloche.model.points import PointSpec
 from cloche.sharding.plan import ShardPlan, balanced_plan

@@ -1,0 +1,73 @@
+"""The adapter record: where each canonical probe point and weight lives in a family's modules.
+
+An adapter is a small table, not a fork of the model code: the Hugging Face model runs its own
+``forward()`` and cloche only attaches hooks at the sites named here. A family that has no
+adapter still loads and still offers every module's input and output as a probe point.
+
+Sites are given relative to the model root (``embed``, ``layers``, ...) or to one block
+(``block_sites``). A site is ``(module path, "input" | "output" | "input_inplace")``:
+``input_inplace`` marks an input tensor that the model also keeps for a residual add, so a
+replacement must be written into the tensor itself (see ``runtime.hooks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Site:
+    """A hook site: a module path and which of its tensors the point is."""
+
+    module: str
+    where: str  # "input" | "output" | "input_inplace"
+    #: the tensor there is flattened to (batch * seq, width) by the model (OPT's MLP): probes
+    #: see it as (batch, seq, width), like every other point
+    flat: bool = False
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """How to read one canonical weight from a raw parameter.
+
+    ``layout`` names the transformation from the raw tensor to the canonical one (see
+    ``model.weights``); ``part`` selects a slice of a fused tensor (e.g. 0/1/2 of GPT-2's c_attn).
+    """
+
+    param: str
+    layout: str
+    part: int | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Everything cloche needs to know about one architecture family."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    embed: str
+    final_norm: str | None
+    unembed: str
+    logits: str
+    block_sites: dict[str, Site]
+    block_weights: dict[str, WeightRule]
+    global_weights: dict[str, WeightRule]
+    #: path of the attention module inside a block (internals via AttentionInterface)
+    attention: str | None
+    gated_mlp: bool = False
+    causal: bool = True
+    notes: tuple[str, ...] = field(default=())
+    #: attention and MLP read the same residual (GPT-J, Phi, Falcon): no ``resid_mid``. A string
+    #: names the config attribute that switches it (GPT-NeoX's ``use_parallel_residual``)
+    parallel: bool | str = False
+    #: for attention modules that do not call transformers' AttentionInterface: the name of
+    #: their method ``(query, key, value, mask) -> (z, pattern)`` in (batch, head, seq, d)
+    #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``)
+    attention_method: str | None = None
+
+    def is_parallel(self, config: object) -> bool:
+        """Whether blocks of a model with ``config`` run attention and MLP in parallel."""
+        if isinstance(self.parallel, str):
+            return bool(getattr(config, self.parallel, False))
+        return self.parallel
