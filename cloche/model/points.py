@@ -101,6 +101,56 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
     return specs
 
 
+_CANONICAL_GLOBAL = ("embed", "final_norm", "logits")
+
+
+def missing_points(adapter: Adapter | None, config: object, names: Collection[str],
+                   model_type: str | None = None) -> tuple[str, ...]:
+    """The canonical points this model lacks, each as ``"<pattern>: <why>"``.
+
+    Block points are given as ``layers.*.<suffix>``. Read by :func:`canonical_name` to say why a
+    name is refused, and shown by ``model.info()``.
+    """
+    if adapter is None:
+        why = (f"model_type {model_type!r} has no cloche adapter, so cloche cannot tell where its"
+               " canonical points are; use module:<path>:input|output points (probe_points()"
+               " lists them)")
+        return tuple(f"{p}: {why}" for p in (*_CANONICAL_GLOBAL,
+                                              *(f"layers.*.{s}" for s in _BLOCK_ORDER)))
+    parallel = adapter.is_parallel(config)
+    out = []
+    for suffix in _BLOCK_ORDER:
+        if f"layers.0.{suffix}" in names:
+            continue
+        if suffix == "resid_mid" and parallel:
+            why = ("attention and MLP run in parallel in this architecture (both read resid_pre),"
+                   " so no residual stream exists between them; resid_pre + attn.out is the"
+                   " nearest quantity (TransformerLens has no hook_resid_mid here either)")
+        elif suffix == "ln2" and parallel:
+            why = "attention and MLP read the same normalised input: use ln1"
+        elif suffix == "mlp.pre_linear":
+            why = "the MLP is not gated: mlp.pre is its only input projection"
+        elif suffix.startswith("attn.") and suffix[5:] in ATTENTION_INTERNALS:
+            why = f"the {adapter.family} adapter names no attention module to tap"
+        else:
+            why = f"the {adapter.family} architecture has no such tensor"
+        out.append(f"layers.*.{suffix}: {why}")
+    for name in _CANONICAL_GLOBAL:
+        if name not in names:
+            out.append(f"{name}: the {adapter.family} architecture has no such module")
+    return tuple(out)
+
+
+def _why_missing(name: str, missing: Collection[str]) -> str | None:
+    match = re.match(r"^layers\.\d+\.(.+)$", name)
+    pattern = f"layers.*.{match.group(1)}" if match else name
+    for line in missing:
+        point, _, why = line.partition(": ")
+        if point == pattern:
+            return why
+    return None
+
+
 def _layer_of(path: str, adapter: Adapter | None) -> int | None:
     if adapter is None or not path.startswith(adapter.layers + "."):
         return None
@@ -131,10 +181,11 @@ _TL_GLOBAL = {"hook_embed": "embed", "ln_final.hook_normalized": "final_norm"}
 _TL_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def canonical_name(name: str, names: Collection[str]) -> str:
+def canonical_name(name: str, names: Collection[str], missing: Collection[str] = ()) -> str:
     """Resolve ``name`` (canonical, TransformerLens alias, or module point) to a canonical name.
 
-    ``names`` are the model's point names (a set, or the specs dict keyed by name).
+    ``names`` are the model's point names (a set, or the specs dict keyed by name); ``missing``
+    the canonical points it lacks and why (:func:`missing_points`), which errors then name.
     """
     if name in names:
         return name
@@ -144,6 +195,9 @@ def canonical_name(name: str, names: Collection[str]) -> str:
         resolved = f"layers.{match.group(1)}.{_TL_BLOCK[match.group(2)]}"
     if resolved is not None and resolved in names:
         return resolved
+    why = _why_missing(resolved or name, missing)
+    if why is not None:
+        raise UnknownProbePoint(f"this model has no probe point {name!r}: {why}")
     if name.startswith("module:") and not name.endswith((":input", ":output")):
         hint = " (module points end in ':input' or ':output')"
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -59,6 +60,12 @@ class LocalExecutor:
         self.name = name or loaded.path.name
         self._config = self.hf_model.config
         self.adapter: Adapter | None = adapter_for(getattr(self._config, "model_type", None))
+        if self.adapter is None and rank == 0:
+            warnings.warn(
+                f"{self.name}: model_type {getattr(self._config, 'model_type', None)!r} has no"
+                " cloche adapter, so it has no canonical probe points or weights (layers.i.*,"
+                " embed, logits, W_Q...): only module:<path>:input|output points. model.info()"
+                "['missing'] says what is absent and why", UserWarning, stacklevel=3)
         self.store = store if store is not None else SaveStore()
         self.rank = rank
         self.specs: dict[str, PointSpec] = build_specs(self.hf_model, self.adapter)

@@ -163,8 +163,13 @@ def test_unknown_architecture_still_offers_module_points(tmp_path):
                                         n_positions=32, rotary_dim=4)
     torch.manual_seed(0)
     transformers.CodeGenForCausalLM(config).save_pretrained(tmp_path)
-    model = cloche.load(tmp_path)
+    with pytest.warns(UserWarning, match="'codegen' has no cloche adapter"):
+        model = cloche.load(tmp_path)
     assert model.executor.adapter is None
+    assert any(line.startswith("layers.*.resid_pre: model_type 'codegen' has no cloche adapter")
+               for line in model.info()["missing"])
+    with pytest.raises(cloche.UnknownProbePoint, match="no cloche adapter.*module:<path>"):
+        model.run(IDS, probes={"layers.0.attn.pattern": lambda c, x: None})
     names = {p.name for p in model.probe_points()}
     assert "module:transformer.h.0.mlp:output" in names
     model.run(IDS, probes={"module:transformer.h.0.mlp:output": lambda c, x: c.save("mlp", x)}, save="u")
@@ -197,3 +202,29 @@ def test_z_without_pattern_probe_uses_the_fused_kernel_and_agrees(family, tiny_m
         return z
     changed = model.run(IDS, probes={"layers.0.attn.z": zero_head}).logits
     assert not torch.allclose(changed, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", ["gptj", "phi"])
+def test_parallel_blocks_have_no_resid_mid_and_say_why(family, tiny_model):
+    model = tiny_model(family)
+    info = model.info()
+    assert info["parallel"] is True
+    names = {p.name for p in model.probe_points()}
+    assert "layers.0.resid_mid" not in names and "layers.0.ln2" not in names
+    assert any(line.startswith("layers.*.resid_mid: attention and MLP run in parallel")
+               for line in info["missing"])
+    for name in ("layers.1.resid_mid", "blocks.1.hook_resid_mid"):
+        with pytest.raises(cloche.UnknownProbePoint, match="run in parallel"):
+            model.resolve(name)
+    # resid_post = resid_pre + attn.out + mlp.out
+    got = capture_all(model, [f"layers.0.{s}" for s in ("resid_pre", "attn.out", "mlp.out",
+                                                         "resid_post")])
+    torch.testing.assert_close(got["layers.0.resid_post"], got["layers.0.resid_pre"]
+                               + got["layers.0.attn.out"] + got["layers.0.mlp.out"],
+                               atol=1e-5, rtol=0)
+
+
+def test_sequential_families_describe_no_parallel_blocks(tiny_model):
+    info = tiny_model("llama").info()
+    assert info["parallel"] is False
+    assert not any(line.startswith("layers.*.resid_mid") for line in info["missing"])

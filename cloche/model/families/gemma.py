@@ -58,8 +58,8 @@ _SANDWICH_WEIGHTS = {
 }
 _SANDWICH_NOTES = (
     *_NOTES,
-    "attn.out and mlp.out are after the post-attention and post-feedforward norms (what is"
-    " added to the residual); z @ W_O is the attention module's output before its norm",
+    ("attn.out and mlp.out are after the post-attention and post-feedforward norms (what is"
+    " added to the residual); z @ W_O is the attention module's output before its norm"),
 )
 
 GEMMA2 = Adapter(
@@ -77,8 +77,8 @@ GEMMA2 = Adapter(
     global_weights=_GLOBAL,
     notes=(
         *_SANDWICH_NOTES,
-        "attention scores are soft-capped (tanh) before the mask and softmax; attn.pattern is"
-        " the real softmax of the capped scores",
+        ("attention scores are soft-capped (tanh) before the mask and softmax; attn.pattern is"
+        " the real softmax of the capped scores"),
         "logits are after the final soft-capping (what the model returns)",
         "every other layer attends within a sliding window; its pattern is zero outside it",
     ),
@@ -103,9 +103,9 @@ GEMMA3 = Adapter(
     global_weights=_GLOBAL,
     notes=(
         *_SANDWICH_NOTES,
-        "queries and keys are RMS-normalised per head before the rotary embedding; attn.q and"
-        " attn.k are after both",
-        "sliding-window layers (layer_types) attend within the window only; their pattern is"
-        " zero outside it",
+        ("queries and keys are RMS-normalised per head before the rotary embedding; attn.q and"
+        " attn.k are after both"),
+        ("sliding-window layers (layer_types) attend within the window only; their pattern is"
+        " zero outside it"),
     ),
 )

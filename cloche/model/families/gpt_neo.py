@@ -49,9 +49,9 @@ GPT_NEO = Adapter(
     },
     notes=(
         "attention scores are not scaled by 1/sqrt(d_head) (GPT-Neo's convention)",
-        "local layers (attention_types) attend to the last window_size tokens only; their"
-        " pattern is zero outside the window",
-        "GPT-Neo's attention does not use transformers' AttentionInterface: cloche wraps its"
-        " _attn method for q/k/v/pattern/z (the model's own eager attention)",
+        ("local layers (attention_types) attend to the last window_size tokens only; their"
+        " pattern is zero outside the window"),
+        ("GPT-Neo's attention does not use transformers' AttentionInterface: cloche wraps its"
+        " _attn method for q/k/v/pattern/z (the model's own eager attention)"),
     ),
 )

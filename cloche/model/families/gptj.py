@@ -43,9 +43,9 @@ GPTJ = Adapter(
         "unembed.b_U": WeightRule("lm_head.bias", "identity"),
     },
     notes=(
-        "attention and MLP both read ln1's output and add to the same residual: no resid_mid and"
-        " no ln2 (as in TransformerLens)",
-        "rotary embedding on the first rotary_dim dimensions of each head (interleaved pairs);"
-        " attn.q and attn.k are after it",
+        ("attention and MLP both read ln1's output and add to the same residual: no resid_mid and"
+        " no ln2 (as in TransformerLens)"),
+        ("rotary embedding on the first rotary_dim dimensions of each head (interleaved pairs);"
+        " attn.q and attn.k are after it"),
     ),
 )

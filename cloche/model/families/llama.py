@@ -70,6 +70,6 @@ QWEN3 = Adapter(
         "attn.k_norm.w": WeightRule("self_attn.k_norm.weight", "identity"),
     },
     global_weights=LLAMA.global_weights,
-    notes=("queries and keys are RMS-normalised per head before the rotary embedding; attn.q"
-           " and attn.k are after both: the values attention really uses",),
+    notes=(("queries and keys are RMS-normalised per head before the rotary embedding; attn.q"
+           " and attn.k are after both: the values attention really uses"),),
 )

@@ -52,10 +52,10 @@ OPT = Adapter(
         "unembed.W_U": WeightRule("lm_head.weight", "linear_in_out"),
     },
     notes=(
-        "the position table is offset by 2 (a padding convention): pos_embed.W_pos drops those"
-        " two rows, so W_pos[p] is the embedding of position p",
+        ("the position table is offset by 2 (a padding convention): pos_embed.W_pos drops those"
+        " two rows, so W_pos[p] is the embedding of position p"),
         "attn.q is after the 1/sqrt(d_head) scaling, which OPT applies to the query projection",
-        "the post-LayerNorm variant (do_layer_norm_before=False, OPT-350m) is not covered:"
-        " its ln1/ln2/resid_mid sites differ",
+        ("the post-LayerNorm variant (do_layer_norm_before=False, OPT-350m) is not covered:"
+        " its ln1/ln2/resid_mid sites differ"),
     ),
 )

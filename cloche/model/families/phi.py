@@ -47,9 +47,9 @@ PHI = Adapter(
         "unembed.b_U": WeightRule("lm_head.bias", "identity"),
     },
     notes=(
-        "attention and MLP both read ln1's output and add to the same residual: no resid_mid and"
-        " no ln2 (as in TransformerLens)",
-        "rotary embedding on the first partial_rotary_factor of each head's dimensions;"
-        " attn.q and attn.k are after it (and after the optional q/k LayerNorms)",
+        ("attention and MLP both read ln1's output and add to the same residual: no resid_mid and"
+        " no ln2 (as in TransformerLens)"),
+        ("rotary embedding on the first partial_rotary_factor of each head's dimensions;"
+        " attn.q and attn.k are after it (and after the optional q/k LayerNorms)"),
     ),
 )
