@@ -66,11 +66,31 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
         "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **_COMMON)),
+        "phi3": (t.Phi3ForCausalLM, t.Phi3Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **_COMMON)),
+        "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **_COMMON)),
+        "stablelm": (t.StableLmForCausalLM, t.StableLmConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, partial_rotary_factor=0.5, qk_layernorm=True,
+            max_position_embeddings=64, **_COMMON)),
+        "stablelm_parallel": (t.StableLmForCausalLM, t.StableLmConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, partial_rotary_factor=0.5, use_parallel_residual=True,
+            max_position_embeddings=64, **_COMMON)),
+        "starcoder2": (t.Starcoder2ForCausalLM, t.Starcoder2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=4, max_position_embeddings=64, **_COMMON)),
+        "roberta": (t.RobertaForMaskedLM, t.RobertaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, **_COMMON)),
     }
 
 
 FAMILIES = tuple(_configs())
-CAUSAL = tuple(f for f in FAMILIES if f != "bert")
+CAUSAL = tuple(f for f in FAMILIES if f not in ("bert", "roberta"))
 
 
 def save_tiny(family: str, directory: pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -84,8 +84,7 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
                     continue
                 path = _join(base, site.module)
                 if path in modules:
-                    specs[name] = PointSpec(name, _kind_of(suffix), i, Site(path, site.where,
-                                                                            site.flat))
+                    specs[name] = PointSpec(name, _kind_of(suffix), i, replace(site, module=path))
         if adapter.final_norm and adapter.final_norm in modules:
             specs["final_norm"] = PointSpec(
                 "final_norm", "ln", None, Site(adapter.final_norm, "output")

@@ -63,6 +63,13 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
     if part is None:  # every layout below reads one part of a fused tensor
         raise UsageError(f"weight layout {layout!r} of {rule.param!r} is unknown or lacks the"
                          " part of the fused tensor it reads (an adapter table is wrong)")
+    if layout == "linear_qkv_heads":  # rows: all query heads, then key heads, then value heads
+        q, kv = hs.n_heads * hs.d_head, hs.n_kv_heads * hs.d_head
+        start, heads = ((0, hs.n_heads), (q, hs.n_kv_heads), (q + kv, hs.n_kv_heads))[part]
+        return _split_heads_in(raw[start : start + heads * hs.d_head].T, heads, hs.d_head)
+    if layout == "linear_half_in_out":  # a Linear whose rows are two matrices (gate, up)
+        half = raw.shape[0] // 2
+        return raw[part * half : (part + 1) * half].T
     if layout == "rows_from":  # a table with ``part`` unused rows in front (OPT's positions)
         return raw[part:]
     if layout == "conv1d_qkv_heads":

@@ -157,10 +157,21 @@ class Attachment:
         return x if y is view else y.reshape(x.shape)
 
     def _output_hook(self, name: str) -> Callable[..., Any]:
+        site = self._specs[name].site
+        part = site.part if site is not None else None
+
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x, rebuild = _first_tensor(output)
             if x is None:
                 return None
+            if part is not None:  # one chunk of a fused output: edit it, put it back whole
+                pieces = list(x.chunk(part[1], dim=-1))
+                piece = pieces[part[0]]
+                y = self._apply_site(name, piece)
+                if y is piece and name not in self._plan.backward:
+                    return None  # (a gradient probe needs the model to use the watched piece)
+                pieces[part[0]] = y
+                return rebuild(torch.cat(pieces, dim=-1))
             y = self._apply_site(name, x)
             return None if y is x else rebuild(y)
         return hook

@@ -69,7 +69,7 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
     torch.testing.assert_close(last, ref.hidden_states[n], atol=1e-5, rtol=0)
     torch.testing.assert_close(got["logits"], ref.logits, atol=1e-5, rtol=0)
     # the decomposition the names promise: resid_post = resid_mid + mlp.out (sequential blocks)
-    if "layers.0.resid_mid" in got and family != "bert":
+    if "layers.0.resid_mid" in got and model.causal:
         for i in range(n):
             torch.testing.assert_close(got[f"layers.{i}.resid_mid"],
                                        got[f"layers.{i}.resid_pre"] + got[f"layers.{i}.attn.out"],
@@ -204,7 +204,7 @@ def test_z_without_pattern_probe_uses_the_fused_kernel_and_agrees(family, tiny_m
     assert not torch.allclose(changed, model.run(IDS).logits)
 
 
-@pytest.mark.parametrize("family", ["gptj", "phi"])
+@pytest.mark.parametrize("family", ["gptj", "phi", "stablelm_parallel"])
 def test_parallel_blocks_have_no_resid_mid_and_say_why(family, tiny_model):
     model = tiny_model(family)
     info = model.info()

@@ -24,6 +24,9 @@ class Site:
     #: the tensor there is flattened to (batch * seq, width) by the model (OPT's MLP): probes
     #: see it as (batch, seq, width), like every other point
     flat: bool = False
+    #: ``(k, n)``: the point is the k-th of n equal chunks of the last dimension of an output
+    #: (Phi-3's fused gate_up_proj: the gate is chunk 0 of 2)
+    part: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,27 @@ BERT = Adapter(
         "ln1 / ln2 weights are the post-attention and post-MLP LayerNorms",
     ),
 )
+
+ROBERTA = Adapter(
+    family="roberta",
+    model_types=("roberta",),
+    layers="roberta.encoder.layer",
+    embed="roberta.embeddings.word_embeddings",
+    final_norm=None,
+    unembed="lm_head.decoder",
+    logits="lm_head",
+    attention="attention.self",
+    causal=False,
+    block_sites=BERT.block_sites,
+    block_weights=BERT.block_weights,
+    global_weights={
+        "embed.W_E": WeightRule("roberta.embeddings.word_embeddings.weight", "identity"),
+        "unembed.W_U": WeightRule("lm_head.decoder.weight", "linear_in_out"),
+        "unembed.b_U": WeightRule("lm_head.bias", "identity"),
+    },
+    notes=(
+        *BERT.notes,
+        ("position ids start after the padding index (padding_idx + 1), so the position table"
+        " is not offered as pos_embed.W_pos; read roberta.embeddings.position_embeddings.weight"),
+    ),
+)
