@@ -134,9 +134,8 @@ def missing_points(adapter: Adapter | None, config: object, names: Collection[st
         else:
             why = f"the {adapter.family} architecture has no such tensor"
         out.append(f"layers.*.{suffix}: {why}")
-    for name in _CANONICAL_GLOBAL:
-        if name not in names:
-            out.append(f"{name}: the {adapter.family} architecture has no such module")
+    out.extend(f"{name}: the {adapter.family} architecture has no such module"
+               for name in _CANONICAL_GLOBAL if name not in names)
     return tuple(out)
 
 

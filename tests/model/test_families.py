@@ -168,7 +168,7 @@ def test_unknown_architecture_still_offers_module_points(tmp_path):
     assert model.executor.adapter is None
     assert any(line.startswith("layers.*.resid_pre: model_type 'codegen' has no cloche adapter")
                for line in model.info()["missing"])
-    with pytest.raises(cloche.UnknownProbePoint, match="no cloche adapter.*module:<path>"):
+    with pytest.raises(cloche.UnknownProbePoint, match=r"no cloche adapter.*module:<path>"):
         model.run(IDS, probes={"layers.0.attn.pattern": lambda c, x: None})
     names = {p.name for p in model.probe_points()}
     assert "module:transformer.h.0.mlp:output" in names
