@@ -52,11 +52,12 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
         "gemma": (t.GemmaForCausalLM, t.GemmaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **_COMMON)),
-        # caps small enough to matter on tiny random weights; layer 0 slides over 4 tokens
+        # weights large enough (initializer_range) and caps small enough that the soft-capping
+        # changes scores and logits; layer 0 slides over 4 tokens
         "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-            attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+            attn_logit_softcapping=1.5, final_logit_softcapping=2.0, initializer_range=0.3,
             max_position_embeddings=64, **_COMMON)),
         "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

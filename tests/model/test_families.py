@@ -228,3 +228,101 @@ def test_sequential_families_describe_no_parallel_blocks(tiny_model):
     info = tiny_model("llama").info()
     assert info["parallel"] is False
     assert not any(line.startswith("layers.*.resid_mid") for line in info["missing"])
+
+
+# --------------------------------------------------------------------- family quirks
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "opt"])
+def test_learned_positions_read_from_w_pos(family, tiny_model):
+    """resid_pre of block 0 is W_E[token] + W_pos[position]; OPT's table is offset by 2."""
+    model = tiny_model(family)
+    got = capture_all(model, ["layers.0.resid_pre"])["layers.0.resid_pre"]
+    W_E, W_pos = model.param("embed.W_E"), model.param("pos_embed.W_pos")
+    assert W_pos.shape[0] == model.executor.describe().max_positions == 64
+    torch.testing.assert_close(got, W_E[IDS] + W_pos[: IDS.shape[1]], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_gemma_embeddings_are_scaled_by_sqrt_d_model(family, tiny_model):
+    model = tiny_model(family)
+    got = capture_all(model, ["embed", "layers.0.resid_pre"])
+    expected = model.param("embed.W_E")[IDS] * model.info()["d_model"] ** 0.5
+    torch.testing.assert_close(got["embed"], expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got["layers.0.resid_pre"], got["embed"], atol=0, rtol=0)
+
+
+# (family, layer, window): sliding-window layers attend to the last `window` tokens only
+SLIDING = [("gemma2", 0, 4), ("gemma3", 0, 4), ("gpt_neo", 1, 4), ("starcoder2", 0, 4)]
+
+
+@pytest.mark.parametrize(("family", "layer", "window"), SLIDING)
+def test_sliding_window_layers_see_only_the_window(family, layer, window, tiny_model):
+    model = tiny_model(family)
+    pattern = capture_all(model, [f"layers.{layer}.attn.pattern"])[f"layers.{layer}.attn.pattern"]
+    q = torch.arange(IDS.shape[1])[:, None]
+    k = torch.arange(IDS.shape[1])[None, :]
+    outside = (q - k >= window) | (k > q)
+    assert outside.any() and torch.all(pattern[..., outside] == 0)
+    assert torch.all(pattern[..., ~outside] > 0)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+
+
+def test_gemma2_pattern_is_the_softmax_of_soft_capped_scores(tiny_model):
+    model = tiny_model("gemma2")
+    cfg = model.hf_model.config.to_dict()
+    got = capture_all(model, ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.pattern"])
+    q, k = got["layers.1.attn.q"], got["layers.1.attn.k"]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * cfg["query_pre_attn_scalar"] ** -0.5
+    cap = cfg["attn_logit_softcapping"]
+    capped = torch.tanh(scores / cap) * cap
+    causal = torch.ones(IDS.shape[1], IDS.shape[1], dtype=torch.bool).tril()
+    expected = capped.masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(got["layers.1.attn.pattern"], expected, atol=1e-5, rtol=0)
+    # and the caps matter on this model: the uncapped softmax differs, logits are capped
+    assert not torch.allclose(scores.masked_fill(~causal, float("-inf")).softmax(-1), expected,
+                              atol=1e-2)
+    logits = capture_all(model, ["logits"])["logits"]
+    assert logits.abs().max() < cfg["final_logit_softcapping"]
+    assert logits.abs().max() > 0.5 * cfg["final_logit_softcapping"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gemma2", "opt"])
+def test_a_replaced_pattern_mixes_the_values(family, tiny_model):
+    """Replacing attn.pattern changes z to pattern @ v (also where attention is wrapped)."""
+    model = tiny_model(family)
+    seq = IDS.shape[1]
+    uniform = torch.ones(seq, seq).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    ctx = "replaced-pattern"
+    model.save_context(ctx).clear()
+    model.run(IDS, probes={
+        "layers.0.attn.pattern": lambda c, x: uniform.expand_as(x).to(x.dtype),
+        "layers.0.attn.v": lambda c, x: c.save("v", x),
+        "layers.0.attn.z": lambda c, x: c.save("z", x),
+    }, save=ctx)
+    handle = model.save_context(ctx)
+    v, z = handle.fetch("v")[0], handle.fetch("z")[0]
+    handle.clear()
+    torch.testing.assert_close(z, torch.einsum("qk,bkhd->bqhd", uniform, v), atol=1e-5, rtol=0)
+
+
+def test_phi3_gate_chunk_is_mlp_pre(tiny_model):
+    """mlp.pre is the gate half of Phi-3's fused gate_up_proj: zeroing a gate zeroes its neuron
+    (silu(0) = 0), which is what zeroing the neuron itself does."""
+    model = tiny_model("phi3")
+    j = 3
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[..., j] = 0
+        return x
+
+    by_gate = model.run(IDS, probes={"layers.1.mlp.pre": zero}).logits
+    by_neuron = model.run(IDS, probes={"layers.1.mlp.post": zero}).logits
+    torch.testing.assert_close(by_gate, by_neuron, atol=1e-6, rtol=0)
+    got = capture_all(model, ["layers.1.mlp.pre", "layers.1.mlp.pre_linear", "layers.1.ln2"])
+    torch.testing.assert_close(got["layers.1.mlp.pre"],
+                               got["layers.1.ln2"] @ model.param("layers.1.mlp.W_gate"),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["layers.1.mlp.pre_linear"],
+                               got["layers.1.ln2"] @ model.param("layers.1.mlp.W_in"),
+                               atol=1e-5, rtol=0)
