@@ -87,11 +87,22 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
         "roberta": (t.RobertaForMaskedLM, t.RobertaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, **_COMMON)),
+        "mixtral": (t.MixtralForCausalLM, t.MixtralConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64, **_COMMON)),
+        # layer 0 dense (mlp_only_layers), layer 1 sparse with a shared expert
+        "qwen2_moe": (t.Qwen2MoeForCausalLM, t.Qwen2MoeConfig(
+            hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+            max_position_embeddings=64, **_COMMON)),
     }
 
 
 FAMILIES = tuple(_configs())
 CAUSAL = tuple(f for f in FAMILIES if f not in ("bert", "roberta"))
+MOE = ("mixtral", "qwen2_moe")
 
 
 def save_tiny(family: str, directory: pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -21,7 +21,8 @@ ATTENTION_INTERNALS = ("q", "k", "v", "pattern", "z")
 
 _BLOCK_ORDER = (
     "resid_pre", "ln1", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out",
-    "resid_mid", "ln2", "mlp.pre", "mlp.pre_linear", "mlp.post", "mlp.out", "resid_post",
+    "resid_mid", "ln2", "mlp.router", "mlp.pre", "mlp.pre_linear", "mlp.post", "mlp.out",
+    "resid_post",
 )
 
 
@@ -49,6 +50,7 @@ class PointSpec:
     layer: int | None
     site: Site | None = None  # absolute module path
     attention: str | None = None  # one of ATTENTION_INTERNALS
+    expert: int | None = None  # mlp.experts.{expert}.post; site is the experts module
 
 
 def _join(*parts: str) -> str:
@@ -78,6 +80,9 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
                 if suffix.startswith("attn.") and suffix[5:] in ATTENTION_INTERNALS:
                     if adapter.attention and _join(base, adapter.attention) in modules:
                         specs[name] = PointSpec(name, "attn", i, attention=suffix[5:])
+                    continue
+                if suffix == "mlp.router":
+                    specs.update(_moe_specs(modules, adapter, i))
                     continue
                 site = adapter.block_sites.get(suffix)
                 if site is None or (suffix == "resid_mid" and parallel):
@@ -118,10 +123,22 @@ def missing_points(adapter: Adapter | None, config: object, names: Collection[st
                                               *(f"layers.*.{s}" for s in _BLOCK_ORDER)))
     parallel = adapter.is_parallel(config)
     out = []
+    moe = adapter.experts is not None
+    per_layer: dict[str, set[str]] = {}
+    for name in names:
+        match = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        if match:
+            per_layer.setdefault(match.group(1), set()).add(match.group(2))
+    everywhere = set.intersection(*per_layer.values()) if per_layer else set()
     for suffix in _BLOCK_ORDER:
-        if f"layers.0.{suffix}" in names:
+        if suffix in everywhere or (suffix == "mlp.router" and not moe):
             continue
-        if suffix == "resid_mid" and parallel:
+        if moe and suffix in ("mlp.pre", "mlp.pre_linear", "mlp.post"):
+            why = ("a mixture-of-experts block has no single MLP: each expert's activations are"
+                   " layers.i.mlp.experts.<e>.post, the router's logits layers.i.mlp.router")
+        elif suffix == "mlp.router":
+            why = "this block is dense (not a mixture of experts)"
+        elif suffix == "resid_mid" and parallel:
             why = ("attention and MLP run in parallel in this architecture (both read resid_pre),"
                    " so no residual stream exists between them; resid_pre + attn.out is the"
                    " nearest quantity (TransformerLens has no hook_resid_mid here either)")
@@ -147,6 +164,22 @@ def _why_missing(name: str, missing: Collection[str]) -> str | None:
         if point == pattern:
             return why
     return None
+
+
+def _moe_specs(modules: dict[str, nn.Module], adapter: Adapter, i: int) -> dict[str, PointSpec]:
+    """Router and per-expert points of block ``i``, if it is a mixture-of-experts block."""
+    base = f"{adapter.layers}.{i}"
+    if adapter.router is None or adapter.experts is None:
+        return {}
+    router, experts = _join(base, adapter.router), _join(base, adapter.experts)
+    if router not in modules or experts not in modules:  # a dense block of a sparse model
+        return {}
+    specs = {f"layers.{i}.mlp.router": PointSpec(f"layers.{i}.mlp.router", "router", i,
+                                                 Site(router, "output", flat=True))}
+    for e in range(int(getattr(modules[experts], "num_experts", 0))):
+        name = f"layers.{i}.mlp.experts.{e}.post"
+        specs[name] = PointSpec(name, "mlp", i, Site(experts, "output", flat=True), expert=e)
+    return specs
 
 
 def _layer_of(path: str, adapter: Adapter | None) -> int | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from cloche.errors import Cancelled, ClocheError, ProbeError
 from cloche.model.attention import attention_taps
+from cloche.model.moe import expert_taps, reroute
 from cloche.model.points import PointSpec
 from cloche.probes.context import ProbeContext, RunInfo
 
@@ -159,6 +160,7 @@ class Attachment:
     def _output_hook(self, name: str) -> Callable[..., Any]:
         site = self._specs[name].site
         part = site.part if site is not None else None
+        router = self._specs[name].kind == "router"
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x, rebuild = _first_tensor(output)
@@ -173,7 +175,11 @@ class Attachment:
                 pieces[part[0]] = y
                 return rebuild(torch.cat(pieces, dim=-1))
             y = self._apply_site(name, x)
-            return None if y is x else rebuild(y)
+            if y is x:
+                return None
+            if router:  # new router logits decide which experts run
+                return reroute(module, y)
+            return rebuild(y)
         return hook
 
     def _lead_hook(self, layer: int) -> Callable[..., Any]:
@@ -217,6 +223,12 @@ class Attachment:
             return self._apply(name, x)
         return x
 
+    def _expert_apply(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        name = f"layers.{layer}.mlp.experts.{expert}.post"
+        if name in self._plan.forward or name in self._plan.backward:
+            return self._apply_site(name, x)
+        return x
+
     def _needs_pattern(self, layer: int) -> bool:
         name = f"layers.{layer}.attn.pattern"
         return name in self._plan.forward or name in self._plan.backward
@@ -231,6 +243,7 @@ class Attachment:
             stack.callback(self.detach)
             uses_attention = False
             flat_layers: set[int] = set()
+            experts: dict[int, nn.Module] = {}
             for name in self._plan.points():
                 spec = self._specs[name]
                 if spec.attention is not None:
@@ -245,6 +258,9 @@ class Attachment:
                     block = self._modules[self._block_paths[spec.layer]]
                     self._handles.append(block.register_forward_pre_hook(
                         self._lead_hook(spec.layer), with_kwargs=True))
+                if spec.expert is not None and spec.layer is not None:
+                    experts[spec.layer] = module
+                    continue
                 if site.where == "output":
                     self._handles.append(module.register_forward_hook(self._output_hook(name)))
                 else:
@@ -254,6 +270,8 @@ class Attachment:
                 for path in self._block_paths:
                     handle = self._modules[path].register_forward_pre_hook(self._cancel_hook)
                     self._handles.append(handle)
+            if experts:
+                stack.enter_context(expert_taps(experts, self._expert_apply))
             if uses_attention:
                 layer_of = {id(self._modules[p]): i for p, i in self._attention_paths.items()}
                 method = None

@@ -6,7 +6,7 @@ import cloche
 import pytest
 import torch
 import transformers
-from tests.tiny_models import CAUSAL, FAMILIES, VOCAB
+from tests.tiny_models import CAUSAL, FAMILIES, MOE, VOCAB
 
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -52,9 +52,12 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
     model = tiny_model(family)
     n = model.n_layers
     names = [p.name for p in model.probe_points() if not p.name.startswith("module:")]
+    sparse = [i for i in range(n) if f"layers.{i}.mlp.router" in names]
+    assert bool(sparse) == (family in MOE)
     for required in ("embed", "logits", *(f"layers.{i}.{s}" for i in range(n) for s in (
             "resid_pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out",
-            "mlp.pre", "mlp.post", "mlp.out", "resid_post"))):
+            *(("mlp.router", "mlp.experts.0.post") if i in sparse else ("mlp.pre", "mlp.post")),
+            "mlp.out", "resid_post"))):
         assert required in names, required
     got = capture_all(model, names)
     ref = reference(tiny_dir(family))
@@ -92,7 +95,7 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
         torch.testing.assert_close(out + b_O, got["layers.0.attn.out"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE])
 def test_zeroing_a_neuron_equals_zeroing_its_output_weights(family, tiny_dir, tiny_model):
     model = tiny_model(family)
     j, layer = 5, model.n_layers - 1
@@ -326,3 +329,88 @@ def test_phi3_gate_chunk_is_mlp_pre(tiny_model):
     torch.testing.assert_close(got["layers.1.mlp.pre_linear"],
                                got["layers.1.ln2"] @ model.param("layers.1.mlp.W_in"),
                                atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------- mixture of experts
+def _routing(model, layer):
+    """Router logits (batch, seq, experts) and the hidden input of the sparse block."""
+    got = capture_all(model, [f"layers.{layer}.mlp.router", f"layers.{layer}.ln2"])
+    return got[f"layers.{layer}.mlp.router"], got[f"layers.{layer}.ln2"]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_router_logits_and_expert_activations(family, tiny_model):
+    model = tiny_model(family)
+    layer = 1
+    logits, x = _routing(model, layer)
+    n_experts = logits.shape[-1]
+    torch.testing.assert_close(logits, x @ model.param(f"layers.{layer}.mlp.W_router"),
+                               atol=1e-5, rtol=0)
+    top_k = model.hf_model.config.num_experts_per_tok
+    chosen = logits.topk(top_k, dim=-1).indices
+    posts = capture_all(model, [f"layers.{layer}.mlp.experts.{e}.post" for e in range(n_experts)])
+    gate_up = model.param(f"model.layers.{layer}.mlp.experts.gate_up_proj")
+    for e in range(n_experts):
+        post = posts[f"layers.{layer}.mlp.experts.{e}.post"]
+        routed = (chosen == e).any(-1)
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(post[routed], expected[routed], atol=1e-5, rtol=0)
+        assert torch.all(post[~routed] == 0)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_zeroing_an_expert_neuron_equals_zeroing_its_weights(family, tiny_dir, tiny_model):
+    model = tiny_model(family)
+    layer, e, j = 1, 2, 5
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[..., j] = 0
+        return x
+
+    ablated = model.run(IDS, probes={f"layers.{layer}.mlp.experts.{e}.post": zero}).logits
+    edited = cloche.load(tiny_dir(family))
+    with torch.no_grad():
+        edited.param(f"model.layers.{layer}.mlp.experts.down_proj")[e, :, j] = 0
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+    # a probe that only reads leaves the output as it was
+    read = model.run(IDS, probes={f"layers.{layer}.mlp.experts.{e}.post": lambda c, x: None})
+    torch.testing.assert_close(read.logits, model.run(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_replacing_router_logits_reroutes(family, tiny_model):
+    """Logits that send every token to experts 0 and 1 give w0 * E0(x) + w1 * E1(x)."""
+    model = tiny_model(family)
+    layer = 1
+
+    def force(ctx, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., 0] = 1.0
+        forced[..., 1] = 0.0
+        return forced
+
+    ctx = "rerouted"
+    model.save_context(ctx).clear()
+    rerouted = model.run(IDS, save=ctx, probes={
+        f"layers.{layer}.mlp.router": force,
+        f"layers.{layer}.ln2": lambda c, x: c.save("x", x),
+        f"layers.{layer}.mlp.out": lambda c, x: c.save("out", x)}).logits
+    handle = model.save_context(ctx)
+    x, out = handle.fetch("x")[0], handle.fetch("out")[0]
+    handle.clear()
+    gate_up = model.param(f"model.layers.{layer}.mlp.experts.gate_up_proj")
+    down = model.param(f"model.layers.{layer}.mlp.experts.down_proj")
+    w = torch.tensor([1.0, 0.0]).softmax(0)  # renormalised or not: the others are ~0
+    expected = torch.zeros_like(x)
+    for e in (0, 1):
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        expected += w[e] * ((torch.nn.functional.silu(gate) * up) @ down[e].T)
+    block = model.hf_model.model.layers[layer].mlp
+    if hasattr(block, "shared_expert"):  # Qwen2-MoE adds its gated shared expert
+        with torch.no_grad():
+            expected += torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(rerouted, model.run(IDS).logits)

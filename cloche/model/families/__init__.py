@@ -15,6 +15,7 @@ from cloche.model.families.gpt_neo import GPT_NEO
 from cloche.model.families.gpt_neox import GPT_NEOX
 from cloche.model.families.gptj import GPTJ
 from cloche.model.families.llama import LLAMA, QWEN3
+from cloche.model.families.moe import MIXTRAL, QWEN2_MOE
 from cloche.model.families.olmo2 import OLMO2
 from cloche.model.families.opt import OPT
 from cloche.model.families.phi import PHI
@@ -26,7 +27,7 @@ __all__ = ["ADAPTERS", "Adapter", "Site", "WeightRule", "adapter_for"]
 
 ADAPTERS: tuple[Adapter, ...] = (
     GPT2, LLAMA, GPT_NEOX, BERT, OPT, GPTJ, GPT_NEO, PHI, GEMMA, GEMMA2, GEMMA3, QWEN3, PHI3,
-    OLMO2, STABLELM, STARCODER2, ROBERTA,
+    OLMO2, STABLELM, STARCODER2, ROBERTA, MIXTRAL, QWEN2_MOE,
 )
 
 _BY_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}

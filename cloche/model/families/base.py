@@ -68,6 +68,10 @@ class Adapter:
     #: their method ``(query, key, value, mask) -> (z, pattern)`` in (batch, head, seq, d)
     #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``)
     attention_method: str | None = None
+    #: mixture-of-experts blocks: the router and the experts modules inside a block (their
+    #: points are ``mlp.router`` and ``mlp.experts.{e}.post``; see ``model.moe``)
+    router: str | None = None
+    experts: str | None = None
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""
