@@ -97,6 +97,20 @@ def _configs() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
             shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
             max_position_embeddings=64, **_COMMON)),
+        # Falcon-7B style: parallel attention and MLP off one LayerNorm, multi-query, rotary
+        "falcon": (t.FalconForCausalLM, t.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+            parallel_attn=True, bias=False, **_COMMON)),
+        # Falcon-40B style: two LayerNorms (ln_attn, ln_mlp), grouped-query
+        "falcon_new": (t.FalconForCausalLM, t.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+            new_decoder_architecture=True, parallel_attn=True, **_COMMON)),
+        # Falcon-RW style: sequential blocks with ALiBi
+        "falcon_rw": (t.FalconForCausalLM, t.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+            parallel_attn=False, alibi=True, bias=True, **_COMMON)),
+        "bloom": (t.BloomForCausalLM, t.BloomConfig(
+            hidden_size=32, n_layer=2, n_head=4, **_COMMON)),
     }
 
 

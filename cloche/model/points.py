@@ -84,12 +84,15 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
                 if suffix == "mlp.router":
                     specs.update(_moe_specs(modules, adapter, i))
                     continue
-                site = adapter.block_sites.get(suffix)
-                if site is None or (suffix == "resid_mid" and parallel):
+                choices = adapter.block_sites.get(suffix, ())
+                if suffix == "resid_mid" and parallel:
                     continue
-                path = _join(base, site.module)
-                if path in modules:
-                    specs[name] = PointSpec(name, _kind_of(suffix), i, replace(site, module=path))
+                for site in choices if isinstance(choices, tuple) else (choices,):
+                    path = _join(base, site.module)
+                    if path in modules:
+                        specs[name] = PointSpec(name, _kind_of(suffix), i,
+                                                replace(site, module=path))
+                        break
         if adapter.final_norm and adapter.final_norm in modules:
             specs["final_norm"] = PointSpec(
                 "final_norm", "ln", None, Site(adapter.final_norm, "output")
@@ -147,7 +150,9 @@ def missing_points(adapter: Adapter | None, config: object, names: Collection[st
         elif suffix == "mlp.pre_linear":
             why = "the MLP is not gated: mlp.pre is its only input projection"
         elif suffix.startswith("attn.") and suffix[5:] in ATTENTION_INTERNALS:
-            why = f"the {adapter.family} adapter names no attention module to tap"
+            why = (f"{adapter.family} computes attention inline (not through transformers'"
+                   " AttentionInterface), so cloche cannot tap q/k/v/pattern/z yet; attn.out and"
+                   " module:<path> points are available")
         else:
             why = f"the {adapter.family} architecture has no such tensor"
         out.append(f"layers.*.{suffix}: {why}")

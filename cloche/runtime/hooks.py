@@ -161,6 +161,7 @@ class Attachment:
         site = self._specs[name].site
         part = site.part if site is not None else None
         router = self._specs[name].kind == "router"
+        mutated = site is not None and site.mutated
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x, rebuild = _first_tensor(output)
@@ -174,6 +175,14 @@ class Attachment:
                     return None  # (a gradient probe needs the model to use the watched piece)
                 pieces[part[0]] = y
                 return rebuild(torch.cat(pieces, dim=-1))
+            if mutated:  # the model edits x in place later: probes must not keep x itself
+                copy = x.clone()
+                version = copy._version
+                y = self._apply_site(name, copy)
+                if (y is copy and copy._version == version
+                        and name not in self._plan.backward):  # (gradients flow through copy)
+                    return None
+                return rebuild(y.clone())
             y = self._apply_site(name, x)
             if y is x:
                 return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from cloche.model.families.base import Adapter, Site, WeightRule
 from cloche.model.families.bert import BERT, ROBERTA
+from cloche.model.families.bloom import BLOOM
+from cloche.model.families.falcon import FALCON
 from cloche.model.families.gemma import GEMMA, GEMMA2, GEMMA3
 from cloche.model.families.gpt2 import GPT2
 from cloche.model.families.gpt_neo import GPT_NEO
@@ -27,7 +29,7 @@ __all__ = ["ADAPTERS", "Adapter", "Site", "WeightRule", "adapter_for"]
 
 ADAPTERS: tuple[Adapter, ...] = (
     GPT2, LLAMA, GPT_NEOX, BERT, OPT, GPTJ, GPT_NEO, PHI, GEMMA, GEMMA2, GEMMA3, QWEN3, PHI3,
-    OLMO2, STABLELM, STARCODER2, ROBERTA, MIXTRAL, QWEN2_MOE,
+    OLMO2, STABLELM, STARCODER2, ROBERTA, MIXTRAL, QWEN2_MOE, FALCON, BLOOM,
 )
 
 _BY_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}

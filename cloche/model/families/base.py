@@ -12,6 +12,7 @@ replacement must be written into the tensor itself (see ``runtime.hooks``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -27,6 +28,9 @@ class Site:
     #: ``(k, n)``: the point is the k-th of n equal chunks of the last dimension of an output
     #: (Phi-3's fused gate_up_proj: the gate is chunk 0 of 2)
     part: tuple[int, int] | None = None
+    #: the model later changes this output in place (Falcon's ``mlp_output += attention``):
+    #: probes get a copy, so what they save stays what the point was
+    mutated: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,9 @@ class Adapter:
     final_norm: str | None
     unembed: str
     logits: str
-    block_sites: dict[str, Site]
+    #: canonical suffix -> site, or several sites of which the first whose module exists is
+    #: used (a family whose variants name a module differently: Falcon's ln_attn)
+    block_sites: Mapping[str, Site | tuple[Site, ...]]
     block_weights: dict[str, WeightRule]
     global_weights: dict[str, WeightRule]
     #: path of the attention module inside a block (internals via AttentionInterface)
@@ -61,9 +67,9 @@ class Adapter:
     gated_mlp: bool = False
     causal: bool = True
     notes: tuple[str, ...] = field(default=())
-    #: attention and MLP read the same residual (GPT-J, Phi, Falcon): no ``resid_mid``. A string
-    #: names the config attribute that switches it (GPT-NeoX's ``use_parallel_residual``)
-    parallel: bool | str = False
+    #: attention and MLP read the same residual (GPT-J, Phi, Falcon): no ``resid_mid``. Strings
+    #: name config attributes that switch it on (GPT-NeoX's ``use_parallel_residual``)
+    parallel: bool | str | tuple[str, ...] = False
     #: for attention modules that do not call transformers' AttentionInterface: the name of
     #: their method ``(query, key, value, mask) -> (z, pattern)`` in (batch, head, seq, d)
     #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``)
@@ -75,6 +81,7 @@ class Adapter:
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""
-        if isinstance(self.parallel, str):
-            return bool(getattr(config, self.parallel, False))
-        return self.parallel
+        if isinstance(self.parallel, bool):
+            return self.parallel
+        names = (self.parallel,) if isinstance(self.parallel, str) else self.parallel
+        return any(bool(getattr(config, name, False)) for name in names)
