@@ -83,13 +83,20 @@ class Ownership:
         self.unembed = sk.adapter.unembed
         self._names = [n for n, _ in sk.meta_model.named_modules()]
         self._layers_index = self._names.index(self.layers)
+        self._tail = _tail_paths(sk.adapter)
 
     def side(self, path: str) -> str:
-        """``"layer"``, ``"head"`` (before the blocks), ``"tail"`` (after) or ``"outer"``."""
+        """``"layer"``, ``"head"`` (before the blocks), ``"tail"`` (after) or ``"outer"``.
+
+        Modules registered before the blocks run before them, except the final norm and the
+        unembedding, which some families register first (OPT's final_layer_norm).
+        """
         if path == self.layers or path.startswith(self.layers + "."):
             return "layer"
         if path == "" or self.layers.startswith(path + "."):
             return "outer"
+        if any(path == t or path.startswith(t + ".") for t in self._tail):
+            return "tail"
         return "head" if self._names.index(path) < self._layers_index else "tail"
 
     def layer_of(self, path: str) -> int | None:
@@ -120,6 +127,10 @@ class Ownership:
         return self.module_owner(raw_name.rpartition(".")[0])
 
 
+def _tail_paths(adapter: Adapter) -> tuple[str, ...]:
+    return tuple(p for p in (adapter.final_norm, adapter.unembed) if p)
+
+
 def _direct_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
@@ -135,6 +146,7 @@ def make_plan(sk: Skeleton, world_size: int,
     probe.layers = sk.adapter.layers
     probe._names = list(modules)
     probe._layers_index = probe._names.index(sk.adapter.layers)
+    probe._tail = _tail_paths(sk.adapter)
     for path, module in modules.items():
         side = probe.side(path)
         if side == "head":
@@ -159,12 +171,13 @@ def _install_stubs(sk: Skeleton, own: Ownership, rank: int, stage: Pipeline) -> 
     for i in range(plan.n_layers):
         if start <= i < stop:
             continue
+        as_tuple = sk.adapter.block_returns_tuple
         if rank > 0 and i == start - 1:
-            layers[i] = ReceiveBlock(i, stage)
+            layers[i] = ReceiveBlock(i, stage, as_tuple)
         elif rank < plan.last and i == stop:
-            layers[i] = SendBlock(i, stage)
+            layers[i] = SendBlock(i, stage, as_tuple)
         else:
-            layers[i] = PassBlock(i)
+            layers[i] = PassBlock(i, as_tuple)
     replaced: list[str] = []
     for path, module in list(model.named_modules()):
         if not path or any(path.startswith(p + ".") for p in replaced):
@@ -299,6 +312,8 @@ def _recompute_buffers(model: nn.Module, persistent: set[str], device: torch.dev
                 buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
             elif name == "token_type_ids":
                 buffer.zero_()
+            elif name == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+                buffer.fill_(module.scalar_embed_scale)  # Gemma's scaled embeddings
             else:
                 raise UsageError(f"cannot rebuild buffer {path}.{name} of {type(module).__name__}"
                                  " after loading a shard; this architecture is not supported")

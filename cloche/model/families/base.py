@@ -78,6 +78,9 @@ class Adapter:
     #: points are ``mlp.router`` and ``mlp.experts.{e}.post``; see ``model.moe``)
     router: str | None = None
     experts: str | None = None
+    #: a block returns ``(hidden, attention weights)``, not the hidden state alone (Falcon,
+    #: BLOOM, GPT-Neo): a sharded model's stand-in blocks must return the same
+    block_returns_tuple: bool = False
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""

@@ -18,6 +18,7 @@ BLOOM = Adapter(
     unembed="lm_head",
     logits="lm_head",
     attention=None,
+    block_returns_tuple=True,
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),

@@ -17,6 +17,7 @@ FALCON = Adapter(
     unembed="lm_head",
     logits="lm_head",
     attention=None,
+    block_returns_tuple=True,
     parallel=("parallel_attn", "new_decoder_architecture"),
     block_sites={
         "resid_pre": Site("", "input"),

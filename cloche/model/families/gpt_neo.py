@@ -14,6 +14,7 @@ GPT_NEO = Adapter(
     logits="lm_head",
     attention="attn.attention",
     attention_method="_attn",
+    block_returns_tuple=True,
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("ln_1", "output"),
