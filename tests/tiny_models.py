@@ -17,7 +17,8 @@ _COMMON = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token
 def _configs(n_layers: int = 2) -> dict[str, tuple[type, transformers.PretrainedConfig]]:
     t = transformers
     return {
-        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, n_positions=64, **_COMMON)),
+        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(
+            n_layer=n_layers, n_embd=32, n_head=4, n_positions=64, **_COMMON)),
         "llama": (t.LlamaForCausalLM, t.LlamaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, **_COMMON)),
