@@ -136,7 +136,9 @@ def missing_points(adapter: Adapter | None, config: object, names: Collection[st
     for suffix in _BLOCK_ORDER:
         if suffix in everywhere or (suffix == "mlp.router" and not moe):
             continue
-        if moe and suffix in ("mlp.pre", "mlp.pre_linear", "mlp.post"):
+        if suffix in adapter.lacks:
+            why = adapter.lacks[suffix]
+        elif moe and suffix in ("mlp.pre", "mlp.pre_linear", "mlp.post"):
             why = ("a mixture-of-experts block has no single MLP: each expert's activations are"
                    " layers.i.mlp.experts.<e>.post, the router's logits layers.i.mlp.router")
         elif suffix == "mlp.router":

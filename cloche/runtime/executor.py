@@ -27,6 +27,7 @@ from cloche.api.inputs import next_token_loss
 from cloche.api.model import Model
 from cloche.api.results import Outputs
 from cloche.errors import UsageError
+from cloche.model.discover import discover
 from cloche.model.families import Adapter, adapter_for
 from cloche.model.info import ModelInfo, describe
 from cloche.model.loader import Loaded
@@ -59,13 +60,12 @@ class LocalExecutor:
         self.path = loaded.path
         self.name = name or loaded.path.name
         self._config = self.hf_model.config
-        self.adapter: Adapter | None = adapter_for(getattr(self._config, "model_type", None))
-        if self.adapter is None and rank == 0:
-            warnings.warn(
-                f"{self.name}: model_type {getattr(self._config, 'model_type', None)!r} has no"
-                " cloche adapter, so it has no canonical probe points or weights (layers.i.*,"
-                " embed, logits, W_Q...): only module:<path>:input|output points. model.info()"
-                "['missing'] says what is absent and why", UserWarning, stacklevel=3)
+        model_type = getattr(self._config, "model_type", None)
+        self.adapter: Adapter | None = adapter_for(model_type)
+        if self.adapter is None:
+            self.adapter = discover(self.hf_model)
+            if rank == 0:
+                _warn_unknown_family(self.name, model_type, self.adapter)
         self.store = store if store is not None else SaveStore()
         self.rank = rank
         self.specs: dict[str, PointSpec] = build_specs(self.hf_model, self.adapter)
@@ -324,6 +324,23 @@ class LocalExecutor:
 
     def __repr__(self) -> str:
         return f"LocalExecutor({self.name!r}, rank={self.rank})"
+
+
+def _warn_unknown_family(name: str, model_type: str | None, adapter: Adapter | None) -> None:
+    """Say loudly, at load, what a model without a cloche adapter lacks."""
+    if adapter is None:
+        warnings.warn(
+            f"{name}: model_type {model_type!r} has no cloche adapter and its structure could not"
+            " be discovered, so it has no canonical probe points or weights (layers.i.*, embed,"
+            " logits, W_Q...): only module:<path>:input|output points. model.info()['missing']"
+            " says what is absent and why", UserWarning, stacklevel=4)
+        return
+    lacking = ", ".join(f"{suffix} ({why})" for suffix, why in adapter.lacks.items())
+    warnings.warn(
+        f"{name}: model_type {model_type!r} has no cloche adapter; cloche discovered its"
+        f" structure and verified it against output_hidden_states. Points it could not prove"
+        f" are missing: {lacking or 'none'}. model.info()['missing'] lists them",
+        UserWarning, stacklevel=4)
 
 
 def dataset_summary(totals: dict[str, int], ds: Any, store: SaveStore, save: str

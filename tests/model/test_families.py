@@ -172,21 +172,41 @@ def test_replacing_resid_mid_reaches_the_residual_stream(family, tiny_model):
 
 
 def test_unknown_architecture_still_offers_module_points(tmp_path):
-    config = transformers.CodeGenConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB,
-                                        n_positions=32, rotary_dim=4)
+    """XGLM has no adapter, and discovery proves only its residual stream (its attention does
+    not use the AttentionInterface, its MLP is no module): the rest is module points."""
+    config = transformers.XGLMConfig(d_model=32, ffn_dim=64, num_layers=2, attention_heads=4,
+                                     max_position_embeddings=64, vocab_size=VOCAB)
     torch.manual_seed(0)
-    transformers.CodeGenForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="'codegen' has no cloche adapter"):
+    transformers.XGLMForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"'xglm' has no cloche adapter.*attn\.pattern \(the"
+                                         r" attention modules do not call"):
         model = cloche.load(tmp_path)
-    assert model.executor.adapter is None
-    assert any(line.startswith("layers.*.resid_pre: model_type 'codegen' has no cloche adapter")
+    assert model.executor.adapter.discovered
+    assert any(line.startswith("layers.*.attn.pattern: the attention modules do not call")
                for line in model.info()["missing"])
-    with pytest.raises(cloche.UnknownProbePoint, match=r"no cloche adapter.*module:<path>"):
+    with pytest.raises(cloche.UnknownProbePoint, match=r"AttentionInterface"):
         model.run(IDS, probes={"layers.0.attn.pattern": lambda c, x: None})
     names = {p.name for p in model.probe_points()}
-    assert "module:transformer.h.0.mlp:output" in names
-    model.run(IDS, probes={"module:transformer.h.0.mlp:output": lambda c, x: c.save("mlp", x)}, save="u")
-    assert model.save_context("u").fetch("mlp").shape == (1, 2, 9, 32)
+    assert {"layers.0.resid_pre", "layers.1.resid_post", "logits"} <= names
+    assert "module:model.layers.0.fc1:output" in names
+    model.run(IDS, probes={"module:model.layers.0.fc1:output": lambda c, x: c.save("fc1", x)},
+              save="u")
+    assert model.save_context("u").fetch("fc1").shape == (1, 2, 9, 64)
+
+
+def test_a_model_that_cannot_be_discovered_says_so(tmp_path):
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                   vocab_size=VOCAB, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5Model(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="'t5' has no cloche adapter and its structure could not"
+                                         " be discovered"):
+        model = cloche.load(tmp_path)
+    assert model.executor.adapter is None
+    assert any(line.startswith("layers.*.resid_pre: model_type 't5' has no cloche adapter")
+               for line in model.info()["missing"])
+    with pytest.raises(cloche.UnknownProbePoint, match=r"no cloche adapter.*module:<path>"):
+        model.resolve("layers.0.attn.pattern")
 
 
 def test_transformerlens_aliases(tiny_model):

@@ -81,6 +81,10 @@ class Adapter:
     #: a block returns ``(hidden, attention weights)``, not the hidden state alone (Falcon,
     #: BLOOM, GPT-Neo): a sharded model's stand-in blocks must return the same
     block_returns_tuple: bool = False
+    #: found by ``model.discover`` on a model without a table (not one of ``ADAPTERS``)
+    discovered: bool = False
+    #: canonical block points (suffixes) this adapter does not offer, and why
+    lacks: Mapping[str, str] = field(default_factory=dict)
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""
