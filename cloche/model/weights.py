@@ -1,7 +1,8 @@
 """Canonical weight names: per-head attention matrices, MLP in/out, embeddings, norms.
 
 Canonical layouts follow TransformerLens, so results read the same as in its papers and
-tutorials: ``W_Q/W_K/W_V`` are ``(n_heads, d_model, d_head)``, ``W_O`` is
+tutorials: ``W_Q`` is ``(n_heads, d_model, d_head)``, ``W_K/W_V`` are ``(n_kv_heads, d_model,
+d_head)`` (``n_kv_heads < n_heads`` for grouped-query attention), ``W_O`` is
 ``(n_heads, d_head, d_model)``, ``W_in``/``W_gate`` are ``(d_model, d_mlp)``, ``W_out`` is
 ``(d_mlp, d_model)``, ``W_E`` is ``(d_vocab, d_model)`` and ``W_U`` is ``(d_model, d_vocab)``.
 Each is a view or a cheap reshape of the raw parameter, never a copy of the whole model.

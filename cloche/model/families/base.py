@@ -67,6 +67,8 @@ class Adapter:
     gated_mlp: bool = False
     causal: bool = True
     notes: tuple[str, ...] = field(default=())
+    #: one line for the README's table of families (what is special about this one)
+    summary: str = ""
     #: attention and MLP read the same residual (GPT-J, Phi, Falcon): no ``resid_mid``. Strings
     #: name config attributes that switch it on (GPT-NeoX's ``use_parallel_residual``)
     parallel: bool | str | tuple[str, ...] = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 BERT = Adapter(
+    summary="post-LayerNorm encoder, bidirectional",
     family="bert",
     model_types=("bert",),
     layers="bert.encoder.layer",
@@ -53,6 +54,7 @@ BERT = Adapter(
 )
 
 ROBERTA = Adapter(
+    summary="post-LayerNorm encoder, positions after the padding index",
     family="roberta",
     model_types=("roberta",),
     layers="roberta.encoder.layer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 BLOOM = Adapter(
+    summary="ALiBi, LayerNorm on the embeddings",
     family="bloom",
     model_types=("bloom",),
     layers="transformer.h",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 FALCON = Adapter(
+    summary="parallel (one or two LayerNorms) or sequential blocks, rotary or ALiBi",
     family="falcon",
     model_types=("falcon",),
     layers="transformer.h",

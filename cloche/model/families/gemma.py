@@ -22,6 +22,7 @@ _NOTES = (
 )
 
 GEMMA = Adapter(
+    summary="embeddings scaled by sqrt(d_model), (1 + w) RMSNorm",
     family="gemma",
     model_types=("gemma",),
     layers="model.layers",
@@ -63,6 +64,7 @@ _SANDWICH_NOTES = (
 )
 
 GEMMA2 = Adapter(
+    summary="pre + post norms, attention and final-logit soft-capping, sliding window",
     family="gemma2",
     model_types=("gemma2",),
     layers="model.layers",
@@ -85,6 +87,7 @@ GEMMA2 = Adapter(
 )
 
 GEMMA3 = Adapter(
+    summary="pre + post norms, q/k norms, sliding-window layers",
     family="gemma3",
     model_types=("gemma3_text",),
     layers="model.layers",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 GPT2 = Adapter(
+    summary="fused Conv1D q/k/v, learned positions",
     family="gpt2",
     model_types=("gpt2",),
     layers="transformer.h",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 GPT_NEO = Adapter(
+    summary="alternating global / local (sliding) attention, unscaled scores",
     family="gpt_neo",
     model_types=("gpt_neo",),
     layers="transformer.h",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 GPT_NEOX = Adapter(
+    summary="fused per-head q/k/v; parallel residual when configured",
     family="gpt_neox",
     model_types=("gpt_neox",),
     layers="gpt_neox.layers",

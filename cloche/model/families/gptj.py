@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 GPTJ = Adapter(
+    summary="parallel attention + MLP, partial interleaved rotary",
     family="gptj",
     model_types=("gptj",),
     layers="transformer.h",

@@ -34,6 +34,7 @@ LLAMA_BLOCK_WEIGHTS = {
 }
 
 LLAMA = Adapter(
+    summary="RMSNorm, rotary, gated MLP, grouped-query KV",
     family="llama",
     model_types=("llama", "mistral", "qwen2"),
     layers="model.layers",
@@ -54,6 +55,7 @@ LLAMA = Adapter(
 )
 
 QWEN3 = Adapter(
+    summary="per-head q/k RMSNorm before rotary",
     family="qwen3",
     model_types=("qwen3",),
     layers="model.layers",

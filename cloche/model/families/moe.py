@@ -25,6 +25,7 @@ _NOTES = (
 )
 
 MIXTRAL = Adapter(
+    summary="mixture of experts: router logits, per-expert activations",
     family="mixtral",
     model_types=("mixtral",),
     layers="model.layers",
@@ -43,6 +44,7 @@ MIXTRAL = Adapter(
 )
 
 QWEN2_MOE = Adapter(
+    summary="mixture of experts with a gated shared expert",
     family="qwen2_moe",
     model_types=("qwen2_moe",),
     layers="model.layers",

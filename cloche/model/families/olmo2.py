@@ -6,6 +6,7 @@ from cloche.model.families.base import Adapter, Site, WeightRule
 from cloche.model.families.llama import LLAMA_BLOCK_WEIGHTS
 
 OLMO2 = Adapter(
+    summary="post-norms only, q/k RMSNorm over all heads",
     family="olmo2",
     model_types=("olmo2",),
     layers="model.layers",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 OPT = Adapter(
+    summary="learned positions offset by 2, MLP on flattened tokens",
     family="opt",
     model_types=("opt",),
     layers="model.decoder.layers",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 PHI = Adapter(
+    summary="parallel attention + MLP, partial rotary",
     family="phi",
     model_types=("phi",),
     layers="model.layers",

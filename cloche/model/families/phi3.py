@@ -5,6 +5,7 @@ from __future__ import annotations
 from cloche.model.families.base import Adapter, Site, WeightRule
 
 PHI3 = Adapter(
+    summary="fused qkv and gate_up projections",
     family="phi3",
     model_types=("phi3",),
     layers="model.layers",

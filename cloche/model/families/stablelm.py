@@ -6,6 +6,7 @@ from cloche.model.families.base import Adapter, WeightRule
 from cloche.model.families.llama import LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 
 STABLELM = Adapter(
+    summary="partial rotary, optional parallel residual and q/k LayerNorms",
     family="stablelm",
     model_types=("stablelm",),
     layers="model.layers",

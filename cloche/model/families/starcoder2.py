@@ -6,6 +6,7 @@ from cloche.model.families.base import Adapter, Site, WeightRule
 from cloche.model.families.llama import LLAMA_BLOCK_WEIGHTS
 
 STARCODER2 = Adapter(
+    summary="LayerNorm, sliding window, plain GELU MLP",
     family="starcoder2",
     model_types=("starcoder2",),
     layers="model.layers",
