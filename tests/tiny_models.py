@@ -112,12 +112,28 @@ def _configs(n_layers: int = 2) -> dict[str, tuple[type, transformers.Pretrained
             parallel_attn=False, alibi=True, bias=True, **_COMMON)),
         "bloom": (t.BloomForCausalLM, t.BloomConfig(
             hidden_size=32, n_layer=n_layers, n_head=4, **_COMMON)),
+        "olmo": (t.OlmoForCausalLM, t.OlmoConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=2, clip_qkv=0.5, max_position_embeddings=64, **_COMMON)),
+        "olmoe": (t.OlmoeForCausalLM, t.OlmoeConfig(
+            hidden_size=32, intermediate_size=16, num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64, **_COMMON)),
+        "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig(
+            hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
+            **_COMMON)),
+        "cohere": (t.CohereForCausalLM, t.CohereConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=2, use_qk_norm=True, logit_scale=0.5,
+            max_position_embeddings=64, **_COMMON)),
     }
 
 
 FAMILIES = tuple(_configs())
 CAUSAL = tuple(f for f in FAMILIES if f not in ("bert", "roberta"))
-MOE = ("mixtral", "qwen2_moe")
+MOE = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
 
 
 def save_tiny(family: str, directory: pathlib.Path, seed: int = 0, n_layers: int = 2

@@ -14,19 +14,19 @@ from tests.tiny_models import _COMMON, VOCAB
 
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
-# none of these has an adapter: CodeGen runs attention and MLP in parallel, OLMo is a
+# none of these has an adapter: CodeGen runs attention and MLP in parallel, Helium is a
 # sequential Llama-like decoder with a gated MLP, Persimmon sequential with a plain MLP
 UNKNOWN = {
     "codegen": (t.CodeGenForCausalLM, t.CodeGenConfig(
         n_layer=2, n_embd=32, n_head=4, n_positions=64, rotary_dim=4, **_COMMON)),
-    "olmo": (t.OlmoForCausalLM, t.OlmoConfig(
+    "helium": (t.HeliumForCausalLM, t.HeliumConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, **_COMMON)),
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **_COMMON)),
     "persimmon": (t.PersimmonForCausalLM, t.PersimmonConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, **_COMMON)),
 }
-PARALLEL = {"codegen": True, "olmo": False, "persimmon": False}
+PARALLEL = {"codegen": True, "helium": False, "persimmon": False}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,6 @@ def test_what_is_missing_is_said_at_load_in_info_and_in_errors(saved):
                for line in missing)
     with pytest.raises(cloche.UnknownProbePoint, match="run in parallel"):
         model.run(IDS, probes={"layers.0.resid_mid": lambda c, x: None})
-    olmo = load(saved("olmo"))
+    helium = load(saved("helium"))
     with pytest.raises(cloche.UnknownProbePoint, match="gated or otherwise unproven"):
-        olmo.resolve("blocks.0.mlp.hook_pre")
+        helium.resolve("blocks.0.mlp.hook_pre")

@@ -237,7 +237,8 @@ def test_z_without_pattern_probe_uses_the_fused_kernel_and_agrees(family, tiny_m
     assert not torch.allclose(changed, model.run(IDS).logits)
 
 
-@pytest.mark.parametrize("family", ["gptj", "phi", "stablelm_parallel", "falcon", "falcon_new"])
+@pytest.mark.parametrize("family", ["gptj", "phi", "stablelm_parallel", "falcon", "falcon_new",
+                                    "cohere"])
 def test_parallel_blocks_have_no_resid_mid_and_say_why(family, tiny_model):
     model = tiny_model(family)
     info = model.info()

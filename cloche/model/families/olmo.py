@@ -1,9 +1,29 @@
-"""OLMo 2: norms after attention and after the MLP only (none before), q/k RMSNorm."""
+"""OLMo (weightless LayerNorms), OLMo 2 (norms after attention and MLP only, q/k RMSNorm) and
+OLMoE (OLMo's mixture of experts)."""
 
 from __future__ import annotations
 
 from cloche.model.families.base import Adapter, Site, WeightRule
-from cloche.model.families.llama import LLAMA_BLOCK_WEIGHTS
+from cloche.model.families.llama import LLAMA, LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
+from cloche.model.families.moe import MOE_NOTES, MOE_SITES, MOE_WEIGHTS
+
+OLMO = Adapter(
+    family="olmo",
+    summary="LayerNorms without weights, optional q/k/v clipping",
+    model_types=("olmo",),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    logits="lm_head",
+    attention="self_attn",
+    gated_mlp=True,
+    block_sites=LLAMA_BLOCK_SITES,
+    block_weights=LLAMA_BLOCK_WEIGHTS,  # the norms have no weights: ln*.w do not exist
+    global_weights=LLAMA.global_weights,
+    notes=("OLMo's LayerNorms have no weight or bias: there are no ln1.w / ln2.w / ln_final.w",
+           "attn.q/k/v are after the optional clip_qkv clamp and the rotary embedding"),
+)
 
 OLMO2 = Adapter(
     summary="post-norms only, q/k RMSNorm over all heads",
@@ -45,4 +65,27 @@ OLMO2 = Adapter(
         ("queries and keys are RMS-normalised over all heads together before the rotary"
         " embedding; attn.q and attn.k are after both"),
     ),
+)
+
+OLMOE = Adapter(
+    family="olmoe",
+    summary="mixture of experts, q/k RMSNorm over all heads",
+    model_types=("olmoe",),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    logits="lm_head",
+    attention="self_attn",
+    gated_mlp=True,
+    router="mlp.gate",
+    experts="mlp.experts",
+    block_sites=MOE_SITES,
+    block_weights={
+        **MOE_WEIGHTS,
+        "attn.q_norm.w": WeightRule("self_attn.q_norm.weight", "identity"),
+        "attn.k_norm.w": WeightRule("self_attn.k_norm.weight", "identity"),
+    },
+    global_weights=LLAMA.global_weights,
+    notes=MOE_NOTES,
 )
