@@ -134,20 +134,25 @@ def attention_taps(
     layer_of_module: dict[int, int],
     apply: Callable[[int, str, torch.Tensor], torch.Tensor],
     needs_pattern: Callable[[int], bool],
-    method: tuple[str, dict[int, nn.Module]] | None = None,
+    method: tuple[str | Callable[..., Any], dict[int, nn.Module]] | None = None,
 ) -> Iterator[None]:
     """Route ``hf_model``'s attention through :func:`probed_attention` for the duration.
 
-    ``method`` is ``(name, {layer: attention module})`` for modules that do not call the
-    AttentionInterface: their method ``name`` is wrapped with the same taps instead.
+    ``method`` is ``(how, {layer: attention module})`` for modules that do not call the
+    AttentionInterface: a method name (their method ``(q, k, v, mask) -> (z, pattern)`` is
+    wrapped with the same taps), or a function ``(module, layer, apply, needs_pattern, *args,
+    **kwargs)`` that replaces their ``forward`` (``model.inline``).
     """
     if method is not None:
-        name, modules = method
+        how, modules = method
+        name = how if isinstance(how, str) else "forward"
         try:
             for layer, module in modules.items():
                 # an instance attribute shadows the class's method; deleting it restores it
-                module.__dict__[name] = _tapped_method(getattr(module, name), layer, apply,
-                                                       needs_pattern)
+                module.__dict__[name] = (
+                    _tapped_method(getattr(module, how), layer, apply, needs_pattern)
+                    if isinstance(how, str)
+                    else functools.partial(how, module, layer, apply, needs_pattern))
             yield
         finally:
             for module in modules.values():

@@ -105,7 +105,7 @@ class Attachment:
                  specs: dict[str, PointSpec], plan: ProbePlan, run: Callable[[], RunInfo],
                  cancel: Any = None, block_paths: Sequence[str] = (),
                  attention_paths: dict[str, int] | None = None,
-                 attention_method: str | None = None) -> None:
+                 attention_method: str | Callable[..., Any] | None = None) -> None:
         self._model = hf_model
         self._specs = specs
         self._plan = plan

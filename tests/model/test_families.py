@@ -321,7 +321,7 @@ def test_gemma2_pattern_is_the_softmax_of_soft_capped_scores(tiny_model):
     assert logits.abs().max() > 0.5 * cfg["final_logit_softcapping"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gemma2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gemma2", "opt", "bloom"])
 def test_a_replaced_pattern_mixes_the_values(family, tiny_model):
     """Replacing attn.pattern changes z to pattern @ v (also where attention is wrapped)."""
     model = tiny_model(family)

@@ -12,8 +12,9 @@ replacement must be written into the tensor itself (see ``runtime.hooks``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class Adapter:
     parallel: bool | str | tuple[str, ...] = False
     #: for attention modules that do not call transformers' AttentionInterface: the name of
     #: their method ``(query, key, value, mask) -> (z, pattern)`` in (batch, head, seq, d)
-    #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``)
-    attention_method: str | None = None
+    #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``), or a
+    #: function of ``model.inline`` that stands in for their ``forward`` (BLOOM)
+    attention_method: str | Callable[..., Any] | None = None
     #: mixture-of-experts blocks: the router and the experts modules inside a block (their
     #: points are ``mlp.router`` and ``mlp.experts.{e}.post``; see ``model.moe``)
     router: str | None = None

@@ -1,13 +1,15 @@
 """BLOOM: ALiBi attention, a LayerNorm on the embeddings, fused per-head q/k/v.
 
 BLOOM computes attention inline (ALiBi added with ``baddbmm``, no AttentionInterface, no
-method to wrap), so cloche offers no q/k/v/pattern/z points for it yet. Its attention and MLP
-modules add the residual themselves, so ``attn.out`` and ``mlp.out`` are the output projections.
+method to wrap): runs that probe q/k/v/pattern/z use ``model.inline.bloom_attention`` instead
+of its forward. Its attention and MLP modules add the residual themselves, so ``attn.out`` and
+``mlp.out`` are the output projections.
 """
 
 from __future__ import annotations
 
 from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.inline import bloom_attention
 
 BLOOM = Adapter(
     summary="ALiBi, LayerNorm on the embeddings",
@@ -18,7 +20,8 @@ BLOOM = Adapter(
     final_norm="transformer.ln_f",
     unembed="lm_head",
     logits="lm_head",
-    attention=None,
+    attention="self_attention",
+    attention_method=bloom_attention,
     block_returns_tuple=True,
     block_sites={
         "resid_pre": Site("", "input"),
@@ -59,8 +62,8 @@ BLOOM = Adapter(
     },
     notes=(
         "embed is the raw token embedding; resid_pre of block 0 is after the embedding LayerNorm",
-        ("attention uses ALiBi (a per-head linear bias on distance, no position embeddings) and is"
-        " computed inline: no attn.q/k/v/pattern/z points yet"),
+        ("attention uses ALiBi (a per-head linear bias on distance, no position embeddings);"
+         " attn.pattern is the softmax of the biased scores, as the model computes it"),
         ("the apply_residual_connection_post_layernorm variant is not covered (its resid_mid"
         " differs)"),
     ),
