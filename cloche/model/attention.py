@@ -143,9 +143,13 @@ def attention_taps(
     wrapped with the same taps), or a function ``(module, layer, apply, needs_pattern, *args,
     **kwargs)`` that replaces their ``forward`` (``model.inline``).
     """
+    config: Any = hf_model.config  # a PretrainedConfig (nn.Module types attributes as tensors)
+    previous = config._attn_implementation
     if method is not None:
         how, modules = method
         name = how if isinstance(how, str) else "forward"
+        # the masks the model builds must be the eager (additive) ones these functions add
+        config._attn_implementation = "eager"
         try:
             for layer, module in modules.items():
                 # an instance attribute shadows the class's method; deleting it restores it
@@ -155,12 +159,11 @@ def attention_taps(
                     else functools.partial(how, module, layer, apply, needs_pattern))
             yield
         finally:
+            config._attn_implementation = previous
             for module in modules.values():
                 module.__dict__.pop(name, None)
         return
     _register()
-    config: Any = hf_model.config  # a PretrainedConfig (nn.Module types attributes as tensors)
-    previous = config._attn_implementation
     token = _ACTIVE.set((layer_of_module, apply, needs_pattern))
     config._attn_implementation = IMPLEMENTATION
     try:

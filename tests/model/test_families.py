@@ -70,7 +70,8 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
     eager = reference(tiny_dir(family), attn_implementation="eager")
     for i in range(n):
         torch.testing.assert_close(got[f"layers.{i}.resid_pre"], ref.hidden_states[i], atol=1e-5, rtol=0)
-        if internals:
+        # (Falcon's eager ALiBi branch adds ALiBi twice: see test_falcon_alibi_pattern)
+        if internals and family != "falcon_rw":
             torch.testing.assert_close(got[f"layers.{i}.attn.pattern"], eager.attentions[i],
                                        atol=1e-5, rtol=0)
         if i < n - 1:
@@ -321,7 +322,8 @@ def test_gemma2_pattern_is_the_softmax_of_soft_capped_scores(tiny_model):
     assert logits.abs().max() > 0.5 * cfg["final_logit_softcapping"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gemma2", "opt", "bloom"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gemma2", "opt", "bloom", "falcon",
+                                    "falcon_new", "falcon_rw"])
 def test_a_replaced_pattern_mixes_the_values(family, tiny_model):
     """Replacing attn.pattern changes z to pattern @ v (also where attention is wrapped)."""
     model = tiny_model(family)
@@ -447,3 +449,25 @@ def test_replacing_router_logits_reroutes(family, tiny_model):
             expected += torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(rerouted, model.run(IDS).logits)
+
+
+def test_falcon_alibi_pattern(tiny_model):
+    """Falcon-RW's pattern is softmax(q.k / sqrt(d) + ALiBi / sqrt(d) + causal mask), the
+    attention its default (sdpa) forward computes. transformers' eager branch, which
+    output_attentions uses, adds ALiBi once more on top of the mask that already holds it."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    model = tiny_model("falcon_rw")
+    got = capture_all(model, ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.pattern"])
+    q, k = got["layers.1.attn.q"], got["layers.1.attn.k"]
+    heads, d_head = q.shape[2], q.shape[3]
+    alibi = build_alibi_tensor(torch.ones_like(IDS), heads, torch.float32)
+    alibi = alibi.view(IDS.shape[0], heads, 1, -1)
+    scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) + alibi) / d_head**0.5
+    causal = torch.ones(IDS.shape[1], IDS.shape[1], dtype=torch.bool).tril()
+    expected = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(got["layers.1.attn.pattern"], expected, atol=1e-5, rtol=0)
+    # the slopes matter: without ALiBi the pattern differs
+    plain = (torch.einsum("bqhd,bkhd->bhqk", q, k) / d_head**0.5).masked_fill(~causal,
+                                                                             float("-inf"))
+    assert not torch.allclose(plain.softmax(-1), expected, atol=1e-3)

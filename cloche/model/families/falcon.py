@@ -1,12 +1,14 @@
 """Falcon: parallel attention and MLP (7B: one LayerNorm; 40B/180B: two), or sequential (RW).
 
-Falcon computes attention inline (no AttentionInterface, no method to wrap), so cloche offers no
-q/k/v/pattern/z points for it yet: the residual stream, attention output and MLP points only.
+Falcon computes attention inline (no AttentionInterface, no method to wrap): runs that probe
+q/k/v/pattern/z use ``model.inline.falcon_attention`` (its eager attention written out with
+taps) in place of the attention module's forward.
 """
 
 from __future__ import annotations
 
 from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.inline import falcon_attention
 
 FALCON = Adapter(
     summary="parallel (one or two LayerNorms) or sequential blocks, rotary or ALiBi",
@@ -17,7 +19,8 @@ FALCON = Adapter(
     final_norm="transformer.ln_f",
     unembed="lm_head",
     logits="lm_head",
-    attention=None,
+    attention="self_attention",
+    attention_method=falcon_attention,
     block_returns_tuple=True,
     parallel=("parallel_attn", "new_decoder_architecture"),
     block_sites={
@@ -51,9 +54,11 @@ FALCON = Adapter(
         "unembed.W_U": WeightRule("lm_head.weight", "linear_in_out"),
     },
     notes=(
-        ("attention is computed inline (rotary or ALiBi): no attn.q/k/v/pattern/z points yet,"
-        " and no W_Q/W_K/W_V (query_key_value's layout depends on multi_query and"
-        " new_decoder_architecture): read the raw self_attention.query_key_value.weight"),
+        ("attention (rotary or ALiBi) is computed inline; runs that probe its internals use"
+         " cloche's copy of Falcon's eager attention. attn.k/v are expanded to every query head"
+         " (multi-query and grouped layouts)"),
+        ("no W_Q/W_K/W_V (query_key_value's layout depends on multi_query and"
+         " new_decoder_architecture): read the raw self_attention.query_key_value.weight"),
         ("with parallel_attn or new_decoder_architecture, attention and MLP read the same residual:"
         " no resid_mid (ln2 is ln_mlp where the block has two LayerNorms)"),
     ),
