@@ -75,9 +75,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
             "the token can run code on this machine, so use TLS and a strong token off loopback."
         ),
     )
-    parser.add_argument("--model", metavar="DIR", default=None,
-                        help="Hugging Face model directory to load (default: the model shipped "
-                             "with cloche)")
+    parser.add_argument("--model", metavar="DIR_OR_NAME", default=None,
+                        help="Hugging Face model to load: a directory saved with save_pretrained,"
+                             " or a hub name such as org/name, resolved through the Hugging Face"
+                             " cache (downloaded if missing; HF_HUB_OFFLINE=1 uses the cache"
+                             " alone) (default: the model shipped with cloche)")
+    parser.add_argument("--revision", metavar="REV", default=None,
+                        help="branch, tag or commit of a hub --model (default: main)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, loopback only; "
                              "0.0.0.0 for every interface)")
@@ -121,7 +125,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu",
                         help="torch device to load the model on (default: cpu)")
     parser.add_argument("--dtype", default=None,
-                        help="load the weights in this dtype, e.g. float16 (default: as saved)")
+                        help="load the weights in this dtype: float32, bfloat16, float16, or auto"
+                             " (as saved in config.json) (default: float32)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads (torch.set_num_threads) for the server and, "
                              "with --world-size, each rank (default: torch's own choice)")
@@ -215,7 +220,7 @@ def warn_if_insecure(config: Any) -> None:
 def load_model(args: argparse.Namespace) -> Any:
     import cloche
 
-    return cloche.load(args.model, device=args.device, dtype=args.dtype,
+    return cloche.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                        state_dir=args.state_dir)  # the server applies --max-saved-bytes
 
 
@@ -269,10 +274,11 @@ def run_serve(args: argparse.Namespace) -> int:
                              " authenticate each other with it): set CLOCHE_TOKEN or pass"
                              " --token-file on every node")
         from cloche.default_model import weights_dir
-        from cloche.sharding.worker import config_from_env, run_rank
+        from cloche.sharding.worker import config_from_env, model_directory, run_rank
 
         dist_config = config_from_env(
-            dict(os.environ), model_dir=str(args.model or weights_dir()),
+            dict(os.environ), model_dir=(model_directory(args.model, args.revision)
+                                         if args.model else str(weights_dir())),
             layers_per_rank=args.layers_per_rank, backend=args.backend,
             device=None if args.device == "cpu" else args.device, dtype=args.dtype,
             timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
@@ -287,7 +293,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     return serve_distributed(
         args.model or weights_dir(), args.world_size,
-        lambda model: serve_until_stopped(model, config, generated),
+        lambda model: serve_until_stopped(model, config, generated), revision=args.revision,
         layers_per_rank=_layers_per_rank(args.layers_per_rank), backend=args.backend,
         device=None if args.device == "cpu" else args.device, dtype=args.dtype,
         timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,

@@ -23,6 +23,7 @@ from cloche.api.inputs import encode_inputs, is_text
 from cloche.api.progress import ProgressReporter
 from cloche.api.results import GenerateResult, RunResult, generate_result
 from cloche.errors import UsageError
+from cloche.model.info import no_head_message
 from cloche.model.points import ProbePoint, canonical_name
 
 if TYPE_CHECKING:
@@ -191,6 +192,8 @@ class Model:
         if backward_probes and backward is None:
             raise UsageError("gradient probes need a backward pass: pass backward=True or a loss"
                              " function")
+        if backward is not None and not self._described().lm_head:
+            raise UsageError(no_head_message(self.name, "backward"))
         if backward is True and not self.causal:
             raise UsageError("backward=True means next-token loss, which a non-causal model"
                              " lacks; pass a callable that returns the scalar to backprop")
@@ -208,6 +211,8 @@ class Model:
     def _prepare_generate(self, prompt: Any, max_new_tokens: int = 20, *,
                           probes: Mapping[str, Any] | None = None, save: str | None = None,
                           temperature: float = 0.0, seed: int | None = None) -> Prepared:
+        if not self._described().lm_head:
+            raise UsageError(no_head_message(self.name, "generate"))
         if not self.causal:
             raise UsageError("generate needs a causal language model")
         tokenizer = self.tokenizer if is_text(prompt) else None

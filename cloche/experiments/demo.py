@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the server at host:port instead of starting one")
     parser.add_argument("--token", default=None,
                         help="the server's token for --connect (default: $CLOCHE_TOKEN)")
-    parser.add_argument("--model", metavar="DIR", default=None,
-                        help="model directory for the server it starts (default: the shipped "
-                             "default model)")
+    parser.add_argument("--model", metavar="DIR_OR_NAME", default=None,
+                        help="model directory or hub name (org/name, via the Hugging Face cache)"
+                             " for the server it starts (default: the shipped default model)")
     parser.add_argument("--dataset", default="default:heldout",
                         help="dataset for examples and statistics (default: default:heldout)")
     parser.add_argument("--limit", type=int, default=96,

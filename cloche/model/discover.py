@@ -249,7 +249,9 @@ def discover(hf_model: nn.Module) -> Adapter | None:
         embed=embed,
         final_norm=final_norm,
         unembed=unembed or "",
-        logits="",
+        # the model's output is its logits only if it has a head (else no logits point)
+        logits="" if unembed is not None and getattr(out, "logits", None) is not None
+        else "(no head)",
         attention=attention,
         parallel=parallel,
         block_sites=sites,

@@ -14,7 +14,15 @@ from cloche.model.families import Adapter
 from cloche.model.points import missing_points
 from cloche.model.weights import head_shape
 
-__all__ = ["ModelInfo", "describe"]
+__all__ = ["ModelInfo", "describe", "no_head_message"]
+
+
+def no_head_message(name: str, what: str) -> str:
+    """Why ``what`` (logits, backward, generate, ...) is not available on a headless model."""
+    return (f"{name} was saved without a language-model head (e.g. BertModel, LlamaModel), so"
+            f" it has no logits, no unembed weight and no next-token loss: {what} needs one."
+            " Read hidden states at probe points instead (the last block's resid_post, or"
+            " final_norm), or load a checkpoint saved with its head")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +32,8 @@ class ModelInfo:
     ``rank`` is the rank this description was made on: 0 for a whole model, ``k`` for the shard
     that a function shipped with ``call(fn, rank=k)`` receives. ``max_positions`` is the longest
     sequence a model with learned position embeddings can take (0: no such hard limit).
+    ``lm_head`` is False for a base model saved without its head: it has no logits, no
+    ``unembed.W_U`` weight, no next-token loss and cannot generate.
     """
 
     name: str
@@ -49,6 +59,14 @@ class ModelInfo:
     missing: tuple[str, ...] = ()
     #: what a user must know to read this family's points (the adapter's notes)
     notes: tuple[str, ...] = ()
+    lm_head: bool = True
+
+    @property
+    def lacks(self) -> tuple[str, ...]:
+        """What this model does not have, in words a user can act on (empty for most)."""
+        if self.lm_head:
+            return ()
+        return ("logits", "unembed.W_U", "next-token loss", "generate")
 
     def summary(self) -> dict[str, Any]:
         """The plain dict ``model.info()`` returns (everything but the point names)."""
@@ -59,7 +77,7 @@ class ModelInfo:
             "d_vocab": self.d_vocab, "causal": self.causal, "device": self.device,
             "world_size": self.world_size, "layers_per_rank": list(self.layers_per_rank),
             "rank": self.rank, "parallel": self.parallel, "missing": list(self.missing),
-            "notes": list(self.notes),
+            "notes": list(self.notes), "lm_head": self.lm_head, "lacks": list(self.lacks),
         }
 
 
@@ -73,7 +91,8 @@ def _int(config: Any, *names: str, default: int = 0) -> int:
 
 def describe(config: Any, adapter: Adapter | None, *, name: str, device: Any,
              point_names: Iterable[str], world_size: int = 1,
-             layers_per_rank: Iterable[int] = (), rank: int = 0) -> ModelInfo:
+             layers_per_rank: Iterable[int] = (), rank: int = 0,
+             lm_head: bool = True) -> ModelInfo:
     """The :class:`ModelInfo` of a model with Hugging Face ``config`` and ``adapter``."""
     d_model = _int(config, "hidden_size")
     n_heads = _int(config, "num_attention_heads")
@@ -96,4 +115,5 @@ def describe(config: Any, adapter: Adapter | None, *, name: str, device: Any,
         max_positions=(_int(config, "max_position_embeddings", "n_positions")
                        if adapter is not None and "pos_embed.W_pos" in adapter.global_weights
                        else 0),
+        lm_head=lm_head,
     )

@@ -97,7 +97,9 @@ def build_specs(hf_model: nn.Module, adapter: Adapter | None) -> dict[str, Point
             specs["final_norm"] = PointSpec(
                 "final_norm", "ln", None, Site(adapter.final_norm, "output")
             )
-        if adapter.logits in modules:
+        # logits at the model's output ("") only where the model has its head: a base model
+        # saved without it (LlamaModel) returns hidden states there
+        if adapter.logits in modules and (adapter.logits or adapter.unembed in modules):
             specs["logits"] = PointSpec("logits", "logits", None, Site(adapter.logits, "output"))
     for path in modules:
         if not path:

@@ -28,10 +28,12 @@ from cloche.api.model import Model
 from cloche.api.results import Outputs
 from cloche.errors import UsageError
 from cloche.model.discover import discover
-from cloche.model.families import Adapter, adapter_for
-from cloche.model.info import ModelInfo, describe
+from cloche.model.families import Adapter
+from cloche.model.hub import display_name
+from cloche.model.info import ModelInfo, describe, no_head_message
 from cloche.model.loader import Loaded
 from cloche.model.points import PointSpec, ProbePoint, build_specs
+from cloche.model.rebase import adapter_for_model
 from cloche.model.weights import WeightCatalog, head_shape, read_weight
 from cloche.probes.actions import context_action
 from cloche.probes.context import RunInfo
@@ -58,14 +60,16 @@ class LocalExecutor:
         self.hf_model: nn.Module = loaded.hf_model
         self._tokenizer = loaded.tokenizer
         self.path = loaded.path
-        self.name = name or loaded.path.name
+        self.name = name or display_name(loaded.path)
         self._config = self.hf_model.config
-        model_type = getattr(self._config, "model_type", None)
-        self.adapter: Adapter | None = adapter_for(model_type)
+        self.adapter: Adapter | None = adapter_for_model(self.hf_model)
         if self.adapter is None:
             self.adapter = discover(self.hf_model)
             if rank == 0:
-                _warn_unknown_family(self.name, model_type, self.adapter)
+                _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
+                                     self.adapter)
+        #: False for a base model saved without its head (no logits, no unembed)
+        self.lm_head = loaded.lm_head
         self.store = store if store is not None else SaveStore()
         self.rank = rank
         self.specs: dict[str, PointSpec] = build_specs(self.hf_model, self.adapter)
@@ -107,7 +111,8 @@ class LocalExecutor:
     def describe(self) -> ModelInfo:
         if self._info is None:
             self._info = describe(self._config, self.adapter, name=self.name,
-                                  device=self.device, point_names=self.specs, rank=self.rank)
+                                  device=self.device, point_names=self.specs, rank=self.rank,
+                                  lm_head=self.lm_head)
         return self._info
 
     @property
@@ -203,15 +208,21 @@ class LocalExecutor:
             writes.examples += ids.shape[0]
         example_ids = example_ids.to(self.device)
         grad = backward is not None
+        if grad and not self.lm_head:  # the facade refuses this first; a clear error anyway
+            raise UsageError(no_head_message(self.name, "backward"))
         if grad:
             self.hf_model.zero_grad(set_to_none=True)
         n = 1 if grad else max(1, min(micro_batches, ids.shape[0]))
-        chunks = []
+        chunks: list[torch.Tensor] = []
         for part_ids, part_mask, part_examples in zip(ids.chunk(n), mask.chunk(n),
                                                       example_ids.chunk(n), strict=True):
             out = self.forward(part_ids, part_mask, plan, writes, part_examples, cancel,
                                grad=grad)
-            chunks.append(out.logits if hasattr(out, "logits") else out[0])
+            if getattr(out, "logits", None) is not None:  # a base model has none
+                chunks.append(out.logits)
+        if not chunks:
+            writes.runs += 1
+            return rq.RunOutput(logits=None, loss=None)
         logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         loss = None
         if grad:

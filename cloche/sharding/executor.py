@@ -134,7 +134,8 @@ class ShardedExecutor:
             self._info = describe(self.config, self._stage.adapter, name=self.name,
                                   device=self.device, point_names=self._specs,
                                   world_size=self.world_size,
-                                  layers_per_rank=self.plan.layers_per_rank())
+                                  layers_per_rank=self.plan.layers_per_rank(),
+                                  lm_head=self._local.lm_head)
         return self._info
 
     def probe_points(self) -> list[ProbePoint]:
@@ -316,11 +317,12 @@ class ShardedExecutor:
         def receive_logits() -> torch.Tensor:
             return self._channel.recv(last, keys.final_logits(self._seq))
 
-        after = receive_logits if req.return_logits else None
+        want = req.return_logits and self._local.lm_head  # a base model has no logits
+        after = receive_logits if want else None
         result = self._command(
             "run", cancel=cancel, after=after, ids=req.ids, mask=req.mask, forward=req.forward,
             backward_probes=req.backward_probes, save=req.save, backward=req.backward,
-            return_logits=req.return_logits, micro_batches=self._micro(req.micro_batches))
+            return_logits=want, micro_batches=self._micro(req.micro_batches))
         values, logits = result if after is not None else (result, None)
         return rq.RunOutput(logits=None if logits is None else logits.cpu(),
                             loss=values[last]["loss"])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloche.api.model import Model
 from cloche.errors import UsageError, WorkerLost
+from cloche.model.hub import resolve_model
 from cloche.sharding.layout import DistConfig
 from cloche.sharding.worker import CONTROL_KEY_ENV, EXIT_WORKER_LOST, join
 
@@ -107,6 +108,7 @@ def _options(layers_per_rank: Sequence[int] | None, backend: str | None, dtype: 
 
 
 def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
+                revision: str | None = None,
                 layers_per_rank: Sequence[int] | None = None, backend: str | None = None,
                 device: str | None = None, dtype: str | None = None, timeout_s: float = 60.0,
                 micro_batches: int = 1, threads: int | None = None,
@@ -115,10 +117,13 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
                 state_dir: str | os.PathLike[str] | None = None) -> Model:
     """A :class:`cloche.Model` sharded over ``world_size`` ranks of this machine (rank 0 here).
 
+    ``model_dir`` is a directory or a hub name (at ``revision``), resolved here once through the
+    Hugging Face cache: every rank gets the local snapshot path and downloads nothing.
     ``model.executor.group`` holds the worker processes; ``model.close()`` shuts them down.
     ``state_dir`` keeps every rank's committed save contexts on disk (``rank-{r}`` inside it).
     """
-    executor, _ = _start_group(model_dir, world_size, layers_per_rank=layers_per_rank,
+    executor, _ = _start_group(model_dir, world_size, revision=revision,
+                               layers_per_rank=layers_per_rank,
                                backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
                                micro_batches=micro_batches, threads=threads,
                                master_addr=master_addr, port=port, on_lost=on_lost,
@@ -127,6 +132,7 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
 
 
 def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
+                 revision: str | None = None,
                  layers_per_rank: Sequence[int] | None, backend: str | None,
                  device: str | None, dtype: str | None, timeout_s: float, micro_batches: int,
                  threads: int | None, master_addr: str, port: int | None,
@@ -136,9 +142,10 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
     """Rank 0's executor (joined to the group) and the worker processes it drives."""
     from cloche.sharding.executor import ShardedExecutor
 
-    model_dir = str(Path(model_dir).expanduser())
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
         raise UsageError(f"world_size ({world_size!r}) must be an int >= 2")
+    # resolved once, here: the ranks get a local directory and never download anything
+    model_dir = str(resolve_model(model_dir, revision=revision).path)
     port = port or _free_port(master_addr)
     key = secrets.token_bytes(32)  # this group's control key: the workers get it, nobody else
     state = None if state_dir is None else str(Path(state_dir).expanduser().resolve())
@@ -169,7 +176,7 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
 
 
 def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
-                      serve_fn: Callable[[Any], Any], *,
+                      serve_fn: Callable[[Any], Any], *, revision: str | None = None,
                       layers_per_rank: Sequence[int] | None = None, backend: str | None = None,
                       device: str | None = None, dtype: str | None = None,
                       timeout_s: float = 60.0, micro_batches: int = 1,
@@ -193,7 +200,8 @@ def serve_distributed(model_dir: str | os.PathLike[str], world_size: int,
             group_box[0].terminate(grace_s=2.0)
         os._exit(EXIT_WORKER_LOST)
 
-    executor, group = _start_group(model_dir, world_size, layers_per_rank=layers_per_rank,
+    executor, group = _start_group(model_dir, world_size, revision=revision,
+                                   layers_per_rank=layers_per_rank,
                                    backend=backend, device=device, dtype=dtype,
                                    timeout_s=timeout_s, micro_batches=micro_batches,
                                    threads=threads, master_addr=master_addr, port=port,

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from cloche.errors import UsageError
-from cloche.model.families import Adapter, adapter_for
-from cloche.model.loader import Loaded, auto_class, parse_dtype
+from cloche.model.families import Adapter
+from cloche.model.loader import Loaded, has_lm_head, model_from_config, parse_dtype
 from cloche.model.points import PointSpec
+from cloche.model.rebase import adapter_for_model
 from cloche.sharding.plan import ShardPlan, balanced_plan
 from cloche.sharding.stubs import (
     LogitsStub,
@@ -53,24 +54,26 @@ class Skeleton:
 
 
 def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> Skeleton:
+    """The meta-device model of the checkpoint in the local directory ``model_dir`` (a hub name
+    is resolved to one by the launcher, once, before any rank starts)."""
     import transformers
 
     directory = Path(model_dir).expanduser()
     if not (directory / "config.json").is_file():
         raise UsageError(f"{str(directory)!r} is not a model directory (no config.json)")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    adapter = adapter_for(getattr(config, "model_type", None))
-    if adapter is None:
-        raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
-                         " needs to know where the blocks are")
     resolved = parse_dtype(dtype)
     if resolved == "auto":
         resolved = getattr(config, "dtype", None) or torch.float32
         if isinstance(resolved, str):
             resolved = getattr(torch, resolved)
-    with torch.device("meta"):
-        meta_model = auto_class(config).from_config(config, dtype=resolved)
+    with torch.device("meta"):  # the class the checkpoint was saved as, as load_hf does
+        meta_model = model_from_config(config, cast(torch.dtype, resolved))
     meta_model.eval()
+    adapter = adapter_for_model(meta_model)
+    if adapter is None:
+        raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
+                         " needs to know where the blocks are")
     return Skeleton(directory, config, adapter, meta_model, cast(torch.dtype, resolved))
 
 
@@ -281,6 +284,8 @@ def _load_owned(model: nn.Module, sk: Skeleton) -> None:
         candidates = [name, tied.get(name)]
         if prefix and name.startswith(prefix + "."):
             candidates.append(name[len(prefix) + 1:])
+        elif prefix:  # a base model (BertModel) from a checkpoint that kept the prefix
+            candidates.append(f"{prefix}.{name}")
         key = next((c for c in candidates if c is not None and c in files), None)
         if key is None:
             raise UsageError(f"the checkpoint in {str(sk.path)!r} has no tensor for {name!r}")
@@ -335,6 +340,7 @@ def build_shard(sk: Skeleton, plan: ShardPlan, rank: int, stage: Pipeline,
     ``sk`` is consumed (its meta model becomes the shard).
     """
     device = torch.device(device)
+    lm_head = has_lm_head(sk.meta_model)  # before stubs stand in for other ranks' modules
     own = Ownership(sk, plan)
     model = _install_stubs(sk, own, rank, stage)
     persistent = set(model.state_dict().keys())
@@ -348,4 +354,4 @@ def build_shard(sk: Skeleton, plan: ShardPlan, rank: int, stage: Pipeline,
         # nn.Module.__setattr__ is typed for tensors and modules; any attribute is fine at runtime
         model.generation_config = generation  # type: ignore[assignment]
     model.eval()
-    return Loaded(model, _tokenizer(sk.path), sk.path)
+    return Loaded(model, _tokenizer(sk.path), sk.path, lm_head=lm_head)

@@ -23,6 +23,7 @@ from cloche.api.inputs import next_token_loss
 from cloche.api.results import Outputs
 from cloche.errors import Aborted, Cancelled, UsageError
 from cloche.errors.payload import to_payload
+from cloche.model.info import no_head_message
 from cloche.model.points import PointSpec, build_specs
 from cloche.probes.actions import context_action, entries
 from cloche.probes.context import RunInfo
@@ -170,7 +171,9 @@ class Stage:
     def _end_pass(self, module: Any, args: Any, output: Any) -> None:
         if self.rank != self.last:
             return
-        logits = output.logits if hasattr(output, "logits") else output[0]
+        logits = getattr(output, "logits", None)  # None: a base model without a head
+        if logits is None:
+            return
         if self._mode == "generate":
             for dst in range(self.last):
                 self.channel.send(dst, keys.logits(self._seq, self._pass, dst), logits,
@@ -296,7 +299,11 @@ class Stage:
                     ids.chunk(n), mask.chunk(n), example_ids.chunk(n), strict=True):
                 self._forward(chunk_ids, chunk_mask, plan, writes, chunk_examples, grad=grad)
             value: dict[str, Any] = {}
-            if self.rank == self.last:
+            if self.rank == self.last and not self._logits:  # a base model: no logits
+                if grad:  # the facade refuses this first; a clear error if a caller did not
+                    raise UsageError(no_head_message(self.local.name, "backward"))
+                value["loss"] = None  # rank 0 asks no logits of a headless model
+            elif self.rank == self.last:
                 logits = self._logits[0] if len(self._logits) == 1 else torch.cat(self._logits)
                 loss = next_token_loss(logits, ids.to(logits.device), mask) \
                     if self.local.causal else None

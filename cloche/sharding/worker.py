@@ -34,6 +34,7 @@ import torch
 import torch.distributed as tdist
 
 from cloche.errors import Aborted, ProtocolError, UsageError, WorkerLost
+from cloche.model.hub import resolve_model
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
 from cloche.sharding.layout import DistConfig, Layout
@@ -42,7 +43,7 @@ from cloche.sharding.sealing import key_from_token, open_sealed
 from cloche.sharding.shard import make_plan, skeleton
 from cloche.sharding.stage import Stage, error_envelope
 
-__all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main"]
+__all__ = ["EXIT_WORKER_LOST", "Rank", "command_loop", "join", "main", "model_directory"]
 
 EXIT_WORKER_LOST = 3
 #: the local launcher hands its workers the group's control key in this variable (hex)
@@ -279,7 +280,10 @@ def run_rank(config: DistConfig, serve: Callable[[Any], Any] | None,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cloche.sharding.worker",
                                      description="one rank of a sharded cloche model")
-    parser.add_argument("--model", required=True, help="model directory (safetensors)")
+    parser.add_argument("--model", required=True,
+                        help="model directory (safetensors), or a hub name resolved through the"
+                             " Hugging Face cache")
+    parser.add_argument("--revision", default=None, help="hub revision of --model")
     parser.add_argument("--layers-per-rank", default=None,
                         help="comma-separated block counts, e.g. 6,6,4")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default=None)
@@ -345,10 +349,21 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                       control_key=control_key(env, token), state_dir=state_dir)
 
 
+def model_directory(model: str, revision: str | None = None) -> str:
+    """The local directory of ``model`` (a directory, or a hub name via the Hugging Face cache).
+
+    A launcher hands its ranks a directory already. Under torchrun each rank resolves a hub name
+    itself; the ranks of one machine share a single download (huggingface_hub locks each file
+    of the cache while it fetches it, and the others then find it there).
+    """
+    return str(resolve_model(model, revision=revision).path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from_env(
-        dict(os.environ), model_dir=args.model, layers_per_rank=args.layers_per_rank,
+        dict(os.environ), model_dir=model_directory(args.model, args.revision),
+        layers_per_rank=args.layers_per_rank,
         backend=args.backend, device=args.device, dtype=args.dtype, timeout_s=args.timeout,
         micro_batches=args.micro_batches, threads=args.threads,
         store_port_offset=args.store_port_offset, state_dir=args.state_dir)
