@@ -471,3 +471,23 @@ def test_falcon_alibi_pattern(tiny_model):
     plain = (torch.einsum("bqhd,bkhd->bhqk", q, k) / d_head**0.5).masked_fill(~causal,
                                                                              float("-inf"))
     assert not torch.allclose(plain.softmax(-1), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_headless_model_of_a_family_whose_logits_are_the_model_output(family, tmp_path):
+    """Gemma 2 and Cohere read logits at the model's output (after capping / scaling); saved
+    without the head, that output is hidden states, so the model has no logits point."""
+    from tests.tiny_models import _configs
+
+    cls, config = _configs()[family]
+    torch.manual_seed(0)
+    full = cls(config)
+    base = full.model
+    base.save_pretrained(tmp_path)
+    model = cloche.load(tmp_path)
+    names = {p.name for p in model.probe_points()}
+    assert "logits" not in names and "layers.1.resid_post" in names and "final_norm" in names
+    with torch.no_grad():
+        expected = base(IDS).last_hidden_state
+    got = capture_all(model, ["final_norm"])["final_norm"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
