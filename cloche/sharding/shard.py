@@ -274,6 +274,39 @@ class _SafetensorsFile:
         self._file.close()
 
 
+# fused experts parameter -> the per-expert tensors a checkpoint may hold instead, in order
+_EXPERT_PARTS = {
+    ".experts.gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    ".experts.down_proj": (("w2",), ("down_proj",)),
+}
+
+
+def _per_expert_parts(name: str, target: torch.Tensor, files: dict[str, Path]
+                      ) -> list[tuple[str, torch.Tensor]] | None:
+    """Where a mixture-of-experts parameter is in a checkpoint of the per-expert layout.
+
+    transformers keeps a block's experts as 3D parameters (``mlp.experts.gate_up_proj``:
+    experts x [gate; up] x d_model) but saves and reads them per expert (Mixtral:
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``; Qwen-MoE, OLMoE: ``mlp.experts.{e}.gate_proj/
+    up_proj/down_proj``) and converts while loading. This gives ``(checkpoint key, view of
+    target)`` pairs that fill ``target`` in place, or None if the checkpoint has neither.
+    """
+    legacy = name.replace(".mlp.", ".block_sparse_moe.")
+    if name.endswith(".mlp.gate.weight"):  # Mixtral's router
+        return [(legacy, target)] if legacy in files else None
+    for suffix, layouts in _EXPERT_PARTS.items():
+        if not name.endswith(suffix):
+            continue
+        for base in (name, legacy):
+            prefix = base[: -len(suffix)] + ".experts."
+            for names in layouts:
+                keys = [[f"{prefix}{e}.{n}.weight" for n in names] for e in range(len(target))]
+                if all(k in files for row in keys for k in row):
+                    return [(k, view) for e, row in enumerate(keys)
+                            for k, view in zip(row, target[e].chunk(len(row)), strict=True)]
+    return None
+
+
 def _load_owned(model: nn.Module, sk: Skeleton) -> None:
     files = _checkpoint_files(sk.path)
     tied = dict(getattr(model, "_tied_weights_keys", None) or {}) \
@@ -288,7 +321,13 @@ def _load_owned(model: nn.Module, sk: Skeleton) -> None:
             candidates.append(f"{prefix}.{name}")
         key = next((c for c in candidates if c is not None and c in files), None)
         if key is None:
-            raise UsageError(f"the checkpoint in {str(sk.path)!r} has no tensor for {name!r}")
+            parts = _per_expert_parts(name, tensor.data, files)
+            if parts is None:
+                raise UsageError(f"the checkpoint in {str(sk.path)!r} has no tensor for"
+                                 f" {name!r}")
+            for part_key, view in parts:
+                wanted.setdefault(files[part_key], []).append((part_key, view))
+            continue
         wanted.setdefault(files[key], []).append((key, tensor))
     with torch.no_grad():
         for file, items in wanted.items():

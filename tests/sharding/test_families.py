@@ -2,10 +2,9 @@
 
 OPT (flattened MLP sites, offset positions), Gemma 2 (scaled embeddings, soft-capped attention
 and logits at the model's output, sliding window), Phi-3 (points that are chunks of a fused
-output), Falcon (parallel blocks, an MLP output edited in place) and BLOOM (blocks that return
-tuples, ALiBi), each with 4 blocks so that both ranks hold two. (Mixtral is not here: transformers
-saves its experts in the legacy per-expert layout and converts them while loading; the sharded
-loader reads tensors by name and has no such conversion yet.)
+output), Falcon (parallel blocks, an MLP output edited in place), BLOOM (blocks that return
+tuples, ALiBi) and Mixtral and Qwen2-MoE (router and tapped experts; their checkpoints hold the
+experts one by one, as transformers saves them), each with 4 blocks so that both ranks hold two.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from tests.threads import TORCH_THREADS
 from tests.tiny_models import save_tiny
 
 ATOL = 1e-5
-FAMILIES = ["opt", "gemma2", "phi3", "falcon", "bloom"]
+FAMILIES = ["opt", "gemma2", "phi3", "falcon", "bloom", "mixtral", "qwen2_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
