@@ -261,6 +261,13 @@ def test_parallel_blocks_have_no_resid_mid_and_say_why(family, tiny_model):
                                atol=1e-5, rtol=0)
 
 
+def test_an_experiment_naming_a_missing_point_says_why(tiny_model):
+    from cloche.experiments import ablate
+
+    with pytest.raises(cloche.UnknownProbePoint, match="run in parallel"):
+        ablate(tiny_model("phi"), "layers.1.resid_mid", IDS)
+
+
 def test_sequential_families_describe_no_parallel_blocks(tiny_model):
     info = tiny_model("llama").info()
     assert info["parallel"] is False
