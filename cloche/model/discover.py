@@ -57,8 +57,14 @@ def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return (a is not None and b is not None and a.shape == b.shape
-            and bool(torch.allclose(a.float(), b.float(), atol=ATOL, rtol=1e-4)))
+    """Equal up to rounding (a sum taken in another order); half precision rounds coarsely."""
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    if a.dtype == b.dtype == torch.float32:
+        return bool(torch.allclose(a, b, atol=ATOL, rtol=ATOL))
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+    scale = float(b.float().abs().max()) or 1.0
+    return bool(torch.allclose(a.float(), b.float(), atol=8 * eps * scale, rtol=8 * eps))
 
 
 def _path_of(modules: dict[str, nn.Module], module: nn.Module | None) -> str | None:
@@ -275,12 +281,16 @@ def _residual_sites(sites: dict[str, Site], lacks: dict[str, str], n: int,
     """
 
     def plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-        return None if a is None or b is None or a.shape != b.shape else a + b
+        if a is None or b is None or a.shape != b.shape:
+            return None
+        return (a.float() + b.float()).to(a.dtype)
 
     # sequential: some module reads resid_pre + attn.out, and the block adds mlp.out to it
     candidates = [r for r in rel if _NORM.search(r.rsplit(".", 1)[-1])] + [mlp]
+    # (and is not simply resid_pre: attention must have changed something for this to prove it)
     mid = next((r for r in candidates if every(
-        lambda i, r=r: _close(at(i, r, "in"), plus(hidden[i], at(i, attn))))), None)
+        lambda i, r=r: _close(at(i, r, "in"), plus(hidden[i], at(i, attn))))
+        and not every(lambda i, r=r: _close(at(i, r, "in"), hidden[i]))), None)
     if mid is not None and every(lambda i: _close(post[i], plus(at(i, mid, "in"),
                                                                 at(i, mlp)))):
         sites["attn.out"] = Site(attn, "output")

@@ -134,3 +134,15 @@ def test_what_is_missing_is_said_at_load_in_info_and_in_errors(saved):
     helium = load(saved("helium"))
     with pytest.raises(cloche.UnknownProbePoint, match="gated or otherwise unproven"):
         helium.resolve("blocks.0.mlp.hook_pre")
+
+
+@pytest.mark.parametrize("family", UNKNOWN)
+def test_discovery_in_bfloat16_finds_what_it_finds_in_float32(family, saved):
+    """Sums taken in another order round differently in half precision: the checks allow for
+    it without letting resid_pre pass for resid_pre + attn.out."""
+    full = load(saved(family)).executor.adapter
+    with pytest.warns(UserWarning, match="no cloche adapter; cloche discovered its structure"):
+        half = cloche.load(saved(family), dtype="bfloat16").executor.adapter
+    assert half.block_sites == full.block_sites
+    assert (half.parallel, half.attention, half.final_norm) == (full.parallel, full.attention,
+                                                                full.final_norm)
