@@ -1,6 +1,6 @@
 """Loading Hugging Face models and describing them: adapters, probe points, canonical weights."""
 
-from cloche.model.adapters import ADAPTERS, Adapter, adapter_for
+from cloche.model.families import ADAPTERS, Adapter, adapter_for
 from cloche.model.hub import ModelSource, resolve_model
 from cloche.model.loader import load_hf
 from cloche.model.points import ProbePoint

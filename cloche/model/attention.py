@@ -83,7 +83,8 @@ def probed_attention(
         value = apply("v", value.transpose(1, 2)).transpose(1, 2)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    if apply is not None and fused:
+    softcap = kwargs.get("softcap")  # Gemma 2: tanh soft-capping of the scores, before the mask
+    if apply is not None and fused and softcap is None:
         # nobody looks at this layer's pattern: let the fused kernel mix the values
         mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
         z = nn.functional.scaled_dot_product_attention(
@@ -91,6 +92,8 @@ def probed_attention(
             scale=scaling).transpose(1, 2).contiguous()
         return apply("z", z), None
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if isinstance(softcap, float | int):
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -103,17 +106,64 @@ def probed_attention(
     return z, pattern
 
 
+def _tapped_method(original: Callable[..., Any], layer: int,
+                   apply: Callable[[int, str, torch.Tensor], torch.Tensor],
+                   needs_pattern: Callable[[int], bool]) -> Callable[..., Any]:
+    """``original(query, key, value, mask, ...) -> (z, pattern)`` with probe taps around it."""
+
+    def tapped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = apply(layer, "q", query.transpose(1, 2)).transpose(1, 2)
+        key = apply(layer, "k", key.transpose(1, 2)).transpose(1, 2)
+        value = apply(layer, "v", value.transpose(1, 2)).transpose(1, 2)
+        z, pattern = original(query, key, value, *args, **kwargs)
+        if needs_pattern(layer) and pattern is not None:
+            replaced = apply(layer, "pattern", pattern)
+            if replaced is not pattern:  # the model's own mixing saw the old pattern
+                z = torch.matmul(replaced.to(value.dtype), value)
+            pattern = replaced
+        z = apply(layer, "z", z.transpose(1, 2)).transpose(1, 2)
+        return z, pattern
+
+    return tapped
+
+
 @contextlib.contextmanager
 def attention_taps(
     hf_model: nn.Module,
     layer_of_module: dict[int, int],
     apply: Callable[[int, str, torch.Tensor], torch.Tensor],
     needs_pattern: Callable[[int], bool],
+    method: tuple[str | Callable[..., Any], dict[int, nn.Module]] | None = None,
 ) -> Iterator[None]:
-    """Route ``hf_model``'s attention through :func:`probed_attention` for the duration."""
-    _register()
+    """Route ``hf_model``'s attention through :func:`probed_attention` for the duration.
+
+    ``method`` is ``(how, {layer: attention module})`` for modules that do not call the
+    AttentionInterface: a method name (their method ``(q, k, v, mask) -> (z, pattern)`` is
+    wrapped with the same taps), or a function ``(module, layer, apply, needs_pattern, *args,
+    **kwargs)`` that replaces their ``forward`` (``model.inline``).
+    """
     config: Any = hf_model.config  # a PretrainedConfig (nn.Module types attributes as tensors)
     previous = config._attn_implementation
+    if method is not None:
+        how, modules = method
+        name = how if isinstance(how, str) else "forward"
+        # the masks the model builds must be the eager (additive) ones these functions add
+        config._attn_implementation = "eager"
+        try:
+            for layer, module in modules.items():
+                # an instance attribute shadows the class's method; deleting it restores it
+                module.__dict__[name] = (
+                    _tapped_method(getattr(module, how), layer, apply, needs_pattern)
+                    if isinstance(how, str)
+                    else functools.partial(how, module, layer, apply, needs_pattern))
+            yield
+        finally:
+            config._attn_implementation = previous
+            for module in modules.values():
+                module.__dict__.pop(name, None)
+        return
+    _register()
     token = _ACTIVE.set((layer_of_module, apply, needs_pattern))
     config._attn_implementation = IMPLEMENTATION
     try:

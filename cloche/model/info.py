@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cloche.model.adapters import Adapter
+from cloche.model.families import Adapter
+from cloche.model.points import missing_points
 from cloche.model.weights import head_shape
 
 __all__ = ["ModelInfo", "describe", "no_head_message"]
@@ -52,6 +53,12 @@ class ModelInfo:
     rank: int = 0
     point_names: tuple[str, ...] = ()
     max_positions: int = 0
+    #: attention and MLP run in parallel off the same residual (no resid_mid)
+    parallel: bool = False
+    #: canonical points this model lacks, each ``"<point or layers.*.suffix>: <why>"``
+    missing: tuple[str, ...] = ()
+    #: what a user must know to read this family's points (the adapter's notes)
+    notes: tuple[str, ...] = ()
     lm_head: bool = True
 
     @property
@@ -69,7 +76,8 @@ class ModelInfo:
             "d_model": self.d_model, "d_mlp": self.d_mlp, "d_head": self.d_head,
             "d_vocab": self.d_vocab, "causal": self.causal, "device": self.device,
             "world_size": self.world_size, "layers_per_rank": list(self.layers_per_rank),
-            "rank": self.rank, "lm_head": self.lm_head, "lacks": list(self.lacks),
+            "rank": self.rank, "parallel": self.parallel, "missing": list(self.missing),
+            "notes": list(self.notes), "lm_head": self.lm_head, "lacks": list(self.lacks),
         }
 
 
@@ -89,16 +97,21 @@ def describe(config: Any, adapter: Adapter | None, *, name: str, device: Any,
     d_model = _int(config, "hidden_size")
     n_heads = _int(config, "num_attention_heads")
     causal = adapter.causal if adapter is not None else bool(getattr(config, "is_decoder", True))
+    point_names = tuple(point_names)
+    model_type = getattr(config, "model_type", None)
     heads = head_shape(config) if n_heads and d_model else None
     return ModelInfo(
         name=name, family=adapter.family if adapter else None,
-        model_type=getattr(config, "model_type", None),
+        model_type=model_type,
         n_layers=_int(config, "num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=heads.n_kv_heads if heads else n_heads, d_model=d_model,
         d_mlp=_int(config, "intermediate_size", "n_inner", default=4 * d_model),
         d_head=heads.d_head if heads else 0, d_vocab=_int(config, "vocab_size"),
         causal=causal, device=str(device), world_size=world_size,
-        layers_per_rank=tuple(layers_per_rank), rank=rank, point_names=tuple(point_names),
+        layers_per_rank=tuple(layers_per_rank), rank=rank, point_names=point_names,
+        parallel=adapter.is_parallel(config) if adapter is not None else False,
+        missing=missing_points(adapter, config, point_names, model_type),
+        notes=adapter.notes if adapter is not None else (),
         max_positions=(_int(config, "max_position_embeddings", "n_positions")
                        if adapter is not None and "pos_embed.W_pos" in adapter.global_weights
                        else 0),

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from cloche.model.adapters import Adapter, adapter_for
+from cloche.model.families import Adapter, adapter_for
 
 __all__ = ["adapter_for_model", "rebase_adapter"]
 

@@ -1,7 +1,8 @@
 """Canonical weight names: per-head attention matrices, MLP in/out, embeddings, norms.
 
 Canonical layouts follow TransformerLens, so results read the same as in its papers and
-tutorials: ``W_Q/W_K/W_V`` are ``(n_heads, d_model, d_head)``, ``W_O`` is
+tutorials: ``W_Q`` is ``(n_heads, d_model, d_head)``, ``W_K/W_V`` are ``(n_kv_heads, d_model,
+d_head)`` (``n_kv_heads < n_heads`` for grouped-query attention), ``W_O`` is
 ``(n_heads, d_head, d_model)``, ``W_in``/``W_gate`` are ``(d_model, d_mlp)``, ``W_out`` is
 ``(d_mlp, d_model)``, ``W_E`` is ``(d_vocab, d_model)`` and ``W_U`` is ``(d_model, d_vocab)``.
 Each is a view or a cheap reshape of the raw parameter, never a copy of the whole model.
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from cloche.errors import UnknownProbePoint, UsageError
-from cloche.model.adapters import Adapter, WeightRule
+from cloche.model.families import Adapter, WeightRule
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,15 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
     if part is None:  # every layout below reads one part of a fused tensor
         raise UsageError(f"weight layout {layout!r} of {rule.param!r} is unknown or lacks the"
                          " part of the fused tensor it reads (an adapter table is wrong)")
+    if layout == "linear_qkv_heads":  # rows: all query heads, then key heads, then value heads
+        q, kv = hs.n_heads * hs.d_head, hs.n_kv_heads * hs.d_head
+        start, heads = ((0, hs.n_heads), (q, hs.n_kv_heads), (q + kv, hs.n_kv_heads))[part]
+        return _split_heads_in(raw[start : start + heads * hs.d_head].T, heads, hs.d_head)
+    if layout == "linear_half_in_out":  # a Linear whose rows are two matrices (gate, up)
+        half = raw.shape[0] // 2
+        return raw[part * half : (part + 1) * half].T
+    if layout == "rows_from":  # a table with ``part`` unused rows in front (OPT's positions)
+        return raw[part:]
     if layout == "conv1d_qkv_heads":
         return _split_heads_in(raw[:, part * width : (part + 1) * width], hs.n_heads, hs.d_head)
     if layout == "qkv_bias_heads":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -26,7 +27,8 @@ from cloche.api.inputs import next_token_loss
 from cloche.api.model import Model
 from cloche.api.results import Outputs
 from cloche.errors import UsageError
-from cloche.model.adapters import Adapter
+from cloche.model.discover import discover
+from cloche.model.families import Adapter
 from cloche.model.hub import display_name
 from cloche.model.info import ModelInfo, describe, no_head_message
 from cloche.model.loader import Loaded
@@ -61,6 +63,11 @@ class LocalExecutor:
         self.name = name or display_name(loaded.path)
         self._config = self.hf_model.config
         self.adapter: Adapter | None = adapter_for_model(self.hf_model)
+        if self.adapter is None:
+            self.adapter = discover(self.hf_model)
+            if rank == 0:
+                _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
+                                     self.adapter)
         #: False for a base model saved without its head (no logits, no unembed)
         self.lm_head = loaded.lm_head
         self.store = store if store is not None else SaveStore()
@@ -82,6 +89,7 @@ class LocalExecutor:
                                      if attn else {})
         else:
             self._block_paths, self._attention_paths = [], {}
+        self._attention_method = self.adapter.attention_method if self.adapter else None
 
     # ----------------------------------------------------------------- description
     @property
@@ -165,7 +173,8 @@ class LocalExecutor:
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
                        model=self.facade, rank=self.rank, cancel=cancel)
         attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
-                                cancel, self._block_paths, self._attention_paths)
+                                cancel, self._block_paths, self._attention_paths,
+                                self._attention_method)
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf_model(input_ids=ids, attention_mask=mask)
 
@@ -254,7 +263,8 @@ class LocalExecutor:
 
         attachment = (attachment_for(info) if attachment_for is not None else
                       Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
-                                 cancel, self._block_paths, self._attention_paths))
+                                 cancel, self._block_paths, self._attention_paths,
+                                self._attention_method))
         handle = self.hf_model.register_forward_pre_hook(track, with_kwargs=True)
         hf_model: Any = self.hf_model  # a transformers model: nn.Module has no generate()
         try:
@@ -325,6 +335,23 @@ class LocalExecutor:
 
     def __repr__(self) -> str:
         return f"LocalExecutor({self.name!r}, rank={self.rank})"
+
+
+def _warn_unknown_family(name: str, model_type: str | None, adapter: Adapter | None) -> None:
+    """Say loudly, at load, what a model without a cloche adapter lacks."""
+    if adapter is None:
+        warnings.warn(
+            f"{name}: model_type {model_type!r} has no cloche adapter and its structure could not"
+            " be discovered, so it has no canonical probe points or weights (layers.i.*, embed,"
+            " logits, W_Q...): only module:<path>:input|output points. model.info()['missing']"
+            " says what is absent and why", UserWarning, stacklevel=4)
+        return
+    lacking = ", ".join(f"{suffix} ({why})" for suffix, why in adapter.lacks.items())
+    warnings.warn(
+        f"{name}: model_type {model_type!r} has no cloche adapter; cloche discovered its"
+        f" structure and verified it against output_hidden_states. Points it could not prove"
+        f" are missing: {lacking or 'none'}. model.info()['missing'] lists them",
+        UserWarning, stacklevel=4)
 
 
 def dataset_summary(totals: dict[str, int], ds: Any, store: SaveStore, save: str

@@ -2,10 +2,12 @@
 
 Hooks are installed only where a probe is attached and only for the duration of a run; every
 handle is removed in ``finally`` (also on error or cancellation), so the next plain run is the
-plain model. Three kinds of site exist (see ``model.adapters.Site``): a module's output (forward
+plain model. Three kinds of site exist (see ``model.families.Site``): a module's output (forward
 hook), a module's input (forward pre-hook) and an input that the model also keeps for a
 residual add (``input_inplace``: a replacement is written into the tensor itself, so the
-residual stream sees it too). Attention internals go through ``model.attention``.
+residual stream sees it too). A ``flat`` site's tensor is (batch * seq, width) inside the model;
+probes see and return it as (batch, seq, width). Attention internals go through
+``model.attention``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from cloche.errors import Cancelled, ClocheError, ProbeError
 from cloche.model.attention import attention_taps
+from cloche.model.moe import expert_taps, reroute
 from cloche.model.points import PointSpec
 from cloche.probes.context import ProbeContext, RunInfo
 
@@ -101,7 +104,8 @@ class Attachment:
     def __init__(self, hf_model: nn.Module, modules: dict[str, nn.Module],
                  specs: dict[str, PointSpec], plan: ProbePlan, run: Callable[[], RunInfo],
                  cancel: Any = None, block_paths: Sequence[str] = (),
-                 attention_paths: dict[str, int] | None = None) -> None:
+                 attention_paths: dict[str, int] | None = None,
+                 attention_method: str | Callable[..., Any] | None = None) -> None:
         self._model = hf_model
         self._specs = specs
         self._plan = plan
@@ -111,6 +115,8 @@ class Attachment:
         self._handles: list[Any] = []
         self._block_paths = block_paths
         self._attention_paths = attention_paths or {}
+        self._attention_method = attention_method
+        self._lead: dict[int, tuple[int, ...]] = {}  # layer -> (batch, seq) of its input
 
     def _ctx(self, name: str) -> ProbeContext:
         spec = self._specs[name]
@@ -124,18 +130,72 @@ class Attachment:
             self._watch_grad(name, x)
         return x
 
-    def _watch_grad(self, name: str, x: torch.Tensor) -> None:
+    def _watch_grad(self, name: str, x: torch.Tensor, lead: tuple[int, ...] | None = None
+                    ) -> None:
         fns = self._plan.backward.get(name)
         if fns and x.requires_grad:
-            x.register_hook(lambda g: call_probes(fns, self._ctx(name), g))
+            if lead is None:
+                x.register_hook(lambda g: call_probes(fns, self._ctx(name), g))
+            else:
+                x.register_hook(lambda g: call_probes(
+                    fns, self._ctx(name), g.view(*lead, g.shape[-1])).reshape(g.shape))
+
+    def _flat_lead(self, name: str) -> tuple[int, ...] | None:
+        """(batch, seq) for a point whose tensor the model flattens; None for the others."""
+        spec = self._specs[name]
+        if spec.site is None or not spec.site.flat or spec.layer is None:
+            return None
+        return self._lead.get(spec.layer)
+
+    def _apply_site(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``_apply`` at a module site: flat tensors are shown as (batch, seq, width)."""
+        lead = self._flat_lead(name)
+        if lead is None:
+            return self._apply(name, x)
+        view = x.view(*lead, x.shape[-1])
+        y = self._apply(name, view, grads=False)
+        self._watch_grad(name, x, lead)
+        return x if y is view else y.reshape(x.shape)
 
     def _output_hook(self, name: str) -> Callable[..., Any]:
+        site = self._specs[name].site
+        part = site.part if site is not None else None
+        router = self._specs[name].kind == "router"
+        mutated = site is not None and site.mutated
+
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x, rebuild = _first_tensor(output)
             if x is None:
                 return None
-            y = self._apply(name, x)
-            return None if y is x else rebuild(y)
+            if part is not None:  # one chunk of a fused output: edit it, put it back whole
+                pieces = list(x.chunk(part[1], dim=-1))
+                piece = pieces[part[0]]
+                y = self._apply_site(name, piece)
+                if y is piece and name not in self._plan.backward:
+                    return None  # (a gradient probe needs the model to use the watched piece)
+                pieces[part[0]] = y
+                return rebuild(torch.cat(pieces, dim=-1))
+            if mutated:  # the model edits x in place later: probes must not keep x itself
+                copy = x.clone()
+                version = copy._version
+                y = self._apply_site(name, copy)
+                if (y is copy and copy._version == version
+                        and name not in self._plan.backward):  # (gradients flow through copy)
+                    return None
+                return rebuild(y.clone())
+            y = self._apply_site(name, x)
+            if y is x:
+                return None
+            if router:  # new router logits decide which experts run
+                return reroute(module, y)
+            return rebuild(y)
+        return hook
+
+    def _lead_hook(self, layer: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                self._lead[layer] = tuple(hidden.shape[:-1])
         return hook
 
     def _input_hook(self, name: str, inplace: bool) -> Callable[..., Any]:
@@ -149,15 +209,16 @@ class Attachment:
                 x = kwargs[key]
             if inplace:
                 # probes see a copy, so what they save does not change when we write into x
+                lead = self._flat_lead(name)
                 if self._plan.forward.get(name):
-                    copy = x.clone()
+                    copy = x.clone() if lead is None else x.view(*lead, x.shape[-1]).clone()
                     version = copy._version
                     y = self._apply(name, copy, grads=False)
                     if y is not copy or copy._version != version:  # replaced or edited in place
-                        x.copy_(y)
-                self._watch_grad(name, x)
+                        x.copy_(y.reshape(x.shape))
+                self._watch_grad(name, x, lead)
                 return None
-            y = self._apply(name, x)
+            y = self._apply_site(name, x)
             if y is x:
                 return None
             if args and args[0] is x:
@@ -169,6 +230,12 @@ class Attachment:
         name = f"layers.{layer}.attn.{which}"
         if name in self._plan.forward or name in self._plan.backward:
             return self._apply(name, x)
+        return x
+
+    def _expert_apply(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        name = f"layers.{layer}.mlp.experts.{expert}.post"
+        if name in self._plan.forward or name in self._plan.backward:
+            return self._apply_site(name, x)
         return x
 
     def _needs_pattern(self, layer: int) -> bool:
@@ -184,6 +251,8 @@ class Attachment:
         with contextlib.ExitStack() as stack:
             stack.callback(self.detach)
             uses_attention = False
+            flat_layers: set[int] = set()
+            experts: dict[int, nn.Module] = {}
             for name in self._plan.points():
                 spec = self._specs[name]
                 if spec.attention is not None:
@@ -193,6 +262,14 @@ class Attachment:
                 if site is None:  # build_specs gives every other point a module site
                     raise ClocheError(f"probe point {name!r} has no module to hook")
                 module = self._modules[site.module]
+                if site.flat and spec.layer is not None and spec.layer not in flat_layers:
+                    flat_layers.add(spec.layer)
+                    block = self._modules[self._block_paths[spec.layer]]
+                    self._handles.append(block.register_forward_pre_hook(
+                        self._lead_hook(spec.layer), with_kwargs=True))
+                if spec.expert is not None and spec.layer is not None:
+                    experts[spec.layer] = module
+                    continue
                 if site.where == "output":
                     self._handles.append(module.register_forward_hook(self._output_hook(name)))
                 else:
@@ -202,10 +279,16 @@ class Attachment:
                 for path in self._block_paths:
                     handle = self._modules[path].register_forward_pre_hook(self._cancel_hook)
                     self._handles.append(handle)
+            if experts:
+                stack.enter_context(expert_taps(experts, self._expert_apply))
             if uses_attention:
                 layer_of = {id(self._modules[p]): i for p, i in self._attention_paths.items()}
+                method = None
+                if self._attention_method is not None:
+                    method = (self._attention_method,
+                              {i: self._modules[p] for p, i in self._attention_paths.items()})
                 stack.enter_context(attention_taps(self._model, layer_of, self._attention_apply,
-                                                   self._needs_pattern))
+                                                   self._needs_pattern, method))
             yield
 
     def detach(self) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cloche.errors import UsageError
-from cloche.model.adapters import Adapter
+from cloche.model.families import Adapter
 from cloche.model.loader import Loaded, has_lm_head, model_from_config, parse_dtype
 from cloche.model.points import PointSpec
 from cloche.model.rebase import adapter_for_model
@@ -86,13 +86,20 @@ class Ownership:
         self.unembed = sk.adapter.unembed
         self._names = [n for n, _ in sk.meta_model.named_modules()]
         self._layers_index = self._names.index(self.layers)
+        self._tail = _tail_paths(sk.adapter)
 
     def side(self, path: str) -> str:
-        """``"layer"``, ``"head"`` (before the blocks), ``"tail"`` (after) or ``"outer"``."""
+        """``"layer"``, ``"head"`` (before the blocks), ``"tail"`` (after) or ``"outer"``.
+
+        Modules registered before the blocks run before them, except the final norm and the
+        unembedding, which some families register first (OPT's final_layer_norm).
+        """
         if path == self.layers or path.startswith(self.layers + "."):
             return "layer"
         if path == "" or self.layers.startswith(path + "."):
             return "outer"
+        if any(path == t or path.startswith(t + ".") for t in self._tail):
+            return "tail"
         return "head" if self._names.index(path) < self._layers_index else "tail"
 
     def layer_of(self, path: str) -> int | None:
@@ -123,6 +130,10 @@ class Ownership:
         return self.module_owner(raw_name.rpartition(".")[0])
 
 
+def _tail_paths(adapter: Adapter) -> tuple[str, ...]:
+    return tuple(p for p in (adapter.final_norm, adapter.unembed) if p)
+
+
 def _direct_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
@@ -138,6 +149,7 @@ def make_plan(sk: Skeleton, world_size: int,
     probe.layers = sk.adapter.layers
     probe._names = list(modules)
     probe._layers_index = probe._names.index(sk.adapter.layers)
+    probe._tail = _tail_paths(sk.adapter)
     for path, module in modules.items():
         side = probe.side(path)
         if side == "head":
@@ -162,12 +174,13 @@ def _install_stubs(sk: Skeleton, own: Ownership, rank: int, stage: Pipeline) -> 
     for i in range(plan.n_layers):
         if start <= i < stop:
             continue
+        as_tuple = sk.adapter.block_returns_tuple
         if rank > 0 and i == start - 1:
-            layers[i] = ReceiveBlock(i, stage)
+            layers[i] = ReceiveBlock(i, stage, as_tuple)
         elif rank < plan.last and i == stop:
-            layers[i] = SendBlock(i, stage)
+            layers[i] = SendBlock(i, stage, as_tuple)
         else:
-            layers[i] = PassBlock(i)
+            layers[i] = PassBlock(i, as_tuple)
     replaced: list[str] = []
     for path, module in list(model.named_modules()):
         if not path or any(path.startswith(p + ".") for p in replaced):
@@ -261,6 +274,39 @@ class _SafetensorsFile:
         self._file.close()
 
 
+# fused experts parameter -> the per-expert tensors a checkpoint may hold instead, in order
+_EXPERT_PARTS = {
+    ".experts.gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    ".experts.down_proj": (("w2",), ("down_proj",)),
+}
+
+
+def _per_expert_parts(name: str, target: torch.Tensor, files: dict[str, Path]
+                      ) -> list[tuple[str, torch.Tensor]] | None:
+    """Where a mixture-of-experts parameter is in a checkpoint of the per-expert layout.
+
+    transformers keeps a block's experts as 3D parameters (``mlp.experts.gate_up_proj``:
+    experts x [gate; up] x d_model) but saves and reads them per expert (Mixtral:
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``; Qwen-MoE, OLMoE: ``mlp.experts.{e}.gate_proj/
+    up_proj/down_proj``) and converts while loading. This gives ``(checkpoint key, view of
+    target)`` pairs that fill ``target`` in place, or None if the checkpoint has neither.
+    """
+    legacy = name.replace(".mlp.", ".block_sparse_moe.")
+    if name.endswith(".mlp.gate.weight"):  # Mixtral's router
+        return [(legacy, target)] if legacy in files else None
+    for suffix, layouts in _EXPERT_PARTS.items():
+        if not name.endswith(suffix):
+            continue
+        for base in (name, legacy):
+            prefix = base[: -len(suffix)] + ".experts."
+            for names in layouts:
+                keys = [[f"{prefix}{e}.{n}.weight" for n in names] for e in range(len(target))]
+                if all(k in files for row in keys for k in row):
+                    return [(k, view) for e, row in enumerate(keys)
+                            for k, view in zip(row, target[e].chunk(len(row)), strict=True)]
+    return None
+
+
 def _load_owned(model: nn.Module, sk: Skeleton) -> None:
     files = _checkpoint_files(sk.path)
     tied = dict(getattr(model, "_tied_weights_keys", None) or {}) \
@@ -275,7 +321,13 @@ def _load_owned(model: nn.Module, sk: Skeleton) -> None:
             candidates.append(f"{prefix}.{name}")
         key = next((c for c in candidates if c is not None and c in files), None)
         if key is None:
-            raise UsageError(f"the checkpoint in {str(sk.path)!r} has no tensor for {name!r}")
+            parts = _per_expert_parts(name, tensor.data, files)
+            if parts is None:
+                raise UsageError(f"the checkpoint in {str(sk.path)!r} has no tensor for"
+                                 f" {name!r}")
+            for part_key, view in parts:
+                wanted.setdefault(files[part_key], []).append((part_key, view))
+            continue
         wanted.setdefault(files[key], []).append((key, tensor))
     with torch.no_grad():
         for file, items in wanted.items():
@@ -304,6 +356,8 @@ def _recompute_buffers(model: nn.Module, persistent: set[str], device: torch.dev
                 buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
             elif name == "token_type_ids":
                 buffer.zero_()
+            elif name == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+                buffer.fill_(module.scalar_embed_scale)  # Gemma's scaled embeddings
             else:
                 raise UsageError(f"cannot rebuild buffer {path}.{name} of {type(module).__name__}"
                                  " after loading a shard; this architecture is not supported")

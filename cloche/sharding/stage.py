@@ -275,7 +275,8 @@ class Stage:
     def _attachment(self, plan: ProbePlan, info: RunInfo) -> Attachment:
         return Attachment(hf_model=self.hf, modules=self.modules, specs=self.specs, plan=plan,
                           run=lambda: info, cancel=self.control.abort_event,
-                          block_paths=self.block_paths, attention_paths=self.attention_paths)
+                          block_paths=self.block_paths, attention_paths=self.attention_paths,
+                          attention_method=self.adapter.attention_method)
 
     def _begin(self, save: str) -> tuple[Transaction, OrderedWrites]:
         txn = self.local.store.begin(tag=self._txn)

@@ -66,38 +66,43 @@ def _touch_cache(layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict) ->
 class PassBlock(nn.Module):
     """A block owned by another rank: passes the hidden state through unchanged."""
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, as_tuple: bool = False) -> None:
         super().__init__()
         self.layer = layer
+        # blocks of some families return (hidden, attention weights) and the model reads [0]
+        self.as_tuple = as_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _out(self, hidden_states: torch.Tensor) -> Any:
+        return (hidden_states, None) if self.as_tuple else hidden_states
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _touch_cache(self.layer, hidden_states, args, kwargs)
-        return hidden_states
+        return self._out(hidden_states)
 
 
 class ReceiveBlock(PassBlock):
     """The block before this rank's first block: returns the previous rank's hidden state."""
 
-    def __init__(self, layer: int, stage: Pipeline) -> None:
-        super().__init__(layer)
+    def __init__(self, layer: int, stage: Pipeline, as_tuple: bool = False) -> None:
+        super().__init__(layer, as_tuple)
         self._stage = [stage]  # a list, so the stage is not registered as a submodule
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _touch_cache(self.layer, hidden_states, args, kwargs)
-        return self._stage[0].receive_activation(hidden_states)
+        return self._out(self._stage[0].receive_activation(hidden_states))
 
 
 class SendBlock(PassBlock):
     """The block after this rank's last block: ships the hidden state to the next rank."""
 
-    def __init__(self, layer: int, stage: Pipeline) -> None:
-        super().__init__(layer)
+    def __init__(self, layer: int, stage: Pipeline, as_tuple: bool = False) -> None:
+        super().__init__(layer, as_tuple)
         self._stage = [stage]
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self._stage[0].send_activation(hidden_states)
         _touch_cache(self.layer, hidden_states, args, kwargs)
-        return hidden_states
+        return self._out(hidden_states)
 
 
 class ZeroEmbedding(nn.Module):

@@ -6,7 +6,7 @@ import cloche
 import pytest
 import torch
 import transformers
-from tests.tiny_models import CAUSAL, FAMILIES, VOCAB
+from tests.tiny_models import CAUSAL, FAMILIES, MOE, VOCAB
 
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -52,16 +52,28 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
     model = tiny_model(family)
     n = model.n_layers
     names = [p.name for p in model.probe_points() if not p.name.startswith("module:")]
+    sparse = [i for i in range(n) if f"layers.{i}.mlp.router" in names]
+    assert bool(sparse) == (family in MOE)
+    internals = ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z")
+    if model.executor.adapter.attention is None:  # attention computed inline: Falcon, BLOOM
+        internals = ()
+        assert "layers.0.attn.pattern" not in names
+        with pytest.raises(cloche.UnknownProbePoint, match="computes attention inline"):
+            model.resolve("layers.0.attn.pattern")
     for required in ("embed", "logits", *(f"layers.{i}.{s}" for i in range(n) for s in (
-            "resid_pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out",
-            "mlp.pre", "mlp.post", "mlp.out", "resid_post"))):
+            "resid_pre", *internals, "attn.out",
+            *(("mlp.router", "mlp.experts.0.post") if i in sparse else ("mlp.pre", "mlp.post")),
+            "mlp.out", "resid_post"))):
         assert required in names, required
     got = capture_all(model, names)
     ref = reference(tiny_dir(family))
     eager = reference(tiny_dir(family), attn_implementation="eager")
     for i in range(n):
         torch.testing.assert_close(got[f"layers.{i}.resid_pre"], ref.hidden_states[i], atol=1e-5, rtol=0)
-        torch.testing.assert_close(got[f"layers.{i}.attn.pattern"], eager.attentions[i], atol=1e-5, rtol=0)
+        # (Falcon's eager ALiBi branch adds ALiBi twice: see test_falcon_alibi_pattern)
+        if internals and family != "falcon_rw":
+            torch.testing.assert_close(got[f"layers.{i}.attn.pattern"], eager.attentions[i],
+                                       atol=1e-5, rtol=0)
         if i < n - 1:
             torch.testing.assert_close(got[f"layers.{i}.resid_post"], ref.hidden_states[i + 1],
                                        atol=1e-5, rtol=0)
@@ -69,7 +81,7 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
     torch.testing.assert_close(last, ref.hidden_states[n], atol=1e-5, rtol=0)
     torch.testing.assert_close(got["logits"], ref.logits, atol=1e-5, rtol=0)
     # the decomposition the names promise: resid_post = resid_mid + mlp.out (sequential blocks)
-    if "layers.0.resid_mid" in got and family != "bert":
+    if "layers.0.resid_mid" in got and model.causal:
         for i in range(n):
             torch.testing.assert_close(got[f"layers.{i}.resid_mid"],
                                        got[f"layers.{i}.resid_pre"] + got[f"layers.{i}.attn.out"],
@@ -77,17 +89,24 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
             torch.testing.assert_close(got[f"layers.{i}.resid_post"],
                                        got[f"layers.{i}.resid_mid"] + got[f"layers.{i}.mlp.out"],
                                        atol=1e-5, rtol=0)
-    # z through W_O gives attn.out
+    if not internals:
+        return
+    # z through W_O gives attn.out (or the input of the norm that makes attn.out: Gemma 2, 3)
     W_O = model.param("layers.0.attn.W_O")
     out = torch.einsum("bshd,hdm->bsm", got["layers.0.attn.z"], W_O)
     try:
         b_O = model.param("layers.0.attn.b_O")
     except cloche.UnknownProbePoint:
         b_O = 0
-    torch.testing.assert_close(out + b_O, got["layers.0.attn.out"], atol=1e-5, rtol=0)
+    site = model.executor.adapter.block_sites["attn.out"]
+    if "norm" in site.module:
+        path = f"module:{model.executor.adapter.layers}.0.{site.module}:input"
+        torch.testing.assert_close(out + b_O, capture_all(model, [path])[path], atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(out + b_O, got["layers.0.attn.out"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE])
 def test_zeroing_a_neuron_equals_zeroing_its_output_weights(family, tiny_dir, tiny_model):
     model = tiny_model(family)
     j, layer = 5, model.n_layers - 1
@@ -138,7 +157,8 @@ def test_gradient_probes_equal_autograd(family, tiny_dir, tiny_model):
         loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB),
                                                  IDS[:, 1:].reshape(-1))
         (g,) = torch.autograd.grad(loss, captured["x"])
-        torch.testing.assert_close(handle.fetch("resid_mid")[0], g, atol=1e-6, rtol=1e-5)
+        got = handle.fetch("resid_mid")[0]  # OPT's MLP sees (batch * seq, d): compare reshaped
+        torch.testing.assert_close(got, g.reshape(got.shape), atol=1e-6, rtol=1e-5)
     handle.clear()
 
 
@@ -153,16 +173,41 @@ def test_replacing_resid_mid_reaches_the_residual_stream(family, tiny_model):
 
 
 def test_unknown_architecture_still_offers_module_points(tmp_path):
-    config = transformers.GPTJConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
-                                     rotary_dim=4)
+    """XGLM has no adapter, and discovery proves only its residual stream (its attention does
+    not use the AttentionInterface, its MLP is no module): the rest is module points."""
+    config = transformers.XGLMConfig(d_model=32, ffn_dim=64, num_layers=2, attention_heads=4,
+                                     max_position_embeddings=64, vocab_size=VOCAB)
     torch.manual_seed(0)
-    transformers.GPTJForCausalLM(config).save_pretrained(tmp_path)
-    model = cloche.load(tmp_path)
-    assert model.executor.adapter is None
+    transformers.XGLMForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"'xglm' has no cloche adapter.*attn\.pattern \(the"
+                                         r" attention modules do not call"):
+        model = cloche.load(tmp_path)
+    assert model.executor.adapter.discovered
+    assert any(line.startswith("layers.*.attn.pattern: the attention modules do not call")
+               for line in model.info()["missing"])
+    with pytest.raises(cloche.UnknownProbePoint, match=r"AttentionInterface"):
+        model.run(IDS, probes={"layers.0.attn.pattern": lambda c, x: None})
     names = {p.name for p in model.probe_points()}
-    assert "module:transformer.h.0.mlp:output" in names
-    model.run(IDS, probes={"module:transformer.h.0.mlp:output": lambda c, x: c.save("mlp", x)}, save="u")
-    assert model.save_context("u").fetch("mlp").shape == (1, 2, 9, 32)
+    assert {"layers.0.resid_pre", "layers.1.resid_post", "logits"} <= names
+    assert "module:model.layers.0.fc1:output" in names
+    model.run(IDS, probes={"module:model.layers.0.fc1:output": lambda c, x: c.save("fc1", x)},
+              save="u")
+    assert model.save_context("u").fetch("fc1").shape == (1, 2, 9, 64)
+
+
+def test_a_model_that_cannot_be_discovered_says_so(tmp_path):
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                   vocab_size=VOCAB, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5Model(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="'t5' has no cloche adapter and its structure could not"
+                                         " be discovered"):
+        model = cloche.load(tmp_path)
+    assert model.executor.adapter is None
+    assert any(line.startswith("layers.*.resid_pre: model_type 't5' has no cloche adapter")
+               for line in model.info()["missing"])
+    with pytest.raises(cloche.UnknownProbePoint, match=r"no cloche adapter.*module:<path>"):
+        model.resolve("layers.0.attn.pattern")
 
 
 def test_transformerlens_aliases(tiny_model):
@@ -191,3 +236,265 @@ def test_z_without_pattern_probe_uses_the_fused_kernel_and_agrees(family, tiny_m
         return z
     changed = model.run(IDS, probes={"layers.0.attn.z": zero_head}).logits
     assert not torch.allclose(changed, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", ["gptj", "phi", "stablelm_parallel", "falcon", "falcon_new",
+                                    "cohere"])
+def test_parallel_blocks_have_no_resid_mid_and_say_why(family, tiny_model):
+    model = tiny_model(family)
+    info = model.info()
+    assert info["parallel"] is True
+    names = {p.name for p in model.probe_points()}
+    assert "layers.0.resid_mid" not in names
+    # one LayerNorm feeds both branches, except in Falcon-40B's blocks (ln_attn and ln_mlp)
+    assert ("layers.0.ln2" in names) == (family == "falcon_new")
+    assert any(line.startswith("layers.*.resid_mid: attention and MLP run in parallel")
+               for line in info["missing"])
+    for name in ("layers.1.resid_mid", "blocks.1.hook_resid_mid"):
+        with pytest.raises(cloche.UnknownProbePoint, match="run in parallel"):
+            model.resolve(name)
+    # resid_post = resid_pre + attn.out + mlp.out
+    got = capture_all(model, [f"layers.0.{s}" for s in ("resid_pre", "attn.out", "mlp.out",
+                                                         "resid_post")])
+    torch.testing.assert_close(got["layers.0.resid_post"], got["layers.0.resid_pre"]
+                               + got["layers.0.attn.out"] + got["layers.0.mlp.out"],
+                               atol=1e-5, rtol=0)
+
+
+def test_an_experiment_naming_a_missing_point_says_why(tiny_model):
+    from cloche.experiments import ablate
+
+    with pytest.raises(cloche.UnknownProbePoint, match="run in parallel"):
+        ablate(tiny_model("phi"), "layers.1.resid_mid", IDS)
+
+
+def test_sequential_families_describe_no_parallel_blocks(tiny_model):
+    info = tiny_model("llama").info()
+    assert info["parallel"] is False
+    assert not any(line.startswith("layers.*.resid_mid") for line in info["missing"])
+
+
+# --------------------------------------------------------------------- family quirks
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "opt"])
+def test_learned_positions_read_from_w_pos(family, tiny_model):
+    """resid_pre of block 0 is W_E[token] + W_pos[position]; OPT's table is offset by 2."""
+    model = tiny_model(family)
+    got = capture_all(model, ["layers.0.resid_pre"])["layers.0.resid_pre"]
+    W_E, W_pos = model.param("embed.W_E"), model.param("pos_embed.W_pos")
+    assert W_pos.shape[0] == model.executor.describe().max_positions == 64
+    torch.testing.assert_close(got, W_E[IDS] + W_pos[: IDS.shape[1]], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_gemma_embeddings_are_scaled_by_sqrt_d_model(family, tiny_model):
+    model = tiny_model(family)
+    got = capture_all(model, ["embed", "layers.0.resid_pre"])
+    expected = model.param("embed.W_E")[IDS] * model.info()["d_model"] ** 0.5
+    torch.testing.assert_close(got["embed"], expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got["layers.0.resid_pre"], got["embed"], atol=0, rtol=0)
+
+
+# (family, layer, window): sliding-window layers attend to the last `window` tokens only
+SLIDING = [("gemma2", 0, 4), ("gemma3", 0, 4), ("gpt_neo", 1, 4), ("starcoder2", 0, 4)]
+
+
+@pytest.mark.parametrize(("family", "layer", "window"), SLIDING)
+def test_sliding_window_layers_see_only_the_window(family, layer, window, tiny_model):
+    model = tiny_model(family)
+    pattern = capture_all(model, [f"layers.{layer}.attn.pattern"])[f"layers.{layer}.attn.pattern"]
+    q = torch.arange(IDS.shape[1])[:, None]
+    k = torch.arange(IDS.shape[1])[None, :]
+    outside = (q - k >= window) | (k > q)
+    assert outside.any() and torch.all(pattern[..., outside] == 0)
+    assert torch.all(pattern[..., ~outside] > 0)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+
+
+def test_gemma2_pattern_is_the_softmax_of_soft_capped_scores(tiny_model):
+    model = tiny_model("gemma2")
+    cfg = model.hf_model.config.to_dict()
+    got = capture_all(model, ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.pattern"])
+    q, k = got["layers.1.attn.q"], got["layers.1.attn.k"]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * cfg["query_pre_attn_scalar"] ** -0.5
+    cap = cfg["attn_logit_softcapping"]
+    capped = torch.tanh(scores / cap) * cap
+    causal = torch.ones(IDS.shape[1], IDS.shape[1], dtype=torch.bool).tril()
+    expected = capped.masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(got["layers.1.attn.pattern"], expected, atol=1e-5, rtol=0)
+    # and the caps matter on this model: the uncapped softmax differs, logits are capped
+    assert not torch.allclose(scores.masked_fill(~causal, float("-inf")).softmax(-1), expected,
+                              atol=1e-2)
+    logits = capture_all(model, ["logits"])["logits"]
+    assert logits.abs().max() < cfg["final_logit_softcapping"]
+    assert logits.abs().max() > 0.5 * cfg["final_logit_softcapping"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gemma2", "opt", "bloom", "falcon",
+                                    "falcon_new", "falcon_rw"])
+def test_a_replaced_pattern_mixes_the_values(family, tiny_model):
+    """Replacing attn.pattern changes z to pattern @ v (also where attention is wrapped)."""
+    model = tiny_model(family)
+    seq = IDS.shape[1]
+    uniform = torch.ones(seq, seq).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    ctx = "replaced-pattern"
+    model.save_context(ctx).clear()
+    model.run(IDS, probes={
+        "layers.0.attn.pattern": lambda c, x: uniform.expand_as(x).to(x.dtype),
+        "layers.0.attn.v": lambda c, x: c.save("v", x),
+        "layers.0.attn.z": lambda c, x: c.save("z", x),
+    }, save=ctx)
+    handle = model.save_context(ctx)
+    v, z = handle.fetch("v")[0], handle.fetch("z")[0]
+    handle.clear()
+    torch.testing.assert_close(z, torch.einsum("qk,bkhd->bqhd", uniform, v), atol=1e-5, rtol=0)
+
+
+def test_phi3_gate_chunk_is_mlp_pre(tiny_model):
+    """mlp.pre is the gate half of Phi-3's fused gate_up_proj: zeroing a gate zeroes its neuron
+    (silu(0) = 0), which is what zeroing the neuron itself does."""
+    model = tiny_model("phi3")
+    j = 3
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[..., j] = 0
+        return x
+
+    by_gate = model.run(IDS, probes={"layers.1.mlp.pre": zero}).logits
+    by_neuron = model.run(IDS, probes={"layers.1.mlp.post": zero}).logits
+    torch.testing.assert_close(by_gate, by_neuron, atol=1e-6, rtol=0)
+    got = capture_all(model, ["layers.1.mlp.pre", "layers.1.mlp.pre_linear", "layers.1.ln2"])
+    torch.testing.assert_close(got["layers.1.mlp.pre"],
+                               got["layers.1.ln2"] @ model.param("layers.1.mlp.W_gate"),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["layers.1.mlp.pre_linear"],
+                               got["layers.1.ln2"] @ model.param("layers.1.mlp.W_in"),
+                               atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------- mixture of experts
+def _routing(model, layer):
+    """Router logits (batch, seq, experts) and the hidden input of the sparse block."""
+    got = capture_all(model, [f"layers.{layer}.mlp.router", f"layers.{layer}.ln2"])
+    return got[f"layers.{layer}.mlp.router"], got[f"layers.{layer}.ln2"]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_router_logits_and_expert_activations(family, tiny_model):
+    model = tiny_model(family)
+    layer = 1
+    logits, x = _routing(model, layer)
+    n_experts = logits.shape[-1]
+    torch.testing.assert_close(logits, x @ model.param(f"layers.{layer}.mlp.W_router"),
+                               atol=1e-5, rtol=0)
+    top_k = model.hf_model.config.num_experts_per_tok
+    chosen = logits.topk(top_k, dim=-1).indices
+    posts = capture_all(model, [f"layers.{layer}.mlp.experts.{e}.post" for e in range(n_experts)])
+    gate_up = model.param(f"model.layers.{layer}.mlp.experts.gate_up_proj")
+    for e in range(n_experts):
+        post = posts[f"layers.{layer}.mlp.experts.{e}.post"]
+        routed = (chosen == e).any(-1)
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(post[routed], expected[routed], atol=1e-5, rtol=0)
+        assert torch.all(post[~routed] == 0)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_zeroing_an_expert_neuron_equals_zeroing_its_weights(family, tiny_dir, tiny_model):
+    model = tiny_model(family)
+    layer, e, j = 1, 2, 5
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[..., j] = 0
+        return x
+
+    ablated = model.run(IDS, probes={f"layers.{layer}.mlp.experts.{e}.post": zero}).logits
+    edited = cloche.load(tiny_dir(family))
+    with torch.no_grad():
+        edited.param(f"model.layers.{layer}.mlp.experts.down_proj")[e, :, j] = 0
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+    # a probe that only reads leaves the output as it was
+    read = model.run(IDS, probes={f"layers.{layer}.mlp.experts.{e}.post": lambda c, x: None})
+    torch.testing.assert_close(read.logits, model.run(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_replacing_router_logits_reroutes(family, tiny_model):
+    """Logits that send every token to experts 0 and 1 give w0 * E0(x) + w1 * E1(x)."""
+    model = tiny_model(family)
+    layer = 1
+
+    def force(ctx, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., 0] = 1.0
+        forced[..., 1] = 0.0
+        return forced
+
+    ctx = "rerouted"
+    model.save_context(ctx).clear()
+    rerouted = model.run(IDS, save=ctx, probes={
+        f"layers.{layer}.mlp.router": force,
+        f"layers.{layer}.ln2": lambda c, x: c.save("x", x),
+        f"layers.{layer}.mlp.out": lambda c, x: c.save("out", x)}).logits
+    handle = model.save_context(ctx)
+    x, out = handle.fetch("x")[0], handle.fetch("out")[0]
+    handle.clear()
+    gate_up = model.param(f"model.layers.{layer}.mlp.experts.gate_up_proj")
+    down = model.param(f"model.layers.{layer}.mlp.experts.down_proj")
+    w = torch.tensor([1.0, 0.0]).softmax(0)  # renormalised or not: the others are ~0
+    expected = torch.zeros_like(x)
+    for e in (0, 1):
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        expected += w[e] * ((torch.nn.functional.silu(gate) * up) @ down[e].T)
+    block = model.hf_model.model.layers[layer].mlp
+    if hasattr(block, "shared_expert"):  # Qwen2-MoE adds its gated shared expert
+        with torch.no_grad():
+            expected += torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(rerouted, model.run(IDS).logits)
+
+
+def test_falcon_alibi_pattern(tiny_model):
+    """Falcon-RW's pattern is softmax(q.k / sqrt(d) + ALiBi / sqrt(d) + causal mask), the
+    attention its default (sdpa) forward computes. transformers' eager branch, which
+    output_attentions uses, adds ALiBi once more on top of the mask that already holds it."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    model = tiny_model("falcon_rw")
+    got = capture_all(model, ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.pattern"])
+    q, k = got["layers.1.attn.q"], got["layers.1.attn.k"]
+    heads, d_head = q.shape[2], q.shape[3]
+    alibi = build_alibi_tensor(torch.ones_like(IDS), heads, torch.float32)
+    alibi = alibi.view(IDS.shape[0], heads, 1, -1)
+    scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) + alibi) / d_head**0.5
+    causal = torch.ones(IDS.shape[1], IDS.shape[1], dtype=torch.bool).tril()
+    expected = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(got["layers.1.attn.pattern"], expected, atol=1e-5, rtol=0)
+    # the slopes matter: without ALiBi the pattern differs
+    plain = (torch.einsum("bqhd,bkhd->bhqk", q, k) / d_head**0.5).masked_fill(~causal,
+                                                                             float("-inf"))
+    assert not torch.allclose(plain.softmax(-1), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_headless_model_of_a_family_whose_logits_are_the_model_output(family, tmp_path):
+    """Gemma 2 and Cohere read logits at the model's output (after capping / scaling); saved
+    without the head, that output is hidden states, so the model has no logits point."""
+    from tests.tiny_models import _configs
+
+    cls, config = _configs()[family]
+    torch.manual_seed(0)
+    full = cls(config)
+    base = full.model
+    base.save_pretrained(tmp_path)
+    model = cloche.load(tmp_path)
+    names = {p.name for p in model.probe_points()}
+    assert "logits" not in names and "layers.1.resid_post" in names and "final_norm" in names
+    with torch.no_grad():
+        expected = base(IDS).last_hidden_state
+    got = capture_all(model, ["final_norm"])["final_norm"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
