@@ -163,7 +163,12 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
     except BaseException:
         group.terminate()
         raise
-    executor = ShardedExecutor(rank, on_lost=on_lost, micro_batches=micro_batches)
+    try:
+        executor = ShardedExecutor(rank, on_lost=on_lost, micro_batches=micro_batches)
+    except BaseException:  # (reconciling a state directory failed, say): leave nothing behind
+        group.terminate()
+        rank.close()
+        raise
     executor.group = group
 
     def reap() -> None:

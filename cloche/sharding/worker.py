@@ -71,14 +71,22 @@ def join(config: DistConfig,
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     layout = Layout(config)
-    control = Control(layout.store, layout.new_store_client(), layout.rank, layout.world_size,
-                      config.timeout_s, config.heartbeat_s, local_check)
-    channel = Channel(control, layout.rank, layout.device, layout.tensor_group,
-                      layout.object_group, key=layout.key)
-    sk = skeleton(config.model_dir, config.dtype)
-    plan = make_plan(sk, layout.world_size, config.layers_per_rank)
-    stage = Stage(sk, plan, layout.rank, layout.device, control, channel,
-                  state_dir=config.state_dir)
+    control = None
+    try:
+        control = Control(layout.store, layout.new_store_client(), layout.rank,
+                          layout.world_size, config.timeout_s, config.heartbeat_s, local_check)
+        channel = Channel(control, layout.rank, layout.device, layout.tensor_group,
+                          layout.object_group, key=layout.key)
+        sk = skeleton(config.model_dir, config.dtype)
+        plan = make_plan(sk, layout.world_size, config.layers_per_rank)
+        stage = Stage(sk, plan, layout.rank, layout.device, control, channel,
+                      state_dir=config.state_dir)
+    except BaseException:
+        # leave no process group behind: this process may start another group later
+        if control is not None:
+            control.close()
+        layout.close()
+        raise
     return Rank(config, layout, control, channel, stage)
 
 

@@ -26,3 +26,29 @@ def test_a_lost_rank_ends_the_server_with_code_3_and_a_clear_message(tiny4_dir):
     assert "client saw WorkerLost: rank 1 died" in done.stdout
     assert "cloche serve: rank 1 died" in done.stderr
     assert "shutting down (exit code 3)" in done.stderr
+
+
+def test_a_group_that_fails_to_start_leaves_nothing_behind(tiny4_dir, tmp_path):
+    # a family with no adapter cannot be sharded: the start fails after the process group
+    # formed, and the next group of this same process (a notebook trying again) must still start
+    import cloche
+    import pytest
+    import torch
+    import transformers
+    from cloche.sharding.launch import start_local
+
+    from tests.sharding.conftest import TIMEOUT_S, ids_batch
+    from tests.threads import TORCH_THREADS
+
+    config = transformers.CodeGenConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                        rotary_dim=4, vocab_size=101)
+    torch.manual_seed(0)
+    transformers.CodeGenForCausalLM(config).save_pretrained(tmp_path / "codegen")
+    with pytest.raises(cloche.UsageError, match="adapter"):
+        start_local(tmp_path / "codegen", 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    model = start_local(tiny4_dir("gpt2"), 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    try:
+        batch = ids_batch(seed=3)
+        assert torch.equal(model.run(batch).logits, cloche.load(tiny4_dir("gpt2")).run(batch).logits)
+    finally:
+        model.close()
