@@ -5,6 +5,7 @@ from __future__ import annotations
 import cloche
 import pytest
 import torch
+from cloche.client import ship_by_reference
 from hypothesis import HealthCheck, settings
 
 from tests.conftest_server import served, server_model_dir, server_token  # noqa: F401
@@ -15,6 +16,11 @@ from tests.tiny_models import save_tiny
 # must not fail a property test for being slow (a deadline or a data-generation health check).
 settings.register_profile("cloche", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("cloche")
+
+# The tests are importable by every server they start (in this process, or with this checkout on
+# PYTHONPATH), and in-process servers share module state with them (events, counters): ship the
+# test modules' functions by reference, as a user would for code both sides import.
+ship_by_reference("tests")
 
 
 # Slow: they start process groups, server subprocesses, torchrun or whole linters. CI runs them

@@ -20,6 +20,7 @@ from typing import Any
 
 from cloche import errors
 from cloche.api.futures import RequestFuture
+from cloche.client.shipping import ship_local_modules
 from cloche.errors.payload import from_payload
 from cloche.wire import messages
 from cloche.wire.frames import Limits
@@ -104,6 +105,7 @@ class ClientConnection:
             type(op).__name__.lower(), on_cancel=lambda: self.send_cancel(rid), request_id=rid)
         with self._lock:
             self._calls[rid] = (future, on_event)
+        ship_local_modules()  # the user's own helper modules travel by value (see shipping)
         message = messages.request(rid, op)
         try:
             self._framed.send(message)

@@ -311,6 +311,13 @@ class _Deferred:
     def load(self) -> Any:
         try:
             return _BufferUnpickler(io.BytesIO(self.data), self.refs).load()
+        except ModuleNotFoundError as exc:
+            raise UsageError(
+                f"shipped code refers to module {exc.name!r}, which cannot be imported here."
+                f" Install it where this side runs, or ship it by value from the sender:"
+                f" cloudpickle.register_pickle_by_value({exc.name}) (a cloche client does this"
+                f" by itself for modules outside site-packages and the standard library, unless"
+                f" cloche.client.ship_by_reference named them)") from exc
         except Exception as exc:
             raise UsageError(
                 f"shipped code or object could not be loaded here: {type(exc).__name__}: {exc}"

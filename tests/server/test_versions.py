@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from cloche.client import connect
+from cloche.client import connect, ship_by_reference
 from cloche.errors import AuthError, ConnectionError, UsageError, VersionMismatch
 from cloche.wire import codec, frames, handshake
 from cloche.wire.transport import FramedSocket
@@ -59,9 +59,10 @@ def test_a_server_speaking_another_protocol_version_is_a_clear_error():
 
 @pytest.fixture
 def client_only_module(tmp_path, monkeypatch):
-    """A module that exists on this side only: functions from it travel by reference."""
+    """A module that exists on this side only, kept by reference (as if installed here only)."""
     (tmp_path / "only_here_mod.py").write_text("def probe(ctx, x):\n    return None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    ship_by_reference("only_here_mod")
     import only_here_mod
 
     yield only_here_mod
@@ -82,7 +83,7 @@ def test_python_and_cloudpickle_skew_warns_and_names_both_versions_when_code_fai
         with pytest.raises(UsageError) as info:
             model.run("def f():", probes={"embed": client_only_module.probe})
         message = str(info.value)
-        assert "could not be loaded" in message
+        assert "cannot be imported here" in message and "only_here_mod" in message
         assert "Python 3.9.0" in message and real["python"] in message
         assert "cloudpickle 1.6.0" in message
         assert model.ping("still connected") == "still connected"
