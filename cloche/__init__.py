@@ -19,6 +19,7 @@ from cloche.api import (
 from cloche.client import Pool, connect
 from cloche.errors import (
     AuthError,
+    CallError,
     Cancelled,
     ClocheError,
     ProbeError,
@@ -27,6 +28,7 @@ from cloche.errors import (
     SessionLost,
     UnknownProbePoint,
     UsageError,
+    UserCodeError,
     WorkerLost,
 )
 from cloche.model.points import ProbePoint
@@ -47,9 +49,9 @@ __version__ = _version.__version__
 from cloche import data, experiments
 
 __all__ = [
-    "AuthError", "Cancelled", "ClocheError", "Covariance", "GenerateResult", "Histogram",
-    "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError", "ProbePoint",
-    "Reducer", "RemoteError", "RequestFuture", "ResourceLimit", "RunResult",
+    "AuthError", "CallError", "Cancelled", "ClocheError", "Covariance", "GenerateResult",
+    "Histogram", "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError",
+    "ProbePoint", "Reducer", "RemoteError", "RequestFuture", "ResourceLimit", "RunResult",
     "SaveContextHandle", "SessionLost", "TensorRef", "TopK", "UnknownProbePoint", "UsageError",
-    "Variance", "WorkerLost", "connect", "data", "errors", "experiments", "load",
+    "UserCodeError", "Variance", "WorkerLost", "connect", "data", "errors", "experiments", "load",
 ]

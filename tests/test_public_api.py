@@ -27,6 +27,9 @@ def test_error_hierarchy():
     assert issubclass(errors.UsageError, ValueError)
     assert issubclass(errors.AuthError, errors.ConnectionError)
     assert issubclass(errors.FrameTooLarge, errors.ProtocolError)
+    assert issubclass(errors.ProbeError, errors.UserCodeError)
+    assert issubclass(errors.CallError, errors.UserCodeError)
+    assert not issubclass(errors.CallError, errors.ProbeError)
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.ClocheError)
     err = errors.ProbeError("probe f at 'x' raised", point="x", probe="f", request_id=3, rank=1,

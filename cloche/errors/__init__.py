@@ -5,7 +5,9 @@ Callers catch what they can act on; the hierarchy is::
     ClocheError
     ├── UsageError                 bad arguments from the caller (also a ValueError)
     │   └── UnknownProbePoint      a probe point name that the model does not have (also a KeyError)
-    ├── ProbeError                 a user probe / gradient probe / shipped function raised
+    ├── UserCodeError              the user's own code raised (the original is chained/quoted)
+    │   ├── ProbeError             a probe, gradient probe or backward function
+    │   └── CallError              a function shipped with ``model.call``
     ├── RemoteError                anything else that failed on the server (carries the traceback)
     ├── Cancelled                  the request was cancelled (by the client or a disconnect)
     │   └── Aborted                another rank failed, so this rank stopped its part (internal
@@ -32,6 +34,7 @@ import builtins
 __all__ = [
     "Aborted",
     "AuthError",
+    "CallError",
     "Cancelled",
     "ClocheError",
     "ConnectionError",
@@ -43,6 +46,7 @@ __all__ = [
     "SessionLost",
     "UnknownProbePoint",
     "UsageError",
+    "UserCodeError",
     "VersionMismatch",
     "WorkerLost",
 ]
@@ -94,10 +98,10 @@ class UnknownProbePoint(UsageError, KeyError):
         return ClocheError.__str__(self)
 
 
-class ProbeError(ClocheError):
-    """User code (a probe, gradient probe or shipped function) raised.
+class UserCodeError(ClocheError):
+    """The user's own code raised: catch this for "my code failed", whichever kind it was.
 
-    ``point`` names the probe point (``None`` for a shipped function), ``probe`` the function's
+    ``point`` names the probe point (``None`` outside a probe), ``probe`` the function's
     qualified name; the original exception is chained as ``__cause__`` when it is local.
     """
 
@@ -112,6 +116,14 @@ class ProbeError(ClocheError):
         super().__init__(message, **kwargs)
         self.point = point
         self.probe = probe
+
+
+class ProbeError(UserCodeError):
+    """A probe, gradient probe or backward function raised."""
+
+
+class CallError(UserCodeError):
+    """A function shipped with ``model.call`` raised."""
 
 
 class RemoteError(ClocheError):

@@ -47,7 +47,7 @@ def to_payload(exc: BaseException, request_id: int | None, *, rank: int | None =
         "rank": exc_rank,
         "traceback": text,
     }
-    if isinstance(exc, errors.ProbeError):
+    if isinstance(exc, errors.UserCodeError):
         payload["point"] = exc.point
         payload["probe"] = exc.probe
     return payload
@@ -72,7 +72,7 @@ def from_payload(payload: dict) -> errors.ClocheError:
     request_id = _int(payload.get("request_id"))
     rank = _int(payload.get("rank"))
     remote_traceback = _text(payload.get("traceback"))
-    if issubclass(cls, errors.ProbeError):
+    if issubclass(cls, errors.UserCodeError):
         return cls(message, point=_text(payload.get("point")), probe=_text(payload.get("probe")),
                    request_id=request_id, rank=rank, remote_traceback=remote_traceback)
     return cls(message, request_id=request_id, rank=rank, remote_traceback=remote_traceback)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cloche.api.results import Outputs
-from cloche.errors import ClocheError, ProbeError, UsageError
+from cloche.errors import CallError, ClocheError, ProbeError, UsageError
 
 __all__ = ["backward_objective", "qualname", "run_user_function"]
 
@@ -25,15 +25,15 @@ def qualname(fn: Any) -> str:
 
 def run_user_function(fn: Callable[..., Any], model: Any, args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> Any:
-    """``fn(model, *args, **kwargs)``; anything but a cloche error becomes a ProbeError."""
+    """``fn(model, *args, **kwargs)``; anything but a cloche error becomes a CallError."""
     try:
         return fn(model, *args, **kwargs)
     except ClocheError:
         raise
     except Exception as exc:
         name = qualname(fn)
-        raise ProbeError(f"function {name} raised {type(exc).__name__}: {exc}",
-                         probe=name) from exc
+        raise CallError(f"function {name} raised {type(exc).__name__}: {exc}",
+                        probe=name) from exc
 
 
 def backward_objective(backward: Any, outputs: Outputs) -> torch.Tensor:

@@ -58,7 +58,7 @@ def test_pool_fans_out_and_gathers_in_order(served, second_server):
             assert torch.equal(runs[1].logits, direct.run("def add(a, b):").logits)
         squares = pool.map(lambda m, i: (i * i, m.name), range(5))
         assert [s for s, _ in squares] == [0, 1, 4, 9, 16]
-        with pytest.raises(cloche.ProbeError):
+        with pytest.raises(cloche.CallError):
             pool.call(lambda m: 1 / 0)
 
 

@@ -253,7 +253,7 @@ def test_dataset_run_cancel_rolls_back_everything(gpt2):
 
 def test_call_runs_next_to_the_model(gpt2):
     assert gpt2.call(lambda m, k: m.param("layers.0.mlp.W_in").shape[k], 1) == 128
-    with pytest.raises(cloche.ProbeError, match="ZeroDivisionError"):
+    with pytest.raises(cloche.CallError, match="ZeroDivisionError"):
         gpt2.call(lambda m: 1 / 0)
 
 
@@ -267,3 +267,21 @@ def test_a_reducer_name_keeps_its_kind(gpt2):
                               "layers.1.mlp.out": lambda c, x: c.reduce("s", x, cloche.MinMax())},
                  save="k")
     assert gpt2.save_context("k").result("r")["count"] == 18
+
+
+def test_an_error_in_shipped_code_is_a_call_error_and_in_a_probe_a_probe_error(tiny_model):
+    from cloche.errors.payload import from_payload, to_payload
+
+    model = tiny_model("gpt2")
+
+    def broken(m):
+        return 1 / 0
+
+    with pytest.raises(cloche.CallError, match="ZeroDivisionError") as info:
+        model.call(broken)
+    assert isinstance(info.value, cloche.UserCodeError) and info.value.probe.endswith("broken")
+    again = from_payload(to_payload(info.value, 7))  # the same class after the wire or a rank
+    assert type(again) is cloche.CallError and again.probe == info.value.probe
+    with pytest.raises(cloche.ProbeError) as probe_info:
+        model.run(torch.tensor([[3, 4]]), probes={"embed": lambda c, x: 1 / 0})
+    assert isinstance(probe_info.value, cloche.UserCodeError)

@@ -135,5 +135,5 @@ def test_errors_keep_their_cloche_class(model):
         model.run(TEXT, probes={"layers.99.nothing": lambda ctx, x: None})
     with pytest.raises(cloche.UsageError):
         model.generate(TEXT, max_new_tokens=0)
-    with pytest.raises(cloche.ProbeError, match="ZeroDivisionError"):
+    with pytest.raises(cloche.CallError, match="ZeroDivisionError"):
         model.call(lambda m: 1 / 0)
