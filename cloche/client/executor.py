@@ -51,9 +51,9 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 
 
 def connect(
-    address: str | tuple[str, int],
+    address: str | tuple[str, int] | None = None,
     *,
-    token: str,
+    token: str | None = None,
     session: str | None = None,
     tls: bool | str | os.PathLike[str] | ssl.SSLContext | None = None,
     timeout: float = 30.0,
@@ -61,12 +61,25 @@ def connect(
 ) -> Model:
     """Connect to ``cloche serve`` at ``address`` and authenticate with ``token``.
 
+    Left out, ``address`` is ``$CLOCHE_ADDRESS`` and ``token`` is ``$CLOCHE_TOKEN`` (what
+    ``cloche serve`` reads too), so a notebook need not carry the secret.
+
     ``session``: resume an earlier session (its save contexts) by id; ``SessionLost`` if the
     server no longer has it. ``tls``: ``True`` verifies the server against the system CAs, a
     path trusts that certificate/CA file. When the connection drops (a network blip, a server
     restarted with ``--state-dir``), the next request reconnects to the same session, retrying
     for up to ``reconnect_timeout`` seconds.
     """
+    if address is None:
+        address = os.environ.get("CLOCHE_ADDRESS", "").strip()
+        if not address:
+            raise errors.UsageError("connect needs the server's address: pass it (host:port) or"
+                                    " set $CLOCHE_ADDRESS")
+    if token is None:
+        token = os.environ.get("CLOCHE_TOKEN", "").strip()
+        if not token:
+            raise errors.UsageError("connect needs the server's token (printed by `cloche"
+                                    " serve`): pass token=... or set $CLOCHE_TOKEN")
     return Model(RemoteExecutor(address, token=token, session=session, tls=tls,
                                 timeout=timeout, reconnect_timeout=reconnect_timeout))
 

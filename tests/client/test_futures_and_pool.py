@@ -73,3 +73,16 @@ def test_addresses():
         connect("127.0.0.1:1", token="")
     with pytest.raises(cloche.errors.ConnectionError):
         connect("127.0.0.1:1", token="t", timeout=5)
+
+
+def test_connect_reads_the_address_and_token_from_the_environment(served, monkeypatch):
+    monkeypatch.setenv("CLOCHE_ADDRESS", served.address)
+    monkeypatch.setenv("CLOCHE_TOKEN", served.token)
+    with cloche.connect() as model:
+        assert model.ping("from the environment") == "from the environment"
+    monkeypatch.delenv("CLOCHE_TOKEN")
+    with pytest.raises(cloche.UsageError, match="CLOCHE_TOKEN"):
+        cloche.connect()
+    monkeypatch.delenv("CLOCHE_ADDRESS")
+    with pytest.raises(cloche.UsageError, match="CLOCHE_ADDRESS"):
+        cloche.connect(token=served.token)
