@@ -30,13 +30,12 @@ def load(path: str | os.PathLike[str] | None = None, *, revision: str | None = N
     ``ResourceLimit`` error instead of running out of memory). ``state_dir`` keeps every
     committed save context on disk, crash-consistently, and loads what is already there.
     """
-    name = None
     if path is None:
         from cloche.default_model import weights_dir
 
-        path, name = weights_dir(), "cloche-default"
+        path = weights_dir()  # its folder is named cloche-default: so is the model, everywhere
     source = resolve_model(path, revision=revision)
     loaded = load_hf(source.path, device=device, dtype=dtype)
     journal = Journal(state_dir) if state_dir is not None else None
     store = SaveStore(max_bytes=max_saved_bytes, journal=journal)
-    return Model(LocalExecutor(loaded, store=store, name=name or source.name))
+    return Model(LocalExecutor(loaded, store=store, name=source.name))

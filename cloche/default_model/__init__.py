@@ -16,4 +16,4 @@ __all__ = ["weights_dir"]
 
 def weights_dir() -> Path:
     """The shipped model's directory (weights, config and tokenizer files)."""
-    return Path(__file__).resolve().parent / "weights"
+    return Path(__file__).resolve().parent / "cloche-default"  # the folder names the model

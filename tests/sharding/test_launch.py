@@ -52,3 +52,20 @@ def test_a_group_that_fails_to_start_leaves_nothing_behind(tiny4_dir, tmp_path):
         assert torch.equal(model.run(batch).logits, cloche.load(tiny4_dir("gpt2")).run(batch).logits)
     finally:
         model.close()
+
+
+def test_the_shipped_model_has_one_name_everywhere():
+    import cloche
+    from cloche.default_model import weights_dir
+    from cloche.sharding.launch import start_local
+
+    from tests.sharding.conftest import TIMEOUT_S
+    from tests.threads import TORCH_THREADS
+
+    assert cloche.load().name == "cloche-default"
+    assert cloche.load(weights_dir()).name == "cloche-default"
+    sharded = start_local(weights_dir(), 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    try:
+        assert sharded.name == "cloche-default" and sharded.info()["name"] == "cloche-default"
+    finally:
+        sharded.close()
