@@ -50,10 +50,14 @@ class Outputs:
 
 @dataclass
 class GenerateResult:
-    """What ``generate`` returns: the tokens (prompt included) and, with a tokenizer, the text."""
+    """What ``generate`` returns: the tokens (prompt included) and, with a tokenizer, the text.
 
-    text: str | None
-    new_text: str | None
+    One prompt gives one string and 1-d ``tokens``; a batch of prompts gives a list of strings
+    (one per prompt, padding left out) and 2-d ``tokens``.
+    """
+
+    text: str | list[str] | None
+    new_text: str | list[str] | None
     tokens: torch.Tensor
 
 
@@ -61,8 +65,12 @@ def generate_result(tokenizer: Any, out: torch.Tensor, prompt_len: int) -> Gener
     """Token ids from ``generate`` (prompt + continuation) as a :class:`GenerateResult`."""
     tokens = out[0].cpu() if out.shape[0] == 1 else out.cpu()
     new = tokens[..., prompt_len:]
-    text = new_text = None
+    text: str | list[str] | None = None
+    new_text: str | list[str] | None = None
     if tokenizer is not None and tokens.dim() == 1:
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         new_text = tokenizer.decode(new, skip_special_tokens=True)
+    elif tokenizer is not None:
+        text = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        new_text = tokenizer.batch_decode(new, skip_special_tokens=True)
     return GenerateResult(text, new_text, tokens)

@@ -239,3 +239,15 @@ def test_example_ids_number_the_rows_of_plain_runs_everywhere(models, kind):
     torch.testing.assert_close(got["values"], want["values"], atol=1e-5, rtol=0)
     for m in both:
         m.save_context("ids").clear()
+
+
+def test_a_batched_generate_returns_one_text_per_prompt():
+    model = cloche.load()  # the shipped model has a tokenizer
+    prompts = ["def add(a, b):", "import os\nimport"]
+    batch = model.generate(prompts, 5)
+    assert isinstance(batch.text, list) and isinstance(batch.new_text, list)
+    assert batch.tokens.shape[0] == 2
+    for prompt, text, new in zip(prompts, batch.text, batch.new_text, strict=True):
+        assert text == prompt + new, (text, prompt, new)  # padding left out
+    one = model.generate(prompts[0], 5)
+    assert isinstance(one.text, str) and one.text == prompts[0] + one.new_text
