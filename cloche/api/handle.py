@@ -59,6 +59,7 @@ class SaveContextHandle:
 
     @property
     def num_runs(self) -> int:
+        """Runs committed to the context (``fetch``'s default ``stack`` has one row per run)."""
         return self._do("num_runs")
 
     def reducers(self) -> dict[str, Reducer]:
@@ -69,7 +70,9 @@ class SaveContextHandle:
         """The reduced statistic ``name`` (e.g. ``{"mean": ..., "count": ...}``)."""
         return self._do("result", name)
 
+    @property
     def nbytes(self) -> int:
+        """Bytes the context holds (saved entries and reducer states), where the model runs."""
         return self._do("nbytes")
 
     def clear(self) -> None:

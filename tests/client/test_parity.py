@@ -103,7 +103,7 @@ def probes_and_save_contexts(m):
         h.keys(), h.num_runs, h.state, h.fetch("resid"), h.fetch("resid", mode="list"),
         h.fetch("post_last", mode="cat"), h["resid"][:, 0, -1].to(torch.float16).fetch(),
         h["post_last"][1:, 0, [1, 3, 5]].fetch(), np.asarray(h["resid"][..., :2]),
-        m.save_context("acts").nbytes(), "acts" in m.save_contexts(),
+        m.save_context("acts").nbytes, "acts" in m.save_contexts(),
     ]
 
 

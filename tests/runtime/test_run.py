@@ -100,7 +100,7 @@ def test_save_contexts_accumulate_and_expose_run_metadata(gpt2):
     assert len(handle.fetch("last", mode="list")) == 3
     sliced = handle["last"][:, -1, 42].to(torch.float16).fetch()
     assert sliced.dtype == torch.float16 and torch.equal(sliced, stacked[:, -1, 42].half())
-    assert handle.nbytes() == stacked.numel() * 4
+    assert handle.nbytes == stacked.numel() * 4
     assert "acc" in gpt2.save_contexts()
 
 

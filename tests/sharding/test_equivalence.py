@@ -180,7 +180,7 @@ def test_saves_from_several_ranks_keep_single_process_order(pair):
     want, got = local.save_context("o"), dist.save_context("o")
     close(got.fetch("both"), want.fetch("both"))
     assert got.num_runs == want.num_runs == 2
-    assert got.nbytes() == want.nbytes()
+    assert got.nbytes == want.nbytes
     want.clear()
     got.clear()
 
