@@ -163,6 +163,26 @@ def as_dataset_arg(inputs: Any) -> Any:
                      f"tensor of token ids, not {type(inputs).__name__}")
 
 
+def inputs_or_dataset(inputs: Any, dataset: Any) -> Any:
+    """What ``run_dataset`` takes, from an experiment's ``inputs`` or its ``dataset`` (exactly one).
+
+    One meaning for a string everywhere: in ``inputs`` a ``str`` is a text (as in
+    ``model.run("...")``), and so are lists of strings; token ids and Datasets are accepted too.
+    In ``dataset`` a ``str`` names a dataset (``"default:heldout"``, a path).
+    """
+    from cloche import data
+
+    if (inputs is None) == (dataset is None):
+        raise UsageError("give inputs (a text, texts or token ids) or dataset= (a dataset name,"
+                         " path or cloche.data.Dataset): exactly one of them")
+    if inputs is not None:
+        return [inputs] if isinstance(inputs, str) else as_dataset_arg(inputs)
+    if isinstance(dataset, (str, data.Dataset)):
+        return dataset
+    raise UsageError("dataset= is a dataset name or path, or a cloche.data.Dataset, not"
+                     f" {type(dataset).__name__} (texts and token ids go in inputs)")
+
+
 def server_dataset(m: Any, dataset: Any) -> Any:
     """On the server (inside ``model.call``): the Dataset that ``run_dataset`` builds."""
     from cloche import data

@@ -30,6 +30,7 @@ from cloche.errors import UsageError
 from cloche.experiments._common import (
     as_dataset_arg,
     as_tensor,
+    inputs_or_dataset,
     is_direction,
     progress_bar,
     scratch,
@@ -212,17 +213,26 @@ def _metric_probe(metric: Any, name: str) -> Any:
     return metric_probe
 
 
-def loss(model: Any, inputs: Any, *, probes: dict[str, Any] | None = None,
-         loss_on: Any = None, metric: Any = None, batch_size: int = 8,
-         limit: int | None = None, progress: Any = None) -> tuple[float, int]:
-    """(mean next-token loss, number of target tokens) of ``inputs`` with ``probes`` attached,
-    reduced on the server. ``inputs``: a Dataset, a dataset name, texts or token ids.
+def loss(model: Any, inputs: Any = None, *, dataset: Any = None,
+         probes: dict[str, Any] | None = None, loss_on: Any = None, metric: Any = None,
+         batch_size: int = 8, limit: int | None = None, progress: Any = None
+         ) -> tuple[float, int]:
+    """(mean next-token loss, number of target tokens) of ``inputs`` (a text, texts or token
+    ids) or of ``dataset`` (a name, path or Dataset) with ``probes`` attached, reduced on the
+    server.
 
     With ``metric`` (``fn(logits, tokens) -> (batch,)``, run on the server, e.g.
     :func:`cloche.experiments.patching.logit_diff`) the first value is the metric's mean over
     the rows instead of the loss.
     """
-    dataset = as_dataset_arg(inputs)
+    return _loss(model, inputs_or_dataset(inputs, dataset), probes=probes, loss_on=loss_on,
+                 metric=metric, batch_size=batch_size, limit=limit, progress=progress)
+
+
+def _loss(model: Any, dataset: Any, *, probes: dict[str, Any] | None = None,
+          loss_on: Any = None, metric: Any = None, batch_size: int = 8,
+          limit: int | None = None, progress: Any = None) -> tuple[float, int]:
+    """:func:`loss` on what ``run_dataset`` takes (already resolved)."""
     all_probes: dict[str, list[Any]] = {p: list(v) if isinstance(v, list) else [v]
                                         for p, v in (probes or {}).items()}
     reader = _metric_probe(metric, "loss") if metric is not None else _loss_probe(
@@ -241,13 +251,15 @@ def _positions(loss_on: Any) -> Any:
     return torch.as_tensor(list(loss_on), dtype=torch.long)
 
 
-def ablate(model: Any, targets: Any, inputs: Any, method: str = "zero", *,
-           mean_over: Any = None, loss_on: Any = None, metric: Any = None,
+def ablate(model: Any, targets: Any, inputs: Any = None, method: str = "zero", *,
+           dataset: Any = None, mean_over: Any = None, loss_on: Any = None, metric: Any = None,
            batch_size: int = 8, limit: int | None = None, progress: Any = None
            ) -> AblationResult:
     """Loss on ``inputs`` with and without ablating ``targets`` (see the module docstring).
 
-    ``inputs``: a Dataset, a dataset name, a list of strings or a tensor of token ids.
+    ``inputs``: a text (a ``str`` is always text), a list of texts or token ids; or instead
+    ``dataset=``: a dataset name or path, or a Dataset. ``mean_over`` (for ``method="mean"``):
+    a dataset name, Dataset, texts or token ids.
     ``loss_on``: a slice or list of token positions whose prediction counts (e.g.
     ``slice(L + 1, None)`` for the repeated half of a twice-repeated sequence of length L).
     ``metric``: also measure ``fn(logits, tokens) -> (batch,)`` on chosen logits (e.g.
@@ -257,28 +269,29 @@ def ablate(model: Any, targets: Any, inputs: Any, method: str = "zero", *,
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, not {method!r}")
     parsed = _targets(model, targets)
-    dataset = as_dataset_arg(inputs)
+    dataset = inputs_or_dataset(inputs, dataset)
     means = None
     if method == "mean":
         source = dataset if mean_over is None else as_dataset_arg(mean_over)
         means = _means(model, parsed, source, batch_size, limit)
     identity = {t.point: [_identity] for t in parsed}
-    clean, n = loss(model, dataset, probes=identity, loss_on=loss_on, batch_size=batch_size,
-                    limit=limit, progress=progress)
+    clean, n = _loss(model, dataset, probes=identity, loss_on=loss_on, batch_size=batch_size,
+                     limit=limit, progress=progress)
     ablation = _probes_for(parsed, method, means)
-    ablated, _ = loss(model, dataset, probes=ablation, loss_on=loss_on, batch_size=batch_size,
-                      limit=limit, progress=progress)
+    ablated, _ = _loss(model, dataset, probes=ablation, loss_on=loss_on, batch_size=batch_size,
+                       limit=limit, progress=progress)
     extra: dict[str, Any] = {}
     if metric is not None:
-        extra["metric_clean"], _ = loss(model, dataset, probes=identity, metric=metric,
-                                        batch_size=batch_size, limit=limit)
-        extra["metric_ablated"], _ = loss(model, dataset, probes=ablation, metric=metric,
-                                          batch_size=batch_size, limit=limit)
+        extra["metric_clean"], _ = _loss(model, dataset, probes=identity, metric=metric,
+                                         batch_size=batch_size, limit=limit)
+        extra["metric_ablated"], _ = _loss(model, dataset, probes=ablation, metric=metric,
+                                           batch_size=batch_size, limit=limit)
     return AblationResult(clean, ablated, method, [t.label for t in parsed], n, extra)
 
 
-def ablation_sweep(model: Any, inputs: Any, *, kind: str = "heads", layers: Any = None,
-                   method: str = "zero", loss_on: Any = None, batch_size: int = 8,
+def ablation_sweep(model: Any, inputs: Any = None, *, dataset: Any = None, kind: str = "heads",
+                   layers: Any = None, method: str = "zero", loss_on: Any = None,
+                   batch_size: int = 8,
                    limit: int | None = None, mean_over: Any = None, progress: Any = True
                    ) -> tuple[float, np.ndarray]:
     """Ablate every head (``kind="heads"``) or every neuron (``kind="neurons"``) of ``layers``
@@ -290,7 +303,7 @@ def ablation_sweep(model: Any, inputs: Any, *, kind: str = "heads", layers: Any 
     layers = list(range(n_layers)) if layers is None else (
         [layers] if isinstance(layers, int) else list(layers))
     width = int(model.n_heads) if kind == "heads" else int(model.d_mlp)
-    dataset = as_dataset_arg(inputs)
+    dataset = inputs_or_dataset(inputs, dataset)
     point_of = (lambda i: f"layers.{i}.attn.z") if kind == "heads" else (
         lambda i: f"layers.{i}.mlp.post")
     means = None
@@ -298,17 +311,18 @@ def ablation_sweep(model: Any, inputs: Any, *, kind: str = "heads", layers: Any 
         source = dataset if mean_over is None else as_dataset_arg(mean_over)
         means = _means(model, [Target(point_of(i), "all") for i in layers], source,
                        batch_size, limit)
-    clean, _ = loss(model, dataset, probes={point_of(i): [_identity] for i in layers},
-                    loss_on=loss_on, batch_size=batch_size, limit=limit)
+    clean, _ = _loss(model, dataset, probes={point_of(i): [_identity] for i in layers},
+                     loss_on=loss_on, batch_size=batch_size, limit=limit)
     table = np.full((n_layers, width), np.nan)
     bar = progress_bar(progress, f"ablating {kind}", total=len(layers) * width)
     try:
         for layer in layers:
             for unit in range(width):
                 t = Target(point_of(layer), "index", [unit])
-                table[layer, unit], _ = loss(model, dataset,
-                                             probes=_probes_for([t], method, means),
-                                             loss_on=loss_on, batch_size=batch_size, limit=limit)
+                table[layer, unit], _ = _loss(model, dataset,
+                                              probes=_probes_for([t], method, means),
+                                              loss_on=loss_on, batch_size=batch_size,
+                                              limit=limit)
                 bar.update(1)
     finally:
         bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cloche
 import numpy as np
 import pytest
 import torch
@@ -151,3 +152,19 @@ def test_default_model_has_an_induction_head_that_matters(default_model):
         other = int(np.random.default_rng(0).choice(others))
         miss = ex.ablate(m, f"layers.{layer}.attn.head.{other}", tokens)
         assert abs(miss.relative) < hit.relative / 3, (miss, hit)
+
+
+def test_a_string_is_a_text_in_inputs_and_a_dataset_in_dataset(default_model):
+    code = "def f(x):\n    return x + 1\n"  # once read as a path: "no such file or directory"
+    as_text = ex.ablate(default_model, "layers.1.attn.head.1", code)
+    assert as_text == ex.ablate(default_model, "layers.1.attn.head.1", [code])
+    texts_loss, _ = ex.ablation.loss(default_model, [code])
+    assert ex.ablation.loss(default_model, code)[0] == texts_loss
+    named = ex.ablate(default_model, "layers.1.attn.head.1", dataset="default:heldout", limit=4)
+    assert named.tokens > 0
+    with pytest.raises(cloche.UsageError, match="exactly one"):
+        ex.ablate(default_model, "layers.1.attn.head.1", code, dataset="default:heldout")
+    with pytest.raises(cloche.UsageError, match="exactly one"):
+        ex.ablation.loss(default_model)
+    with pytest.raises(cloche.UsageError, match="texts and token ids go in inputs"):
+        ex.ablation.loss(default_model, dataset=[code])
