@@ -66,7 +66,12 @@ def started_server(model_dir: str | None, token: str, timeout: float = 180.0) ->
     cmd = [sys.executable, "-m", "cloche", "serve", "--port", "0", "--log-level", "WARNING"]
     if model_dir:
         cmd += ["--model", model_dir]
-    env = {**os.environ, "CLOCHE_TOKEN": token}
+    # ``-m cloche`` puts the current folder first on sys.path: a clone named ``cloche`` there
+    # would shadow the installed package (as a namespace package with no ``load``). The folder
+    # that holds this very package goes first on PYTHONPATH, so the server imports this cloche.
+    here = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "CLOCHE_TOKEN": token,
+           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     lines: queue.Queue[str | None] = queue.Queue()
