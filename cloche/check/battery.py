@@ -442,7 +442,7 @@ def battery(model: Any, reference: nn.Module, ids: torch.Tensor, *,
     rows: list[Row] = []
     for label, step in steps:
         if progress is not None:
-            progress(label)
+            progress(f"checking {label}")
         rows.extend(guarded(label, step))
     return rows
 

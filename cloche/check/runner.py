@@ -14,7 +14,7 @@ from cloche.check.battery import battery
 from cloche.check.report import SKIP, Report, Row
 from cloche.check.sharded import sharded_rows
 from cloche.errors import UsageError
-from cloche.model import load_hf, resolve_model
+from cloche.model import load_hf
 
 __all__ = ["check", "token_inputs"]
 
@@ -42,17 +42,18 @@ def token_inputs(config: Any, *, batch: int = 2, seq: int = 12, seed: int = 0) -
     return pool[torch.randint(len(pool), (batch, seq), generator=generator)]
 
 
-def check(source: str | os.PathLike[str], *, revision: str | None = None,
+def check(source: str | os.PathLike[str] | None, *, revision: str | None = None,
           world_size: int = 1, dtype: str | None = None, device: str = "cpu",
           text: str | None = None, batch: int = 2, seq: int = 12, seed: int = 0,
           threads: int | None = None,
           progress: Callable[[str], None] | None = None) -> Report:
-    """Check a checkpoint (a directory or a hub name) against plain transformers and, with
-    ``world_size`` >= 2, sharded over that many ranks of this machine against one process."""
+    """Check a checkpoint (a directory, a hub name, or None for the shipped model) against plain
+    transformers and, with ``world_size`` >= 2, sharded over that many ranks of this machine
+    against one process. ``progress`` is told the name of each check as it starts."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"world_size ({world_size!r}) must be an int >= 1")
-    path = resolve_model(source, revision=revision).path
-    model = cloche.load(path, dtype=dtype, device=device)
+    model = cloche.load(source, revision=revision, dtype=dtype, device=device)
+    path = model.executor.path  # type: ignore[attr-defined]  # a local executor's directory
     reference = load_hf(path, dtype=dtype, device=device).hf_model
     if text is not None:
         if model.tokenizer is None:
@@ -83,7 +84,7 @@ def check(source: str | os.PathLike[str], *, revision: str | None = None,
             f"world size {world_size} exceeds the model's {info['n_layers']} layers")))
     else:
         if progress is not None:
-            progress(f"sharded over {world_size} ranks")
+            progress(f"starting {world_size} ranks to compare the sharded model")
         from cloche.sharding.launch import start_local
 
         sharded = start_local(path, world_size, dtype=dtype, threads=threads,
