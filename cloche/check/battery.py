@@ -300,15 +300,21 @@ class _Battery:
         point = f"layers.{layer}.mlp.post"
         if point in self.stream:
             check = "neuron ablation == W_out edit"
-            j = int(self.stream[point].abs().float().mean(dim=(0, 1)).argmax())
-            yield self._edit_row(check, point, lambda x: (..., j),
-                                 self.model.param(f"layers.{layer}.mlp.W_out"), j, f"neuron {j}")
+            post = self.stream[point]
+            w_out = self.model.param(f"layers.{layer}.mlp.W_out")
+            if w_out.shape[0] != post.shape[-1]:
+                yield Row(check=check, points=point, status=FAIL, reason=(
+                    f"layers.{layer}.mlp.W_out is {tuple(w_out.shape)}: its rows should be the"
+                    f" {post.shape[-1]} neurons of {point}"))
+                return
+            j = int(post.abs().float().mean(dim=(0, 1)).argmax())
+            yield self._edit_row(check, point, lambda x: (..., j), w_out, j, f"neuron {j}")
             return
-        check = "expert neuron ablation == down_proj edit"
         routed = [i for i in range(self.n) if f"layers.{i}.mlp.experts.0.post" in self.stream]
         if not routed:
-            yield _skip(check, _missing(self.info, point), point)
+            yield _skip("neuron ablation == W_out edit", _missing(self.info, point), point)
             return
+        check = "expert neuron ablation == down_proj edit"
         layer = routed[-1]
         posts = {e: self.stream[f"layers.{layer}.mlp.experts.{e}.post"]
                  for e in range(len(self.names))
@@ -335,9 +341,15 @@ class _Battery:
             yield _skip(check, _missing(self.info, point), point)
             return
         z = self.tapped[point]
+        w_o = self.model.param(f"layers.{layer}.attn.W_O")
+        if tuple(w_o.shape[:2]) != tuple(z.shape[2:]):
+            yield Row(check=check, points=point, status=FAIL, reason=(
+                f"layers.{layer}.attn.W_O is {tuple(w_o.shape)}: it should start with the"
+                f" (heads, d_head) = {tuple(z.shape[2:])} of {point}"))
+            return
         h = int(z.float().norm(dim=-1).mean(dim=(0, 1)).argmax())
-        yield self._edit_row(check, point, lambda x: (slice(None), slice(None), h),
-                             self.model.param(f"layers.{layer}.attn.W_O"), h, f"head {h}")
+        yield self._edit_row(check, point, lambda x: (slice(None), slice(None), h), w_o, h,
+                             f"head {h}")
 
     def gradients(self) -> Iterator[Row]:
         check = "gradient probes == autograd"
@@ -428,16 +440,16 @@ def battery(model: Any, reference: nn.Module, ids: torch.Tensor, *,
     """
     battery = _Battery(model, reference, ids, eager or _switch_to_eager(reference))
     steps: list[tuple[str, Callable[[], Iterator[Row]]]] = [
-        ("no-probe run", battery.no_probe_run),
-        ("hidden states", battery.hidden_states),
-        ("attention", battery.eager_attention),
-        ("decomposition", battery.decomposition),
-        ("z through W_O", battery.z_through_w_o),
-        ("every point", battery.every_point),
-        ("neuron ablation", battery.neuron_ablation),
-        ("head ablation", battery.head_ablation),
-        ("gradients", battery.gradients),
-        ("aliases", battery.aliases),
+        ("no-probe run == transformers", battery.no_probe_run),
+        ("residual stream == output_hidden_states", battery.hidden_states),
+        ("attn.pattern == output_attentions (eager)", battery.eager_attention),
+        ("residual decomposition", battery.decomposition),
+        ("attn.z . W_O + b_O == attn.out", battery.z_through_w_o),
+        ("every canonical point: catalog shape, finite", battery.every_point),
+        ("neuron ablation == W_out edit", battery.neuron_ablation),
+        ("head ablation == W_O edit", battery.head_ablation),
+        ("gradient probes == autograd", battery.gradients),
+        ("TransformerLens aliases name their points", battery.aliases),
     ]
     rows: list[Row] = []
     for label, step in steps:
