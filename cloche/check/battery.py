@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cloche.check.compare import capture, compare, max_diff
-from cloche.check.report import FAIL, PASS, SKIP, Row, many, summarize_points
+from cloche.check.report import FAIL, PASS, SKIP, Row, summarize_points
 from cloche.errors import UnknownProbePoint
 from cloche.model import load_hf
 
@@ -136,15 +136,16 @@ class _Battery:
     def _attn_out_sources(self) -> list[tuple[int, str]]:
         """(layer, point) that ``z · W_O + b_O`` makes: ``attn.out``, or the input of the norm
         that makes it (Gemma 2/3's post-attention norm)."""
-        site = self.adapter.block_sites.get("attn.out") if self.adapter is not None else None
+        adapter = self.adapter
+        site = adapter.block_sites.get("attn.out") if adapter is not None else None
         if isinstance(site, tuple):
             site = site[0] if site else None
         out = []
         for i in range(self.n):
             if f"layers.{i}.attn.z" not in self.names:
                 continue
-            if site is not None and "norm" in site.module:
-                out.append((i, f"module:{self.adapter.layers}.{i}.{site.module}:input"))
+            if adapter is not None and site is not None and "norm" in site.module:
+                out.append((i, f"module:{adapter.layers}.{i}.{site.module}:input"))
             else:
                 out.append((i, f"layers.{i}.attn.out"))
         return out
@@ -189,7 +190,8 @@ class _Battery:
         names = [f"layers.{i}.attn.pattern" for i in range(self.n)]
         if not all(n in self.names for n in names):
             reason = _missing(self.info, next(n for n in names if n not in self.names))
-            yield _skip("attn.pattern == output_attentions (eager)", reason, "layers.*.attn.pattern")
+            yield _skip("attn.pattern == output_attentions (eager)", reason,
+                        "layers.*.attn.pattern")
             yield _skip("stream with attention tapped == eager transformers", reason)
             return
         divergence = _known_pattern_divergence(self.model.config)
@@ -363,7 +365,7 @@ class _Battery:
         context = "cloche-check-grads"
         handle = self.model.save_context(context)
         handle.clear()
-        self.model.run(self.ids, grad_probes={n: _saver for n in names}, backward=True,
+        self.model.run(self.ids, grad_probes=dict.fromkeys(names, _saver), backward=True,
                        save=context)
         try:
             got = {n: handle.fetch(n)[0] for n in names}
@@ -379,11 +381,11 @@ class _Battery:
         yield compare(check, [(n, got[n], w) for n, w in zip(names, want, strict=True)],
                       atol=1e-6, rtol=1e-5)
         loss.backward()
-        params = [(n, p) for n, p in reference.named_parameters() if p.grad is not None]
+        params = [(n, p.grad) for n, p in reference.named_parameters() if p.grad is not None]
         step = max(1, len(params) // 8)
         chosen = params[::step][:8]
         yield compare("parameter gradients == autograd",
-                      [(n, self.model.param(n, grad=True), p.grad) for n, p in chosen],
+                      [(n, self.model.param(n, grad=True), g) for n, g in chosen],
                       atol=1e-6, rtol=1e-5, points=f"{len(chosen)} of {len(params)} weights")
         reference.zero_grad(set_to_none=True)
 
@@ -464,7 +466,7 @@ def guarded(label: str, step: Callable[[], Iterator[Row]]) -> list[Row]:
     rows: list[Row] = []
     try:
         rows.extend(step())
-    except Exception as exc:  # a check that cannot run is a failed check, said as such
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         rows.append(Row(check=label, status=FAIL,
                         reason=f"raised {type(exc).__name__}: {message}"))

@@ -15,12 +15,15 @@ from cloche.check.report import FAIL, SKIP, Row
 __all__ = ["sharded_rows"]
 
 
+def _saver(ctx: Any, x: torch.Tensor) -> None:
+    ctx.save(ctx.point, x)
+
+
 def _grads(model: Any, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     context = "cloche-check-grads"
     handle = model.save_context(context)
     handle.clear()
-    saver = (lambda c, x: c.save(c.point, x))
-    model.run(ids, grad_probes=dict.fromkeys(names, saver), backward=True, save=context)
+    model.run(ids, grad_probes=dict.fromkeys(names, _saver), backward=True, save=context)
     try:
         return {n: handle.fetch(n)[0] for n in names}
     finally:
