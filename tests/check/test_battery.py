@@ -12,7 +12,7 @@ from cloche.check import FAIL, PASS, SKIP, check, token_inputs
 from cloche.model import families
 from cloche.model.families import Site, WeightRule
 
-from tests.tiny_models import VOCAB
+from tests.tiny_models import FAMILIES, MOE, VOCAB
 
 SHARDED = "sharded == single process"
 
@@ -21,23 +21,26 @@ def statuses(report):
     return {row.check: (row.status, row.reason) for row in report.rows}
 
 
-# GPT-2, Llama with grouped-query attention, a mixture of experts, parallel blocks, an encoder
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mixtral", "phi", "bert"])
-def test_the_battery_passes_on_a_correct_family(family, tiny_dir):
+# every tiny family: GPT-2, Llama with grouped-query attention, mixtures of experts, parallel
+# blocks, encoders, ALiBi, soft-capping, ...
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_battery_passes_on_every_family(family, tiny_dir):
     report = check(tiny_dir(family))
     skipped = {name for name, (status, _) in statuses(report).items() if status == SKIP}
     expected = {SHARDED}
-    if family == "bert":  # an encoder: post-norm blocks, no next-token loss
+    if family in ("bert", "roberta"):  # encoders: post-norm blocks, no next-token loss
         expected |= {"resid_post == resid_pre + attn.out + mlp.out", "gradient probes == autograd"}
+    if family == "falcon_rw":  # transformers' eager ALiBi is not the model's attention
+        expected |= {"attn.pattern == output_attentions (eager)"}
     assert report.ok, report.table()
     assert skipped == expected, report.table()
     checks = set(statuses(report))
     assert {"no-probe run == transformers", "residual stream == output_hidden_states",
             "attn.pattern == output_attentions (eager)", "head ablation == W_O edit",
             "TransformerLens aliases name their points"} <= checks
-    assert ("expert neuron ablation == down_proj edit" in checks) == (family == "mixtral")
-    assert ("neuron ablation == W_out edit" in checks) == (family != "mixtral")
-    if family == "phi":  # parallel blocks: the three-term identity, and no resid_mid alias
+    assert ("expert neuron ablation == down_proj edit" in checks) == (family in MOE)
+    assert ("neuron ablation == W_out edit" in checks) == (family not in MOE)
+    if family in ("phi", "gptj", "falcon"):  # parallel blocks: the three-term identity
         assert statuses(report)["resid_post == resid_pre + attn.out + mlp.out"][0] == PASS
     for row in report.rows:
         if row.status == PASS and row.max_diff is not None:
