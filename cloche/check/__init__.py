@@ -8,10 +8,12 @@ probes against autograd, TransformerLens aliases, and a sharded model against on
 single-process checks on a model already loaded.
 """
 
-from cloche.check.battery import battery
+from cloche.check.battery import battery, canonical_points, known_pattern_divergence
+from cloche.check.compare import capture, compare, tolerance
 from cloche.check.report import FAIL, PASS, SKIP, Report, Row
 from cloche.check.runner import check, token_inputs
 from cloche.check.sharded import sharded_rows
 
-__all__ = ["FAIL", "PASS", "SKIP", "Report", "Row", "battery", "check", "sharded_rows",
-           "token_inputs"]
+__all__ = ["FAIL", "PASS", "SKIP", "Report", "Row", "battery", "canonical_points", "capture",
+           "check", "compare", "known_pattern_divergence", "sharded_rows", "token_inputs",
+           "tolerance"]

@@ -33,7 +33,7 @@ from cloche.check.report import FAIL, PASS, SKIP, Row, summarize_points
 from cloche.errors import UnknownProbePoint
 from cloche.model import load_hf
 
-__all__ = ["battery", "canonical_points"]
+__all__ = ["battery", "canonical_points", "known_pattern_divergence"]
 
 Progress = Callable[[str], None]
 
@@ -48,7 +48,7 @@ TL_ALIASES = {
 }
 
 
-def _known_pattern_divergence(config: Any) -> str | None:
+def known_pattern_divergence(config: Any) -> str | None:
     """Why transformers' eager ``output_attentions`` is not the model's attention, if so."""
     if getattr(config, "model_type", None) == "falcon" and getattr(config, "alibi", False):
         return ("transformers' eager Falcon ALiBi branch adds ALiBi twice; cloche's pattern is"
@@ -194,7 +194,7 @@ class _Battery:
                         "layers.*.attn.pattern")
             yield _skip("stream with attention tapped == eager transformers", reason)
             return
-        divergence = _known_pattern_divergence(self.model.config)
+        divergence = known_pattern_divergence(self.model.config)
         if divergence:
             yield _skip("attn.pattern == output_attentions (eager)", divergence,
                         "layers.*.attn.pattern")
