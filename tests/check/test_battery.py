@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from cloche.check import FAIL, PASS, SKIP, check, token_inputs
+from cloche.check import FAIL, PASS, SKIP, check, compare, token_inputs, tolerance
 from cloche.model import families
 from cloche.model.families import Site, WeightRule
 
@@ -126,3 +126,23 @@ def test_the_shipped_model_checks_on_text():
     report = check(None, text="Once upon a time there was a cat. Once upon a time")
     assert report.ok, report.table()
     assert report.model == "cloche-default" and "the text" in report.details["inputs"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_bfloat16_checks_with_tolerances_of_its_precision(family, tiny_dir):
+    report = check(tiny_dir(family), dtype="bfloat16")
+    assert report.ok, report.table()
+    assert report.details["dtype"] == "bfloat16"
+    assert statuses(report)["gradient probes == autograd"][0] == PASS
+
+
+def test_tolerances_follow_the_dtype_and_the_magnitude():
+    x = torch.tensor([0.5, -2.0])
+    assert tolerance(x) == pytest.approx(1e-5 + 2e-5)
+    assert tolerance(x.bfloat16()) == pytest.approx(8 * 2**-7 * 2.0)
+    row = compare("c", [("a", x, x + 1e-6), ("b", x, x + 1.0)])
+    assert row.status == FAIL and row.reason == "differs at b" and row.max_diff == 1.0
+    assert compare("c", [("a", x, x)], exact=True).status == PASS
+    assert compare("c", [("a", x, x + 1e-6)], exact=True).status == FAIL
+    shape = compare("c", [("a", x, x[:1])])
+    assert shape.status == FAIL and "shape (2,) vs (1,)" in shape.reason
