@@ -150,6 +150,23 @@ class _Battery:
                 out.append((i, f"layers.{i}.attn.out"))
         return out
 
+    def _resid_mid_modules(self) -> dict[str, str]:
+        """``layers.i.resid_mid`` -> the module whose input it is (where the adapter says so),
+        for the reference's autograd."""
+        adapter = self.adapter
+        site = adapter.block_sites.get("resid_mid") if adapter is not None else None
+        if isinstance(site, tuple):
+            site = site[0] if site else None
+        if adapter is None or site is None or not site.where.startswith("input"):
+            return {}
+        modules = dict(self.reference.named_modules())
+        out = {}
+        for i in range(self.n):
+            path = ".".join(p for p in (adapter.layers, str(i), site.module) if p)
+            if f"layers.{i}.resid_mid" in self.names and path in modules:
+                out[f"layers.{i}.resid_mid"] = path
+        return out
+
     # --------------------------------------------------------------- the checks
     def no_probe_run(self) -> Iterator[Row]:
         check = "no-probe run == transformers"
@@ -362,6 +379,8 @@ class _Battery:
             yield _skip(check, "saved without a language-model head: no loss to backprop")
             return
         names = [f"layers.{i}.resid_pre" for i in range(self.n)]
+        mids = self._resid_mid_modules()
+        names += list(mids)
         context = "cloche-check-grads"
         handle = self.model.save_context(context)
         handle.clear()
@@ -373,12 +392,29 @@ class _Battery:
             handle.clear()
         reference = self.reference
         reference.zero_grad(set_to_none=True)
-        out = reference(self.ids, output_hidden_states=True)
+        modules = dict(reference.named_modules())
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                seen.setdefault(name, args[0] if args else kwargs["hidden_states"])
+            return hook
+
+        hooks = [modules[path].register_forward_pre_hook(keep(name), with_kwargs=True)
+                 for name, path in mids.items()]
+        try:
+            out = reference(self.ids, output_hidden_states=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
         vocab = out.logits.shape[-1]
         loss = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, vocab).float(),
                                            self.ids[:, 1:].reshape(-1))
-        want = torch.autograd.grad(loss, out.hidden_states[: self.n], retain_graph=True)
-        yield compare(check, [(n, got[n], w) for n, w in zip(names, want, strict=True)],
+        wrt = [*out.hidden_states[: self.n], *(seen[n] for n in mids)]
+        want = torch.autograd.grad(loss, wrt, retain_graph=True)
+        # (OPT's MLP sees (batch * seq, d): the reference is compared in the point's shape)
+        yield compare(check, [(n, got[n], w.reshape(got[n].shape) if w.numel() == got[n].numel()
+                               else w) for n, w in zip(names, want, strict=True)],
                       atol=1e-6, rtol=1e-5)
         loss.backward()
         params = [(n, p.grad) for n, p in reference.named_parameters() if p.grad is not None]

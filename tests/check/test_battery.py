@@ -42,6 +42,9 @@ def test_the_battery_passes_on_every_family(family, tiny_dir):
     assert ("neuron ablation == W_out edit" in checks) == (family not in MOE)
     if family in ("phi", "gptj", "falcon"):  # parallel blocks: the three-term identity
         assert statuses(report)["resid_post == resid_pre + attn.out + mlp.out"][0] == PASS
+    if family in ("gpt2", "llama", "opt"):  # sequential blocks: resid_mid's gradient too
+        grads = next(r for r in report.rows if r.check == "gradient probes == autograd")
+        assert grads.points == "layers.*.resid_pre (2), layers.*.resid_mid (2)"
     for row in report.rows:
         if row.status == PASS and row.max_diff is not None:
             assert row.max_diff <= row.tolerance, row
