@@ -149,3 +149,20 @@ def test_tolerances_follow_the_dtype_and_the_magnitude():
     assert compare("c", [("a", x, x + 1e-6)], exact=True).status == FAIL
     shape = compare("c", [("a", x, x[:1])])
     assert shape.status == FAIL and "shape (2,) vs (1,)" in shape.reason
+
+
+def test_a_model_saved_without_its_head_checks_its_hidden_states(tmp_path):
+    """LlamaModel: no logits and no loss (SKIP, saying why); the stream ends at final_norm."""
+    from tests.tiny_models import _configs
+
+    cls, config = _configs()["llama"]
+    torch.manual_seed(0)
+    cls(config).model.save_pretrained(tmp_path)
+    report = check(tmp_path)
+    assert report.ok, report.table()
+    got = statuses(report)
+    assert got["no-probe run == transformers"][0] == SKIP
+    assert "without a language-model head" in got["gradient probes == autograd"][1]
+    stream = next(r for r in report.rows if r.check == "residual stream == output_hidden_states")
+    assert stream.status == PASS and stream.points.endswith("final_norm")
+    assert got["neuron ablation == W_out edit"][0] == PASS
