@@ -67,3 +67,18 @@ def test_help_documents_every_flag():
             assert flag in out
         assert action.help, f"{action.option_strings} has no help"
     assert "Exits 0 only if nothing fails" in " ".join(out.split())
+
+
+def test_a_hub_name_at_a_revision_is_checked_from_the_cache(monkeypatch, tmp_path, tiny_dir,
+                                                           capsys):
+    from tests.model.hf_cache import add_snapshot, use_cache
+
+    cache = use_cache(monkeypatch, tmp_path / "hf-home")  # offline: the cache alone
+    add_snapshot(cache, "org/tiny", tiny_dir("gpt2"), refs=("main",))
+    add_snapshot(cache, "org/tiny", tiny_dir("llama"), refs=("v2",))  # main is GPT-2
+    assert cli.main(["check", "--model", "org/tiny", "--revision", "v2", "--json",
+                     str(tmp_path / "c.json")]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("cloche check: org/tiny (llama, 2 layers")
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written["model"] == "org/tiny" and written["family"] == "llama"
