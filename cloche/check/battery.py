@@ -335,9 +335,9 @@ class _Battery:
             return
         check = "expert neuron ablation == down_proj edit"
         layer = routed[-1]
-        posts = {e: self.stream[f"layers.{layer}.mlp.experts.{e}.post"]
-                 for e in range(len(self.names))
-                 if f"layers.{layer}.mlp.experts.{e}.post" in self.stream}
+        prefix = f"layers.{layer}.mlp.experts."
+        posts = {int(name[len(prefix):].split(".")[0]): value
+                 for name, value in self.stream.items() if name.startswith(prefix)}
         e, j = max(((e, int(p.abs().float().mean(dim=(0, 1)).argmax())) for e, p in posts.items()),
                    key=lambda ej: float(posts[ej[0]][..., ej[1]].abs().float().mean()))
         point = f"layers.{layer}.mlp.experts.{e}.post"
