@@ -63,7 +63,9 @@ def sharded_rows(local: Any, sharded: Any, ids: torch.Tensor) -> list[Row]:
             yield Row(check=f"{label}: gradients", status=SKIP,
                       reason="no next-token loss (not a causal model with a head)")
             return
-        names = [f"layers.{i}.resid_pre" for i in range(local.n_layers)]
+        points = set(canonical_points(local))
+        names = [f"layers.{i}.{s}" for s in ("resid_pre", "resid_mid")
+                 for i in range(local.n_layers) if f"layers.{i}.{s}" in points]
         got, want = _grads(sharded, ids, names), _grads(local, ids, names)
         yield compare(f"{label}: gradients", [(n, got[n], want[n]) for n in names],
                       atol=1e-6, rtol=1e-5)
