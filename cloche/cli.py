@@ -1,4 +1,4 @@
-"""The ``cloche`` command line: ``cloche serve`` (and room for more subcommands).
+"""The ``cloche`` command line: ``cloche serve``, ``cloche check`` and ``cloche demo``.
 
 Each subcommand is a small trio: ``add_<name>_parser`` declares its flags, a function turns the
 parsed flags into configuration objects, ``run_<name>`` does the work. This is the only place
@@ -300,6 +300,74 @@ def run_serve(args: argparse.Namespace) -> int:
         threads=args.threads, state_dir=args.state_dir)
 
 
+# --------------------------------------------------------------------------------- check
+
+
+def add_check_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "check",
+        help="check a model: probe points, ablations, gradients, aliases and sharding against"
+             " plain transformers",
+        description=(
+            "Run cloche's parity battery on a checkpoint and print one row per check: every"
+            " canonical probe point against transformers' own reference (output_hidden_states,"
+            " output_attentions with eager attention, logits), a run without probes bit-equal to"
+            " plain transformers, a neuron and a head ablation against the equivalent weight"
+            " edits, gradient probes against autograd (causal models), TransformerLens aliases,"
+            " and with --world-size N the model sharded over N ranks against one process. Each"
+            " row gives the points covered, the largest difference, the tolerance and PASS,"
+            " FAIL or SKIP with the reason. Exits 0 only if nothing fails (1 otherwise)."),
+    )
+    parser.add_argument("--model", metavar="DIR_OR_NAME", default=None,
+                        help="the checkpoint: a directory saved with save_pretrained or a hub"
+                             " name (org/name) (default: the model shipped with cloche)")
+    parser.add_argument("--revision", metavar="REV", default=None,
+                        help="branch, tag or commit of a hub --model (default: main)")
+    parser.add_argument("--world-size", type=int, default=1, metavar="N",
+                        help="also shard the model over N ranks of this machine and compare"
+                             " every point with the single process (default: 1, not checked)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16, float16 or auto; tolerances follow the dtype"
+                             " (default: float32)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--text", default=None,
+                        help="check on this text (needs the model's tokenizer) instead of seeded"
+                             " token ids")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the token ids (2 sequences of 12 tokens, within the"
+                             " vocabulary and the positions) (default: 0)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the results to FILE as JSON")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads here and on each rank (default: torch's)")
+    parser.set_defaults(func=run_check)
+    return parser
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from cloche.check import check
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads ({args.threads}) must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = check(args.model, revision=args.revision,
+                   world_size=args.world_size, dtype=args.dtype, device=args.device,
+                   text=args.text, seed=args.seed, threads=args.threads,
+                   progress=lambda step: print(f"cloche check: {step}", file=sys.stderr,
+                                               flush=True))
+    d = report.details
+    print(f"cloche check: {report.model} ({d['family']}, {d['n_layers']} layers, {d['dtype']},"
+          f" {d['device']}) on {d['inputs']}")
+    print(report.table(), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(report.to_json() + "\n")
+    return 0 if report.ok else 1
+
+
 # --------------------------------------------------------------------------------- demo
 
 
@@ -322,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
+    add_check_parser(sub)
     add_demo_parser(sub)
     return parser
 

@@ -27,7 +27,7 @@ ship_by_reference("tests")
 # (the README's test command runs everything); `scripts/check` runs the rest (-m "not slow").
 SLOW = ("tests/sharding/", "tests/server/test_restart.py", "tests/server/test_cli.py",
         "tests/server/test_disconnects.py", "tests/experiments/test_tutorial.py",
-        "tests/default_model/test_recipe.py", "tests/test_lint.py")
+        "tests/default_model/test_recipe.py", "tests/test_lint.py", "tests/check/test_sharded.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -28,7 +28,10 @@ ALLOWED = {
     "load": {"errors", "model", "probes", "api", "runtime", "default_model"},
     # built only on the public API: the front door, its errors and datasets
     "experiments": {"cloche", "errors", "data"},
-    "cli": {"cloche", "errors", "default_model", "experiments", "server", "sharding"},
+    # the parity battery: the public API, plus loading the plain transformers reference
+    # (model) and a sharded launch (sharding) of the same checkpoint
+    "check": {"cloche", "errors", "model", "sharding"},
+    "cli": {"cloche", "errors", "default_model", "experiments", "server", "sharding", "check"},
     "cloche": {"errors", "load", "api", "client", "model", "probes", "data", "experiments",
                "cli", "version"},
 }
