@@ -37,6 +37,7 @@ from cloche.experiments.connectivity import (
 )
 from cloche.experiments.examples import (
     Example,
+    Examples,
     contexts,
     quantile_examples,
     top_activations,
@@ -54,8 +55,8 @@ from cloche.experiments.patching import PatchResult, logit_diff, patch, patch_gr
 from cloche.experiments.units import TokenValues, UnitStats
 
 __all__ = [
-    "PCA", "AblationResult", "Example", "Factored", "LogitLens", "PatchResult", "Sample",
-    "TokenValues", "UnitStats", "ablate", "ablation", "ablation_sweep", "activations",
+    "PCA", "AblationResult", "Example", "Examples", "Factored", "LogitLens", "PatchResult",
+    "Sample", "TokenValues", "UnitStats", "ablate", "ablation", "ablation_sweep", "activations",
     "attention_patterns", "composition_scores", "connectivity", "connectivity_summary",
     "contexts", "covariance", "examples", "head_scores", "heads", "logit_diff", "logit_effect",
     "logit_lens", "mean", "ov_circuit", "patch", "patch_grid", "patching", "pca", "plots",

@@ -18,7 +18,7 @@ import torch
 from cloche.errors import UsageError
 from cloche.experiments._common import UnitSpec, scratch, select_units, unit_spec
 
-__all__ = ["Example", "contexts", "mark_peak", "quantile_examples", "top_activations",
+__all__ = ["Example", "Examples", "contexts", "mark_peak", "quantile_examples", "top_activations",
            "top_examples"]
 
 PEAK_OPEN, PEAK_CLOSE = "\u00ab", "\u00bb"  # « and »: mark the peak token in a context
@@ -61,48 +61,96 @@ def _single_unit(unit: Any) -> UnitSpec:
     return spec
 
 
-def _topk_probe(spec: UnitSpec, k: int, largest: bool, name: str, skip_first: int = 0) -> Any:
+def _topk_probe(spec: UnitSpec, k: int, largest: bool, name: str, skip_first: int = 0,
+                per_example: bool = False) -> Any:
+    worst = float("-inf") if largest else float("inf")
+
     def topk_probe(ctx: Any, x: torch.Tensor) -> None:
         from cloche import TopK
 
         values = select_units(x, spec)
-        if skip_first:
+        if skip_first or per_example:
             values = values.clone()
-            values[:, :skip_first] = float("-inf") if largest else float("inf")
+        if skip_first:
+            values[:, :skip_first] = worst
+        if per_example:  # only each row's best position competes: one entry per example
+            mask = getattr(ctx, "attention_mask", None)
+            if mask is not None:
+                values[~mask.bool().to(values.device)] = worst
+            best = values.argmax(dim=1) if largest else values.argmin(dim=1)
+            keep = torch.zeros_like(values, dtype=torch.bool)
+            keep.scatter_(1, best.unsqueeze(1), True)
+            values[~keep] = worst
         ctx.reduce(name, values, TopK(k, largest=largest))
 
     return topk_probe
 
 
+class Examples(list):
+    """The examples :func:`top_examples` found, best first, and how they were chosen.
+
+    ``skip_first``: positions left out at the start of every example; ``per_example``: at most
+    one entry (the best position) per example.
+    """
+
+    def __init__(self, items: list[Example], *, point: str, unit: Any, skip_first: int,
+                 per_example: bool, largest: bool) -> None:
+        super().__init__(items)
+        self.point, self.unit = point, unit
+        self.skip_first, self.per_example, self.largest = skip_first, per_example, largest
+
+    def describe(self) -> str:
+        """How the examples were chosen, in one line (printed above them by ``str``)."""
+        unit = self.unit if isinstance(self.unit, int) else "a direction"
+        how = [f"first {self.skip_first} position(s) of each example skipped"
+               if self.skip_first else "every position"]
+        how.append("one entry per example" if self.per_example else "several per example allowed")
+        return (f"{'top' if self.largest else 'bottom'} {len(self)} examples of {unit} at"
+                f" {self.point} ({'; '.join(how)})")
+
+    def __str__(self) -> str:
+        return "\n".join([self.describe(), *(str(e) for e in self)])
+
+
 def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *,
                  largest: bool = True, window: tuple[int, int] = (12, 4), batch_size: int = 8,
-                 limit: int | None = None, progress: Any = None, skip_first: int = 0
-                 ) -> list[Example]:
+                 limit: int | None = None, progress: Any = None, skip_first: int = 4,
+                 per_example: bool = True) -> Examples:
     """The ``k`` contexts of ``dataset`` where ``unit`` at ``point`` is largest (or smallest).
 
     ``unit`` is a unit index (flattened over the point's trailing dims) or a direction vector.
     ``dataset`` is a ``cloche.data.Dataset``, a dataset name or a list of strings. ``window``
-    is how many tokens to show before and after the peak token. ``skip_first`` leaves out the
-    first positions of every example (where many units fire on having no context).
+    is how many tokens to show before and after the peak token.
+
+    Defaults a researcher would pick: ``skip_first=4`` leaves out the first positions of every
+    example (a chunk's first tokens have no context, and many units fire there on that alone),
+    and ``per_example=True`` keeps one entry per example, its best position (otherwise one
+    example can fill the list at neighbouring positions). Pass ``skip_first=0,
+    per_example=False`` for the raw top k over every (example, position). The result says how
+    it was chosen (``str(result)``, ``result.describe()``).
     """
     if not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be a positive int, not {k!r}")
     spec = _single_unit(unit)
     point = model.resolve(point)
     with scratch(model, "topk") as ctx_name:
-        probe = _topk_probe(spec, k, largest, "top", skip_first)
+        probe = _topk_probe(spec, k, largest, "top", skip_first, per_example)
         out = model.run_dataset(dataset, probes={point: probe}, save=ctx_name,
                                 batch_size=batch_size, limit=limit, progress=progress)
+    def chosen(items: list[Example]) -> Examples:
+        return Examples(items, point=point, unit=unit if isinstance(unit, int) else None,
+                        skip_first=skip_first, per_example=per_example, largest=largest)
+
     if "top" not in out["reducers"]:
-        return []
+        return chosen([])
     top = out["reducers"]["top"]
     keep = torch.as_tensor(top["values"][:, 0]).isfinite()  # short examples: skipped slots
     ids = [int(i) for i in top["example_ids"][keep, 0]]
     positions = [int(p) for p in top["positions"][keep, 0]]
     values = [float(v) for v in top["values"][keep, 0]]
     windows = contexts(model, dataset, ids, positions, window)
-    return [Example(i, p, v, w["tokens"], w["token_ids"], w["peak"])
-            for i, p, v, w in zip(ids, positions, values, windows, strict=True)]
+    return chosen([Example(i, p, v, w["tokens"], w["token_ids"], w["peak"])
+                   for i, p, v, w in zip(ids, positions, values, windows, strict=True)])
 
 
 def top_activations(model: Any, point: str, dataset: Any, k: int = 10, *, units: Any = None,

@@ -11,6 +11,7 @@ from cloche.errors import UsageError
 from tests.experiments.helpers import activations_by_example, random_dataset
 
 POINT = "layers.1.mlp.post"
+RAW = {"skip_first": 0, "per_example": False}  # the top k over every (example, position)
 
 
 def brute_force_top(acts: list[torch.Tensor], values_of, k: int, largest: bool = True):
@@ -28,7 +29,7 @@ def brute_force_top(acts: list[torch.Tensor], values_of, k: int, largest: bool =
 def test_top_examples_equal_brute_force(model, largest):
     ds = random_dataset(model)
     acts = activations_by_example(model, POINT, ds)
-    got = ex.top_examples(model, POINT, 5, ds, k=6, largest=largest, batch_size=5)
+    got = ex.top_examples(model, POINT, 5, ds, k=6, largest=largest, batch_size=5, **RAW)
     want = brute_force_top(acts, lambda a: a[:, 5], 6, largest)
     assert [(e.example_id, e.position) for e in got] == [(i, p) for _, i, p in want]
     np.testing.assert_allclose([e.activation for e in got], [v for v, _, _ in want],
@@ -45,7 +46,7 @@ def test_top_examples_of_a_direction(model):
     ds = random_dataset(model, n=8, seed=3)
     acts = activations_by_example(model, "layers.0.resid_post", ds)
     direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
-    got = ex.top_examples(model, "layers.0.resid_post", direction, ds, k=4)
+    got = ex.top_examples(model, "layers.0.resid_post", direction, ds, k=4, **RAW)
     want = brute_force_top(acts, lambda a: a @ direction, 4)
     assert [(e.example_id, e.position) for e in got] == [(i, p) for _, i, p in want]
     np.testing.assert_allclose([e.activation for e in got], [v for v, _, _ in want], rtol=1e-4)
@@ -129,6 +130,23 @@ def test_top_activations_of_every_unit_in_one_pass(model):
 def test_top_examples_can_skip_the_first_positions(model):
     ds = random_dataset(model, n=8, seed=13)
     acts = activations_by_example(model, POINT, ds)
-    got = ex.top_examples(model, POINT, 0, ds, k=5, skip_first=3)
+    got = ex.top_examples(model, POINT, 0, ds, k=5, skip_first=3, per_example=False)
     want = brute_force_top([a[3:] for a in acts], lambda a: a[:, 0], 5)
     assert [(e.example_id, e.position) for e in got] == [(i, p + 3) for _, i, p in want]
+
+
+def test_top_examples_default_to_one_entry_per_example_after_the_first_positions(model):
+    ds = random_dataset(model, n=8, seed=14)
+    acts = activations_by_example(model, POINT, ds)
+    got = ex.top_examples(model, POINT, 2, ds, k=5)
+    best = []  # each example's best position past the first 4, as TopK would rank them
+    for i, a in enumerate(acts):
+        values = a[4:, 2]
+        p = int(values.argmax())
+        best.append((float(values[p]), i, p + 4))
+    best.sort(key=lambda r: (-r[0], r[1], r[2]))
+    assert [(e.example_id, e.position) for e in got] == [(i, p) for _, i, p in best[:5]]
+    assert len({e.example_id for e in got}) == len(got)
+    assert (got.skip_first, got.per_example) == (4, True)
+    assert "first 4 position(s) of each example skipped" in str(got).splitlines()[0]
+    assert "one entry per example" in got.describe()
