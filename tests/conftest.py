@@ -8,7 +8,12 @@ import torch
 from cloche.client import ship_by_reference
 from hypothesis import HealthCheck, settings
 
-from tests.conftest_server import served, server_model_dir, server_token  # noqa: F401
+from tests.conftest_server import (  # noqa: F401
+    certificate,
+    served,
+    server_model_dir,
+    server_token,
+)
 from tests.threads import TORCH_THREADS
 from tests.tiny_models import save_tiny
 

@@ -20,19 +20,30 @@ from cloche.client.executor import connect
 __all__ = ["Pool"]
 
 
+def _per_server(value: Any, n: int, what: str) -> list[Any]:
+    """One setting for every server, or a list/tuple with one per server."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * n
+    if len(value) != n:
+        raise errors.UsageError(f"got {len(value)} {what} for {n} addresses")
+    return list(value)
+
+
 class Pool:
-    def __init__(self, addresses: Sequence[str | tuple[str, int]], *, token: str | Sequence[str],
-                 tls: Any = None, timeout: float = 30.0) -> None:
+    """Several servers driven as one. ``token`` and ``tls`` are one setting for all servers or
+    a list with one per address (``None`` tokens come from ``$CLOCHE_TOKEN``)."""
+
+    def __init__(self, addresses: Sequence[str | tuple[str, int]], *,
+                 token: str | Sequence[str | None] | None = None, tls: Any = None,
+                 timeout: float = 30.0) -> None:
         if not addresses:
             raise errors.UsageError("a Pool needs at least one address")
-        tokens = [token] * len(addresses) if isinstance(token, str) else list(token)
-        if len(tokens) != len(addresses):
-            raise errors.UsageError(
-                f"got {len(tokens)} tokens for {len(addresses)} addresses")
+        tokens = _per_server(token, len(addresses), "tokens")
+        settings = _per_server(tls, len(addresses), "TLS settings")
         self.models: list[Model] = []
         try:
-            for address, tok in zip(addresses, tokens, strict=True):
-                self.models.append(connect(address, token=tok, tls=tls, timeout=timeout))
+            for address, tok, tls_one in zip(addresses, tokens, settings, strict=True):
+                self.models.append(connect(address, token=tok, tls=tls_one, timeout=timeout))
         except BaseException:
             self.close()
             raise

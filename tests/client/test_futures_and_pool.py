@@ -86,3 +86,16 @@ def test_connect_reads_the_address_and_token_from_the_environment(served, monkey
     monkeypatch.delenv("CLOCHE_ADDRESS")
     with pytest.raises(cloche.UsageError, match="CLOCHE_ADDRESS"):
         cloche.connect(token=served.token)
+
+
+def test_a_pool_takes_tls_settings_per_server(served, certificate, server_model_dir):
+    from tests.server.helpers import InProcessServer
+
+    cert, key = certificate
+    with InProcessServer(cloche.load(server_model_dir), tls_cert=str(cert),
+                         tls_key=str(key)) as tls_server, \
+            Pool([tls_server.address, served.address], token=[tls_server.token, served.token],
+                 tls=[cert, None]) as pool:
+        assert pool.apply("ping", "both") == ["both", "both"]
+    with pytest.raises(cloche.UsageError, match="2 TLS settings for 1 addresses"):
+        Pool([served.address], token=served.token, tls=[cert, None])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -67,21 +66,6 @@ def test_threads_flag_pins_the_server(served, server_model_dir, tmp_path):
     done = subprocess.run([sys.executable, "-m", "cloche", "serve", "--threads", "0"], cwd=REPO,
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "--threads (0) must be at least 1" in done.stderr
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
-    return cert, key
 
 
 def test_tls_token_file_and_clean_sigint_shutdown(server_model_dir, certificate, tmp_path):
