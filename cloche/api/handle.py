@@ -87,4 +87,11 @@ class SaveContextHandle:
         self._do("restore", os.fspath(path))
 
     def __repr__(self) -> str:
-        return f"SaveContextHandle({self.name!r})"
+        """Name, runs and keys; and the axis ``fetch`` adds (one row per entry, i.e. per run)."""
+        try:
+            runs, keys = self.num_runs, self.keys()
+        except Exception:  # noqa: BLE001 - a repr never raises (a closed connection, say)
+            return f"SaveContextHandle({self.name!r})"
+        shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
+        return (f"SaveContextHandle({self.name!r}: {runs} run(s), keys [{shown}];"
+                f" fetch(key) stacks the entries on a new first axis: (entries, *entry shape))")

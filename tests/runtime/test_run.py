@@ -285,3 +285,16 @@ def test_an_error_in_shipped_code_is_a_call_error_and_in_a_probe_a_probe_error(t
     with pytest.raises(cloche.ProbeError) as probe_info:
         model.run(torch.tensor([[3, 4]]), probes={"embed": lambda c, x: 1 / 0})
     assert isinstance(probe_info.value, cloche.UserCodeError)
+
+
+def test_a_handles_repr_shows_runs_keys_and_the_stacking_axis(tiny_model):
+    model = tiny_model("gpt2")
+    handle = model.save_context("repr-test")
+    handle.clear()
+    for _ in range(2):
+        model.run(torch.tensor([[3, 4, 5]]), probes={"embed": lambda c, x: c.save("x", x)},
+                  save="repr-test")
+    text = repr(handle)
+    assert "2 run(s)" in text and "'x'" in text and "new first axis" in text
+    assert handle.fetch("x").shape == (2, 1, 3, model.d_model)  # (entries, *entry shape)
+    handle.clear()
