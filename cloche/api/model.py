@@ -316,8 +316,9 @@ class Model:
         ``dataset``: a ``cloche.data.Dataset``, a name (``"default:heldout"``, a path) or a
         list of texts — names and texts are resolved where the model runs. The whole run is one
         transaction: cancelled or failed, it leaves the save context as it was. ``progress``:
-        a tqdm bar (``True``), a callable receiving progress dicts, or nothing. Returns the
-        totals and the save context's reduced results and state.
+        a tqdm bar (``True``), a callable receiving every event dict (``type`` "queued" with
+        ``position``/``ahead``, "started", "progress" with ``done``/``total``/``tokens``/``eta``),
+        or nothing. Returns the totals and the save context's reduced results and state.
         """
         reporter = ProgressReporter(progress, "run_dataset")
         try:
@@ -341,9 +342,9 @@ class Model:
         """Start ``method(*args, **kwargs)`` and return a future at once.
 
         ``future.cancel()`` stops the work where it runs (at its next layer or batch).
-        ``on_event`` receives the request's events: ``{"type": "queued", "position": n}`` on a
-        busy server, ``{"type": "started"}``, and ``{"type": "progress", ...}`` for
-        ``run_dataset`` (whose ``progress=`` callable also receives the progress dicts).
+        ``on_event`` receives the request's events: ``{"type": "queued", "position": n,
+        "ahead": k}`` on a busy server, ``{"type": "started"}``, and ``{"type": "progress",
+        ...}`` for ``run_dataset`` (whose ``progress=`` callable receives the same events).
         """
         prepare = getattr(self, f"_prepare_{method}", None) if isinstance(method, str) else None
         if prepare is None:

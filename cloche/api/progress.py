@@ -9,7 +9,9 @@ __all__ = ["ProgressReporter"]
 
 
 class ProgressReporter:
-    """``progress=True``: a tqdm bar; a callable: called with each progress dict; else quiet."""
+    """``progress=True``: a tqdm bar; a callable: called with every event dict (``type`` is
+    ``"queued"`` with ``position``/``ahead``, ``"started"``, or ``"progress"`` with ``done``,
+    ``total``, ``tokens``, ``elapsed``, ``eta``); ``False``/``None``: quiet."""
 
     def __init__(self, progress: bool | Callable[[dict[str, Any]], None] | None, desc: str) -> None:
         self._callback = progress if callable(progress) else None
@@ -26,9 +28,9 @@ class ProgressReporter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
+        if self._callback is not None and kind in ("queued", "started", "progress"):
+            self._callback(dict(event))
         if kind == "progress":
-            if self._callback is not None:
-                self._callback({k: v for k, v in event.items() if k != "type"})
             bar = self._ensure_bar()
             if bar is not None:
                 if event.get("total") is not None and bar.total != event["total"]:
@@ -40,7 +42,9 @@ class ProgressReporter:
         elif kind == "queued":
             bar = self._ensure_bar()
             if bar is not None:
-                bar.set_description(f"{self._desc} (queued, position {event.get('position')})")
+                ahead = event.get("ahead", event.get("position"))
+                where = "next" if not ahead else f"{ahead} ahead"
+                bar.set_description(f"{self._desc} (queued: {where})")
         elif kind == "started":
             bar = self._ensure_bar()
             if bar is not None:

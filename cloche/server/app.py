@@ -215,11 +215,15 @@ class Server:
             self._announce_positions()
 
     def _announce_positions(self) -> None:
+        """Tell every waiting job its place: ``position`` in line (1: next) and ``ahead``, the
+        requests that run before it (the running one included)."""
         with self._positions_lock:
+            running = int(self._running is not None)
             for job, position in self.queue.positions():
                 if job.position != position:
                     job.position = position
-                    job.emit({"type": "queued", "position": position})
+                    job.emit({"type": "queued", "position": position,
+                              "ahead": position - 1 + running})
 
     def _complete(self, job: Job, *, value: Any = None, error: BaseException | None = None) -> None:
         if job.finished:
@@ -243,12 +247,13 @@ class Server:
 
     def _run_job(self, job: Job) -> None:
         """Execute one heavy request on this (the worker) thread and answer it."""
-        self._announce_positions()
         if job.cancel.is_set():
+            self._announce_positions()
             self._complete(job, error=errors.Cancelled("cancelled while queued",
                                                        request_id=job.request.id))
             return
         outer, self._running = self._running, job
+        self._announce_positions()  # the others moved up, behind this one
         timer = self._start_deadline(job)
         try:
             job.emit({"type": "started"})

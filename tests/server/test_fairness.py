@@ -60,13 +60,16 @@ def test_waiting_clients_see_their_queue_position(server):
         assert b_queued.wait(60) and c_queued.wait(60)
         # b and c arrive on different connections: either may be queued first
         assert {b_events[0]["position"], c_events[0]["position"]} == {1, 2}
+        # a's call is running: position 1 still has one request ahead of it
+        assert {b_events[0]["ahead"], c_events[0]["ahead"]} == {1, 2}
         second = b_events if b_events[0]["position"] == 2 else c_events
         HOLD.set()
         busy.result(timeout=60)
         b_future.result(timeout=60)
         c_future.result(timeout=60)
         assert {"type": "started"} in b_events and {"type": "started"} in c_events
-        assert {"type": "queued", "position": 1} in second  # moved up when the first started
+        # moved up when the first started: next in line, behind the one now running
+        assert {"type": "queued", "position": 1, "ahead": 1} in second
 
 
 def test_a_long_dataset_run_yields_to_other_sessions_between_batches(server):
