@@ -368,6 +368,68 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# --------------------------------------------------------------------------------- status
+
+
+def add_status_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "status", help="what a running server is doing: queue, running request, sessions, memory",
+        description=("Connect to a cloche server and print what it is doing: the request running"
+                     " now and for how long, the queue (your principal's requests named, other"
+                     " principals' counted), sessions, connections and memory."))
+    parser.add_argument("address", nargs="?", default=None,
+                        help="host:port of the server (default: $CLOCHE_ADDRESS)")
+    parser.add_argument("--token-file", metavar="FILE", default=None,
+                        help="file holding your token (default: $CLOCHE_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    parser.set_defaults(func=run_status)
+    return parser
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import json
+
+    from cloche.client import connect
+
+    token = None
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file {args.token_file!r}: {exc}") from exc
+    with connect(args.address, token=token) as model:
+        status = model.server_status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status dict as the few lines ``cloche status`` prints."""
+    def who(job: dict[str, Any]) -> str:
+        if job["yours"]:
+            return f"{job['request']} (yours)"
+        return job["request"] or "a request of another principal"
+
+    mem = status["memory"]
+    rss = "?" if mem.get("rss_bytes") is None else f"{mem['rss_bytes'] / 2**20:.0f} MiB"
+    lines = [(f"{status['model']} (world size {status['world_size']}), up"
+             f" {status['uptime_s']:.0f} s; you are {status['principal']}, session"
+             f" {status['session'][:8]}"),
+             (f"sessions {status['sessions']} ({status['your_sessions']} yours), connections"
+             f" {status['connections']}, memory {rss} (peak"
+             f" {mem['peak_rss_bytes'] / 2**20:.0f} MiB)")]
+    running = status["running"]
+    lines.append("running: nothing" if running is None else
+                 f"running: {who(running)} for {running['seconds']:.1f} s")
+    lines.append(f"queue: {len(status['queue'])} waiting")
+    lines += [f"  {q['position']}. {who(q)}" for q in status["queue"]]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------- demo
 
 
@@ -391,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     add_check_parser(sub)
+    add_status_parser(sub)
     add_demo_parser(sub)
     return parser
 

@@ -11,13 +11,13 @@ satisfy this Protocol, and mypy checks their signatures.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
 from cloche.api.futures import RequestFuture, run_in_thread
 from cloche.api.requests import ModelInfo, Request
 from cloche.errors import UsageError
 
-__all__ = ["CancelEvent", "EventSink", "Executor", "dispatch", "submit_in_thread"]
+__all__ = ["CancelEvent", "EventSink", "Executor", "dispatch", "needs_a_server", "submit_in_thread"]
 
 T = TypeVar("T")
 
@@ -79,6 +79,12 @@ def dispatch(handlers: dict[type, Handler], owner: Any, request: Request[T],
         raise UsageError(f"unknown request {type(request).__name__}")
     value: T = handler(owner, request, cancel, on_event)
     return value
+
+
+def needs_a_server(*_: Any) -> NoReturn:
+    """The handler an in-process executor has for requests only a server answers."""
+    raise UsageError("this request needs a server (e.g. server_status()): this model runs in"
+                     " this process; cloche.connect(...) gives a model on a server")
 
 
 def submit_in_thread(executor: Executor, request: Request[T], on_event: EventSink | None

@@ -270,6 +270,9 @@ class Model:
     def _prepare_ping(self, value: Any = None) -> Prepared:
         return rq.Ping(value=value), _identity
 
+    def _prepare_server_status(self) -> Prepared:
+        return rq.ServerStatus(), _identity
+
     def _execute(self, prepared: Prepared, cancel: CancelEvent | None = None,
                  on_event: EventSink | None = None) -> Any:
         request, finish = prepared
@@ -367,6 +370,11 @@ class Model:
     def ping(self, value: Any = None) -> Any:
         """A round trip to where the model runs (echoes ``value``)."""
         return self._execute(self._prepare_ping(value))
+
+    def server_status(self) -> dict[str, Any]:
+        """What the server is doing: its queue (your requests named, others' counted), the
+        running request, sessions, connections, memory. Only a connected model has a server."""
+        return self._execute(self._prepare_server_status())
 
     # ----------------------------------------------------------------- save contexts
     def save_context(self, name: str = DEFAULT_CONTEXT) -> SaveContextHandle:

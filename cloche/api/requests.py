@@ -55,6 +55,7 @@ __all__ = [
     "Run",
     "RunDataset",
     "RunOutput",
+    "ServerStatus",
     "TokenizerFiles",
 ]
 
@@ -518,6 +519,12 @@ class Quota(Request[None]):
         _name_field(self, "prefix")
         _int_field(self, "max_bytes", low=0, optional=True)
         _name_field(self, "label")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerStatus(Request[dict[str, Any]]):
+    """What the server is doing, as this session may see it: the queue, the running request,
+    sessions, connections, memory (answered by the server itself, not by an executor)."""
 
 
 @dataclass(frozen=True, kw_only=True)

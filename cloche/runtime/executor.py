@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink, Executor, dispatch, submit_in_thread
+from cloche.api.executor import (
+    CancelEvent,
+    EventSink,
+    Executor,
+    dispatch,
+    needs_a_server,
+    submit_in_thread,
+)
 from cloche.api.futures import RequestFuture
 from cloche.api.inputs import next_token_loss
 from cloche.api.model import Model
@@ -329,6 +336,7 @@ class LocalExecutor:
         rq.Config: lambda self, req, c, e: self._config.to_dict(),
         rq.TokenizerFiles: lambda self, req, c, e: self.tokenizer_files(),
         rq.Ping: lambda self, req, c, e: req.value,
+        rq.ServerStatus: needs_a_server,
         rq.Quota: lambda self, req, c, e: self.store.set_quota(req.prefix, req.max_bytes,
                                                                req.label),
     }

@@ -10,6 +10,7 @@ expiring idle sessions. ``Server`` talks to its model only through the executor 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -84,6 +85,7 @@ class Server:
         self._running: Job | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._started = time.monotonic()
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -253,6 +255,7 @@ class Server:
                                                        request_id=job.request.id))
             return
         outer, self._running = self._running, job
+        job.started = time.monotonic()
         self._announce_positions()  # the others moved up, behind this one
         timer = self._start_deadline(job)
         try:
@@ -313,6 +316,36 @@ class Server:
         timer.start()
         return timer
 
+    # ----------------------------------------------------------------- status
+    def status(self, session: Session) -> dict[str, Any]:
+        """The server's state as ``session`` may see it (``model.server_status()``,
+        ``cloche status``): its own requests are named, other principals' only counted."""
+
+        def entry(job: Job) -> dict[str, Any]:
+            same = job.session.principal == session.principal
+            return {"request": type(job.op).__name__ if same else None,
+                    "yours": job.session is session,
+                    "session": job.session.id[:8] if same else None}
+
+        running = self._running
+        now = time.monotonic()
+        queue = [{**entry(job), "position": position,
+                  "ahead": position - 1 + int(running is not None)}
+                 for job, position in self.queue.positions()]
+        return {
+            "model": self.info.get("name"), "world_size": self.info.get("world_size"),
+            "principal": session.principal, "session": session.id,
+            "uptime_s": round(now - self._started, 1),
+            "running": None if running is None else {
+                **entry(running),
+                "seconds": round(now - (running.started or now), 3)},
+            "queue": queue,
+            "sessions": self.sessions.count(), "your_sessions": self.sessions.count(
+                session.principal),
+            "connections": self.connection_count,
+            "memory": _memory(),
+        }
+
     # ----------------------------------------------------------------- sessions
     def _janitor_loop(self) -> None:
         expiry = self.config.session_idle_expiry
@@ -328,3 +361,17 @@ class Server:
 
     def _drop_session(self, session: Session) -> None:
         SessionExecutor(self.executor, session).drop_all()
+
+
+def _memory() -> dict[str, int | None]:
+    """The server process's resident and peak memory in bytes (None where the OS cannot say)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    rss = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"rss_bytes": rss, "peak_rss_bytes": peak}

@@ -53,6 +53,7 @@ class Job:
         self.position: int | None = None
         self.finished = False
         self.timed_out = False  # cancelled by the server's request timeout
+        self.started: float | None = None  # time.monotonic() when the worker took it
 
     def emit(self, event: dict[str, Any]) -> None:
         self.conn.send(messages.event(self.request.id, event))
@@ -308,7 +309,10 @@ class ServerConnection:
         assert self.session is not None
         executor = SessionExecutor(self.server.executor, self.session)
         try:
-            value = executor.execute(request.op)
+            if isinstance(request.op, rq.ServerStatus):  # the server's own state, not the model's
+                value = self.server.status(self.session)
+            else:
+                value = executor.execute(request.op)
         except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
             self.send_error(request.id, exc, wait=True)
             return

@@ -131,6 +131,12 @@ class SessionRegistry:
         with self._lock:
             return len(self._sessions)
 
+    def count(self, principal: str | None = None) -> int:
+        """Live sessions, or those of ``principal``."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values()
+                       if principal is None or s.principal == principal)
+
     def expire(self, drop_contexts: Callable[[Session], None], now: float | None = None
                ) -> list[str]:
         """Drop idle sessions (and, through ``drop_contexts``, their save contexts); their ids."""

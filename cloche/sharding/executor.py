@@ -28,7 +28,14 @@ import torch
 
 from cloche import errors
 from cloche.api import requests as rq
-from cloche.api.executor import CancelEvent, EventSink, Executor, dispatch, submit_in_thread
+from cloche.api.executor import (
+    CancelEvent,
+    EventSink,
+    Executor,
+    dispatch,
+    needs_a_server,
+    submit_in_thread,
+)
 from cloche.api.futures import RequestFuture
 from cloche.api.model import Model
 from cloche.errors import ClocheError, UsageError, WorkerLost
@@ -561,6 +568,7 @@ class ShardedExecutor:
         rq.Config: lambda self, req, c, e: self.config.to_dict(),
         rq.TokenizerFiles: lambda self, req, c, e: self._local.tokenizer_files(),
         rq.Ping: lambda self, req, c, e: req.value,
+        rq.ServerStatus: needs_a_server,
     }
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ __all__ = ["RECORD_TYPES", "record_type", "wire_name"]
 
 _REQUESTS = ("Run", "Generate", "RunDataset", "Call", "Context", "Describe", "ProbePoints",
              "Owner", "Param", "ParamNames", "ListContexts", "Config", "TokenizerFiles", "Ping",
-             "RunOutput")
+             "RunOutput", "ServerStatus")
 
 #: every record type that may cross the wire, as ``module:qualname``
 RECORD_TYPES: frozenset[str] = frozenset({
