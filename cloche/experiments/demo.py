@@ -166,7 +166,7 @@ def run_demo(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         f"{info['n_heads']} heads, d_model {info['d_model']}, vocab {info['d_vocab']})")
 
     say("\n[1/4] head scores on random token sequences repeated twice")
-    scores = {}
+    scores: dict[str, np.ndarray] = {}
     for kind in tqdm(ex.heads.HEAD_SCORE_KINDS, desc="head scores", leave=False):
         scores[kind] = ex.head_scores(model, kind)
     for kind, table in scores.items():

@@ -111,6 +111,14 @@ class Examples(list):
     def __str__(self) -> str:
         return "\n".join([self.describe(), *(str(e) for e in self)])
 
+    def _repr_html_(self) -> str:
+        from cloche.experiments.html import marked_context, table
+
+        rows = [(f"{e.activation:+.3f}", f"#{e.example_id}@{e.position}",
+                 marked_context(e.tokens, e.peak)) for e in self]
+        return table(["activation", "where", "context"], rows, caption=self.describe(),
+                     raw_columns=(2,))
+
 
 def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *,
                  largest: bool = True, window: tuple[int, int] = (12, 4), batch_size: int = 8,

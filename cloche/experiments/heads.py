@@ -25,7 +25,8 @@ import torch
 from cloche.errors import UsageError
 from cloche.experiments._common import as_tensor, scratch
 
-__all__ = ["HEAD_SCORE_KINDS", "LogitLens", "attention_patterns", "head_scores", "logit_lens",
+__all__ = ["HEAD_SCORE_KINDS", "HeadScores", "LogitLens", "attention_patterns", "head_scores",
+           "logit_lens",
            "repeated_tokens", "top_heads"]
 
 HEAD_SCORE_KINDS = ("previous_token", "induction", "duplicate_token")
@@ -71,8 +72,26 @@ def _score_probe(kind: str, half: int, name: str) -> Any:
     return score_probe
 
 
+class HeadScores(np.ndarray):
+    """A (n_layers, n_heads) array of head scores that knows its ``kind`` (and shows itself
+    as a shaded grid in a notebook). Arithmetic and indexing work as on any ndarray."""
+
+    kind: str = ""
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.kind = getattr(obj, "kind", "")
+
+    def _repr_html_(self) -> str:
+        from cloche.experiments.html import grid
+
+        if self.ndim != 2:
+            return f"<pre>{np.asarray(self)!r}</pre>"
+        return grid(np.asarray(self), rows=range(self.shape[0]), columns=range(self.shape[1]),
+                    row_label="layer \\ head", caption=f"{self.kind} head scores")
+
+
 def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed: int = 0,
-                low: int | None = None, high: int | None = None) -> np.ndarray:
+                low: int | None = None, high: int | None = None) -> HeadScores:
     """(n_layers, n_heads) scores of ``kind``: ``"previous_token"``, ``"induction"`` or
     ``"duplicate_token"`` (see the module docstring), on :func:`repeated_tokens` inputs."""
     if kind not in HEAD_SCORE_KINDS:
@@ -86,7 +105,9 @@ def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed:
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"score.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]
-    return np.stack(rows)
+    scores = np.stack(rows).view(HeadScores)
+    scores.kind = kind
+    return scores
 
 
 def top_heads(scores: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:

@@ -170,6 +170,16 @@ class PatchResult:
         span = self.clean - self.corrupted
         return (self.grid - self.corrupted) / span if span else np.full_like(self.grid, np.nan)
 
+    def _repr_html_(self) -> str:
+        from cloche.experiments.html import grid
+
+        columns = self.tokens if self.kind != "heads" and len(self.tokens) == len(
+            self.columns) else self.columns
+        return grid(self.normalized, rows=range(self.grid.shape[0]), columns=columns,
+                    row_label="layer",
+                    caption=f"patching {self.kind}: normalized metric (corrupted 0, clean 1;"
+                            f" clean {self.clean:.3f}, corrupted {self.corrupted:.3f})")
+
 
 def patch_grid(model: Any, clean: Any, corrupted: Any, metric: Metric, *,
                kind: str = "resid_pre", positions: Any = None, progress: Any = True

@@ -53,6 +53,8 @@ def test_patch_grid_equals_hand_written_patches(model, kind):
     result = ex.patch_grid(model, clean, corrupted, metric, kind=kind, progress=False)
     width = model.n_heads if kind == "heads" else SEQ
     assert result.grid.shape == (model.n_layers, width)
+    page = result._repr_html_()  # a shaded layer x column grid in a notebook
+    assert f"patching {kind}" in page and page.count("<tr>") == model.n_layers + 1
     assert result.clean == pytest.approx(float(metric_of(model.run(clean).logits).mean()),
                                          rel=1e-4, abs=1e-5)
     cells = [(0, 1), (1, 3), (model.n_layers - 1, width - 1)]

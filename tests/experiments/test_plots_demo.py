@@ -65,3 +65,16 @@ def test_demo_runs_against_a_server_it_starts(tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     assert {"head_scores_induction.png", "induction_attention.png", "neuron_histogram.png",
             "resid_pca.png", "connectivity.png"} <= names
+
+
+def test_results_show_themselves_in_a_notebook(default_model):
+    scores = ex.head_scores(default_model, "induction", batch=2, half=8)
+    assert isinstance(scores, np.ndarray) and scores.kind == "induction"
+    page = scores._repr_html_()
+    assert "induction head scores" in page and page.count("<tr>") == default_model.n_layers + 1
+    assert f"{float(scores.max()):.2f}" in page
+    examples = ex.top_examples(default_model, "layers.1.mlp.post", 3, "default:heldout", k=2,
+                               limit=8, progress=False)
+    page = examples._repr_html_()
+    assert examples.describe() in page.replace("&#x27;", "'") and "<b" in page
+    assert "<script" not in page  # tokens are escaped
