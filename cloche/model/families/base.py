@@ -89,6 +89,8 @@ class Adapter:
     discovered: bool = False
     #: canonical block points (suffixes) this adapter does not offer, and why
     lacks: Mapping[str, str] = field(default_factory=dict)
+    #: the learned position embedding module (its output is the ``pos_embed`` point)
+    pos_embed: str | None = None
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""

@@ -1,0 +1,180 @@
+"""TransformerLens names mean in cloche what they mean in TransformerLens 4 (checked against it).
+
+The same saved tiny model is loaded by cloche and by TransformerLens' bridge (in compatibility
+mode without weight processing, i.e. HookedTransformer's hooks on the unchanged weights); every
+TL hook name cloche accepts must give TL's tensor, a replacement there must change the output as
+it does in TL, and TL weight names must give TL's weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import cloche
+import pytest
+import torch
+import transformers
+from cloche.errors import UnknownProbePoint
+from tests.tiny_models import VOCAB, save_tiny
+
+tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
+
+FAMILIES = ("gpt2", "llama", "qwen2")
+IDS = torch.tensor([[3, 17, 5, 44, 9, 81, 23], [60, 4, 4, 12, 99, 31, 7]])
+TOL = 1e-5
+
+# every family must accept at least these (per block: ``blocks.0.`` prepended)
+REQUIRED_BLOCK = (
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln1.hook_out", "ln2.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern",
+    "attn.hook_z", "attn.hook_result", "mlp.hook_pre", "mlp.hook_post",
+)
+REQUIRED_GLOBAL = ("hook_embed", "ln_final.hook_normalized", "ln_final.hook_scale")
+REQUIRED_EXTRA = {
+    "gpt2": ("hook_pos_embed",),
+    "llama": ("blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"),
+    "qwen2": ("blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"),
+}
+WEIGHTS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_O", "mlp.W_in", "mlp.W_out",
+           "ln1.w", "ln2.w")
+
+
+def _word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """One token per id: TransformerLens wants a tokenizer, the tests feed it ids."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t2"))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="t0", eos_token="t1", pad_token="t2", unk_token="t2")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """``(family, cloche model, TransformerLens bridge)`` on the same saved weights."""
+    family = request.param
+    directory = save_tiny(family, tmp_path_factory.mktemp(f"tl-{family}"))
+    _word_tokenizer().save_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TransformerLens' own deprecation and setup warnings
+        bridge = tl_bridge.TransformerBridge.boot_transformers(
+            family, hf_model=hf, tokenizer=tokenizer, device="cpu")
+        bridge.enable_compatibility_mode(no_processing=True)
+    bridge.cfg.use_attn_result = True
+    return family, cloche.load(directory), bridge
+
+
+def _tl_cache(bridge) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        _, cache = bridge.run_with_cache(IDS)
+    return dict(cache.items())
+
+
+def _cloche_values(model, names: list[str]) -> dict[str, torch.Tensor]:
+    got: dict[str, torch.Tensor] = {}
+
+    def reader(name: str):
+        return lambda ctx, x: got.__setitem__(name, x.detach().clone())
+
+    model.run(IDS, probes={name: reader(name) for name in names})
+    return got
+
+
+def _accepted(model, names) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = model.resolve(name)
+        except UnknownProbePoint:
+            continue
+    return out
+
+
+def test_every_accepted_alias_gives_transformerlens_value(pair):
+    family, model, bridge = pair
+    cache = _tl_cache(bridge)
+    accepted = _accepted(model, cache)
+    required = [*(f"blocks.{i}.{s}" for i in range(model.n_layers) for s in REQUIRED_BLOCK),
+                *REQUIRED_GLOBAL, *REQUIRED_EXTRA[family]]
+    assert [n for n in required if n not in accepted] == []
+    got = _cloche_values(model, sorted(set(accepted.values())))
+    wrong = {}
+    for name, point in accepted.items():
+        want, have = cache[name], got[point]
+        if name == "hook_pos_embed":  # the model's (1, seq, d_model): shared by the batch
+            have = have.expand_as(want)
+        if want.shape != have.shape:
+            wrong[name] = f"shape {tuple(have.shape)} != TL {tuple(want.shape)}"
+            continue
+        finite = torch.isfinite(want)
+        if not torch.equal(finite, torch.isfinite(have)) or not torch.equal(
+                want[~finite], have[~finite]):
+            wrong[name] = "the masked (infinite) entries differ"
+        elif (want[finite] - have[finite]).abs().max() > TOL:
+            wrong[name] = f"max diff {(want[finite] - have[finite]).abs().max():.2e}"
+    assert wrong == {}
+
+
+def test_scores_are_before_softmax_with_the_mask_applied(pair):
+    _, model, _ = pair
+    scores = _cloche_values(model, ["layers.1.attn.scores", "layers.1.attn.pattern"])
+    s, p = scores["layers.1.attn.scores"], scores["layers.1.attn.pattern"]
+    future = torch.ones(IDS.shape[1], IDS.shape[1], dtype=torch.bool).triu(1)
+    assert torch.isneginf(s[..., future]).all() and torch.isfinite(s[..., ~future]).all()
+    torch.testing.assert_close(s.softmax(-1), p)
+
+
+REPLACED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_k",
+            "attn.hook_attn_scores", "attn.hook_result", "ln1.hook_normalized", "ln1.hook_scale",
+            "ln2.hook_normalized", "attn.hook_z")
+
+
+def _edit(x: torch.Tensor) -> torch.Tensor:
+    """A deterministic edit that keeps -inf entries (masked scores) as they are."""
+    return torch.where(torch.isfinite(x), x * 3.0 + 0.5, x)
+
+
+@pytest.mark.parametrize("hook", REPLACED)
+def test_a_replacement_changes_the_output_as_in_transformerlens(pair, hook):
+    family, model, bridge = pair
+    name = f"blocks.0.{hook}"
+    if name not in _tl_cache(bridge):
+        pytest.skip(f"TransformerLens has no {name} on {family}")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        want = bridge.run_with_hooks(IDS, fwd_hooks=[(name, lambda x, hook: _edit(x))])
+        plain = bridge(IDS)
+    got = model.run(IDS, probes={name: lambda ctx, x: _edit(x)}).logits
+    assert (want - plain).abs().max() > 1e-4, "the edit must matter"
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+def test_transformerlens_weight_names_give_transformerlens_weights(pair):
+    _, model, bridge = pair
+    state = {}
+    for i in range(model.n_layers):
+        block = bridge.blocks[i]
+        for name in WEIGHTS:
+            part, attr = name.split(".")
+            module = getattr(block, part)
+            state[f"blocks.{i}.{name}"] = getattr(module, attr, None)
+    state.update({"W_E": bridge.W_E, "W_U": bridge.W_U, "embed.W_E": bridge.W_E,
+                  "unembed.W_U": bridge.W_U})
+    checked = 0
+    for name, want in state.items():
+        if want is None:
+            continue
+        have = model.param(name)
+        torch.testing.assert_close(have, want.detach(), atol=0, rtol=0, msg=name)
+        checked += 1
+    assert checked >= 2 + model.n_layers * 6
+
+
+def test_a_missing_transformerlens_point_names_the_cause(tmp_path):
+    model = cloche.load(save_tiny("gpt_neox", tmp_path))  # no projection sites in its table
+    with pytest.raises(UnknownProbePoint, match=r"attn\.q_proj"):
+        model.resolve("blocks.0.attn.hook_q")
