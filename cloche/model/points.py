@@ -282,10 +282,11 @@ _TL_BLOCK = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_mid": "resid_mid",
     "hook_resid_post": "resid_post",
+    # (not attn.hook_out / mlp.hook_out: in TL those are the sublayer's own output, before the
+    # post-norm of Gemma 2/3 and OLMo 2, while hook_attn_out/hook_mlp_out are after it, as
+    # cloche's attn.out and mlp.out are)
     "hook_attn_out": "attn.out",
-    "attn.hook_out": "attn.out",
     "hook_mlp_out": "mlp.out",
-    "mlp.hook_out": "mlp.out",
     # TL's q/k/v are the projections' outputs: before any q/k norm and the rotary embedding,
     # grouped-query keys and values with n_kv_heads heads (not expanded)
     "attn.hook_q": "attn.q_proj",

@@ -100,7 +100,7 @@ def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple
 
 
 _TL_GLOBAL_WEIGHTS = {"W_E": "embed.W_E", "W_U": "unembed.W_U", "W_pos": "pos_embed.W_pos"}
-_TL_BLOCK_WEIGHT = re.compile(r"^blocks\.(\d+)\.((?:attn|mlp|ln1|ln2)\.\w+)$")
+_TL_BLOCK_WEIGHT = re.compile(r"^blocks\.(\d+)\.(\w+\.\w+)$")
 
 
 def tl_weight_name(name: str) -> str:

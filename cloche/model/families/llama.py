@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 LLAMA_BLOCK_SITES = {
     "resid_pre": Site("", "input"),
     "ln1": Site("input_layernorm", "output"),
-    # the projections' outputs: before any q/k norm and the rotary embedding, grouped-query
-    # keys and values with n_kv_heads heads (TransformerLens' hook_q/hook_k/hook_v)
-    "attn.q_proj": Site("self_attn.q_proj", "output"),
-    "attn.k_proj": Site("self_attn.k_proj", "output"),
-    "attn.v_proj": Site("self_attn.v_proj", "output"),
+    **projection_sites("self_attn"),
     "attn.out": Site("self_attn", "output"),
     "resid_mid": Site("post_attention_layernorm", "input_inplace"),
     "ln2": Site("post_attention_layernorm", "output"),
