@@ -198,3 +198,32 @@ def test_a_missing_transformerlens_point_names_the_cause(tmp_path):
     model = cloche.load(save_tiny("gpt_neox", tmp_path))  # no projection sites in its table
     with pytest.raises(UnknownProbePoint, match=r"attn\.q_proj"):
         model.resolve("blocks.0.attn.hook_q")
+
+
+GRADIENTS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_k",
+             "attn.hook_attn_scores", "attn.hook_result", "ln1.hook_normalized", "ln1.hook_scale")
+
+
+@pytest.mark.parametrize("hook", GRADIENTS)
+def test_gradient_probes_see_transformerlens_gradients(pair, hook):
+    family, model, bridge = pair
+    if family not in REQUIRED_EXTRA:
+        pytest.skip("checked on the families that offer every alias")
+    name = f"blocks.0.{hook}"
+    if name not in _tl_cache(bridge):
+        pytest.skip(f"TransformerLens has no {name} on {family}")
+    want: list[torch.Tensor] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TL warns that its norm hooks leave HF's fast path
+        bridge.add_hook(name, lambda g, hook: want.append(g.detach().clone()), dir="bwd")
+        try:
+            bridge(IDS)[..., 5].sum().backward()
+        finally:
+            bridge.reset_hooks()
+            bridge.zero_grad(set_to_none=True)
+    got: list[torch.Tensor] = []
+    model.run(IDS, grad_probes={name: lambda ctx, g: got.append(g.detach().clone())},
+              backward=lambda out: out.logits[..., 5].sum())
+    assert len(got) == len(want) == 1
+    finite = torch.isfinite(want[0])
+    torch.testing.assert_close(got[0][finite], want[0][finite], atol=TOL, rtol=1e-4)
