@@ -227,3 +227,46 @@ def test_gradient_probes_see_transformerlens_gradients(pair, hook):
     assert len(got) == len(want) == 1
     finite = torch.isfinite(want[0])
     torch.testing.assert_close(got[0][finite], want[0][finite], atol=TOL, rtol=1e-4)
+
+
+# --- the experiments researchers compare across tools give TransformerLens' numbers -------------
+
+def _core(pair):
+    family, model, bridge = pair
+    if family not in REQUIRED_EXTRA:
+        pytest.skip("checked on GPT-2, Llama and Qwen2")
+    return family, model, bridge
+
+
+def test_logit_lens_matches_transformerlens(pair):
+    from cloche.experiments import logit_lens
+
+    _, model, bridge = _core(pair)
+    ids = IDS[0]
+    lens = logit_lens(model, ids, k=3)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        _, cache = bridge.run_with_cache(ids[None])
+        # 0_pre, 1_pre, ..., final_post, each through the final norm recomputed on it
+        stack = cache.accumulated_resid(apply_ln=True)[1:, 0]
+        logits = stack @ bridge.W_U + bridge.b_U
+    want = logits.log_softmax(-1)[:, :-1].gather(-1, ids[1:, None].expand(len(stack), -1, 1))
+    torch.testing.assert_close(torch.as_tensor(lens.target_logprob), want[..., 0],
+                               atol=TOL, rtol=0)
+
+
+def test_activation_patching_grid_matches_transformerlens(pair):
+    from cloche.experiments import logit_diff, patch_grid
+    from transformer_lens import patching
+
+    _, model, bridge = _core(pair)
+    clean, corrupted = IDS[:1], IDS[1:]
+    metric = logit_diff(5, 7)
+    result = patch_grid(model, clean, corrupted, metric, kind="resid_pre", progress=False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        _, clean_cache = bridge.run_with_cache(clean)
+        want = patching.get_act_patch_resid_pre(
+            bridge, corrupted, clean_cache, lambda logits: (logits[:, -1, 5] - logits[:, -1, 7]).mean())
+    torch.testing.assert_close(torch.as_tensor(result.grid, dtype=torch.float32), want,
+                               atol=TOL, rtol=0)
