@@ -57,19 +57,25 @@ def _word_tokenizer() -> transformers.PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token="t0", eos_token="t1", pad_token="t2", unk_token="t2")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory):
-    """``(family, cloche model, TransformerLens bridge)`` on the same saved weights."""
-    family = request.param
-    directory = save_tiny(family, tmp_path_factory.mktemp(f"tl-{family}"))
-    _word_tokenizer().save_pretrained(directory)
+def _boot(family: str, directory, **processing):
+    """TransformerLens' bridge on the model saved in ``directory`` (compatibility mode)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TransformerLens' own deprecation and setup warnings
         bridge = tl_bridge.TransformerBridge.boot_transformers(
             family, hf_model=hf, tokenizer=tokenizer, device="cpu")
-        bridge.enable_compatibility_mode(no_processing=True)
+        bridge.enable_compatibility_mode(**(processing or {"no_processing": True}))
+    return bridge
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """``(family, cloche model, TransformerLens bridge)`` on the same saved weights."""
+    family = request.param
+    directory = save_tiny(family, tmp_path_factory.mktemp(f"tl-{family}"))
+    _word_tokenizer().save_pretrained(directory)
+    bridge = _boot(family, directory)
     try:
         bridge.set_use_attn_result(True)
     except NotImplementedError:  # TL has no hook_result for this family's attention
@@ -270,3 +276,26 @@ def test_activation_patching_grid_matches_transformerlens(pair):
             bridge, corrupted, clean_cache, lambda logits: (logits[:, -1, 5] - logits[:, -1, 7]).mean())
     torch.testing.assert_close(torch.as_tensor(result.grid, dtype=torch.float32), want,
                                atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(REQUIRED_EXTRA))
+def test_head_logit_attribution_matches_transformerlens(family, tmp_path):
+    from cloche.experiments import head_logit_attribution
+
+    directory = save_tiny(family, tmp_path)
+    _word_tokenizer().save_pretrained(directory)
+    model = cloche.load(directory)
+    # TransformerLens' direct logit attribution reads W_U with the final norm's weight folded in
+    bridge = _boot(family, directory, fold_ln=True, center_writing_weights=False,
+                   center_unembed=False, fold_value_biases=False)
+    got = head_logit_attribution(model, IDS, [5, 9])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        _, cache = bridge.run_with_cache(IDS)
+        stack = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)  # (L*H, b, d)
+        directions = bridge.W_U[:, torch.tensor([5, 9])].T  # (batch, d_model)
+        want = torch.einsum("cbd,bd->cb", stack, directions).mean(-1)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float32),
+                               want.reshape(model.n_layers, -1), atol=TOL, rtol=0)
+
