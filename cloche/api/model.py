@@ -253,10 +253,10 @@ class Model:
             raise UsageError(f"rank must be None, 'all' or an int in [0, {world}), not {rank!r}")
         return rq.Call(fn=fn, args=args, kwargs=kwargs, rank=rank), _identity
 
-    def _prepare_param(self, name: str, *, grad: bool = False) -> Prepared:
+    def _prepare_param(self, name: str, *, grad: bool = False, index: Any = None) -> Prepared:
         if not isinstance(name, str) or not name:
             raise UsageError(f"weight names are non-empty strings, not {name!r}")
-        return rq.Param(name=name, grad=bool(grad)), _identity
+        return rq.Param(name=name, grad=bool(grad), index=rq.wire_index(index)), _identity
 
     def _prepare_param_names(self, canonical: bool = True) -> Prepared:
         return rq.ParamNames(canonical=bool(canonical)), _identity
@@ -381,12 +381,15 @@ class Model:
         """Canonical weight names (those that exist) then raw parameter names."""
         return self._execute(self._prepare_param_names(canonical))
 
-    def param(self, name: str, *, grad: bool = False) -> torch.Tensor:
+    def param(self, name: str, *, grad: bool = False, index: Any = None) -> torch.Tensor:
         """A weight (or its gradient after a backward run) by canonical or raw name.
 
-        Canonical layouts follow TransformerLens (see ``cloche.model.weights``).
+        Canonical layouts follow TransformerLens (see ``cloche.model.weights``), and so do
+        TransformerLens' own names (``blocks.0.attn.W_Q``, ``W_E``). ``index`` (an int, a
+        slice or a tuple of them, e.g. ``index=3`` for head 3 of ``W_Q``) is applied to the
+        canonical tensor where the weight lives: only that part is copied and sent.
         """
-        return self._execute(self._prepare_param(name, grad=grad))
+        return self._execute(self._prepare_param(name, grad=grad, index=index))
 
     def tokenize(self, text: str | list[str]) -> torch.Tensor:
         """Token ids of ``text``: ``(seq,)`` for a string, ``(batch, seq)`` for a list."""

@@ -301,10 +301,18 @@ class LocalExecutor:
     def context_names(self) -> list[str]:
         return [n for n in self.store.names() if n != SHAPES_CONTEXT]
 
-    def param(self, name: str, grad: bool = False) -> torch.Tensor:
+    def param(self, name: str, grad: bool = False, index: tuple[Any, ...] | None = None
+              ) -> torch.Tensor:
         raw, rule = self._weights.resolve(name)
-        return read_weight(self._params[raw], rule, head_shape(self._config), grad=grad,
-                           name=name)
+        tensor = read_weight(self._params[raw], rule, head_shape(self._config), grad=grad,
+                             name=name)
+        if index is None:
+            return tensor
+        try:
+            return tensor[rq.param_index(index)].clone()
+        except IndexError as exc:
+            raise UsageError(f"index {index!r} does not fit {name!r} of shape"
+                             f" {tuple(tensor.shape)}: {exc}") from exc
 
     def tokenizer_files(self) -> dict[str, bytes] | None:
         """The tokenizer as the files ``save_pretrained`` writes (for a client to load)."""
@@ -323,7 +331,7 @@ class LocalExecutor:
         rq.Describe: lambda self, req, c, e: self.describe(),
         rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
         rq.Owner: lambda self, req, c, e: 0,
-        rq.Param: lambda self, req, c, e: self.param(req.name, req.grad),
+        rq.Param: lambda self, req, c, e: self.param(req.name, req.grad, req.index),
         rq.ParamNames: lambda self, req, c, e: self._weights.names(req.canonical),
         rq.ListContexts: lambda self, req, c, e: self.context_names(),
         rq.Config: lambda self, req, c, e: self._config.to_dict(),
