@@ -13,6 +13,7 @@ GPT_NEO = Adapter(
     final_norm="transformer.ln_f",
     unembed="lm_head",
     logits="lm_head",
+    pos_embed="transformer.wpe",
     attention="attn.attention",
     attention_method="_attn",
     block_returns_tuple=True,

@@ -13,6 +13,7 @@ OPT = Adapter(
     final_norm="model.decoder.final_layer_norm",
     unembed="lm_head",
     logits="lm_head",
+    pos_embed="model.decoder.embed_positions",
     attention="self_attn",
     block_sites={
         "resid_pre": Site("", "input"),
