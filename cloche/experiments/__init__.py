@@ -45,6 +45,7 @@ from cloche.experiments.examples import (
 from cloche.experiments.heads import (
     LogitLens,
     attention_patterns,
+    detect_heads,
     head_logit_attribution,
     head_scores,
     logit_lens,
@@ -74,6 +75,7 @@ __all__ = [
     "connectivity_summary",
     "contexts",
     "covariance",
+    "detect_heads",
     "examples",
     "head_logit_attribution",
     "head_scores",

@@ -25,8 +25,8 @@ import torch
 from cloche.errors import UsageError
 from cloche.experiments._common import as_tensor, scratch
 
-__all__ = ["HEAD_SCORE_KINDS", "LogitLens", "attention_patterns", "head_logit_attribution",
-           "head_scores", "logit_lens", "repeated_tokens", "top_heads"]
+__all__ = ["HEAD_SCORE_KINDS", "LogitLens", "attention_patterns", "detect_heads",
+           "head_logit_attribution", "head_scores", "logit_lens", "repeated_tokens", "top_heads"]
 
 HEAD_SCORE_KINDS = ("previous_token", "induction", "duplicate_token")
 
@@ -85,6 +85,65 @@ def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed:
         model.run(tokens, probes=dict.fromkeys(points, probe), save=name, return_logits=False)
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"score.{i}")["mean"], dtype=np.float64)
+                for i in range(n_layers)]
+    return np.stack(rows)
+
+
+def _detection_pattern(kind: str, tokens: torch.Tensor) -> torch.Tensor:
+    """TransformerLens' detection patterns, (batch, query, key) of 0/1, lower triangular."""
+    seq = tokens.shape[-1]
+    if kind == "previous_token":
+        single = torch.zeros(seq, seq)
+        single[1:, :-1] = torch.eye(seq - 1)
+        return single.expand(tokens.shape[0], seq, seq)
+    same = (tokens[:, :, None] == tokens[:, None, :]).float().tril(-1)  # an earlier copy
+    if kind == "duplicate_token":
+        return same
+    shifted = torch.zeros_like(same)  # induction: the token after an earlier copy
+    shifted[:, :, 1:] = same[:, :, :-1]
+    return shifted.tril()
+
+
+def detect_heads(model: Any, tokens: Any, kind: str, *, exclude_bos: bool = False,
+                 exclude_current_token: bool = False) -> np.ndarray:
+    """(n_layers, n_heads) detection scores as TransformerLens' ``detect_head`` computes them
+    (its ``"mul"`` measure), averaged over the rows of ``tokens`` (equal-length token ids).
+
+    For each row and head: the attention on the keys the detection pattern marks, summed over
+    every query, divided by the attention summed over every query (after zeroing the first key
+    if ``exclude_bos``, the diagonal if ``exclude_current_token``). The patterns: the previous
+    token; any earlier copy of the same token (duplicate); the token after any earlier copy
+    (induction). :func:`head_scores` is the simpler mean attention on the one expected key
+    over repeated random tokens. ``kind`` is one of :data:`HEAD_SCORE_KINDS`, with or without
+    TransformerLens' ``_head`` suffix.
+    """
+    kind = kind.removesuffix("_head")
+    if kind not in HEAD_SCORE_KINDS:
+        raise UsageError(f"kind must be one of {HEAD_SCORE_KINDS}, not {kind!r}")
+    ids = as_tensor(tokens).long()
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.shape[-1] < 2:
+        raise UsageError("head detection needs at least two tokens per row")
+    n_layers = int(model.n_layers)
+
+    def detect_probe(ctx: Any, pattern: torch.Tensor) -> None:
+        from cloche import Mean
+
+        p = pattern.float().clone()
+        if exclude_bos:
+            p[..., 0] = 0
+        if exclude_current_token:
+            p.diagonal(dim1=-2, dim2=-1).zero_()
+        det = _detection_pattern(kind, ctx.tokens.to(p.device)).to(p)
+        score = (p * det[:, None]).sum((-2, -1)) / p.sum((-2, -1))  # (batch, head)
+        ctx.reduce(f"detect.{ctx.layer}", score, Mean())
+
+    points = [f"layers.{i}.attn.pattern" for i in range(n_layers)]
+    with scratch(model, "detect") as name:
+        model.run(ids, probes=dict.fromkeys(points, detect_probe), save=name,
+                  return_logits=False)
+        handle = model.save_context(name)
+        rows = [np.asarray(handle.result(f"detect.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]
     return np.stack(rows)
 

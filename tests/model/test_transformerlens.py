@@ -47,14 +47,20 @@ WEIGHTS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_O", "mlp.W_in
            "ln1.w", "ln2.w")
 
 
+def _word(i: int) -> str:
+    return f"w{i:03d}"
+
+
 def _word_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """One token per id: TransformerLens wants a tokenizer, the tests feed it ids."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t2"))
+    vocab = {_word(i): i for i in range(VOCAB)}  # fixed width: no token contains another
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_word(2)))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="t0", eos_token="t1", pad_token="t2", unk_token="t2")
+        tokenizer_object=tok, bos_token=_word(0), eos_token=_word(1), pad_token=_word(2),
+        unk_token=_word(2))
 
 
 def _boot(family: str, directory, **processing):
@@ -298,4 +304,28 @@ def test_head_logit_attribution_matches_transformerlens(family, tmp_path):
     assert want.abs().max() > 1e-3
     torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float32),
                                want.reshape(model.n_layers, -1), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["previous_token_head", "duplicate_token_head", "induction_head"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_head_detector_matches_transformerlens(pair, kind, exclude):
+    from cloche.experiments import detect_heads
+    from transformer_lens import head_detector
+
+    family, model, bridge = _core(pair)
+    if family == "qwen2":  # TL's Qwen2 bridge turns this test tokenizer's text into BOS alone
+        pytest.skip("detect_head takes text, which TL's qwen2 bridge does not tokenize here")
+    gen = torch.Generator().manual_seed(1)
+    halves = torch.randint(3, VOCAB, (2, 6), generator=gen)
+    ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), halves, halves], 1)  # BOS, r, r
+    texts = [" ".join(_word(int(i)) for i in row[1:]) for row in ids]  # TL prepends the BOS
+    got = detect_heads(model, ids, kind, exclude_bos=exclude, exclude_current_token=exclude)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for text, row in zip(texts, ids, strict=True):  # detect_head tokenizes each text alone
+            assert torch.equal(bridge.to_tokens(text)[0], row)
+        want = head_detector.detect_head(bridge, texts, kind, exclude_bos=exclude,
+                                         exclude_current_token=exclude)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(torch.as_tensor(got, dtype=want.dtype), want, atol=TOL, rtol=0)
 
