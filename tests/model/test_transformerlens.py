@@ -8,6 +8,7 @@ it does in TL, and TL weight names must give TL's weights.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import cloche
@@ -17,7 +18,13 @@ import transformers
 from cloche.errors import UnknownProbePoint
 from tests.tiny_models import VOCAB, save_tiny
 
-tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
+# importing TransformerLens' bridge quiets transformers' logger and adds a warnings filter for
+# the whole process; keep both as they were, so that other tests still see what they check
+_transformers_level = logging.getLogger("transformers").level
+with warnings.catch_warnings():
+    tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
+    import transformer_lens.model_bridge.sources.transformers.source  # noqa: F401
+logging.getLogger("transformers").setLevel(_transformers_level)
 
 # GPT-2, a Llama with grouped-query attention and Qwen2 must offer every alias (REQUIRED_*);
 # the others are checked on whatever aliases their adapters offer
