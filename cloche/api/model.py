@@ -25,6 +25,7 @@ from cloche.api.results import GenerateResult, RunResult, generate_result
 from cloche.errors import UsageError
 from cloche.model.info import no_head_message
 from cloche.model.points import ProbePoint, canonical_name
+from cloche.probes.refs import encode_index
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -256,7 +257,8 @@ class Model:
     def _prepare_param(self, name: str, *, grad: bool = False, index: Any = None) -> Prepared:
         if not isinstance(name, str) or not name:
             raise UsageError(f"weight names are non-empty strings, not {name!r}")
-        return rq.Param(name=name, grad=bool(grad), index=rq.wire_index(index)), _identity
+        items = None if index is None else encode_index(index)[1]
+        return rq.Param(name=name, grad=bool(grad), index=items), _identity
 
     def _prepare_param_names(self, canonical: bool = True) -> Prepared:
         return rq.ParamNames(canonical=bool(canonical)), _identity

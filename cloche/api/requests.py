@@ -468,58 +468,22 @@ class Owner(Request[int]):
 class Param(Request[torch.Tensor]):
     """A weight, or its gradient after a backward run, by canonical or raw name.
 
-    ``index`` (see :func:`param_index`) selects a part of the canonical tensor where the weight
-    lives, so that only that part is copied and sent.
+    ``index`` selects a part of the canonical tensor where the weight lives, so that only that
+    part is copied and sent: index items encoded as a save context's fetch encodes them
+    (``cloche.probes.refs.encode_index``: ints, slices, None, ..., int lists).
     """
 
     name: str
     grad: bool = False
-    index: tuple[Any, ...] | None = None
+    index: list[Any] | None = None
 
     def check(self, model: ModelInfo | None = None) -> None:
         _name_field(self, "name")
         _bool_field(self, "grad")
-        if self.index is not None:
-            try:
-                param_index(self.index)
-            except UsageError as exc:
-                _fail(self, "index", str(exc), self.index)
-
-
-def wire_index(index: Any) -> tuple[Any, ...] | None:
-    """A weight index (an int, a slice, or a tuple of them) as plain data for the wire:
-    ints stay ints, a slice becomes ``[start, stop, step]``."""
-    if index is None:
-        return None
-    items = index if isinstance(index, tuple) else (index,)
-    out: list[Any] = []
-    for item in items:
-        if _is_int(item):
-            out.append(int(item))
-        elif isinstance(item, slice):
-            out.append([item.start, item.stop, item.step])
-        else:
-            raise UsageError(f"a weight index is an int, a slice or a tuple of them, not {item!r}")
-    param_index(tuple(out))
-    return tuple(out)
-
-
-def param_index(index: Any) -> tuple[int | slice, ...]:
-    """The indexing tuple of a wire index (:func:`wire_index`); UsageError when malformed."""
-    if not isinstance(index, tuple | list):
-        raise UsageError("must be a tuple of ints and [start, stop, step] lists")
-    out: list[int | slice] = []
-    for item in index:
-        if _is_int(item):
-            out.append(int(item))
-        elif (isinstance(item, tuple | list) and len(item) == 3
-              and all(v is None or _is_int(v) for v in item)):
-            if item[2] is not None and int(item[2]) <= 0:
-                raise UsageError("slice steps must be positive")
-            out.append(slice(*(None if v is None else int(v) for v in item)))
-        else:
-            raise UsageError("must be a tuple of ints and [start, stop, step] lists")
-    return tuple(out)
+        if self.index is not None and (not isinstance(self.index, (list, tuple))
+                                       or not all(_index_item(i) for i in self.index)):
+            _fail(self, "index", "must index with ints, slices, None, ... or int lists",
+                  self.index)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,7 @@ def test_index_selects_part_of_the_canonical_weight(model):
 
 
 def test_a_bad_index_is_a_usage_error(model):
-    with pytest.raises(UsageError, match="index"):
+    with pytest.raises(UsageError, match="cannot index"):
         model.param("layers.0.attn.W_Q", index="head 3")
-    with pytest.raises(UsageError, match="does not fit"):
+    with pytest.raises(UsageError, match="cannot apply"):
         model.param("layers.0.attn.W_Q", index=(0, 0, 0, 0))
