@@ -25,6 +25,7 @@ from cloche.api.results import GenerateResult, RunResult, generate_result
 from cloche.errors import UsageError
 from cloche.model.info import no_head_message
 from cloche.model.points import ProbePoint, canonical_name
+from cloche.probes.refs import encode_index
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -253,10 +254,11 @@ class Model:
             raise UsageError(f"rank must be None, 'all' or an int in [0, {world}), not {rank!r}")
         return rq.Call(fn=fn, args=args, kwargs=kwargs, rank=rank), _identity
 
-    def _prepare_param(self, name: str, *, grad: bool = False) -> Prepared:
+    def _prepare_param(self, name: str, *, grad: bool = False, index: Any = None) -> Prepared:
         if not isinstance(name, str) or not name:
             raise UsageError(f"weight names are non-empty strings, not {name!r}")
-        return rq.Param(name=name, grad=bool(grad)), _identity
+        items = None if index is None else encode_index(index)[1]
+        return rq.Param(name=name, grad=bool(grad), index=items), _identity
 
     def _prepare_param_names(self, canonical: bool = True) -> Prepared:
         return rq.ParamNames(canonical=bool(canonical)), _identity
@@ -390,12 +392,15 @@ class Model:
         """Canonical weight names (those that exist) then raw parameter names."""
         return self._execute(self._prepare_param_names(canonical))
 
-    def param(self, name: str, *, grad: bool = False) -> torch.Tensor:
+    def param(self, name: str, *, grad: bool = False, index: Any = None) -> torch.Tensor:
         """A weight (or its gradient after a backward run) by canonical or raw name.
 
-        Canonical layouts follow TransformerLens (see ``cloche.model.weights``).
+        Canonical layouts follow TransformerLens (see ``cloche.model.weights``), and so do
+        TransformerLens' own names (``blocks.0.attn.W_Q``, ``W_E``). ``index`` (an int, a
+        slice or a tuple of them, e.g. ``index=3`` for head 3 of ``W_Q``) is applied to the
+        canonical tensor where the weight lives: only that part is copied and sent.
         """
-        return self._execute(self._prepare_param(name, grad=grad))
+        return self._execute(self._prepare_param(name, grad=grad, index=index))
 
     def tokenize(self, text: str | list[str]) -> torch.Tensor:
         """Token ids of ``text``: ``(seq,)`` for a string, ``(batch, seq)`` for a list."""

@@ -467,14 +467,24 @@ class Owner(Request[int]):
 
 @dataclass(frozen=True, kw_only=True)
 class Param(Request[torch.Tensor]):
-    """A weight, or its gradient after a backward run, by canonical or raw name."""
+    """A weight, or its gradient after a backward run, by canonical or raw name.
+
+    ``index`` selects a part of the canonical tensor where the weight lives, so that only that
+    part is copied and sent: index items encoded as a save context's fetch encodes them
+    (``cloche.probes.refs.encode_index``: ints, slices, None, ..., int lists).
+    """
 
     name: str
     grad: bool = False
+    index: list[Any] | None = None
 
     def check(self, model: ModelInfo | None = None) -> None:
         _name_field(self, "name")
         _bool_field(self, "grad")
+        if self.index is not None and (not isinstance(self.index, (list, tuple))
+                                       or not all(_index_item(i) for i in self.index)):
+            _fail(self, "index", "must index with ints, slices, None, ... or int lists",
+                  self.index)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,9 +25,8 @@ import torch
 from cloche.errors import UsageError
 from cloche.experiments._common import as_tensor, scratch
 
-__all__ = ["HEAD_SCORE_KINDS", "HeadScores", "LogitLens", "attention_patterns", "head_scores",
-           "logit_lens",
-           "repeated_tokens", "top_heads"]
+__all__ = ["HEAD_SCORE_KINDS", "HeadScores", "LogitLens", "attention_patterns", "detect_heads",
+           "head_logit_attribution", "head_scores", "logit_lens", "repeated_tokens", "top_heads"]
 
 HEAD_SCORE_KINDS = ("previous_token", "induction", "duplicate_token")
 
@@ -108,6 +107,65 @@ def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed:
     scores = np.stack(rows).view(HeadScores)
     scores.kind = kind
     return scores
+
+
+def _detection_pattern(kind: str, tokens: torch.Tensor) -> torch.Tensor:
+    """TransformerLens' detection patterns, (batch, query, key) of 0/1, lower triangular."""
+    seq = tokens.shape[-1]
+    if kind == "previous_token":
+        single = torch.zeros(seq, seq)
+        single[1:, :-1] = torch.eye(seq - 1)
+        return single.expand(tokens.shape[0], seq, seq)
+    same = (tokens[:, :, None] == tokens[:, None, :]).float().tril(-1)  # an earlier copy
+    if kind == "duplicate_token":
+        return same
+    shifted = torch.zeros_like(same)  # induction: the token after an earlier copy
+    shifted[:, :, 1:] = same[:, :, :-1]
+    return shifted.tril()
+
+
+def detect_heads(model: Any, tokens: Any, kind: str, *, exclude_bos: bool = False,
+                 exclude_current_token: bool = False) -> np.ndarray:
+    """(n_layers, n_heads) detection scores as TransformerLens' ``detect_head`` computes them
+    (its ``"mul"`` measure), averaged over the rows of ``tokens`` (equal-length token ids).
+
+    For each row and head: the attention on the keys the detection pattern marks, summed over
+    every query, divided by the attention summed over every query (after zeroing the first key
+    if ``exclude_bos``, the diagonal if ``exclude_current_token``). The patterns: the previous
+    token; any earlier copy of the same token (duplicate); the token after any earlier copy
+    (induction). :func:`head_scores` is the simpler mean attention on the one expected key
+    over repeated random tokens. ``kind`` is one of :data:`HEAD_SCORE_KINDS`, with or without
+    TransformerLens' ``_head`` suffix.
+    """
+    kind = kind.removesuffix("_head")
+    if kind not in HEAD_SCORE_KINDS:
+        raise UsageError(f"kind must be one of {HEAD_SCORE_KINDS}, not {kind!r}")
+    ids = as_tensor(tokens).long()
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.shape[-1] < 2:
+        raise UsageError("head detection needs at least two tokens per row")
+    n_layers = int(model.n_layers)
+
+    def detect_probe(ctx: Any, pattern: torch.Tensor) -> None:
+        from cloche import Mean
+
+        p = pattern.float().clone()
+        if exclude_bos:
+            p[..., 0] = 0
+        if exclude_current_token:
+            p.diagonal(dim1=-2, dim2=-1).zero_()
+        det = _detection_pattern(kind, ctx.tokens.to(p.device)).to(p)
+        score = (p * det[:, None]).sum((-2, -1)) / p.sum((-2, -1))  # (batch, head)
+        ctx.reduce(f"detect.{ctx.layer}", score, Mean())
+
+    points = [f"layers.{i}.attn.pattern" for i in range(n_layers)]
+    with scratch(model, "detect") as name:
+        model.run(ids, probes=dict.fromkeys(points, detect_probe), save=name,
+                  return_logits=False)
+        handle = model.save_context(name)
+        rows = [np.asarray(handle.result(f"detect.{i}")["mean"], dtype=np.float64)
+                for i in range(n_layers)]
+    return np.stack(rows)
 
 
 def top_heads(scores: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
@@ -202,3 +260,63 @@ def _logit_lens(m: Any, ids: torch.Tensor, k: int) -> dict[str, Any]:
         "top_tokens": [[str_tokens(m, row) for row in layer] for layer in token_ids.tolist()],
         "target_logprob": np.stack(target),
     }
+
+
+def head_logit_attribution(model: Any, tokens: Any, answer: Any, *, position: int = -1
+                           ) -> np.ndarray:
+    """Direct logit attribution per head: ``(n_layers, n_heads)``, averaged over the batch.
+
+    Each head's ``attn.result`` at ``position`` (its z times its W_O), through the final norm as
+    the forward pass normalised the whole residual stream there (the same scale, the same
+    centring for a LayerNorm, the norm's weight; not its bias) and the unembedding, dotted with
+    the unembedding direction of ``answer`` (a token id, or one per row). This is
+    TransformerLens' ``cache.stack_head_results(layer=-1, pos_slice=position, apply_ln=True)``
+    projected on ``W_U[:, answer]`` for a model whose final-norm weight is folded into ``W_U``
+    (TransformerLens' default processing); computed next to the model, only the table returns.
+    """
+    ids = as_tensor(tokens).long()
+    ids = ids[None] if ids.dim() == 1 else ids
+    wanted = torch.as_tensor(answer, dtype=torch.long).reshape(-1)
+    if wanted.numel() not in (1, ids.shape[0]):
+        raise UsageError(f"answer must be one token id or one per row ({ids.shape[0]}), got"
+                         f" {wanted.numel()}")
+    return np.asarray(model.call(_head_logit_attribution, ids, wanted, int(position)))
+
+
+def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, position: int
+                            ) -> Any:
+    """Runs next to the model: one forward reading every attn.result and the final scale."""
+    import torch
+
+    from cloche.errors import UsageError
+    from cloche.experiments._common import scratch
+
+    points = {p.name: p for p in m.probe_points()}
+    n = int(m.n_layers)
+    needed = [*(f"layers.{i}.attn.result" for i in range(n)), "final_norm.scale"]
+    lacking = [p for p in needed if p not in points]
+    if lacking:
+        raise UsageError(f"head_logit_attribution needs {lacking[0]!r}, which this model lacks")
+    norm = dict(m.hf_model.named_modules())[points["final_norm"].module]
+    # the norm's linear part: LayerNorms centre; Gemma's RMSNorms multiply by (1 + weight)
+    centred = isinstance(norm, torch.nn.LayerNorm)
+    weight = getattr(norm, "weight", None)
+    gain = (torch.ones(1) if weight is None else
+            1.0 + weight.detach().float() if type(norm).__name__.startswith("Gemma")
+            else weight.detach().float())
+
+    def keep(ctx: Any, x: torch.Tensor) -> None:
+        ctx.save("scale" if ctx.layer is None else f"r{ctx.layer}", x[:, position].float())
+
+    with scratch(m, "dla") as name:
+        m.run(ids, probes=dict.fromkeys(needed, keep), save=name, return_logits=False)
+        handle = m.save_context(name)
+        scale = handle.fetch("scale")[0]  # (batch, 1)
+        results = torch.stack([handle.fetch(f"r{i}")[0] for i in range(n)], 1)  # (b, L, H, d)
+    if centred:
+        results = results - results.mean(-1, keepdim=True)
+    w_u = m.param("unembed.W_U").float()  # (d_model, d_vocab)
+    directions = w_u[:, answer.to(w_u.device)].T.expand(ids.shape[0], -1)  # (batch, d_model)
+    normalised = results / scale.to(results.device)[:, None, None] * gain.to(results.device)
+    return torch.einsum("blhd,bd->blh", normalised, directions.to(results.device)).mean(0)
+

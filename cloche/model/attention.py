@@ -8,7 +8,13 @@ only when a probe is attached to an attention internal: otherwise the model runs
 transformers builds for an unknown implementation are silently wrong.
 
 Canonical layouts: q/k/v/z are ``(batch, seq, head, d_head)`` (keys and values of grouped-query
-attention expanded to every query head); pattern is ``(batch, head, query, key)``.
+attention expanded to every query head); pattern is ``(batch, head, query, key)``. Two more taps
+exist here for TransformerLens' names: ``k_grouped``, the keys attention uses before grouped-query
+heads are expanded, ``(batch, seq, kv_head, d_head)`` (TL's ``hook_rot_k``), and ``scores``, the
+scaled (and soft-capped) scores with the mask applied, masked entries ``-inf``, before the
+softmax, ``(batch, head, query, key)`` (TL's ``hook_attn_scores``). When ``scores`` is probed
+the pattern is the softmax of the probed scores, a query that sees no key (a left pad) getting
+an all-zero row, as in TransformerLens; otherwise the model's own mask arithmetic is kept.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from torch import nn
 IMPLEMENTATION = "cloche"
 
 # (attention module -> layer index, apply(layer, which, tensor) -> tensor,
-#  needs_pattern(layer) -> bool); None outside runs
+#  needs_pattern(layer) -> bool, probed(layer, which) -> bool); None outside runs
 Tap = tuple[dict[int, int], Callable[[int, str, torch.Tensor], torch.Tensor],
-            Callable[[int], bool]]
+            Callable[[int], bool], Callable[[int, str], bool]]
 _ACTIVE: ContextVar[Tap | None] = ContextVar("cloche_attention_tap", default=None)
 _registered = False
 
@@ -71,10 +77,14 @@ def probed_attention(
     # apply(which, tensor) for this module's layer; None when nothing is probed here
     apply: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     fused = False
+    probe_scores = False
     if tap is not None and layer is not None:
         apply = functools.partial(tap[1], layer)
         fused = not tap[2](layer)
+        probe_scores = tap[3](layer, "scores")
     n_rep = query.shape[1] // key.shape[1]
+    if apply is not None:
+        key = apply("k_grouped", key.transpose(1, 2)).transpose(1, 2)
     key = _expand_heads(key, n_rep)
     value = _expand_heads(value, n_rep)
     if apply is not None:
@@ -94,9 +104,13 @@ def probed_attention(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if isinstance(softcap, float | int):
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if probe_scores and apply is not None:
+        pattern = _probed_scores_softmax(apply, scores, attention_mask, key.shape[-2])
+        pattern = pattern.to(query.dtype)
+    else:
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
     if apply is not None:
         pattern = apply("pattern", pattern)
@@ -104,6 +118,27 @@ def probed_attention(
     if apply is not None:
         z = apply("z", z)
     return z, pattern
+
+
+def _probed_scores_softmax(apply: Callable[[str, torch.Tensor], torch.Tensor],
+                           scores: torch.Tensor, attention_mask: torch.Tensor | None,
+                           n_keys: int) -> torch.Tensor:
+    """The ``scores`` probes, then the softmax of what they return (TransformerLens' way).
+
+    Masked entries are ``-inf`` (transformers' eager masks use the dtype's minimum); a row
+    with no visible key softmaxes to zeros rather than NaN.
+    """
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :n_keys]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        else:
+            hidden = mask <= torch.finfo(mask.dtype).min
+            scores = (scores + mask.masked_fill(hidden, 0)).masked_fill(hidden, -torch.inf)
+    scores = apply("scores", scores)
+    blind = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    pattern = nn.functional.softmax(scores.masked_fill(blind, 0.0), dim=-1, dtype=torch.float32)
+    return pattern.masked_fill(blind, 0.0)
 
 
 def _tapped_method(original: Callable[..., Any], layer: int,
@@ -135,6 +170,7 @@ def attention_taps(
     apply: Callable[[int, str, torch.Tensor], torch.Tensor],
     needs_pattern: Callable[[int], bool],
     method: tuple[str | Callable[..., Any], dict[int, nn.Module]] | None = None,
+    probed: Callable[[int, str], bool] = lambda layer, which: False,
 ) -> Iterator[None]:
     """Route ``hf_model``'s attention through :func:`probed_attention` for the duration.
 
@@ -164,7 +200,7 @@ def attention_taps(
                 module.__dict__.pop(name, None)
         return
     _register()
-    token = _ACTIVE.set((layer_of_module, apply, needs_pattern))
+    token = _ACTIVE.set((layer_of_module, apply, needs_pattern, probed))
     config._attn_implementation = IMPLEMENTATION
     try:
         yield

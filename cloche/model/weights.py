@@ -10,6 +10,7 @@ Each is a view or a cheap reshape of the raw parameter, never a copy of the whol
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,22 @@ def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple
     return table
 
 
+_TL_GLOBAL_WEIGHTS = {"W_E": "embed.W_E", "W_U": "unembed.W_U", "W_pos": "pos_embed.W_pos"}
+_TL_BLOCK_WEIGHT = re.compile(r"^blocks\.(\d+)\.(\w+\.\w+)$")
+
+
+def tl_weight_name(name: str) -> str:
+    """The canonical name of a TransformerLens weight name (``blocks.0.attn.W_Q`` ->
+    ``layers.0.attn.W_Q``, ``W_E`` -> ``embed.W_E``); other names are returned unchanged.
+
+    The canonical layouts are TransformerLens' own, so the tensors are the same as well.
+    """
+    if name in _TL_GLOBAL_WEIGHTS:
+        return _TL_GLOBAL_WEIGHTS[name]
+    match = _TL_BLOCK_WEIGHT.match(name)
+    return f"layers.{match.group(1)}.{match.group(2)}" if match else name
+
+
 class WeightCatalog:
     """Canonical and raw weight names of one model, resolved the same way on every executor.
 
@@ -120,6 +137,8 @@ class WeightCatalog:
         """``(raw parameter name, layout rule or None for a raw name)``; clear errors otherwise."""
         if not isinstance(name, str):
             raise UsageError(f"weight names are strings, not {name!r}")
+        if name not in self._canonical and name not in self._present:
+            name = tl_weight_name(name)
         if name in self._canonical:
             raw, rule = self._canonical[name]
             if raw not in self._present:

@@ -44,6 +44,7 @@ from cloche.model.rebase import adapter_for_model
 from cloche.model.weights import WeightCatalog, head_shape, read_weight
 from cloche.probes.actions import context_action
 from cloche.probes.context import RunInfo
+from cloche.probes.refs import apply_ops
 from cloche.probes.store import SaveStore, Transaction
 from cloche.runtime.datasets import as_dataset, iterate
 from cloche.runtime.hooks import Attachment, ProbePlan
@@ -308,10 +309,16 @@ class LocalExecutor:
     def context_names(self) -> list[str]:
         return [n for n in self.store.names() if n != SHAPES_CONTEXT]
 
-    def param(self, name: str, grad: bool = False) -> torch.Tensor:
+    def param(self, name: str, grad: bool = False, index: list[Any] | None = None
+              ) -> torch.Tensor:
+        """A weight in its canonical layout; ``index`` (encoded index items, see
+        ``Param``) cuts a part of it here, so only that part is copied."""
         raw, rule = self._weights.resolve(name)
-        return read_weight(self._params[raw], rule, head_shape(self._config), grad=grad,
-                           name=name)
+        tensor = read_weight(self._params[raw], rule, head_shape(self._config), grad=grad,
+                             name=name)
+        if index is None:
+            return tensor
+        return apply_ops(tensor, [["index", list(index)]]).clone()
 
     def tokenizer_files(self) -> dict[str, bytes] | None:
         """The tokenizer as the files ``save_pretrained`` writes (for a client to load)."""
@@ -330,7 +337,7 @@ class LocalExecutor:
         rq.Describe: lambda self, req, c, e: self.describe(),
         rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
         rq.Owner: lambda self, req, c, e: 0,
-        rq.Param: lambda self, req, c, e: self.param(req.name, req.grad),
+        rq.Param: lambda self, req, c, e: self.param(req.name, req.grad, req.index),
         rq.ParamNames: lambda self, req, c, e: self._weights.names(req.canonical),
         rq.ListContexts: lambda self, req, c, e: self.context_names(),
         rq.Config: lambda self, req, c, e: self._config.to_dict(),

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cloche.errors import Cancelled, ClocheError, ProbeError
+from cloche.model import norms
 from cloche.model.attention import attention_taps
 from cloche.model.moe import expert_taps, reroute
 from cloche.model.points import PointSpec
@@ -148,7 +149,17 @@ class Attachment:
         return self._lead.get(spec.layer)
 
     def _apply_site(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``_apply`` at a module site: flat tensors are shown as (batch, seq, width)."""
+        """``_apply`` at a module site: flat tensors are shown as (batch, seq, width), a
+        per-head point's last dimension as (head, d_head)."""
+        heads = self._specs[name].heads
+        if heads is not None:
+            view = x.unflatten(-1, (heads, x.shape[-1] // heads))
+            y = self._apply(name, view, grads=False)
+            fns = self._plan.backward.get(name)
+            if fns and x.requires_grad:
+                x.register_hook(lambda g: call_probes(
+                    fns, self._ctx(name), g.unflatten(-1, (heads, -1))).flatten(-2))
+            return x if y is view else y.flatten(-2)
         lead = self._flat_lead(name)
         if lead is None:
             return self._apply(name, x)
@@ -189,6 +200,49 @@ class Attachment:
             if router:  # new router logits decide which experts run
                 return reroute(module, y)
             return rebuild(y)
+        return hook
+
+    def _norm_hook(self, names: dict[str, str]) -> Callable[..., Any]:
+        """``ln*.scale`` / ``ln*.normalized`` (part -> point name) of one norm module."""
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            y, rebuild = _first_tensor(output)
+            kind = norms.norm_kind(module)
+            if y is None or kind is None or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            centred, scale = norms.split(kind, args[0])
+            new_scale = self._apply(names["scale"], scale) if "scale" in names else scale
+            normalized = centred / new_scale
+            new = (self._apply(names["normalized"], normalized) if "normalized" in names
+                   else normalized)
+            if (new_scale is scale and new is normalized
+                    and not any(n in self._plan.backward for n in names.values())):
+                return None  # the model's own output, bit for bit
+            return rebuild(norms.recombine(kind, module, new, y.dtype))
+        return hook
+
+    def _result_hook(self, name: str) -> Callable[..., Any]:
+        """``attn.result``: the output projection's input z, per head, times W_O."""
+        result = self._specs[name].result
+        assert result is not None
+        n_heads, layout = result
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            y, rebuild = _first_tensor(output)
+            if y is None or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            z = args[0].unflatten(-1, (n_heads, -1))
+            # Linear: (d_model, heads*d_head); Conv1D: (heads*d_head, d_model)
+            weight: torch.Tensor = module.weight  # type: ignore[assignment]
+            w = (weight.T if layout == "linear" else weight).unflatten(0, (n_heads, -1))
+            per_head = torch.einsum("...hd,hdm->...hm", z, w.to(z.dtype))
+            new = self._apply(name, per_head)
+            if new is per_head and name not in self._plan.backward:
+                return None
+            out = new.sum(-2)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                out = out + bias
+            return rebuild(out.to(y.dtype))
         return hook
 
     def _lead_hook(self, layer: int) -> Callable[..., Any]:
@@ -238,9 +292,12 @@ class Attachment:
             return self._apply_site(name, x)
         return x
 
-    def _needs_pattern(self, layer: int) -> bool:
-        name = f"layers.{layer}.attn.pattern"
+    def _probed(self, layer: int, which: str) -> bool:
+        name = f"layers.{layer}.attn.{which}"
         return name in self._plan.forward or name in self._plan.backward
+
+    def _needs_pattern(self, layer: int) -> bool:
+        return self._probed(layer, "pattern") or self._probed(layer, "scores")
 
     def _cancel_hook(self, module: nn.Module, args: Any) -> None:
         if self._cancel is not None and self._cancel.is_set():
@@ -253,10 +310,18 @@ class Attachment:
             uses_attention = False
             flat_layers: set[int] = set()
             experts: dict[int, nn.Module] = {}
+            norm_points: dict[str, dict[str, str]] = {}  # module -> part -> point
             for name in self._plan.points():
                 spec = self._specs[name]
                 if spec.attention is not None:
                     uses_attention = True
+                    continue
+                if spec.norm is not None and spec.site is not None:
+                    norm_points.setdefault(spec.site.module, {})[spec.norm] = name
+                    continue
+                if spec.result is not None and spec.site is not None:
+                    module = self._modules[spec.site.module]
+                    self._handles.append(module.register_forward_hook(self._result_hook(name)))
                     continue
                 site = spec.site
                 if site is None:  # build_specs gives every other point a module site
@@ -275,6 +340,9 @@ class Attachment:
                 else:
                     hook = self._input_hook(name, site.where == "input_inplace")
                     self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            for path, names in norm_points.items():  # before the norm's output probes
+                self._handles.append(self._modules[path].register_forward_hook(
+                    self._norm_hook(names), prepend=True))
             if self._cancel is not None:
                 for path in self._block_paths:
                     handle = self._modules[path].register_forward_pre_hook(self._cancel_hook)
@@ -288,7 +356,7 @@ class Attachment:
                     method = (self._attention_method,
                               {i: self._modules[p] for p, i in self._attention_paths.items()})
                 stack.enter_context(attention_taps(self._model, layer_of, self._attention_apply,
-                                                   self._needs_pattern, method))
+                                                   self._needs_pattern, method, self._probed))
             yield
 
     def detach(self) -> None:

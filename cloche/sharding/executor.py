@@ -524,9 +524,9 @@ class ShardedExecutor:
         raw, _ = self._catalog().resolve(req.name)
         owner = self._stage.ownership.param_owner(raw)
         if owner == 0:
-            return self._local.param(req.name, req.grad)
-        return self._light("param", {"name": req.name, "grad": req.grad, "target": owner},
-                           [owner])[owner]
+            return self._local.param(req.name, req.grad, req.index)
+        return self._light("param", {"name": req.name, "grad": req.grad, "index": req.index,
+                                     "target": owner}, [owner])[owner]
 
     # ----------------------------------------------------------------- lifecycle
     def ping_ranks(self) -> list[int]:

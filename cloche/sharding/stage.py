@@ -474,10 +474,10 @@ class Stage:
         raise UsageError(f"{op} {kwargs.get('action', '')} is not a light request")
 
     # ----------------------------------------------------------------- weights and code
-    def op_param(self, name: str, grad: bool, target: int) -> Any:
+    def op_param(self, name: str, grad: bool, target: int, index: Any = None) -> Any:
         if self.rank != target:
             return None
-        return self.local.param(name, grad).cpu().clone()
+        return self.local.param(name, grad, index).cpu().clone()
 
     def op_call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, targets: list[int]
                 ) -> Any:

@@ -49,6 +49,7 @@ VALID = {
     "limit": lambda: None, "fn": lambda: (lambda model, *a, **k: 1), "args": tuple,
     "kwargs": dict, "rank": lambda: None, "name": lambda: SAVED, "action": lambda: "keys",
     "point": lambda: "embed", "grad": lambda: False, "canonical": lambda: True,
+    "index": lambda: None,
     "value": lambda: None,
 }
 

@@ -89,6 +89,8 @@ class Adapter:
     discovered: bool = False
     #: canonical block points (suffixes) this adapter does not offer, and why
     lacks: Mapping[str, str] = field(default_factory=dict)
+    #: the learned position embedding module (its output is the ``pos_embed`` point)
+    pos_embed: str | None = None
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""
@@ -96,3 +98,12 @@ class Adapter:
             return self.parallel
         names = (self.parallel,) if isinstance(self.parallel, str) else self.parallel
         return any(bool(getattr(config, name, False)) for name in names)
+
+
+def projection_sites(attention: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj"
+                     ) -> dict[str, Site]:
+    """``attn.q_proj``/``k_proj``/``v_proj`` for an attention module with separate query, key
+    and value projections: their outputs, before any q/k norm and the rotary embedding, split
+    into heads by the runtime (grouped-query keys and values keep their n_kv_heads heads)."""
+    return {f"attn.{name}_proj": Site(f"{attention}.{module}", "output")
+            for name, module in (("q", q), ("k", k), ("v", v))}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA_BLOCK_WEIGHTS
 
 COHERE = Adapter(
@@ -20,6 +20,7 @@ COHERE = Adapter(
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
+        **projection_sites("self_attn"),
         "attn.out": Site("self_attn", "output"),
         "mlp.pre": Site("mlp.gate_proj", "output"),
         "mlp.pre_linear": Site("mlp.up_proj", "output"),

@@ -7,7 +7,7 @@ stream (as in TransformerLens). Gemma 2 soft-caps attention scores and the final
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 
 _GLOBAL = {
@@ -41,6 +41,7 @@ GEMMA = Adapter(
 _SANDWICH_SITES = {
     "resid_pre": Site("", "input"),
     "ln1": Site("input_layernorm", "output"),
+    **projection_sites("self_attn"),
     "attn.out": Site("post_attention_layernorm", "output"),
     "resid_mid": Site("pre_feedforward_layernorm", "input_inplace"),
     "ln2": Site("pre_feedforward_layernorm", "output"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 GPT_NEO = Adapter(
     summary="alternating global / local (sliding) attention, unscaled scores",
@@ -13,12 +13,14 @@ GPT_NEO = Adapter(
     final_norm="transformer.ln_f",
     unembed="lm_head",
     logits="lm_head",
+    pos_embed="transformer.wpe",
     attention="attn.attention",
     attention_method="_attn",
     block_returns_tuple=True,
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("ln_1", "output"),
+        **projection_sites("attn.attention"),
         "attn.out": Site("attn", "output"),
         "resid_mid": Site("ln_2", "input_inplace"),
         "ln2": Site("ln_2", "output"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 GPTJ = Adapter(
     summary="parallel attention + MLP, partial interleaved rotary",
@@ -18,6 +18,7 @@ GPTJ = Adapter(
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("ln_1", "output"),
+        **projection_sites("attn"),
         "attn.out": Site("attn", "output"),
         "mlp.pre": Site("mlp.fc_in", "output"),
         "mlp.post": Site("mlp.fc_out", "input"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 LLAMA_BLOCK_SITES = {
     "resid_pre": Site("", "input"),
     "ln1": Site("input_layernorm", "output"),
+    **projection_sites("self_attn"),
     "attn.out": Site("self_attn", "output"),
     "resid_mid": Site("post_attention_layernorm", "input_inplace"),
     "ln2": Site("post_attention_layernorm", "output"),

@@ -3,7 +3,7 @@ OLMoE (OLMo's mixture of experts)."""
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA, LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 from cloche.model.families.moe import MOE_NOTES, MOE_SITES, MOE_WEIGHTS
 
@@ -38,6 +38,7 @@ OLMO2 = Adapter(
     gated_mlp=True,
     block_sites={
         "resid_pre": Site("", "input"),
+        **projection_sites("self_attn"),
         "attn.out": Site("post_attention_layernorm", "output"),
         "resid_mid": Site("mlp", "input_inplace"),
         "mlp.pre": Site("mlp.gate_proj", "output"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 OPT = Adapter(
     summary="learned positions offset by 2, MLP on flattened tokens",
@@ -13,10 +13,12 @@ OPT = Adapter(
     final_norm="model.decoder.final_layer_norm",
     unembed="lm_head",
     logits="lm_head",
+    pos_embed="model.decoder.embed_positions",
     attention="self_attn",
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("self_attn_layer_norm", "output"),
+        **projection_sites("self_attn"),
         "attn.out": Site("self_attn", "output"),
         # OPT's MLP runs on (batch * seq, d) tensors; probes see (batch, seq, d)
         "resid_mid": Site("final_layer_norm", "input_inplace", flat=True),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 PHI = Adapter(
     summary="parallel attention + MLP, partial rotary",
@@ -18,6 +18,7 @@ PHI = Adapter(
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
+        **projection_sites("self_attn"),
         "attn.out": Site("self_attn", "output"),
         "mlp.pre": Site("mlp.fc1", "output"),
         "mlp.post": Site("mlp.fc2", "input"),

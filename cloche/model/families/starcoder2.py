@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA_BLOCK_WEIGHTS
 
 STARCODER2 = Adapter(
@@ -18,6 +18,7 @@ STARCODER2 = Adapter(
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
+        **projection_sites("self_attn"),
         "attn.out": Site("self_attn", "output"),
         "resid_mid": Site("post_attention_layernorm", "input_inplace"),
         "ln2": Site("post_attention_layernorm", "output"),
