@@ -389,7 +389,7 @@ def add_status_parser(sub: Any) -> argparse.ArgumentParser:
 def run_status(args: argparse.Namespace) -> int:
     import json
 
-    from cloche.client import connect
+    from cloche import connect
 
     token = None
     if args.token_file is not None:

@@ -270,7 +270,7 @@ class _Battery:
         yield compare(check, pairs, points=f"layers.*.attn.z ({len(pairs)})")
 
     def every_point(self) -> Iterator[Row]:
-        check = "every canonical point: catalog shape, finite"
+        check = "every canonical point: catalog shape, finite (scores: -inf where masked)"
         batch, seq = self.ids.shape
         shapes = {p.name: p.shape for p in self.model.probe_points()}
         bad = []
@@ -282,7 +282,12 @@ class _Battery:
                 if all(isinstance(d, int) for d in want) and tuple(value.shape) != want:
                     bad.append(f"{name} is {tuple(value.shape)}, the catalog says {shape}")
                     continue
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if not value.is_floating_point():
+                continue
+            if name.endswith(".attn.scores"):  # masked entries are -inf by definition (as in TL)
+                if bool(torch.isnan(value).any() or (value == float("inf")).any()):
+                    bad.append(f"{name} holds nan or +inf")
+            elif not bool(torch.isfinite(value).all()):
                 bad.append(f"{name} holds inf or nan")
         yield Row(check=check, points=f"all {len(self.names)} canonical points",
                   n_points=len(self.names), status=FAIL if bad else PASS, reason="; ".join(bad[:3]))

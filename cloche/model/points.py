@@ -159,7 +159,7 @@ def _optional_spec(modules: dict[str, nn.Module], adapter: Adapter, hs: HeadShap
             if path in modules:
                 if site.where != "output" or norm_kind(modules[path]) is None:
                     return None
-                return PointSpec(name, "ln", i, Site(path, "output"), norm=part)
+                return PointSpec(name, "ln", i, Site(path, "output", flat=site.flat), norm=part)
         return None
     if attention is None or attention not in modules or hs is None:
         return None

@@ -210,9 +210,11 @@ class Attachment:
             if y is None or kind is None or not args or not isinstance(args[0], torch.Tensor):
                 return None
             centred, scale = norms.split(kind, args[0])
-            new_scale = self._apply(names["scale"], scale) if "scale" in names else scale
+            # _apply_site: a norm the model runs on flattened tokens (OPT's ln2) is shown as
+            # (batch, seq, width), like every other point
+            new_scale = self._apply_site(names["scale"], scale) if "scale" in names else scale
             normalized = centred / new_scale
-            new = (self._apply(names["normalized"], normalized) if "normalized" in names
+            new = (self._apply_site(names["normalized"], normalized) if "normalized" in names
                    else normalized)
             if (new_scale is scale and new is normalized
                     and not any(n in self._plan.backward for n in names.values())):
