@@ -17,14 +17,20 @@ def is_text(inputs: Any) -> bool:
                                        and all(isinstance(t, str) for t in inputs))
 
 
-def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right",
+                  prepend_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)``, both ``(batch, seq)`` long tensors on the CPU.
 
     Accepts a string, a list of strings (padded on ``padding_side``), a 1-D or 2-D tensor of
     token ids, a list of token-id lists of equal length, or a dict with ``input_ids`` (and
     optionally ``attention_mask``). ``tokenizer`` is only used for text.
+
+    ``prepend_bos`` (text only): ``None`` tokenizes as the tokenizer does by itself (Llama's
+    adds a BOS token, GPT-2's does not); ``True`` makes every row start with the BOS token;
+    ``False`` adds no special token. Token ids are always used as given.
     """
+    if padding_side not in ("right", "left"):
+        raise UsageError(f"padding_side is 'right' or 'left', not {padding_side!r}")
     if isinstance(inputs, dict):
         if "input_ids" not in inputs:
             raise UsageError("a dict input needs an 'input_ids' entry")
@@ -41,6 +47,8 @@ def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if any(t == "" for t in texts):
             raise UsageError("cannot run an empty string")
+        if prepend_bos is not None:
+            return _encode_explicitly(texts, tokenizer, padding_side, prepend_bos)
         previous = tokenizer.padding_side
         tokenizer.padding_side = padding_side
         try:
@@ -50,6 +58,29 @@ def encode_inputs(inputs: Any, tokenizer: Any, *, padding_side: str = "right"
         return enc["input_ids"].long(), enc["attention_mask"].long()
     ids = _as_ids(inputs)
     return ids, torch.ones_like(ids)
+
+
+def _encode_explicitly(texts: list[str], tokenizer: Any, padding_side: str, prepend_bos: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts without the tokenizer's own special tokens, then a BOS token if asked, padded."""
+    rows = [list(r) for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if prepend_bos:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise UsageError("prepend_bos=True, but this model's tokenizer has no BOS token")
+        rows = [[bos, *r] for r in rows]
+    if any(not r for r in rows):
+        raise UsageError("a text gave no tokens")
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
 
 
 def _as_ids(value: Any) -> torch.Tensor:

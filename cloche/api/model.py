@@ -84,6 +84,12 @@ class Model:
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
+        #: how text becomes tokens (token ids are always used as given): ``prepend_bos``
+        #: ``None`` = as the tokenizer does by itself, ``True``/``False`` = always/never a BOS
+        #: token; ``padding_side`` for batches of texts in ``run`` (``generate`` pads left).
+        #: Both change results silently when they differ from another tool's: set them here.
+        self.prepend_bos: bool | None = None
+        self.padding_side: str = "right"
         self._info: rq.ModelInfo | None = None
         self._names: frozenset[str] | None = None
         self._points: list[ProbePoint] | None = None
@@ -174,10 +180,11 @@ class Model:
             plan.setdefault(self.resolve(name), []).extend(fns)
         return plan
 
-    def _encode(self, inputs: Any, padding_side: str = "right"
+    def _encode(self, inputs: Any, padding_side: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.tokenizer if is_text(inputs) else None
-        return encode_inputs(inputs, tokenizer, padding_side=padding_side)
+        return encode_inputs(inputs, tokenizer, padding_side=padding_side or self.padding_side,
+                             prepend_bos=self.prepend_bos)
 
     def _prepare_run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
                      grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
@@ -217,7 +224,8 @@ class Model:
         if not self.causal:
             raise UsageError("generate needs a causal language model")
         tokenizer = self.tokenizer if is_text(prompt) else None
-        ids, mask = encode_inputs(prompt, tokenizer, padding_side="left")
+        ids, mask = encode_inputs(prompt, tokenizer, padding_side="left",
+                                  prepend_bos=self.prepend_bos)
         options = generation_options(self.tokenizer, max_new_tokens, temperature)
         if seed is None:  # drawn here, so that every rank of a sharded model samples alike
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -403,11 +411,26 @@ class Model:
         return self._execute(self._prepare_param(name, grad=grad, index=index))
 
     def tokenize(self, text: str | list[str]) -> torch.Tensor:
-        """Token ids of ``text``: ``(seq,)`` for a string, ``(batch, seq)`` for a list."""
+        """Token ids of ``text`` as ``run`` makes them (``prepend_bos``, ``padding_side``):
+        ``(seq,)`` for a string, ``(batch, seq)`` for a list."""
         if not is_text(text):
             raise UsageError(f"tokenize takes a string or a list of strings, not {text!r}")
-        ids, _ = encode_inputs(text, self.tokenizer)
+        ids, _ = encode_inputs(text, self.tokenizer, padding_side=self.padding_side,
+                               prepend_bos=self.prepend_bos)
         return ids[0] if isinstance(text, str) else ids
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True) -> str:
+        """An instruct model's prompt for ``messages`` (``[{"role": "user", "content": ...}]``),
+        as its tokenizer's chat template writes it; pass the text to ``run``/``generate``
+        (with ``prepend_bos = False`` if the template already starts with the BOS token)."""
+        tokenizer = self._need_tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"{self.name}'s tokenizer has no chat template (not an instruct"
+                             " model?): write the prompt yourself")
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+        return str(text)
 
     def _need_tokenizer(self) -> Any:
         tokenizer = self.tokenizer
