@@ -150,8 +150,28 @@ def _pick_neuron(model: Any, point: str, dataset: Any, limit: int) -> tuple[int,
     top = np.asarray(out["reducers"]["range"]["max"], dtype=float)
     mean = np.asarray(out["reducers"]["var"]["mean"], dtype=float)
     score = (top - mean) / np.maximum(std, 1e-6)
-    unit = int(np.nanargmax(score))
+    unit = _readable_neuron(model, point, np.nan_to_num(score, nan=-np.inf))
     return unit, {"max": float(top[unit]), "mean": float(mean[unit]), "std": float(std[unit])}
+
+
+def _readable(token: str) -> bool:
+    """A token a reader can make sense of: printable, with at least two letters or digits."""
+    text = token.strip()
+    return ("\ufffd" not in text and text.isprintable()
+            and sum(c.isalnum() for c in text) >= 2)
+
+
+def _readable_neuron(model: Any, point: str, score: np.ndarray, candidates: int = 20) -> int:
+    """Of the ``candidates`` peakiest neurons, the first whose most promoted tokens read as
+    words (the tour prints them), else the peakiest."""
+    from cloche import experiments as ex
+
+    order = [int(i) for i in np.argsort(-score, kind="stable")[:candidates]]
+    for unit in order:
+        promoted = [t for t, _ in ex.logit_effect(model, (point, unit), k=5)["top"]]
+        if sum(_readable(t) for t in promoted) >= 4:
+            return unit
+    return order[0]
 
 
 def run_demo(model: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -78,3 +78,15 @@ def test_results_show_themselves_in_a_notebook(default_model):
     page = examples._repr_html_()
     assert examples.describe() in page.replace("&#x27;", "'") and "<b" in page
     assert "<script" not in page  # tokens are escaped
+
+
+def test_the_demo_picks_a_neuron_whose_promoted_tokens_read_as_words(default_model):
+    from cloche.experiments import demo
+
+    assert demo._readable(" return") and demo._readable("Point")
+    assert not demo._readable("\ufffd") and not demo._readable(" (") and not demo._readable("a")
+    point = f"layers.{default_model.n_layers - 1}.mlp.post"
+    score = np.random.default_rng(0).random(default_model.d_mlp)
+    unit = demo._readable_neuron(default_model, point, score)
+    promoted = [t for t, _ in ex.logit_effect(default_model, (point, unit), k=5)["top"]]
+    assert sum(demo._readable(t) for t in promoted) >= 4, promoted
