@@ -86,6 +86,10 @@ class SessionRegistry:
         self._path = Path(path) if path is not None else None
         if self._path is not None and self._path.exists():
             for entry in json.loads(self._path.read_text()).get("sessions", []):
+                if isinstance(entry, str):  # written before principals: the owner's
+                    entry = {"id": entry, "principal": OWNER}
+                if not isinstance(entry, dict):
+                    continue
                 sid, principal = entry.get("id"), entry.get("principal")
                 if isinstance(sid, str) and _SESSION_ID.match(sid) and isinstance(principal, str):
                     self._sessions[sid] = Session(sid, principal)

@@ -172,3 +172,12 @@ def test_the_server_caps_saved_bytes_by_default(server_model_dir):
         assert model.save_contexts() == []
         model.run("x", probes={"embed": keep}, save="c")  # small saves still fit
         assert model.save_context("c").num_runs == 1
+
+
+def test_a_sessions_file_from_before_principals_resumes_as_the_owners(tmp_path):
+    import json
+
+    path = tmp_path / "sessions.json"
+    path.write_text(json.dumps({"sessions": ["a" * 32, 5]}))  # the old format, and junk
+    session, resumed = SessionRegistry(None, path).open("a" * 32)
+    assert resumed and session.principal == OWNER
