@@ -41,7 +41,8 @@ def start_long_run(model, context="cancelled", texts=LONG):
     """Submit a long dataset run and return its future once the server is running it."""
     running = threading.Event()
     future = model.submit("run_dataset", texts, probes={"layers.0.mlp.post": save_everything},
-                          save=context, batch_size=1, progress=lambda update: running.set())
+                          save=context, batch_size=1,
+                          progress=lambda update: update["type"] == "progress" and running.set())
     assert running.wait(120), "the dataset run never reported progress"
     return future
 
@@ -96,7 +97,8 @@ def test_cancel_event_argument_like_the_local_model(model):
     cancel = threading.Event()
     with pytest.raises(Cancelled):  # set once the server reports the run under way
         model.run_dataset(LONG, probes={"layers.0.mlp.post": save_everything}, save="evt",
-                          batch_size=1, progress=lambda update: cancel.set(), cancel=cancel)
+                          batch_size=1, cancel=cancel,
+                          progress=lambda update: update["type"] == "progress" and cancel.set())
     assert cancel.is_set()
     assert model.save_context("evt").num_runs == 0
 

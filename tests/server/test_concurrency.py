@@ -83,7 +83,8 @@ def test_light_requests_are_not_stuck_behind_a_long_run(served):
         running = threading.Event()
         future = busy.submit("run_dataset", ENDLESS,
                              probes={"layers.0.mlp.post": save_everything},
-                             save="long", batch_size=1, progress=lambda u: running.set())
+                             save="long", batch_size=1,
+                             progress=lambda u: u["type"] == "progress" and running.set())
         assert running.wait(60)
         assert light.param("embed.W_E").shape[1] == light.d_model
         assert isinstance(light.save_contexts(), list)

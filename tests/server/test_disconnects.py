@@ -38,7 +38,8 @@ CLIENT = textwrap.dedent(
     texts = ["def add(a, b):\\n    return a + b\\n"] * 50000
     future = model.submit("run_dataset", texts, probes={"layers.0.mlp.post": keep},
                           save="doomed", batch_size=1,
-                          progress=lambda update: print("progress", flush=True))
+                          progress=lambda update: update["type"] == "progress"
+                          and print("progress", flush=True))
     future.result()  # hours of work: the test kills this process while it waits here
     """
 )
