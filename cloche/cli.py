@@ -391,13 +391,12 @@ def run_status(args: argparse.Namespace) -> int:
 
     from cloche import connect
 
-    token = None
+    token = None  # connect() falls back to $CLOCHE_TOKEN
     if args.token_file is not None:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --token-file {args.token_file!r}: {exc}") from exc
+        token, _, _ = resolve_token(args.token_file, {})
+        if token is None:
+            raise UsageError(f"--token-file {args.token_file!r} names several principals: give"
+                             " cloche status a file holding your own token")
     with connect(args.address, token=token) as model:
         status = model.server_status()
     if args.json:

@@ -30,6 +30,7 @@ __all__ = ["ship_by_reference", "ship_local_modules"]
 
 _lock = threading.Lock()
 _seen: set[str] = set()
+_modules_seen = 0  # len(sys.modules) at the last look
 _by_reference: set[str] = {"cloche"}
 
 
@@ -74,8 +75,12 @@ def _is_local(name: str, module: ModuleType) -> bool:
 def ship_local_modules() -> list[str]:
     """Register the not yet seen modules outside installed code for shipping by value (the
     names registered now). Cheap after the first call: only new modules are looked at."""
-    registered = []
+    global _modules_seen
+    registered: list[str] = []
     with _lock:
+        if len(sys.modules) == _modules_seen:  # every request passes here: nothing new loaded
+            return registered
+        _modules_seen = len(sys.modules)
         for name, module in list(sys.modules.items()):
             if name in _seen or not isinstance(module, ModuleType):
                 continue

@@ -220,12 +220,17 @@ class Server:
         """Tell every waiting job its place: ``position`` in line (1: next) and ``ahead``, the
         requests that run before it (the running one included)."""
         with self._positions_lock:
-            running = int(self._running is not None)
-            for job, position in self.queue.positions():
+            for job, position, ahead in self._places():
                 if job.position != position:
                     job.position = position
-                    job.emit({"type": "queued", "position": position,
-                              "ahead": position - 1 + running})
+                    job.emit({"type": "queued", "position": position, "ahead": ahead})
+
+    def _places(self) -> list[tuple[Job, int, int]]:
+        """Every waiting job, its place in line (1: next) and how many requests run before it
+        (the running one included)."""
+        running = int(self._running is not None)
+        return [(job, position, position - 1 + running)
+                for job, position in self.queue.positions()]
 
     def _complete(self, job: Job, *, value: Any = None, error: BaseException | None = None) -> None:
         if job.finished:
@@ -329,9 +334,8 @@ class Server:
 
         running = self._running
         now = time.monotonic()
-        queue = [{**entry(job), "position": position,
-                  "ahead": position - 1 + int(running is not None)}
-                 for job, position in self.queue.positions()]
+        queue = [{**entry(job), "position": position, "ahead": ahead}
+                 for job, position, ahead in self._places()]
         return {
             "model": self.info.get("name"), "world_size": self.info.get("world_size"),
             "principal": session.principal, "session": session.id,

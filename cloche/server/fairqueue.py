@@ -81,14 +81,12 @@ class FairQueue(Generic[T]):
                 return None
             if self._closed:
                 return None
+            group = next(iter(self._groups.values()))
+            key = next(iter(group.lanes))  # the lane _take serves
             item = _take(self._groups)
-            self._forget_empty_lanes()
+            if key not in group.lanes:
+                del self._group_of[key]
             return item
-
-    def _forget_empty_lanes(self) -> None:
-        live = {key for group in self._groups.values() for key in group.lanes}
-        for key in [k for k in self._group_of if k not in live]:
-            del self._group_of[key]
 
     def _lane(self, key: Hashable) -> tuple[Hashable, _Group[T], deque[T]] | None:
         name = self._group_of.get(key)
