@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,23 @@ class Adapter:
             return self.parallel
         names = (self.parallel,) if isinstance(self.parallel, str) else self.parallel
         return any(bool(getattr(config, name, False)) for name in names)
+
+
+class DecoderPaths(TypedDict):
+    """Where a Llama-style decoder keeps its parts (most families since Llama do)."""
+
+    layers: str
+    embed: str
+    final_norm: str
+    unembed: str
+    logits: str
+    attention: str
+
+
+#: ``Adapter(**DECODER_PATHS, ...)`` for a family laid out like Llama's transformers code
+DECODER_PATHS = DecoderPaths(layers="model.layers", embed="model.embed_tokens",
+                             final_norm="model.norm", unembed="lm_head", logits="lm_head",
+                             attention="self_attn")
 
 
 def projection_sites(attention: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj"

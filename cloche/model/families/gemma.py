@@ -7,7 +7,7 @@ stream (as in TransformerLens). Gemma 2 soft-caps attention scores and the final
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
+from cloche.model.families.base import DECODER_PATHS, Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 
 _GLOBAL = {
@@ -22,15 +22,10 @@ _NOTES = (
 )
 
 GEMMA = Adapter(
+    **DECODER_PATHS,
     summary="embeddings scaled by sqrt(d_model), (1 + w) RMSNorm",
     family="gemma",
     model_types=("gemma",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     block_sites=LLAMA_BLOCK_SITES,
     block_weights=LLAMA_BLOCK_WEIGHTS,

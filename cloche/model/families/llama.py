@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
+from cloche.model.families.base import DECODER_PATHS, Adapter, Site, WeightRule, projection_sites
 
 LLAMA_BLOCK_SITES = {
     "resid_pre": Site("", "input"),
@@ -35,15 +35,10 @@ LLAMA_BLOCK_WEIGHTS = {
 }
 
 LLAMA = Adapter(
+    **DECODER_PATHS,
     summary="RMSNorm, rotary, gated MLP, grouped-query KV",
     family="llama",
     model_types=("llama", "mistral", "qwen2"),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     block_sites=LLAMA_BLOCK_SITES,
     block_weights=LLAMA_BLOCK_WEIGHTS,
@@ -56,15 +51,10 @@ LLAMA = Adapter(
 )
 
 QWEN3 = Adapter(
+    **DECODER_PATHS,
     summary="per-head q/k RMSNorm before rotary",
     family="qwen3",
     model_types=("qwen3",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     block_sites=LLAMA_BLOCK_SITES,
     block_weights={

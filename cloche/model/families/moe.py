@@ -7,7 +7,7 @@ the whole sparse block's output. See ``model.moe`` for how experts are tapped.
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, WeightRule
+from cloche.model.families.base import DECODER_PATHS, Adapter, WeightRule
 from cloche.model.families.llama import LLAMA, LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 
 # the MLP sites name modules only dense blocks have (Qwen2-MoE's mlp_only_layers)
@@ -25,15 +25,10 @@ MOE_NOTES = (
 )
 
 MIXTRAL = Adapter(
+    **DECODER_PATHS,
     summary="mixture of experts: router logits, per-expert activations",
     family="mixtral",
     model_types=("mixtral",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",
@@ -44,15 +39,10 @@ MIXTRAL = Adapter(
 )
 
 QWEN2_MOE = Adapter(
+    **DECODER_PATHS,
     summary="mixture of experts with a gated shared expert",
     family="qwen2_moe",
     model_types=("qwen2_moe",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",
@@ -72,15 +62,10 @@ QWEN2_MOE = Adapter(
 )
 
 QWEN3_MOE = Adapter(
+    **DECODER_PATHS,
     family="qwen3_moe",
     summary="mixture of experts, per-head q/k RMSNorm",
     model_types=("qwen3_moe",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",

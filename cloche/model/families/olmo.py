@@ -3,20 +3,15 @@ OLMoE (OLMo's mixture of experts)."""
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
+from cloche.model.families.base import DECODER_PATHS, Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA, LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 from cloche.model.families.moe import MOE_NOTES, MOE_SITES, MOE_WEIGHTS
 
 OLMO = Adapter(
+    **DECODER_PATHS,
     family="olmo",
     summary="LayerNorms without weights, optional q/k/v clipping",
     model_types=("olmo",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     block_sites=LLAMA_BLOCK_SITES,
     block_weights=LLAMA_BLOCK_WEIGHTS,  # the norms have no weights: ln*.w do not exist
@@ -26,15 +21,10 @@ OLMO = Adapter(
 )
 
 OLMO2 = Adapter(
+    **DECODER_PATHS,
     summary="post-norms only, q/k RMSNorm over all heads",
     family="olmo2",
     model_types=("olmo2",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     block_sites={
         "resid_pre": Site("", "input"),
@@ -69,15 +59,10 @@ OLMO2 = Adapter(
 )
 
 OLMOE = Adapter(
+    **DECODER_PATHS,
     family="olmoe",
     summary="mixture of experts, q/k RMSNorm over all heads",
     model_types=("olmoe",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import DECODER_PATHS, Adapter, Site, WeightRule
 
 PHI3 = Adapter(
+    **DECODER_PATHS,
     summary="fused qkv and gate_up projections",
     family="phi3",
     model_types=("phi3",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     block_sites={
         "resid_pre": Site("", "input"),

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, WeightRule
+from cloche.model.families.base import DECODER_PATHS, Adapter, WeightRule
 from cloche.model.families.llama import LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 
 STABLELM = Adapter(
+    **DECODER_PATHS,
     summary="partial rotary, optional parallel residual and q/k LayerNorms",
     family="stablelm",
     model_types=("stablelm",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     gated_mlp=True,
     parallel="use_parallel_residual",
     block_sites=LLAMA_BLOCK_SITES,

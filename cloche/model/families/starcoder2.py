@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
+from cloche.model.families.base import DECODER_PATHS, Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA_BLOCK_WEIGHTS
 
 STARCODER2 = Adapter(
+    **DECODER_PATHS,
     summary="LayerNorm, sliding window, plain GELU MLP",
     family="starcoder2",
     model_types=("starcoder2",),
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    logits="lm_head",
-    attention="self_attn",
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
