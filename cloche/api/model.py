@@ -189,7 +189,8 @@ class Model:
     def _prepare_run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
                      grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
                      backward: bool | Callable[..., torch.Tensor] | None = None,
-                     return_logits: bool = True, micro_batches: int = 1) -> Prepared:
+                     return_logits: bool = True, return_loss: bool = False,
+                     micro_batches: int = 1) -> Prepared:
         ids, mask = self._encode(inputs)
         forward = self._plan(probes)
         backward_probes = self._plan(grad_probes, "grad_probes")
@@ -208,6 +209,7 @@ class Model:
         request = rq.Run(ids=ids, mask=mask, forward=forward, backward_probes=backward_probes,
                          save=_context_name(save), backward=backward,
                          return_logits=bool(return_logits),
+                         return_loss=bool(return_loss) and self.causal,
                          micro_batches=_positive_int(micro_batches, "micro_batches"))
         causal = self.causal
 
@@ -292,7 +294,7 @@ class Model:
     def run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
             grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
             backward: bool | Callable[..., torch.Tensor] | None = None,
-            return_logits: bool = True, micro_batches: int = 1,
+            return_logits: bool = True, return_loss: bool = False, micro_batches: int = 1,
             cancel: CancelEvent | None = None) -> RunResult:
         """One forward pass (and optionally a backward pass) with probes attached.
 
@@ -304,10 +306,17 @@ class Model:
         backprop; parameter gradients are then readable with ``param(name, grad=True)``.
         ``micro_batches`` > 1 splits a forward-only batch (probes run once per micro-batch).
         ``cancel`` (a ``threading.Event``) stops the run at the next layer when set.
+
+        What is computed follows what is asked: ``result.loss`` comes from the returned logits
+        on first access; ``return_loss=True`` computes it where the model runs instead (only a
+        float crosses the wire, useful with ``return_logits=False``). With neither, the
+        unembedding is skipped where the model allows (no probe at ``logits``): a probing run
+        then costs less than the plain forward.
         """
         return self._execute(self._prepare_run(
             inputs, probes=probes, grad_probes=grad_probes, save=save, backward=backward,
-            return_logits=return_logits, micro_batches=micro_batches), cancel)
+            return_logits=return_logits, return_loss=return_loss,
+            micro_batches=micro_batches), cancel)
 
     def generate(self, prompt: Any, max_new_tokens: int = 20, *,
                  probes: Mapping[str, Any] | None = None, save: str | None = None,

@@ -47,6 +47,7 @@ from cloche.probes.context import RunInfo
 from cloche.probes.refs import apply_ops
 from cloche.probes.store import SaveStore, Transaction
 from cloche.runtime.datasets import as_dataset, iterate
+from cloche.runtime.head import head_kwargs
 from cloche.runtime.hooks import Attachment, ProbePlan
 from cloche.runtime.interrupt import interruptible
 from cloche.runtime.shapes import probe_ids, shape_reader
@@ -174,8 +175,10 @@ class LocalExecutor:
 
     # ----------------------------------------------------------------- running
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan, writes: Any,
-                example_ids: torch.Tensor | None, cancel: Any, *, grad: bool) -> Any:
-        """One forward pass of ``hf_model`` with ``plan`` attached (and detached after)."""
+                example_ids: torch.Tensor | None, cancel: Any, *, grad: bool,
+                head: bool = True) -> Any:
+        """One forward pass of ``hf_model`` with ``plan`` attached (and detached after);
+        ``head=False``: nobody reads the logits, so the unembedding may skip most positions."""
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
@@ -183,8 +186,21 @@ class LocalExecutor:
         attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
                                 cancel, self._block_paths, self._attention_paths,
                                 self._attention_method)
+        extra = head_kwargs(self.hf_model, needed=head or grad or self.reads_head(plan))
         with attachment.attached(), torch.set_grad_enabled(grad):
-            return self.hf_model(input_ids=ids, attention_mask=mask)
+            return self.hf_model(input_ids=ids, attention_mask=mask, **extra)
+
+    def reads_head(self, plan: ProbePlan) -> bool:
+        """Whether a probe of ``plan`` sits at the unembedding's output (or where it cannot be
+        told): then every position's logits are computed, as in the plain forward."""
+        head = {"", self.adapter.logits} if self.adapter is not None else {""}
+        for name in plan.points():
+            spec = self.specs.get(name)
+            if spec is None or (spec.site is None and spec.attention is None):
+                return True
+            if spec.site is not None and spec.site.module in head:
+                return True
+        return False
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Transaction]:
@@ -202,7 +218,7 @@ class LocalExecutor:
         with self._transaction() as txn:
             return self._run_ids(req.ids, req.mask, plan, txn, req.save, backward=req.backward,
                                  return_logits=req.return_logits,
-                                 want_loss=not req.return_logits, cancel=cancel,
+                                 want_loss=req.return_loss, cancel=cancel,
                                  micro_batches=req.micro_batches)
 
     def _run_ids(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan,
@@ -216,6 +232,7 @@ class LocalExecutor:
             writes.examples += ids.shape[0]
         example_ids = example_ids.to(self.device)
         grad = backward is not None
+        head = grad or return_logits or want_loss
         if grad and not self.lm_head:  # the facade refuses this first; a clear error anyway
             raise UsageError(no_head_message(self.name, "backward"))
         if grad:
@@ -225,8 +242,8 @@ class LocalExecutor:
         for part_ids, part_mask, part_examples in zip(ids.chunk(n), mask.chunk(n),
                                                       example_ids.chunk(n), strict=True):
             out = self.forward(part_ids, part_mask, plan, writes, part_examples, cancel,
-                               grad=grad)
-            if getattr(out, "logits", None) is not None:  # a base model has none
+                               grad=grad, head=head)
+            if head and getattr(out, "logits", None) is not None:  # a base model has none
                 chunks.append(out.logits)
         if not chunks:
             writes.runs += 1

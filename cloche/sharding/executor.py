@@ -329,7 +329,8 @@ class ShardedExecutor:
         result = self._command(
             "run", cancel=cancel, after=after, ids=req.ids, mask=req.mask, forward=req.forward,
             backward_probes=req.backward_probes, save=req.save, backward=req.backward,
-            return_logits=want, micro_batches=self._micro(req.micro_batches))
+            return_logits=want, return_loss=req.return_loss,
+            micro_batches=self._micro(req.micro_batches))
         values, logits = result if after is not None else (result, None)
         return rq.RunOutput(logits=None if logits is None else logits.cpu(),
                             loss=values[last]["loss"])
