@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cloche.api.inputs import next_token_loss
+from cloche.api.progress import silenced
 from cloche.api.results import Outputs
 from cloche.errors import Aborted, Cancelled, UsageError
 from cloche.errors.payload import to_payload
@@ -483,7 +484,10 @@ class Stage:
                 ) -> Any:
         if self.rank not in targets:
             return None
-        return run_user_function(fn, self.local.facade, args, kwargs)
+        if self.rank == 0:  # where the caller is (or a server, which silences its requests)
+            return run_user_function(fn, self.local.facade, args, kwargs)
+        with silenced():  # a worker rank's console is nobody's: no bars from user code there
+            return run_user_function(fn, self.local.facade, args, kwargs)
 
     def op_ping(self) -> int:
         return self.rank

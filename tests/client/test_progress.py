@@ -1,9 +1,12 @@
-"""run_dataset progress: streamed events become a tqdm bar or callback updates."""
+"""Progress over the wire: a server's streamed events become a tqdm bar or callback updates
+(the rules are in cloche.api.progress; every experiment is checked in tests/experiments)."""
 
 from __future__ import annotations
 
 import cloche
-from cloche.api.progress import ProgressReporter
+import cloche.api.progress as progress_module
+import pytest
+from cloche.api.progress import Progress
 from cloche.client import connect
 
 TEXTS = ["def f(x):\n    return x\n", "for i in range(3): pass"] * 10
@@ -23,29 +26,71 @@ def test_progress_callback_sees_done_total_tokens_eta(served):
     assert "eta" in last and "elapsed" in last
     assert [u["done"] for u in updates] == sorted(u["done"] for u in updates)
 
-def test_progress_bar_default(served, capsys):
+@pytest.fixture
+def bars_at_once(monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.0)
+
+
+def test_progress_bar_default(served, capsys, bars_at_once):
     with connect(served.address, token=served.token) as model:
         out = model.run_dataset(TEXTS, batch_size=5, save="bar")
     assert out["examples"] == len(TEXTS)
     assert f"{len(TEXTS)}/{len(TEXTS)}" in capsys.readouterr().err
 
+
+def test_remote_run_and_generate_report_and_can_be_silenced(served, capfd, bars_at_once):
+    with connect(served.address, token=served.token) as model:
+        events: list[dict] = []
+        model.run("hello", progress=events.append)
+        # an idle server queues the request as next, then starts it
+        assert [e["type"] for e in events if e["type"] != "queued"] == ["started", "done"]
+        assert all(e["ahead"] == 0 for e in events if e["type"] == "queued")
+        events.clear()
+        model.generate("hello", 2, progress=events.append)
+        assert [e["type"] for e in events if e["type"] != "queued"] == ["started", "done"]
+        capfd.readouterr()
+        model.run("hello", progress=False)
+        model.generate("hello", 2, progress=False)
+        assert capfd.readouterr().err == ""
+        model.run("hello")
+        assert "run" in capfd.readouterr().err
+
+
 def test_reporter_forwards_queue_start_and_progress_events_to_callbacks():
     seen: list[dict] = []
-    reporter = ProgressReporter(seen.append, "x")
+    reporter = Progress(seen.append, "x")
     events = [{"type": "queued", "position": 2, "ahead": 2}, {"type": "started"},
               {"type": "progress", "done": 1, "total": 2, "tokens": 5}, {"type": "other"}]
     for event in events:
         reporter(event)
     reporter.close()
-    assert seen == events[:3]
+    assert seen[:3] == events[:3]
+    assert seen[3]["type"] == "done" and seen[3]["ok"] is True and len(seen) == 4
 
 
-def test_the_bar_says_how_many_requests_run_first(capsys):
-    reporter = ProgressReporter(True, "run_dataset")
+def test_the_bar_says_how_many_requests_run_first(monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)  # only the queue shows it at once
+    reporter = Progress(True, "run_dataset")
+    assert reporter.bar is None
     reporter({"type": "queued", "position": 1, "ahead": 1})
-    assert "(queued: 1 ahead)" in reporter._bar.desc
+    assert "(queued: 1 ahead)" in reporter.bar.desc
     reporter({"type": "queued", "position": 1, "ahead": 0})
-    assert "(queued: next)" in reporter._bar.desc
+    assert "(queued: next)" in reporter.bar.desc
     reporter({"type": "started"})
-    assert "queued" not in reporter._bar.desc
+    assert "queued" not in reporter.bar.desc
     reporter.close()
+
+
+def test_a_request_behind_others_shows_at_once_a_next_one_waits_for_the_delay(capsys,
+                                                                             monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)
+    reporter = Progress(True, "run")
+    reporter({"type": "queued", "position": 1, "ahead": 0})  # next: as a quick call, no bar
+    assert reporter.bar is None
+    reporter({"type": "queued", "position": 2, "ahead": 1})
+    assert reporter.bar is not None
+    reporter({"type": "queued", "position": 1, "ahead": 0})
+    reporter.close()
+    err = capsys.readouterr().err
+    assert "run (queued: 1 ahead)" in err and "run (queued: next)" in err
+    assert "position" not in err

@@ -40,6 +40,17 @@ def test_tutorial_runs_against_a_server(capsys):
         server.shutdown()
     printed = capsys.readouterr().out
     assert "induction head: layers." in printed and "without the induction head" in printed
+    # the tutorial shows the current conventions, and they behave as it says
+    events = namespace["events"]
+    assert events[0]["type"] == "started" or events[0]["type"] == "queued"
+    assert events[-1]["type"] == "done" and events[-1]["ok"] is True
+    assert any(e["type"] == "progress" for e in events)
+    assert "fetch(key) stacks the entries on a new first axis" in printed  # the handle's repr
+    assert isinstance(type(namespace["handle"]).nbytes, property)  # not a method
+    assert re.search(r"\d+ bytes on the server; \[", printed)
+    assert "CallError: function per_token raised ZeroDivisionError" in printed
+    assert "first 4 position(s) of each example skipped; one entry per example" in printed
+    assert namespace["corpus"].loss_clean > 0  # dataset= takes a dataset name
     hit = namespace["hit"]
     # what the prose claims, wherever the model has an induction head (the default-model test
     # in test_heads_ablation.py requires that it does)
