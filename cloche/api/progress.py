@@ -36,7 +36,6 @@ import contextlib
 import contextvars
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,7 +47,7 @@ __all__ = ["DELAY_S", "KEEP_S", "Progress", "ProgressArg", "silenced"]
 DELAY_S = 1.0
 #: a bar up for at least this many seconds stays when its call ends; a shorter one disappears
 KEEP_S = 10.0
-#: how often a drawn bar refreshes its elapsed time while no event arrives
+#: how often a drawn bar is redrawn (its counts and elapsed time)
 TICK_S = 0.5
 
 _CURRENT: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
@@ -73,6 +72,11 @@ class Progress:
     call's reporter forwards); an experiment that counts steps calls :meth:`expect` and
     :meth:`step`. Use it as a context manager (``with Progress(progress, "name") as p:``): inside,
     calls made with the default ``progress=True`` report to it; leaving it sends ``done``.
+
+    Events only update the reporter's state; the bar is drawn by one short-lived thread per call
+    that wants a bar, started by the caller (and by the caller itself when the call ends). So
+    output goes where the call was made — a notebook routes a thread's output to the cell that
+    started it — not where the events arrive (a connection's long-lived reader thread).
     """
 
     def __init__(self, progress: ProgressArg, desc: str, *, unit: str = "it") -> None:
@@ -90,20 +94,24 @@ class Progress:
             self._want_bar = self._parent is None
         elif callable(progress):
             self._callback = progress
-        self._lock = threading.RLock()
+        self._lock = threading.Condition(threading.RLock())
         self._t0 = time.monotonic()
-        self._total: int | None = None
+        self._total: int | None = None  # steps, when the call counts its own
         self._done = 0
+        self._count: tuple[int, Any, Any] | None = None  # (done, total, tokens) of dataset work
+        self._inner: str = ""  # a nested pass's count, shown beside the steps
         self._started = self._closed = False
         self._queued: int | None = None
         self._bar: Any = None
         self._shown_at: float | None = None
+        self._drawer: threading.Thread | None = None
         self._token: contextvars.Token[Progress | None] | None = None
         if self._want_bar:
             if DELAY_S <= 0:
                 self._show()
-            else:
-                _TICKER.add(self)
+            self._drawer = threading.Thread(target=self._draw_loop, name="cloche-progress",
+                                            daemon=True)
+            self._drawer.start()
 
     @staticmethod
     def current() -> Progress | None:
@@ -132,15 +140,12 @@ class Progress:
             self._total = int(total)
             if unit is not None:
                 self._unit = unit
-            if self._bar is not None:
-                self._bar.bar_format = None
-                self._bar.unit = self._unit
-                self._bar.total = self._total
 
     def step(self, n: int = 1) -> None:
         """``n`` more steps are done."""
         with self._lock:
             self._done += n
+            self._inner = ""
             event = {"type": "progress", "done": self._done, "total": self._total,
                      "unit": self._unit}
         self._event(event)
@@ -151,8 +156,9 @@ class Progress:
         if kind == "progress" and self._total is not None:
             # a pass inside a call that counts its own steps: shown beside them, not as them
             with self._lock:
-                if self._bar is not None and event.get("total"):
-                    self._bar.set_postfix_str(f"{event.get('done')}/{event['total']}")
+                if event.get("total"):
+                    self._inner = f"{event.get('done')}/{event['total']}"
+                    self._lock.notify_all()
             return
         if kind in ("queued", "started", "progress"):
             self._event(event)
@@ -162,22 +168,20 @@ class Progress:
         with self._lock:
             if self._closed:
                 return
-            if kind == "started" or kind == "progress":
+            if kind in ("started", "progress"):
                 first = not self._started
                 self._started, self._queued = True, None
                 if first:
                     self._emit({"type": "started"})
                 if kind == "started":
-                    self._redraw()
+                    self._lock.notify_all()
                     return
             if kind == "queued":
                 self._queued = int(event.get("ahead", event.get("position")) or 0)
-                if self._want_bar and self._queued > 0:
-                    self._show()
             if kind == "progress" and self._total is None and event.get("done") is not None:
-                self._draw_count(int(event["done"]), event.get("total"), event.get("tokens"))
+                self._count = (int(event["done"]), event.get("total"), event.get("tokens"))
             self._emit(dict(event))
-            self._redraw()
+            self._lock.notify_all()
 
     def _emit(self, event: dict[str, Any]) -> None:
         if self._parent is not None:
@@ -186,52 +190,66 @@ class Progress:
             self._callback(event)
 
     # ----------------------------------------------------------------- the bar
-    def _show(self) -> None:
+    def describe(self) -> str:
+        """The bar's description now: the call's name, and its place in a queue if it waits."""
         with self._lock:
-            if self._bar is not None or self._closed or not self._want_bar:
-                return
-            from tqdm.auto import tqdm
-
-            counted = self._total is not None
-            self._bar = tqdm(total=self._total, desc=self._desc, unit=self._unit, leave=True,
-                             bar_format=None if counted else "{desc}: {elapsed}{postfix}")
-            self._bar.n = self._done
-            self._shown_at = time.monotonic()
-            self._redraw()
-
-    def _draw_count(self, done: int, total: Any, tokens: Any) -> None:
-        if self._bar is None:
-            return
-        if self._bar.bar_format is not None:
-            self._bar.bar_format = None
-        if total is not None and self._bar.total != total:
-            self._bar.total = total
-        if tokens is not None:
-            self._bar.set_postfix(tokens=tokens, refresh=False)
-        self._bar.update(done - self._bar.n)
-
-    def _redraw(self) -> None:
-        bar = self._bar
-        if bar is None:
-            return
-        if self._queued is not None:
+            if self._queued is None:
+                return self._desc
             where = "next" if not self._queued else f"{self._queued} ahead"
-            bar.set_description(f"{self._desc} (queued: {where})", refresh=False)
-        else:
-            bar.set_description(self._desc, refresh=False)
-        if self._total is not None and bar.n != self._done:
-            bar.update(self._done - bar.n)
-        bar.refresh()
+            return f"{self._desc} (queued: {where})"
 
-    def _tick(self) -> None:
-        """From the ticker thread: draw the bar once the call outlived the delay, refresh it."""
+    def due(self) -> bool:
+        """Whether a bar should be up now: one is wanted, and the call outlived the delay or
+        waits behind others in a queue."""
         with self._lock:
-            if self._closed:
+            return self._want_bar and not self._closed and (
+                self._bar is not None or bool(self._queued)
+                or time.monotonic() - self._t0 >= DELAY_S)
+
+    def _show(self) -> None:
+        from tqdm.auto import tqdm
+
+        with self._lock:
+            if self._bar is None:
+                self._bar = tqdm(total=None, desc=self._desc, unit=self._unit, leave=True,
+                                 bar_format="{desc}: {elapsed}{postfix}")
+                self._shown_at = time.monotonic()
+        self._render()
+
+    def _render(self) -> None:
+        """Bring the bar up to the state (from the drawer thread or the caller's)."""
+        with self._lock:
+            bar = self._bar
+            if bar is None:
                 return
-            if self._bar is None and time.monotonic() - self._t0 >= DELAY_S:
-                self._show()
-            elif self._bar is not None:
-                self._bar.refresh()
+            done, total, postfix = self._done, self._total, self._inner
+            if total is None and self._count is not None:
+                done, total, tokens = self._count
+                postfix = f"tokens={tokens}" if tokens is not None else ""
+            counted = total is not None or self._count is not None
+            if counted and bar.bar_format is not None:
+                bar.bar_format = None
+                bar.unit = self._unit
+            if total is not None and bar.total != total:
+                bar.total = total
+            bar.n = done
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.set_description(self.describe(), refresh=False)
+            bar.refresh()
+
+    def _draw_loop(self) -> None:
+        """The drawer: put the bar up once it is due, then redraw it on events and ticks."""
+        with self._lock:
+            while not self._closed:
+                if self._bar is None:
+                    wait = DELAY_S - (time.monotonic() - self._t0)
+                    if self.due():
+                        self._show()
+                        continue
+                    self._lock.wait(max(wait, 0.0))
+                else:
+                    self._render()
+                    self._lock.wait(TICK_S)
 
     @property
     def bar(self) -> Any:
@@ -251,50 +269,16 @@ class Progress:
             if self._parent is None and self._callback is not None:
                 self._callback({"type": "done", "ok": bool(ok), "elapsed": elapsed})
             self._closed = True
+            self._lock.notify_all()
+        if self._drawer is not None and self._drawer is not threading.current_thread():
+            self._drawer.join()
+        self._render()  # the final counts, drawn by the caller
+        with self._lock:
             bar, self._bar = self._bar, None
-        _TICKER.remove(self)
         if bar is not None:
-            shown = time.monotonic() - (self._shown_at or self._t0)
-            bar.leave = shown >= KEEP_S
+            bar.leave = time.monotonic() - (self._shown_at or self._t0) >= KEEP_S
             bar.close()
 
 
 #: what ``progress=`` accepts
 ProgressArg = bool | None | Callable[[dict[str, Any]], None] | Progress
-
-
-class _Ticker:
-    """One daemon thread, started on first need, that ticks the reporters that want a bar:
-    it draws a bar once its call outlived :data:`DELAY_S` and keeps the elapsed time moving.
-    (One thread for all, so that a loop of quick calls starts no thread per call.)"""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active: weakref.WeakSet[Progress] = weakref.WeakSet()
-        self._thread: threading.Thread | None = None
-
-    def add(self, reporter: Progress) -> None:
-        with self._cond:
-            self._active.add(reporter)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="cloche-progress",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def remove(self, reporter: Progress) -> None:
-        with self._cond:
-            self._active.discard(reporter)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._active:
-                    self._cond.wait()
-                self._cond.wait(min(TICK_S, DELAY_S))
-                reporters = list(self._active)
-            for reporter in reporters:
-                reporter._tick()
-
-
-_TICKER = _Ticker()

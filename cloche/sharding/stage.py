@@ -439,7 +439,7 @@ class Stage:
                 return None
             return {"keys": {k: len(v) for k, v in ctx.entries.items()},
                     "reducers": sorted(ctx.reducers), "num_runs": ctx.num_runs,
-                    "nbytes": ctx.nbytes(), "has_state": bool(ctx.state)}
+                    "nbytes": ctx.nbytes, "has_state": bool(ctx.state)}
         if action == "entries":
             (key,) = args
             values = entries(store, name, key)

@@ -69,28 +69,38 @@ def test_reporter_forwards_queue_start_and_progress_events_to_callbacks():
 
 
 def test_the_bar_says_how_many_requests_run_first(monkeypatch):
-    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)  # only the queue shows it at once
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)  # only the queue puts it up early
     reporter = Progress(True, "run_dataset")
-    assert reporter.bar is None
-    reporter({"type": "queued", "position": 1, "ahead": 1})
-    assert "(queued: 1 ahead)" in reporter.bar.desc
+    assert not reporter.due()
+    reporter({"type": "queued", "position": 2, "ahead": 1})
+    assert reporter.describe() == "run_dataset (queued: 1 ahead)" and reporter.due()
     reporter({"type": "queued", "position": 1, "ahead": 0})
-    assert "(queued: next)" in reporter.bar.desc
+    assert reporter.describe() == "run_dataset (queued: next)"
     reporter({"type": "started"})
-    assert "queued" not in reporter.bar.desc
+    assert reporter.describe() == "run_dataset"
     reporter.close()
+    assert not reporter.due()
 
 
-def test_a_request_behind_others_shows_at_once_a_next_one_waits_for_the_delay(capsys,
-                                                                             monkeypatch):
+def test_a_request_next_in_line_waits_for_the_delay_like_any_call(monkeypatch):
     monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)
     reporter = Progress(True, "run")
     reporter({"type": "queued", "position": 1, "ahead": 0})  # next: as a quick call, no bar
-    assert reporter.bar is None
-    reporter({"type": "queued", "position": 2, "ahead": 1})
-    assert reporter.bar is not None
-    reporter({"type": "queued", "position": 1, "ahead": 0})
+    assert not reporter.due()
+    reporter.close()
+
+
+def test_what_the_bar_shows_is_drawn_where_the_call_was_made(capsys, bars_at_once):
+    """Events may arrive on another thread (a connection's reader); the caller draws the final
+    state when the call ends, so the output is there even if no tick came between."""
+    import threading
+
+    reporter = Progress(True, "run_dataset", unit="ex")
+    reader = threading.Thread(target=lambda: [
+        reporter({"type": "queued", "position": 1, "ahead": 0}),
+        reporter({"type": "progress", "done": 7, "total": 7, "tokens": 70})])
+    reader.start()
+    reader.join()
     reporter.close()
     err = capsys.readouterr().err
-    assert "run (queued: 1 ahead)" in err and "run (queued: next)" in err
-    assert "position" not in err
+    assert "run_dataset" in err and "7/7" in err and "tokens=70" in err

@@ -62,6 +62,7 @@ def test_demo_runs_against_a_server_it_starts(tmp_path, capsys):
     assert code == 0, printed
     assert "-> induction head: layers." in printed
     assert "without head" in printed and "\u00ab" in printed  # ablation and a marked example
+    assert f"plots -> {out.resolve()}" in printed  # the folder it writes to, named
     names = {p.name for p in out.iterdir()}
     assert {"head_scores_induction.png", "induction_attention.png", "neuron_histogram.png",
             "resid_pca.png", "connectivity.png"} <= names

@@ -58,3 +58,18 @@ def test_tutorial_runs_against_a_server(capsys):
         miss = namespace["miss"]
         assert hit.loss_ablated - hit.loss_clean > abs(miss.loss_ablated - miss.loss_clean)
     assert len(namespace["grid"].grid) == namespace["model"].n_layers
+
+
+def test_the_tutorial_states_the_model_and_the_install_as_they_are():
+    """The transcript's layer count is the shipped model's, and its install command the
+    README's (they had drifted: 3 layers for a 2-layer model, another pip line)."""
+    import json
+
+    text = TUTORIAL.read_text()
+    config = json.loads((default_dir() / "config.json").read_text())
+    layers = re.search(r"serving cloche-default \((\d+) layers\)", text)
+    assert layers and int(layers.group(1)) == config["num_hidden_layers"]
+    install = re.search(r"^\$ (pip install .*?)\s+#", text, flags=re.MULTILINE)
+    readme = (TUTORIAL.parents[1] / "README.md").read_text()
+    assert install and install.group(1) in readme
+    assert len(python_blocks(text)) >= 10  # what test_tutorial_runs_against_a_server executes
