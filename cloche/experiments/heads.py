@@ -108,9 +108,7 @@ def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed:
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"score.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]
-    scores = np.stack(rows).view(HeadScores)
-    scores.kind = kind
-    return scores
+    return _head_grid(np.stack(rows), kind)
 
 
 def _detection_pattern(kind: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -170,7 +168,14 @@ def detect_heads(model: Any, tokens: Any, kind: str, *, exclude_bos: bool = Fals
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"detect.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]
-    return np.stack(rows)
+    return _head_grid(np.stack(rows), f"{kind} detection")
+
+
+def _head_grid(values: Any, kind: str) -> HeadScores:
+    """A (n_layers, n_heads) table as a :class:`HeadScores` of ``kind`` (a grid in notebooks)."""
+    grid = np.asarray(values).view(HeadScores)
+    grid.kind = kind
+    return grid
 
 
 def top_heads(scores: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
@@ -288,7 +293,8 @@ def head_logit_attribution(model: Any, tokens: Any, answer: Any, *, position: in
     if wanted.numel() not in (1, ids.shape[0]):
         raise UsageError(f"answer must be one token id or one per row ({ids.shape[0]}), got"
                          f" {wanted.numel()}")
-    return np.asarray(model.call(_head_logit_attribution, ids, wanted, int(position)))
+    return _head_grid(model.call(_head_logit_attribution, ids, wanted, int(position)),
+                      "direct logit attribution")
 
 
 def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, position: int

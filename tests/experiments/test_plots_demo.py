@@ -74,6 +74,9 @@ def test_results_show_themselves_in_a_notebook(default_model):
     page = scores._repr_html_()
     assert "induction head scores" in page and page.count("<tr>") == default_model.n_layers + 1
     assert f"{float(scores.max()):.2f}" in page
+    detected = ex.detect_heads(default_model, ex.repeated_tokens(default_model, batch=2, half=8),
+                               "induction")
+    assert "induction detection head scores" in detected._repr_html_()
     examples = ex.top_examples(default_model, "layers.1.mlp.post", 3, "default:heldout", k=2,
                                limit=8, progress=False)
     page = examples._repr_html_()
