@@ -54,6 +54,11 @@ def test_remote_run_and_generate_report_and_can_be_silenced(served, capfd, bars_
         assert capfd.readouterr().err == ""
         model.run("hello")
         assert "run" in capfd.readouterr().err
+        events.clear()  # submit takes progress= too (quiet unless given: the caller goes on)
+        model.submit("run", "hello", progress=events.append).result()
+        assert [e["type"] for e in events if e["type"] != "queued"] == ["started", "done"]
+        model.submit("run", "hello").result()
+        assert capfd.readouterr().err == ""
 
 
 def test_reporter_forwards_queue_start_and_progress_events_to_callbacks():
