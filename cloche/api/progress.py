@@ -24,7 +24,8 @@ take ``progress=``, and all of them use :class:`Progress`:
   and as it moves up (``ahead``: requests that run before it, the running one included; 0:
   it is next; an experiment's later requests may queue again); ``{"type": "started"}`` once,
   before any progress; ``{"type": "progress", "done", "total", ...}`` as work completes
-  (``tokens``/``elapsed``/``eta`` for dataset runs, ``unit`` for experiment steps); and
+  (``unit``: ``ex`` for dataset examples, or an experiment's steps; ``tokens``/``elapsed``/
+  ``eta`` for dataset runs); and
   ``{"type": "done", "ok": bool, "elapsed": s}`` last, once.
 - ``False`` or ``None``: nothing at all.
 - a :class:`Progress` (what an experiment passes down): report to it.
@@ -98,7 +99,8 @@ class Progress:
         self._t0 = time.monotonic()
         self._total: int | None = None  # steps, when the call counts its own
         self._done = 0
-        self._count: tuple[int, Any, Any] | None = None  # (done, total, tokens) of dataset work
+        #: (done, total, tokens, unit) of counted work reported by the executor or a nested call
+        self._count: tuple[int, Any, Any, str] | None = None
         self._inner: str = ""  # a nested pass's count, shown beside the steps
         self._started = self._closed = False
         self._queued: int | None = None
@@ -179,7 +181,9 @@ class Progress:
             if kind == "queued":
                 self._queued = int(event.get("ahead", event.get("position")) or 0)
             if kind == "progress" and self._total is None and event.get("done") is not None:
-                self._count = (int(event["done"]), event.get("total"), event.get("tokens"))
+                event = {**event, "unit": event.get("unit") or self._unit}
+                self._count = (int(event["done"]), event.get("total"), event.get("tokens"),
+                               event["unit"])
             self._emit(dict(event))
             self._lock.notify_all()
 
@@ -211,8 +215,9 @@ class Progress:
 
         with self._lock:
             if self._bar is None:
-                self._bar = tqdm(total=None, desc=self._desc, unit=self._unit, leave=True,
-                                 bar_format="{desc}: {elapsed}{postfix}")
+                # (tqdm's set_description adds the ": " that this format leaves out)
+                self._bar = tqdm(total=None, desc=f"{self.describe()}: ", unit=self._unit,
+                                 leave=True, bar_format="{desc}{elapsed}{postfix}")
                 self._shown_at = time.monotonic()
         self._render()
 
@@ -222,14 +227,14 @@ class Progress:
             bar = self._bar
             if bar is None:
                 return
-            done, total, postfix = self._done, self._total, self._inner
+            done, total, postfix, unit = self._done, self._total, self._inner, self._unit
             if total is None and self._count is not None:
-                done, total, tokens = self._count
+                done, total, tokens, unit = self._count
                 postfix = f"tokens={tokens}" if tokens is not None else ""
             counted = total is not None or self._count is not None
             if counted and bar.bar_format is not None:
                 bar.bar_format = None
-                bar.unit = self._unit
+            bar.unit = unit
             if total is not None and bar.total != total:
                 bar.total = total
             bar.n = done
