@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -74,10 +76,8 @@ class Progress:
     :meth:`step`. Use it as a context manager (``with Progress(progress, "name") as p:``): inside,
     calls made with the default ``progress=True`` report to it; leaving it sends ``done``.
 
-    Events only update the reporter's state; the bar is drawn by one short-lived thread per call
-    that wants a bar, started by the caller (and by the caller itself when the call ends). So
-    output goes where the call was made — a notebook routes a thread's output to the cell that
-    started it — not where the events arrive (a connection's long-lived reader thread).
+    Events only update the reporter's state (they may arrive on a connection's reader thread);
+    the bar is drawn by one shared ticker thread, and by the caller when the call ends.
     """
 
     def __init__(self, progress: ProgressArg, desc: str, *, unit: str = "it") -> None:
@@ -111,9 +111,12 @@ class Progress:
         if self._want_bar:
             if DELAY_S <= 0:
                 self._show()
-            self._drawer = threading.Thread(target=self._draw_loop, name="cloche-progress",
-                                            daemon=True)
-            self._drawer.start()
+            if _text_bars_in_a_notebook():
+                self._drawer = threading.Thread(target=self._draw_loop, name="cloche-progress",
+                                                daemon=True)
+                self._drawer.start()
+            else:
+                _TICKER.add(self)
 
     @staticmethod
     def current() -> Progress | None:
@@ -180,6 +183,8 @@ class Progress:
                     return
             if kind == "queued":
                 self._queued = int(event.get("ahead", event.get("position")) or 0)
+                if self._queued and self._drawer is None and self._want_bar:
+                    _TICKER.wake()  # behind others: up at once, not at the next tick
             if kind == "progress" and self._total is None and event.get("done") is not None:
                 event = {**event, "unit": event.get("unit") or self._unit}
                 self._count = (int(event["done"]), event.get("total"), event.get("tokens"),
@@ -242,19 +247,26 @@ class Progress:
             bar.set_description(self.describe(), refresh=False)
             bar.refresh()
 
+    def _tick(self) -> None:
+        """Put the bar up once it is due; redraw it once it is up."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._bar is None:
+                if self.due():
+                    self._show()
+            else:
+                self._render()
+
     def _draw_loop(self) -> None:
-        """The drawer: put the bar up once it is due, then redraw it on events and ticks."""
+        """A call's own drawer (see :func:`_text_bars_in_a_notebook`): ticks on events and
+        on time, until the call ends."""
         with self._lock:
             while not self._closed:
-                if self._bar is None:
-                    wait = DELAY_S - (time.monotonic() - self._t0)
-                    if self.due():
-                        self._show()
-                        continue
-                    self._lock.wait(max(wait, 0.0))
-                else:
-                    self._render()
-                    self._lock.wait(TICK_S)
+                self._tick()
+                wait = TICK_S if self._bar is not None else DELAY_S - (
+                    time.monotonic() - self._t0)
+                self._lock.wait(max(wait, 0.0))
 
     @property
     def bar(self) -> Any:
@@ -275,6 +287,7 @@ class Progress:
                 self._callback({"type": "done", "ok": bool(ok), "elapsed": elapsed})
             self._closed = True
             self._lock.notify_all()
+        _TICKER.remove(self)
         if self._drawer is not None and self._drawer is not threading.current_thread():
             self._drawer.join()
         self._render()  # the final counts, drawn by the caller
@@ -284,6 +297,58 @@ class Progress:
             bar.leave = time.monotonic() - (self._shown_at or self._t0) >= KEEP_S
             bar.close()
 
+
+def _text_bars_in_a_notebook() -> bool:
+    """Whether bars are text in a Jupyter kernel (tqdm without ipywidgets). Such a kernel sends
+    a thread's output to the cell that started the thread, so there each call draws from a
+    thread of its own, started in its cell (the shared ticker would write into the cell that
+    started it). Widgets are displayed in the running cell from any thread: shared is fine."""
+    if "ipykernel" not in sys.modules:
+        return False
+    from tqdm import notebook
+    from tqdm.auto import tqdm
+
+    return tqdm is not notebook.tqdm
+
+
+class _Ticker:
+    """One daemon thread, started on first need, that ticks every reporter that wants a bar:
+    it puts a bar up once its call is due and keeps it current. One thread for all, so that a
+    loop of quick calls starts no thread per call."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active: weakref.WeakSet[Progress] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def add(self, reporter: Progress) -> None:
+        with self._cond:
+            self._active.add(reporter)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="cloche-progress",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, reporter: Progress) -> None:
+        with self._cond:
+            self._active.discard(reporter)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._active:
+                    self._cond.wait()
+                self._cond.wait(min(TICK_S, max(DELAY_S, 0.05)) / 2)
+                reporters = list(self._active)
+            for reporter in reporters:
+                reporter._tick()
+
+
+_TICKER = _Ticker()
 
 #: what ``progress=`` accepts
 ProgressArg = bool | None | Callable[[dict[str, Any]], None] | Progress

@@ -110,3 +110,22 @@ def test_what_the_bar_shows_is_drawn_where_the_call_was_made(capsys, bars_at_onc
     reporter.close()
     err = capsys.readouterr().err
     assert "run_dataset" in err and "7/7" in err and "tokens=70" in err
+
+
+def test_text_bars_in_a_notebook_are_drawn_by_the_calls_own_thread(monkeypatch, capsys,
+                                                                   bars_at_once):
+    """A Jupyter kernel sends a thread's text to the cell that started the thread: there (tqdm
+    without ipywidgets) each call draws from a thread of its own, which ends with the call."""
+    import sys
+    import types
+
+    assert not progress_module._text_bars_in_a_notebook()  # a terminal: the shared ticker
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert progress_module._text_bars_in_a_notebook()  # tqdm.auto is text here: own thread
+    reporter = Progress(True, "run")
+    drawer = reporter._drawer
+    assert drawer is not None and drawer.is_alive()
+    reporter({"type": "progress", "done": 1, "total": 2})
+    reporter.close()
+    assert not drawer.is_alive()
+    assert "1/2" in capsys.readouterr().err
