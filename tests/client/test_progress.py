@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import cloche
 import cloche.api.progress as progress_module
 import pytest
@@ -129,3 +131,37 @@ def test_text_bars_in_a_notebook_are_drawn_by_the_calls_own_thread(monkeypatch, 
     reporter.close()
     assert not drawer.is_alive()
     assert "1/2" in capsys.readouterr().err
+
+
+HOLD = threading.Event()
+
+
+def held(m):
+    """Runs on the server until the test lets it go (keeps the queue busy)."""
+    return HOLD.wait(60)
+
+
+def test_a_run_queued_behind_another_shows_its_bar_at_once(tiny_model, capfd, monkeypatch):
+    from tests.server.helpers import InProcessServer, wait_for
+
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)  # only the queue can put it up
+    HOLD.clear()
+    with InProcessServer(tiny_model("gpt2")) as server, \
+            connect(server.address, token=server.token) as a, \
+            connect(server.address, token=server.token) as b:
+        started = threading.Event()
+        busy = a.submit("call", held, on_event=lambda e: e["type"] == "started" and started.set())
+        assert started.wait(60)
+        waiting = b.submit("run", [[5, 6, 7]], progress=True)
+        seen: list[str] = []
+
+        def bar_up() -> bool:
+            seen.append(capfd.readouterr().err)
+            return "run (queued: 1 ahead)" in "".join(seen)
+
+        try:
+            assert wait_for(bar_up), "".join(seen)
+        finally:
+            HOLD.set()
+        busy.result(timeout=60)
+        assert waiting.result(timeout=60).logits.shape[:2] == (1, 3)
