@@ -382,15 +382,20 @@ class Model:
         prepare = getattr(self, f"_prepare_{method}", None) if isinstance(method, str) else None
         if prepare is None:
             raise UsageError(f"submit takes one of {sorted(self.submittable())}, not {method!r}")
+        progress = kwargs.pop("progress", None) if method in _REPORTING else None
+        request, finish = prepare(*args, **kwargs)  # (bad arguments: no reporter is left behind)
         reporter = None
         if method in _REPORTING:
-            reporter = Progress(kwargs.pop("progress", None), method,
-                                unit="ex" if method == "run_dataset" else "it")
+            reporter = Progress(progress, method, unit="ex" if method == "run_dataset" else "it")
             on_event = _both(reporter, on_event)
-        request, finish = prepare(*args, **kwargs)
-        if reporter is not None and self.address is None:
-            reporter.begin()
-        future = self._executor.submit(request, on_event=on_event)
+            if self.address is None:
+                reporter.begin()
+        try:
+            future = self._executor.submit(request, on_event=on_event)
+        except BaseException:
+            if reporter is not None:
+                reporter.close(ok=False)
+            raise
         if reporter is not None:
             done = reporter
             future.add_done_callback(lambda f: done.close(ok=not f.cancelled()

@@ -165,3 +165,13 @@ def test_a_run_queued_behind_another_shows_its_bar_at_once(tiny_model, capfd, mo
             HOLD.set()
         busy.result(timeout=60)
         assert waiting.result(timeout=60).logits.shape[:2] == (1, 3)
+
+
+def test_a_submit_with_bad_arguments_leaves_no_bar_behind(tiny_model, monkeypatch):
+    monkeypatch.setattr(progress_module, "_TICKER", progress_module._Ticker())
+    model = tiny_model("gpt2")
+    with pytest.raises(cloche.UsageError):
+        model.submit("run", [[5, 6]], micro_batches=0, progress=True)
+    assert len(progress_module._TICKER._active) == 0
+    model.submit("run", [[5, 6]], progress=True).result()
+    assert len(progress_module._TICKER._active) == 0
