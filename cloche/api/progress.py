@@ -242,7 +242,8 @@ class Progress:
             bar.unit = unit
             if total is not None and bar.total != total:
                 bar.total = total
-            bar.n = done
+            if done != bar.n:
+                bar.update(done - bar.n)  # (through update: tqdm's rate estimate follows)
             bar.set_postfix_str(postfix, refresh=False)
             bar.set_description(self.describe(), refresh=False)
             bar.refresh()
