@@ -124,6 +124,20 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def clone_warning(folder: Path) -> str | None:
+    """What to tell a user whose current folder holds a folder named ``cloche`` that is not the
+    package running now (a clone, say): ``import cloche`` and ``python -m cloche`` run from
+    here would find that folder first. ``None`` when there is none."""
+    candidate = folder / "cloche"
+    installed = Path(__file__).resolve().parents[1]
+    if not candidate.is_dir() or candidate.resolve() == installed:
+        return None
+    return (f"note: {candidate} is a folder named cloche (a clone?). From this folder,"
+            " `import cloche` and `python -m cloche` would import it instead of the installed"
+            f" package ({installed}); this demo's server uses the installed one. Run notebooks"
+            " from another folder, or install the clone with `pip install -e ./cloche`.")
+
+
 def _table(scores: np.ndarray) -> str:
     head = "        " + " ".join(f"  h{h:<4}" for h in range(scores.shape[1]))
     rows = [f"  L{i:<4} " + " ".join(f"{v:7.3f}" for v in row) for i, row in enumerate(scores)]
@@ -289,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cloche import connect
 
     args = build_parser().parse_args(argv)
+    warning = clone_warning(Path.cwd())
+    if warning:
+        say(warning)
     try:
         if args.connect:
             token = args.token or os.environ.get("CLOCHE_TOKEN")

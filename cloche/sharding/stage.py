@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cloche.api.inputs import next_token_loss
+from cloche.api.progress import silenced
 from cloche.api.results import Outputs
 from cloche.errors import Aborted, Cancelled, UsageError
 from cloche.errors.payload import to_payload
@@ -446,7 +447,7 @@ class Stage:
                 return None
             return {"keys": {k: len(v) for k, v in ctx.entries.items()},
                     "reducers": sorted(ctx.reducers), "num_runs": ctx.num_runs,
-                    "nbytes": ctx.nbytes(), "has_state": bool(ctx.state)}
+                    "nbytes": ctx.nbytes, "has_state": bool(ctx.state)}
         if action == "entries":
             (key,) = args
             values = entries(store, name, key)
@@ -491,7 +492,10 @@ class Stage:
                 ) -> Any:
         if self.rank not in targets:
             return None
-        return run_user_function(fn, self.local.facade, args, kwargs)
+        if self.rank == 0:  # where the caller is (or a server, which silences its requests)
+            return run_user_function(fn, self.local.facade, args, kwargs)
+        with silenced():  # a worker rank's console is nobody's: no bars from user code there
+            return run_user_function(fn, self.local.facade, args, kwargs)
 
     def op_ping(self) -> int:
         return self.rank
