@@ -293,12 +293,32 @@ def head_logit_attribution(model: Any, tokens: Any, answer: Any, *, position: in
     if wanted.numel() not in (1, ids.shape[0]):
         raise UsageError(f"answer must be one token id or one per row ({ids.shape[0]}), got"
                          f" {wanted.numel()}")
-    return _head_grid(model.call(_head_logit_attribution, ids, wanted, int(position)),
-                      "direct logit attribution")
+    # the final norm lives on the last rank of a sharded model: read its linear part there
+    norm = {p.name: p for p in model.probe_points()}.get("final_norm")
+    if norm is None or not norm.module:
+        raise UsageError("head_logit_attribution needs 'final_norm', which this model lacks")
+    last = model.world_size - 1
+    centred, gain = model.call(_final_norm_linear, norm.module, rank=last if last else None)
+    return _head_grid(model.call(_head_logit_attribution, ids, wanted, int(position),
+                                 centred, gain), "direct logit attribution")
 
 
-def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, position: int
-                            ) -> Any:
+def _final_norm_linear(m: Any, path: str) -> tuple[bool, Any]:
+    """Runs where the final norm (module ``path``) lives: whether it centres (a LayerNorm) and
+    the gain it multiplies by (Gemma's RMSNorms multiply by ``1 + weight``); not its bias."""
+    import torch
+
+    norm = dict(m.hf_model.named_modules())[path]
+    centred = isinstance(norm, torch.nn.LayerNorm)
+    weight = getattr(norm, "weight", None)
+    gain = (torch.ones(1) if weight is None else
+            1.0 + weight.detach().float() if type(norm).__name__.startswith("Gemma")
+            else weight.detach().float())
+    return centred, gain.cpu()
+
+
+def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, position: int,
+                            centred: bool, gain: torch.Tensor) -> Any:
     """Runs next to the model: one forward reading every attn.result and the final scale."""
     import torch
 
@@ -311,13 +331,6 @@ def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, pos
     lacking = [p for p in needed if p not in points]
     if lacking:
         raise UsageError(f"head_logit_attribution needs {lacking[0]!r}, which this model lacks")
-    norm = dict(m.hf_model.named_modules())[points["final_norm"].module]
-    # the norm's linear part: LayerNorms centre; Gemma's RMSNorms multiply by (1 + weight)
-    centred = isinstance(norm, torch.nn.LayerNorm)
-    weight = getattr(norm, "weight", None)
-    gain = (torch.ones(1) if weight is None else
-            1.0 + weight.detach().float() if type(norm).__name__.startswith("Gemma")
-            else weight.detach().float())
 
     def keep(ctx: Any, x: torch.Tensor) -> None:
         ctx.save("scale" if ctx.layer is None else f"r{ctx.layer}", x[:, position].float())

@@ -66,7 +66,7 @@ CALLS = {
 
 KINDS = ["tiny-llama", "remote", "sharded"]
 #: calls that do not run on a sharded model yet (they read the whole hf_model in one process)
-SHARDED_LACKS = {"head_logit_attribution"}
+SHARDED_LACKS: set[str] = set()
 
 
 @pytest.fixture(params=KINDS)
