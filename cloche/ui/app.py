@@ -27,6 +27,9 @@ from starlette.staticfiles import StaticFiles
 from cloche.errors import ClocheError, UsageError
 from cloche.ui.backend import Backend
 from cloche.ui.security import Guard
+from cloche.ui.views import contexts as contexts_view
+from cloche.ui.views import head as head_view
+from cloche.ui.views import intervene as intervene_view
 from cloche.ui.views import model as model_view
 from cloche.ui.views import text as text_view
 from cloche.ui.views import unit as unit_view
@@ -71,6 +74,42 @@ def _int(request: Request, name: str, default: int | None = None, *, low: int = 
     if not low <= value <= high:
         raise UsageError(f"{name} must lie in [{low}, {high}], not {value}")
     return value
+
+
+def _float(request: Request, name: str, default: float) -> float:
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be finite")
+    return value
+
+
+def _optional_int(request: Request, name: str) -> int | None:
+    return None if request.query_params.get(name) in (None, "") else _int(request, name)
+
+
+def _passes(progress: Callable[[dict[str, Any]], None], passes: int
+            ) -> Callable[[dict[str, Any]], None]:
+    """Progress over several dataset passes as one fraction (a pass restarts ``done``)."""
+    state = {"pass": 0, "last": 0}
+
+    def report(event: dict[str, Any]) -> None:
+        if event.get("type") != "progress" or not event.get("total"):
+            return
+        if event["done"] < state["last"]:
+            state["pass"] += 1
+        state["last"] = event["done"]
+        stage = min(state["pass"], passes - 1)
+        progress({"stage": f"pass {stage + 1} of {passes}", "done": event["done"],
+                  "total": event["total"],
+                  "fraction": (stage + event["done"] / event["total"]) / passes})
+
+    return report
 
 
 def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
@@ -135,12 +174,91 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
         return await blocking(lambda: backend.compute(("text", text), text_view.text_page,
                                                       text))
 
+    async def api_intervene(request: Request) -> Response:
+        try:
+            q = request.query_params
+            direction = parse_unit(None, q["direction"]).direction if q.get("direction") \
+                else None
+            edit = intervene_view.Edit(
+                point=q.get("point") or "", op=q.get("op") or "zero",
+                factor=_float(request, "factor", 0.0), unit=_optional_int(request, "unit"),
+                head=_optional_int(request, "head"), direction=direction)
+            text = q.get("text") or ""
+            new = _int(request, "max_new_tokens", 20, low=1, high=intervene_view.MAX_NEW_TOKENS)
+        except ClocheError as exc:
+            return _error(exc)
+        return await blocking(lambda: backend.compute(("intervene", text, edit, new),
+                                                      intervene_view.intervene_page, text,
+                                                      edit, max_new_tokens=new))
+
+    async def api_contexts(request: Request) -> Response:
+        return await blocking(lambda: backend.compute(None, contexts_view.contexts_page))
+
+    async def api_context_slice(request: Request) -> Response:
+        q = request.query_params
+        return await blocking(lambda: backend.compute(
+            None, contexts_view.slice_page, q.get("name") or "", q.get("key") or "",
+            q.get("index") or ""))
+
+    async def api_context_clear(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(UsageError("the body must be JSON: {\"name\": ...}"))
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            return _error(UsageError("name the save context to clear"))
+        return await blocking(lambda: backend.compute(None, contexts_view.clear_context, name))
+
+    def head_args(request: Request) -> tuple[int, int]:
+        return (_int(request, "layer", low=0, high=int(backend.model.n_layers) - 1),
+                _int(request, "head", low=0, high=int(backend.model.n_heads) - 1))
+
+    async def api_head_pattern(request: Request) -> Response:
+        try:
+            layer, head = head_args(request)
+        except ClocheError as exc:
+            return _error(exc)
+        text = request.query_params.get("text") or ""
+        return await blocking(lambda: backend.compute(("head_pattern", layer, head, text),
+                                                      head_view.head_pattern, layer, head, text))
+
+    async def api_head_circuits(request: Request) -> Response:
+        try:
+            layer, head = head_args(request)
+        except ClocheError as exc:
+            return _error(exc)
+        return await blocking(lambda: backend.compute(("head_circuits", layer, head),
+                                                      head_view.head_circuits, layer, head))
+
+    async def api_head_ablation(request: Request) -> Response:
+        try:
+            layer, head = head_args(request)
+            dataset = request.query_params.get("dataset") or backend.dataset
+            limit = _int(request, "limit", backend.limit, low=1)
+        except ClocheError as exc:
+            return _error(exc)
+        key = ("head_ablation", backend.name, layer, head, dataset, limit)
+        job = request.query_params.get("job") or ""
+        return StreamingResponse(_stream(backend, key, job, lambda cancel, progress:
+                                         head_view.head_ablation(
+                                             backend.model, layer, head, dataset, limit,
+                                             progress=_passes(progress, 2))),
+                                 media_type="application/x-ndjson",
+                                 headers={"cache-control": "no-store"})
+
     async def api_cancel(request: Request) -> Response:
         return _json({"cancelled": backend.cancel_job(request.path_params["job"])})
 
     routes = [Route("/", root), *(Route(f"/{name}", page) for name in PAGES),
               Route("/api/model", api_model), Route("/api/unit", api_unit),
               Route("/api/unit/tokens", api_unit_tokens), Route("/api/text", api_text),
+              Route("/api/intervene", api_intervene), Route("/api/contexts", api_contexts),
+              Route("/api/contexts/slice", api_context_slice),
+              Route("/api/contexts/clear", api_context_clear, methods=["POST"]),
+              Route("/api/head/pattern", api_head_pattern),
+              Route("/api/head/circuits", api_head_circuits),
+              Route("/api/head/ablation", api_head_ablation),
               Route("/api/jobs/{job}/cancel", api_cancel, methods=["POST"]),
               Mount("/static", StaticFiles(directory=str(STATIC)), name="static")]
     return Guard(Starlette(routes=routes), token, host)

@@ -96,3 +96,51 @@ def text_unit_values(model: Any, point: str, unit: int, text: str) -> list[float
         return model.save_context(name).fetch("v")[0].double().tolist()
     finally:
         model.save_context(name).clear()
+
+
+def zero_head(head: int) -> Any:
+    def probe(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        y[:, :, head] = 0
+        return y
+
+    return probe
+
+
+def intervene_expectations(model: Any, prompt: str, layer: int, head: int,
+                           new_tokens: int) -> dict[str, Any]:
+    probes = {f"layers.{layer}.attn.z": zero_head(head)}
+    clean = torch.softmax(model.run(prompt).logits[0, -1].double(), -1)
+    edited = torch.softmax(model.run(prompt, probes=probes).logits[0, -1].double(), -1)
+    return {"clean_top": model.to_str_tokens(clean.topk(3).indices),
+            "clean_p": clean.topk(3).values.tolist(),
+            "edited_top": model.to_str_tokens(edited.topk(3).indices),
+            "edited_p": edited.topk(3).values.tolist(),
+            "clean_text": model.generate(prompt, new_tokens).new_text,
+            "edited_text": model.generate(prompt, new_tokens, probes=probes).new_text}
+
+
+def ov_positive_share(model: Any, layer: int, head: int) -> float:
+    """sum(Re λ) / sum(|λ|) over the eigenvalues of W_E W_V W_O W_U, from the weights (its
+    nonzero eigenvalues are those of W_O W_U W_E W_V)."""
+    w_e = model.param("embed.W_E").double()
+    w_u = model.param("unembed.W_U").double()
+    w_v = model.param(f"layers.{layer}.attn.W_V", index=head).double()
+    w_o = model.param(f"layers.{layer}.attn.W_O", index=head).double()
+    eig = torch.linalg.eigvals(w_o @ w_u @ w_e @ w_v)
+    return float(eig.real.sum() / eig.abs().sum())
+
+
+def repeated_loss(model: Any, layer: int, head: int, half: int = 32) -> tuple[float, float]:
+    """Mean loss on the second copy of head_scores' repeated tokens, clean and with the head
+    zeroed."""
+    import cloche
+
+    tokens = cloche.experiments.repeated_tokens(model, half=half)
+    out = []
+    for probes in ({}, {f"layers.{layer}.attn.z": zero_head(head)}):
+        logits = model.run(tokens, probes=probes).logits.double()
+        logprobs = torch.log_softmax(logits[:, half:-1], -1)
+        target = tokens[:, half + 1:]
+        out.append(float(-logprobs.gather(-1, target[..., None]).mean()))
+    return out[0], out[1]

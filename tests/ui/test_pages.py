@@ -141,3 +141,62 @@ def test_text_page(page, backend, text_truth, local_default):
         got[r, c] = v
     np.testing.assert_allclose(got, pattern, atol=1e-4)
     page.screenshot(path=str(ARTIFACTS / f"{backend.kind}-text-head.png"), full_page=True)
+
+
+PROMPT = "def add(a, b):\n    return"
+
+
+def test_intervene_page(page, backend, local_default):
+    show(page, backend.web.url("intervene", token=False, text=PROMPT, point="layers.1.attn.z",
+                               head=0, op="zero", max_new_tokens=12),
+         f"{backend.kind}-intervene")
+    truth = expected.intervene_expectations(local_default, PROMPT, 1, 0, 12)
+    for side in ("clean", "edited"):
+        rows = page.eval_on_selector_all(f"[data-testid={side}-top] tr[data-token]",
+                                         "rs => rs.map(r => [r.dataset.token, +r.dataset.p])")
+        assert [t for t, _ in rows[:3]] == truth[f"{side}_top"]
+        assert [p for _, p in rows[:3]] == pytest.approx(truth[f"{side}_p"], abs=1e-5)
+        assert page.inner_text(f"[data-testid={side}-text]") == truth[f"{side}_text"].strip("\n")
+    assert float(page.get_attribute("[data-testid=kl]", "data-value")) > 0
+
+
+def test_save_contexts_page(page, backend):
+    model = backend.model  # the UI's own model: the same session
+    name = f"ui-test-{backend.kind}"
+    model.run("one two three four", probes={"layers.0.mlp.post": lambda c, x: c.save(
+        "acts", x[0])}, save=name)
+    acts = model.save_context(name).fetch("acts")[0]
+    show(page, backend.web.url("contexts", token=False, name=name, key="acts",
+                               index="0, :, 0:8"), f"{backend.kind}-contexts")
+    row = page.locator(f"[data-context='{name}'] tr[data-key=acts]")
+    assert row.get_attribute("data-entries") == "1"
+    assert row.get_attribute("data-shape") == f"[{acts.shape[0]},{acts.shape[1]}]"
+    cells = page.eval_on_selector_all("[data-testid=slice-table] tr",
+                                      "rs => rs.map(r => [...r.querySelectorAll('td')]"
+                                      ".map(td => +td.dataset.value))")
+    np.testing.assert_allclose(np.array(cells), acts[:, :8].double().numpy(), atol=1e-6)
+    page.click(f"[data-testid='clear-{name}']")
+    page.wait_for_selector("body[data-ready='1']", timeout=TIMEOUT_MS)
+    page.wait_for_function(f"() => !document.querySelector(\"[data-context='{name}']\")",
+                           timeout=TIMEOUT_MS)
+    assert name not in model.save_contexts()
+
+
+def test_head_page(page, backend, local_default):
+    show(page, backend.web.url("head", token=False, layer=1, head=0, text=TEXT),
+         f"{backend.kind}-head")
+    truth = expected.text_expectations(local_default, TEXT)["patterns"][1][0]
+    cells = page.eval_on_selector_all(
+        "[data-testid=head-pattern] rect.cell",
+        "rs => rs.map(r => [+r.dataset.row, +r.dataset.col, +r.dataset.value])")
+    got = np.zeros_like(truth)
+    for r, c, v in cells:
+        got[r, c] = v
+    np.testing.assert_allclose(got, truth, atol=1e-4)
+    share = float(page.get_attribute("[data-testid=ov]", "data-positive"))
+    assert share == pytest.approx(expected.ov_positive_share(local_default, 1, 0), abs=1e-6)
+    clean, ablated = expected.repeated_loss(local_default, 1, 0)
+    row = page.locator("[data-testid=ablation] tr[data-which=repeated]")
+    assert float(row.get_attribute("data-clean")) == pytest.approx(clean, abs=1e-4)
+    assert float(row.get_attribute("data-ablated")) == pytest.approx(ablated, abs=1e-4)
+    assert ablated > clean + 1  # L1H0 is an induction head: the repeated copy needs it

@@ -1,5 +1,5 @@
 // The pages: each reads its state from the URL, asks /api for data and draws it.
-import { fmt, heatmap, histogram, tokens, blue } from "./plots.js";
+import { fmt, heatmap, histogram, tokens, blue, svg } from "./plots.js";
 
 const main = document.getElementById("main");
 const params = new URLSearchParams(location.search);
@@ -306,9 +306,174 @@ async function textPage() {
 }
 
 async function notYet() {
-  main.replaceChildren(el("h1", {}, page), el("p", { class: "muted" }, "This page is not built yet."));
+  main.replaceChildren(el("h1", {}, page), el("p", { class: "muted" }, "There is no such page."));
   ready();
 }
 
-const PAGES = { model: modelPage, unit: unitPage, text: textPage };
+// ------------------------------------------------------------------------------------ Intervene
+function distribution(side, testid) {
+  return el("table", { class: "grid list", "data-testid": testid },
+    el("tr", {}, el("th", { class: "left" }, "token"), el("th", {}, "p"), el("th", {}, "other run")),
+    ...side.top.map((r) => el("tr", { "data-token": r.token, "data-p": r.p },
+      el("td", { class: "left" }, JSON.stringify(r.token)),
+      el("td", { class: "val", style: `background:${blue(r.p)}` }, fmt(r.p)),
+      el("td", { class: "val muted" }, fmt(r.p_other)))));
+}
+
+async function intervenePage() {
+  const q = params;
+  const field = (name, label, attrs = {}) => el("label", {}, label,
+    el("input", { name, value: q.get(name) ?? attrs.value ?? "", ...attrs }));
+  const op = el("select", { name: "op" }, ...["zero", "scale", "steer"].map((o) =>
+    el("option", { value: o, ...(q.get("op") === o ? { selected: "" } : {}) }, o)));
+  main.replaceChildren(el("h1", {}, "Intervene"), el("section", {},
+    el("form", { class: "controls", method: "get", action: "/intervene" },
+      el("label", { style: "flex-basis:100%" }, "prompt",
+        el("textarea", { name: "text", "data-testid": "prompt" }, q.get("text") ?? "")),
+      field("point", "probe point", { size: 22, required: "" }),
+      field("unit", "unit", { type: "number", min: 0 }), field("head", "or head", { type: "number", min: 0 }),
+      field("direction", "or direction (floats)", { size: 14 }),
+      el("label", {}, "operation", op), field("factor", "factor", { size: 6, value: "0" }),
+      field("max_new_tokens", "new tokens", { type: "number", min: 1, max: 40, value: "20" }),
+      el("button", { class: "primary", type: "submit" }, "Run both"))));
+  if (!q.get("text") || !q.get("point")) {
+    main.append(el("p", { class: "muted" }, "Type a prompt, choose what to change and how."));
+    ready();
+    return;
+  }
+  const data = await getJSON("/api/intervene?" + q);
+  main.append(el("section", {}, el("p", { class: "stats" },
+    el("span", { "data-testid": "edit" }, el("b", {}, "edit "), data.edit),
+    el("span", { "data-testid": "kl", "data-value": data.kl }, el("b", {}, "KL(clean ‖ edited) "), fmt(data.kl, 4))),
+    el("div", { class: "side-by-side" },
+      el("div", {}, el("h2", {}, "Clean"), distribution(data.clean, "clean-top"),
+        el("h3", {}, "continuation"), el("pre", { class: "tokens", "data-testid": "clean-text" },
+          data.clean.continuation)),
+      el("div", {}, el("h2", {}, "Edited"), distribution(data.edited, "edited-top"),
+        el("h3", {}, "continuation"), el("pre", { class: "tokens", "data-testid": "edited-text" },
+          data.edited.continuation)))));
+  ready();
+}
+
+// ------------------------------------------------------------------------------------ Save contexts
+function sizeOf(n) {
+  return n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
+}
+
+async function contextsPage() {
+  const q = params;
+  main.replaceChildren(el("h1", {}, "Save contexts"));
+  const data = await getJSON("/api/contexts");
+  if (!data.contexts.length) main.append(el("p", { class: "muted", "data-testid": "no-contexts" },
+    "This session has no save contexts yet: probes fill them with ctx.save(...) or ctx.reduce(...)."));
+  const empty = data.contexts.filter((c) => !c.keys.length && !c.reducers.length);
+  for (const c of data.contexts.filter((c) => c.keys.length || c.reducers.length)) {
+    const clear = el("button", { "data-testid": `clear-${c.name}`, onclick: async () => {
+      await post("/api/contexts/clear", { name: c.name });
+      location.reload();
+    } }, "Clear");
+    main.append(el("section", { "data-context": c.name },
+      el("h2", {}, c.name, " ", clear),
+      el("p", { class: "muted" }, `${c.runs} run(s), ${sizeOf(c.nbytes)}`
+        + (c.reducers.length ? `; reducers: ${c.reducers.join(", ")}` : "")),
+      el("table", { class: "grid" }, el("tr", {}, ...["key", "entries", "entry shape", "dtype", "size", ""]
+        .map((h) => el("th", { class: "left" }, h))),
+        ...c.keys.map((k) => el("tr", { "data-key": k.key, "data-entries": k.entries,
+          "data-shape": JSON.stringify(k.shape) },
+          el("td", { class: "left" }, k.key), el("td", {}, String(k.entries)),
+          el("td", { class: "left" }, `(${k.shape.join(", ")})` + (k.same_shape ? "" : " …")),
+          el("td", { class: "left" }, k.dtype), el("td", {}, sizeOf(k.bytes)),
+          el("td", {}, el("a", { href: link("contexts", { name: c.name, key: k.key,
+            index: k.shape.length > 1 ? "0" + ", 0".repeat(k.shape.length - 2) : "" }) }, "view")))))));
+  }
+  if (empty.length) main.append(el("p", { class: "muted", "data-testid": "empty-contexts" },
+    "Empty (runs committed, nothing saved): " + empty.map((c) => `${c.name} (${c.runs} runs)`).join(", ")));
+  if (!q.get("name") || !q.get("key")) { ready(); return; }
+  const form = el("form", { class: "controls", method: "get", action: "/contexts" },
+    el("input", { type: "hidden", name: "name", value: q.get("name") }),
+    el("input", { type: "hidden", name: "key", value: q.get("key") }),
+    el("label", {}, "slice (entries first; ints and a:b, e.g. 0, :, 0:16)",
+      el("input", { name: "index", value: q.get("index") ?? "", size: 24 })),
+    el("button", { class: "primary", type: "submit" }, "Fetch"));
+  const box = el("section", { "data-testid": "slice" }, el("h2", {}, `${q.get("name")}[${q.get("key")}]`), form);
+  main.append(box);
+  try {
+    const s = await getJSON("/api/contexts/slice?" + new URLSearchParams({ name: q.get("name"),
+      key: q.get("key"), index: q.get("index") ?? "" }));
+    box.append(el("p", { class: "muted" }, `shape (${s.shape.join(", ")})`));
+    if (s.values.length > 1 && s.values[0].length > 1) box.append(heatmap(s.values, {
+      cell: Math.max(4, Math.min(22, 900 / s.values[0].length)),
+      lo: Math.min(...s.values.flat()), hi: Math.max(...s.values.flat()) }));
+    const shown = s.values.slice(0, 64);
+    box.append(el("div", { style: "overflow-x:auto" }, el("table", { class: "grid", "data-testid": "slice-table" },
+      ...shown.map((row, r) => el("tr", {}, el("th", {}, String(r)),
+        ...row.slice(0, 64).map((v) => el("td", { "data-value": v }, fmt(v, 4))))))));
+  } catch (error) { showError(box, error); }
+  ready();
+}
+
+// ------------------------------------------------------------------------------------ Head
+function eigenPlot(eig) {
+  const size = 180, r = Math.max(1e-9, ...eig.map(([a, b]) => Math.hypot(a, b)));
+  const scale = (size / 2 - 10) / r;
+  const root = svg("svg", { width: size, height: size, class: "eigen" });
+  root.append(svg("line", { x1: 0, x2: size, y1: size / 2, y2: size / 2, stroke: "#ccc" }),
+    svg("line", { x1: size / 2, x2: size / 2, y1: 0, y2: size, stroke: "#ccc" }));
+  for (const [a, b] of eig) root.append(svg("circle", { cx: size / 2 + a * scale,
+    cy: size / 2 - b * scale, r: 3, fill: a >= 0 ? "rgb(234,88,12)" : "rgb(37,99,235)" },
+    svg("title", {}, `${fmt(a)} ${b >= 0 ? "+" : "−"} ${fmt(Math.abs(b))}i`)));
+  return root;
+}
+
+function circuit(name, c, testid) {
+  return el("div", { "data-testid": testid, "data-positive": c.positive_fraction },
+    el("h3", {}, `${name}: positive eigenvalue share ${fmt(c.positive_fraction)}`),
+    eigenPlot(c.eigenvalues),
+    el("table", { class: "grid list" }, el("tr", {}, el("th", { class: "left" }, name === "OV" ? "source" : "query"),
+      el("th", { class: "left" }, name === "OV" ? "promotes" : "attends to"), el("th", {}, "value")),
+      ...c.pairs.map((p) => el("tr", {}, el("td", { class: "left" }, JSON.stringify(p.source)),
+        el("td", { class: "left" }, JSON.stringify(p.target)), el("td", { class: "val" }, fmt(p.value))))));
+}
+
+async function headPage() {
+  const q = params;
+  const layer = q.get("layer"), head = q.get("head");
+  main.replaceChildren(el("h1", {}, layer != null && head != null ? `Head L${layer}H${head}` : "Head"),
+    el("section", {}, el("form", { class: "controls", method: "get", action: "/head" },
+      el("label", {}, "layer", el("input", { name: "layer", type: "number", min: 0, value: layer ?? "0" })),
+      el("label", {}, "head", el("input", { name: "head", type: "number", min: 0, value: head ?? "0" })),
+      el("label", { style: "flex:1" }, "text", el("input", { name: "text", value: q.get("text") ?? "" })),
+      el("button", { class: "primary", type: "submit" }, "Show"))));
+  if (layer == null || head == null) { ready(); return; }
+  const base = { layer, head };
+  const [pattern, circuits] = await Promise.all([
+    getJSON("/api/head/pattern?" + new URLSearchParams({ ...base, text: q.get("text") ?? "" })),
+    getJSON("/api/head/circuits?" + new URLSearchParams(base))]);
+  const labels = pattern.tokens.map((t) => JSON.stringify(t).slice(1, -1).slice(0, 8));
+  const map = heatmap(pattern.pattern, { lo: 0, hi: 1, rowLabels: labels, colLabels: labels,
+    cell: Math.max(8, Math.min(22, 620 / labels.length)), left: 70, top: 60, rotate: true,
+    label: (r, c, v) => `query ${r} ${JSON.stringify(pattern.tokens[r])} → key ${c} ${JSON.stringify(pattern.tokens[c])}: ${fmt(v, 4)}` });
+  main.append(el("section", { "data-testid": "head-pattern" }, el("h2", {}, "Attention pattern"),
+    el("p", { class: "muted" }, "rows: queries, columns: keys; hover for values"), map));
+  main.append(el("section", {}, el("h2", {}, "Circuits (eigenvalues and top token pairs)"),
+    el("div", { class: "row" }, circuit("OV", circuits.ov, "ov"), circuit("QK", circuits.qk, "qk"))));
+  const ablation = el("section", { "data-testid": "ablation" }, el("h2", {}, "Zero-ablation"));
+  main.append(ablation);
+  const extra = new URLSearchParams(base);
+  for (const k of ["dataset", "limit"]) if (q.get(k)) extra.set(k, q.get(k));
+  const a = await stream("/api/head/ablation?" + extra, ablation);
+  if (a) {
+    const row = (name, r, key) => el("tr", { "data-which": key, "data-clean": r.clean, "data-ablated": r.ablated },
+      el("th", { class: "left" }, name), el("td", {}, fmt(r.clean)), el("td", {}, fmt(r.ablated)),
+      el("td", {}, (r.ablated >= r.clean ? "+" : "") + fmt(r.ablated - r.clean)));
+    ablation.append(el("table", { class: "grid" }, el("tr", {}, el("th", {}, ""), el("th", {}, "clean loss"),
+      el("th", {}, "ablated"), el("th", {}, "change")),
+      row(`held-out text (${a.heldout.dataset}, ${a.heldout.limit} examples)`, a.heldout, "heldout"),
+      row(`repeated random tokens (second copy of ${a.repeated.half})`, a.repeated, "repeated")));
+  }
+  ready();
+}
+
+const PAGES = { model: modelPage, unit: unitPage, text: textPage, intervene: intervenePage,
+  contexts: contextsPage, head: headPage };
 (PAGES[page] ?? notYet)().catch((error) => { showError(main, error); ready(); });

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,11 @@ def text_page(model: Any, text: str, *, k: int = 5) -> dict[str, Any]:
     if ids.numel() > MAX_TEXT_TOKENS:
         raise UsageError(f"the text has {ids.numel()} tokens; the text view takes at most"
                          f" {MAX_TEXT_TOKENS}")
-    out = model.run(ids)
+    scratch = f"ui/text/{uuid.uuid4().hex[:12]}"  # the run leaves no trace in "default"
+    try:
+        out = model.run(ids, save=scratch)
+    finally:
+        model.save_context(scratch).clear()
     logprobs = torch.log_softmax(out.logits[0].double(), -1)
     loss = (-logprobs[:-1].gather(-1, ids[1:, None])[:, 0]).tolist()
     lens = cloche.experiments.logit_lens(model, ids, k=k)
