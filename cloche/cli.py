@@ -502,6 +502,24 @@ def run_ui(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- demo
 
 
+def serve_demo_ui(model: Any, found: dict[str, Any]) -> None:
+    """``cloche demo --ui``: the web UI on what the tour found; its last lines are the links
+    to the neuron and the head; serves until Ctrl-C (or SIGTERM)."""
+    from cloche.ui import start_ui
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    layer, head, _ = found["induction_head"]
+    point, unit, _ = found["neuron"]
+    with start_ui(model) as web:
+        print("\nweb UI (Ctrl-C to stop):", flush=True)
+        print(f"  neuron: {web.url('unit', point=point, unit=unit)}", flush=True)
+        print(f"  head:   {web.url('head', layer=layer, head=head)}", flush=True)
+        while not stop.wait(0.5):
+            pass
+
+
 def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "demo", add_help=False,
@@ -533,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:  # the demo parses its own flags (argparse would eat `--help`)
         from cloche.experiments.demo import main as demo_main
 
-        return demo_main(argv[1:])
+        return demo_main(argv[1:], ui=serve_demo_ui)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -200,3 +200,22 @@ def test_head_page(page, backend, local_default):
     assert float(row.get_attribute("data-clean")) == pytest.approx(clean, abs=1e-4)
     assert float(row.get_attribute("data-ablated")) == pytest.approx(ablated, abs=1e-4)
     assert ablated > clean + 1  # L1H0 is an induction head: the repeated copy needs it
+
+
+def test_a_long_page_shows_progress_and_cancels(page, backend):
+    """The whole held-out set, cancelled from the page: the computation stops where it runs
+    (the UI answers the next page at once) and nothing was cached."""
+    page.goto(backend.web.url("unit", token=False, point=POINT, unit=7, limit=1500))
+    page.wait_for_selector("[data-testid=progress] progress", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => +document.querySelector('[data-testid=progress] progress')"
+                           ".value > 0", timeout=TIMEOUT_MS)
+    page.click("[data-testid=cancel]")
+    page.wait_for_selector("[data-testid=cancelled]", timeout=TIMEOUT_MS)
+    assert page.locator("[data-testid=top-examples]").count() == 0
+    # the model is free again: a small page renders
+    show(page, backend.web.url("unit", token=False, point=POINT, unit=7, limit=4),
+         f"{backend.kind}-unit-after-cancel")
+    assert page.locator("[data-testid=top-examples] .example").count() > 0
+    hit, _ = backend.web.backend.cached(("unit", "cloche-default", "default:heldout", POINT,
+                                         "7", 1500))
+    assert not hit

@@ -1,5 +1,5 @@
 // The pages: each reads its state from the URL, asks /api for data and draws it.
-import { fmt, heatmap, histogram, tokens, blue, svg } from "./plots.js";
+import { fmt, heatmap, histogram, tokens, blue, svg, thumbnail } from "./plots.js";
 
 const main = document.getElementById("main");
 const params = new URLSearchParams(location.search);
@@ -296,7 +296,7 @@ async function textPage() {
         params.set("head", `${l}.${h}`);
         history.replaceState(null, "", location.pathname + "?" + params);
         selectHead(data, l, h, big);
-      } }, heatmap(pattern, { lo: 0, hi: 1, cell: Math.max(2, Math.min(6, 96 / pattern.length)) }),
+      } }, thumbnail(pattern, { cell: Math.max(1, Math.min(6, Math.round(96 / pattern.length))) }),
       el("div", {}, `L${l}H${h}`));
     thumbs.append(t);
   }));

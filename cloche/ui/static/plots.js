@@ -103,3 +103,23 @@ export function tokens(strs, values, opts = {}) {
   });
   return box;
 }
+
+// A small heat map on a canvas (thumbnails: many cells, no hover), white -> blue over [lo, hi]
+export function thumbnail(values, opts = {}) {
+  const rows = values.length, cols = rows ? values[0].length : 0;
+  const cell = opts.cell ?? 3, lo = opts.lo ?? 0, hi = opts.hi ?? 1;
+  const canvas = document.createElement("canvas");
+  canvas.width = cols * cell;
+  canvas.height = rows * cell;
+  canvas.className = "thumbnail";
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+    const v = values[r][c];
+    if (v == null || v <= lo) continue;
+    ctx.fillStyle = blue((v - lo) / (hi - lo));
+    ctx.fillRect(c * cell, r * cell, cell, cell);
+  }
+  return canvas;
+}
