@@ -93,3 +93,21 @@ def test_cloche_serve_ui_prints_the_ui_url(server_model_dir):
         assert sum(1 for line in lines if "http://" in line) == 1
     finally:
         command.stop()
+
+
+def test_cloche_demo_ui_ends_with_links_to_the_neuron_and_the_head(tmp_path):
+    command = Command("demo", "--no-plots", "--limit", "8", "--ui", "--out", str(tmp_path))
+    try:
+        lines: list[str] = []
+        while not (lines and lines[-1].startswith("  head:")):
+            line = command.line(timeout=600)
+            assert line is not None, lines
+            lines.append(line)
+        neuron = lines[-2].removeprefix("  neuron: ")
+        head = lines[-1].removeprefix("  head:   ")
+        assert re.match(r"^http://127\.0\.0\.1:\d+/unit\?point=layers\.1\.mlp\.post&unit=\d+"
+                        r"&token=", neuron), neuron
+        assert re.match(r"^http://127\.0\.0\.1:\d+/head\?layer=1&head=\d&token=", head), head
+        assert httpx.get(head, timeout=120).status_code == 200
+    finally:
+        command.stop()
