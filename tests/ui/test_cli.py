@@ -46,6 +46,8 @@ class Command:
         rest = []
         while (line := self.lines.get(timeout=30)) is not None:
             rest.append(line)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         return rest
 
 
