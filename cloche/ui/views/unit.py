@@ -1,13 +1,16 @@
 """The unit page: one unit (or direction) of one probe point over a dataset.
 
-Two dataset passes with reducers, next to the data: the first finds the range, the moments,
-the per-example top activations (:class:`cloche.TopK`) and the running means that give the
-Pearson correlation with every other unit of the point; the second, knowing the range, fills a
-histogram and samples tokens uniformly from equal-width bins of it (TopK over hashed keys, so the
-sample does not depend on batching or sharding). Then one ``model.call`` runs only the chosen
-examples to read every token's activation around each peak, and the unembedding gives the
-unit's direct effect on the logits. The choices follow ``cloche.experiments.top_examples``
-(``skip_first``, one entry per example), so its results and this page agree.
+One dataset pass with reducers, next to the data, finds the range, the moments, the density,
+the per-example top activations (:class:`cloche.TopK`) and per-batch sums that give the
+Pearson correlation with every other unit of the point; it also keeps the unit's value at every
+token there (4 bytes a token). Knowing the range, one ``model.call`` feeds those values to a
+:class:`cloche.Histogram` and to a TopK over hashed keys that samples tokens uniformly from
+equal-width bins of the range (keys depend on example id and position only, so the sample does
+not depend on batching or sharding). Datasets too large to keep the values get a second pass
+with the same reducers instead. Then one ``model.call`` runs only the chosen examples to read
+every token's activation around each peak, and the unembedding gives the unit's direct effect
+on the logits. The choices follow ``cloche.experiments.top_examples`` (``skip_first``, one
+entry per example), so its results and this page agree.
 """
 
 from __future__ import annotations
@@ -27,31 +30,74 @@ __all__ = ["direct_effect", "token_activations", "unit_page"]
 
 Progress = Callable[[dict[str, Any]], None]
 
+SAVED_TOKENS = 16 * 1024 * 1024  # 64 MiB of float32 values next to the data, at most
+
 
 def _first_pass(index: int | None, direction: torch.Tensor | None, k: int, skip_first: int,
-                correlate: bool) -> Any:
+                correlate: bool, keep_values: bool) -> Any:
     def first_pass(ctx: Any, x: torch.Tensor) -> None:
         from cloche import Mean, MinMax, TopK, Variance
         from cloche.ui.views._units import unit_values
 
         v = unit_values(x, index, direction)  # (batch, seq)
+        mask = ctx.attention_mask
+        real = (torch.ones_like(v, dtype=torch.bool) if mask is None
+                else mask.bool().to(v.device))
         ctx.reduce("range", v[..., None], MinMax())
         ctx.reduce("moments", v[..., None], Variance())
         ctx.reduce("positive", (v > 0).double()[..., None], Mean())
         best = v.clone()
-        mask = ctx.attention_mask
-        if mask is not None:
-            best[~mask.bool().to(best.device)] = float("-inf")
+        best[~real] = float("-inf")
         best[:, :skip_first] = float("-inf")
         keep = torch.zeros_like(best, dtype=torch.bool)
         keep.scatter_(1, best.argmax(dim=1, keepdim=True), True)
         best[~keep] = float("-inf")
         ctx.reduce("top", best[..., None], TopK(k))
-        if correlate:
+        if correlate:  # per-batch sums (one matmul each), averaged over batches by Mean
             flat = x.flatten(2).double()
-            ctx.reduce("corr", torch.cat([v[..., None] * flat, flat, flat * flat], -1), Mean())
+            weight = real.double()
+            sums = torch.cat([torch.einsum("bs,bsd->d", v * weight, flat),
+                              torch.einsum("bs,bsd->d", weight, flat),
+                              torch.einsum("bs,bsd->d", weight, flat * flat),
+                              weight.sum()[None]])
+            ctx.reduce("corr", sums[None], Mean())
+        if keep_values and ctx.example_ids is not None:  # the second look needs no forward
+            ctx.save("values", v.float())
+            ctx.save("real", real)
+            ctx.save("ids", ctx.example_ids)
 
     return first_pass
+
+
+def _histogram_and_samples(m: Any, name: str, edges: torch.Tensor, bins: int, per_bin: int,
+                           seed: int) -> dict[str, Any]:
+    """Runs next to the model: the histogram and the per-bin samples, with the same reducers
+    as the second pass, fed from the values the first pass saved."""
+
+    from cloche import Histogram, TopK
+    from cloche.ui.views.unit import _bin_keys
+
+    handle = m.save_context(name)
+    hist = Histogram(bins, float(edges[0]), float(edges[-1]), per_unit=False)
+    sample = TopK(per_bin)
+    for v, real, ids in zip(handle.fetch("values", "list"), handle.fetch("real", "list"),
+                            handle.fetch("ids", "list"), strict=True):
+        v, real = v.double(), real.bool()
+        hist.update(v[..., None], mask=real)
+        sample.update(_bin_keys(v, ids, edges, seed), example_ids=ids, mask=real)
+    return {"hist": hist.result(), "sample": sample.result()}
+
+
+def _bin_keys(v: torch.Tensor, ids: torch.Tensor, edges: torch.Tensor, seed: int
+              ) -> torch.Tensor:
+    """(batch, seq, n_bins): a token's sampling key in its own bin, -1 in the others."""
+    from cloche.ui.views.unit import _sample_keys
+
+    keys = _sample_keys(ids, v.shape[1], seed).double()
+    e = edges.to(v.device)
+    which = torch.bucketize(v.contiguous(), e[1:-1].contiguous(), right=True)
+    onehot = which[..., None] == torch.arange(e.numel() - 1, device=v.device)
+    return torch.where(onehot, keys[..., None], -1.0)
 
 
 def _sample_keys(example_ids: torch.Tensor, seq: int, seed: int) -> torch.Tensor:
@@ -72,18 +118,12 @@ def _second_pass(index: int | None, direction: torch.Tensor | None, edges: torch
     def second_pass(ctx: Any, x: torch.Tensor) -> None:
         from cloche import Histogram, TopK
         from cloche.ui.views._units import unit_values
-        from cloche.ui.views.unit import _sample_keys
+        from cloche.ui.views.unit import _bin_keys
 
         v = unit_values(x, index, direction)
         ctx.reduce("hist", v[..., None], Histogram(bins, low, high, per_unit=False))
-        ids = ctx.example_ids
-        if ids is None:
-            return
-        keys = _sample_keys(ids, v.shape[1], seed).double()
-        e = edges.to(v.device)
-        which = torch.bucketize(v.contiguous(), e[1:-1].contiguous(), right=True)
-        onehot = which[..., None] == torch.arange(e.numel() - 1, device=v.device)
-        ctx.reduce("sample", torch.where(onehot, keys[..., None], -1.0), TopK(per_bin))
+        if ctx.example_ids is not None:
+            ctx.reduce("sample", _bin_keys(v, ctx.example_ids, edges, seed), TopK(per_bin))
 
     return second_pass
 
@@ -191,21 +231,29 @@ def unit_page(model: Any, point: str, unit: Unit, dataset: str, *, limit: int | 
     direction = unit.tensor()
     correlate = unit.index is not None and width <= 4096
     name = _scratch()
+    # below this many tokens the first pass keeps the unit's values (4 bytes a token) next to
+    # the data and the histogram and samples are read from them; above, a second pass
+    keep_values = limit is not None and limit * 1024 <= SAVED_TOKENS
+    stages = 1 if keep_values else 2
     try:
         out = model.run_dataset(dataset, probes={point: _first_pass(
-            unit.index, direction, k, skip_first, correlate)}, save=name, limit=limit,
-            batch_size=batch_size, progress=_staged(progress, 0, 2), cancel=cancel)
+            unit.index, direction, k, skip_first, correlate, keep_values)}, save=name,
+            limit=limit, batch_size=batch_size, progress=_staged(progress, 0, stages),
+            cancel=cancel)
         red = out["reducers"]
         if "range" not in red:
             raise UsageError(f"the dataset {dataset!r} has no tokens to read")
         lo, hi = float(red["range"]["min"][0]), float(red["range"]["max"][0])
         edges = torch.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1, dtype=torch.float64)
-        out2 = model.run_dataset(dataset, probes={point: _second_pass(
-            unit.index, direction, edges, bins, per_bin, seed)}, save=name, limit=limit,
-            batch_size=batch_size, progress=_staged(progress, 1, 2), cancel=cancel)
+        if keep_values:
+            red2 = model.call(_histogram_and_samples, name, edges, bins, per_bin, seed)
+        else:
+            red2 = model.run_dataset(dataset, probes={point: _second_pass(
+                unit.index, direction, edges, bins, per_bin, seed)}, save=name, limit=limit,
+                batch_size=batch_size, progress=_staged(progress, 1, 2),
+                cancel=cancel)["reducers"]
     finally:
         model.save_context(name).clear()
-    red2 = out2["reducers"]
     top = red["top"]
     keep = np.isfinite(np.asarray(top["values"][:, 0]))
     top_pairs = list(zip(np.asarray(top["example_ids"])[keep, 0].tolist(),
@@ -248,8 +296,9 @@ def unit_page(model: Any, point: str, unit: Unit, dataset: str, *, limit: int | 
 
 def _correlated(red: dict[str, Any], unit: Unit, n: int) -> dict[str, Any]:
     """Pearson r of the unit with every unit of its point, from the running means."""
-    means = np.asarray(red["corr"]["mean"], dtype=np.float64)
-    width = means.shape[0] // 3
+    sums = np.asarray(red["corr"]["mean"], dtype=np.float64) * float(red["corr"]["count"])
+    width = (sums.shape[0] - 1) // 3
+    means = sums[:-1] / sums[-1]
     exy, ex, exx = means[:width], means[width:2 * width], means[2 * width:]
     assert unit.index is not None
     mu, var = ex[unit.index], exx[unit.index] - ex[unit.index] ** 2
