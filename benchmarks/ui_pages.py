@@ -11,6 +11,8 @@ Two figures the UI promises: a page whose data is cached renders in the browser 
   the unit, model and text pages a second time: from navigation to the page's ``data-ready``
   mark (HTML, scripts, the cached JSON, the SVG drawn). Skipped where no Chromium exists.
 - **cached API answer**: the same cached data over plain HTTP (the server's share of it).
+- **bare dataset pass**: the baseline, ``run_dataset`` over the same examples with a no-op
+  probe at the same point (one forward pass, nothing kept), interleaved with the cold pages.
 
 Run: ``PYTHONPATH=. python benchmarks/ui_pages.py [--rounds 5] [--threads N]``.
 """
@@ -68,9 +70,17 @@ def main() -> None:
     print(f"cloche-default on {torch.get_num_threads()} torch thread(s); {args.limit} held-out"
           " examples per unit page")
     stream_seconds(client, f"{web.base}/api/unit?point={POINT}&unit=0")  # warm-up (imports)
-    cold = [stream_seconds(client, f"{web.base}/api/unit?point={POINT}&unit={u}")
-            for u in range(1, args.rounds + 1)]
-    print(f"cold unit page ({args.limit} examples):   {summary(cold)}")
+    bare, cold = [], []
+    for u in range(1, args.rounds + 1):  # interleaved, so both see the same machine load
+        start = time.perf_counter()
+        model.run_dataset("default:heldout", probes={POINT: lambda c, x: None}, save="bench",
+                          limit=args.limit, batch_size=16, progress=False)
+        bare.append(time.perf_counter() - start)
+        model.save_context("bench").clear()
+        cold.append(stream_seconds(client, f"{web.base}/api/unit?point={POINT}&unit={u}"))
+    print(f"one bare dataset pass (baseline):    {summary(bare)}")
+    print(f"cold unit page ({args.limit} examples):   {summary(cold)}"
+          f"  = {statistics.median(cold) / statistics.median(bare):.2f}x the bare pass")
     cached = [stream_seconds(client, f"{web.base}/api/unit?point={POINT}&unit=1")
               for _ in range(args.rounds * 4)]
     print(f"cached unit data over HTTP:          {summary(cached)}")

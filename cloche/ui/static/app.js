@@ -237,8 +237,7 @@ async function unitPage() {
   };
   body.append(el("section", {}, el("h2", {}, "Test your own text"), textBox,
     el("button", { class: "primary", "data-testid": "try-run", onclick: run }, "Run"), out));
-  await model;
-  ready();
+  ready();  // the form's list of points fills in when it comes
 }
 
 // ------------------------------------------------------------------------------------ Text
@@ -401,7 +400,7 @@ async function contextsPage() {
     const s = await getJSON("/api/contexts/slice?" + new URLSearchParams({ name: q.get("name"),
       key: q.get("key"), index: q.get("index") ?? "" }));
     box.append(el("p", { class: "muted" }, `shape (${s.shape.join(", ")})`));
-    if (s.values.length > 1 && s.values[0].length > 1) box.append(heatmap(s.values, {
+    if (s.values.length > 1 && s.values[0].length > 1) box.append(heatmap(s.values, { signed: true,
       cell: Math.max(4, Math.min(22, 900 / s.values[0].length)),
       lo: Math.min(...s.values.flat()), hi: Math.max(...s.values.flat()) }));
     const shown = s.values.slice(0, 64);

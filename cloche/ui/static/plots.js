@@ -47,7 +47,8 @@ export function heatmap(values, opts = {}) {
   for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
     const v = values[r][c];
     const rect = svg("rect", { x: left + c * cell, y: top + r * cell, width: cell, height: cell,
-      fill: v == null ? "#fff" : blue((v - lo) / (hi - lo)), stroke: "#e5e5e5", class: "cell",
+      fill: v == null ? "#fff" : opts.signed ? signed(v, Math.max(Math.abs(lo), Math.abs(hi)))
+        : blue((v - lo) / (hi - lo)), stroke: "#e5e5e5", class: "cell",
       "data-row": r, "data-col": c, "data-value": v ?? "" },
       svg("title", {}, opts.label ? opts.label(r, c, v) : `[${r}, ${c}] ${fmt(v, 4)}`));
     if (opts.link) {
