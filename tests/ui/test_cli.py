@@ -80,9 +80,11 @@ def test_cloche_ui_connects_to_a_server(served):
         command.stop()
 
 
-def test_cloche_serve_ui_prints_the_ui_url(server_model_dir):
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cloche_serve_ui_prints_the_ui_url(server_model_dir, world_size):
     command = Command("serve", "--model", str(server_model_dir), "--port", "0", "--ui",
-                      "--log-level", "WARNING", env={"CLOCHE_TOKEN": "x" * 24})
+                      "--world-size", str(world_size), "--log-level", "WARNING",
+                      env={"CLOCHE_TOKEN": "x" * 24})
     try:
         lines = []
         while not any(line.startswith("cloche: web UI at ") for line in lines):
@@ -93,6 +95,10 @@ def test_cloche_serve_ui_prints_the_ui_url(server_model_dir):
         assert URL.match(url), url
         assert httpx.get(url, timeout=120).status_code == 200
         assert sum(1 for line in lines if "http://" in line) == 1
+        with httpx.Client(timeout=300) as client:
+            client.get(url)
+            info = client.get(url.split("/model?")[0] + "/api/model").json()["info"]
+        assert info["world_size"] == world_size
     finally:
         command.stop()
 

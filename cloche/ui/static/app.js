@@ -441,7 +441,8 @@ async function headPage() {
     el("section", {}, el("form", { class: "controls", method: "get", action: "/head" },
       el("label", {}, "layer", el("input", { name: "layer", type: "number", min: 0, value: layer ?? "0" })),
       el("label", {}, "head", el("input", { name: "head", type: "number", min: 0, value: head ?? "0" })),
-      el("label", { style: "flex:1" }, "text", el("input", { name: "text", value: q.get("text") ?? "" })),
+      el("label", { style: "flex:1" }, "text (empty: a repeated snippet)",
+        el("textarea", { name: "text", rows: 2 }, q.get("text") ?? "")),
       el("button", { class: "primary", type: "submit" }, "Show"))));
   if (layer == null || head == null) { ready(); return; }
   const base = { layer, head };
