@@ -59,3 +59,19 @@ def test_a_unit_out_of_range_names_the_point(local_default):
     with pytest.raises(UsageError, match=r"out of range: layers\.1\.mlp\.post has 512 units"):
         unit_view.unit_page(local_default, POINT, parse_unit("512", None), "default:heldout",
                             limit=2)
+
+
+def test_a_neuron_direction_reads_through_w_out(local_default):
+    """A direction over neurons writes direction @ W_out to the residual stream: the page's
+    promoted tokens are those of (direction @ W_out) @ W_U."""
+    import torch
+    from cloche.ui.views.unit import direct_effect
+
+    direction = torch.zeros(local_default.d_mlp)
+    direction[[3, 7]] = torch.tensor([1.0, -0.5])
+    unit = parse_unit(None, ",".join(str(float(v)) for v in direction))
+    effect = direct_effect(local_default, POINT, unit, k=5)
+    w_out = local_default.param("layers.1.mlp.W_out").double()
+    logits = (direction.double() @ w_out) @ local_default.param("unembed.W_U").double()
+    assert [t for t, _ in effect["top"]] == local_default.to_str_tokens(logits.topk(5).indices)
+    assert [v for _, v in effect["top"]] == pytest.approx(logits.topk(5).values.tolist())

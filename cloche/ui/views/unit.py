@@ -195,26 +195,33 @@ def _staged(progress: Progress | None, stage: int, stages: int) -> Any:
 def direct_effect(model: Any, point: str, unit: Unit, k: int = 10) -> dict[str, Any]:
     """Tokens the unit's output direction promotes and suppresses through the unembedding.
 
-    Defined for MLP neurons (``W_out`` row), ``attn.z`` dimensions (``W_O`` row) and units or
-    directions of residual-width points; elsewhere ``{"reason": ...}``.
+    Defined for MLP neurons and directions (through ``W_out``), ``attn.z`` dimensions and
+    directions (through ``W_O``) and units or directions of residual-width points; elsewhere
+    ``{"reason": ...}``.
     """
     parts = point.split(".")
     d_model = int(model.d_model)
     vector: torch.Tensor | None = None
-    if len(parts) == 4 and parts[2:] == ["mlp", "post"] and unit.index is not None:
-        vector = model.param(f"layers.{parts[1]}.mlp.W_out", index=unit.index)
-    elif len(parts) == 4 and parts[2:] == ["attn", "z"] and unit.index is not None:
+    direction = unit.tensor()
+    if len(parts) == 4 and parts[2:] == ["mlp", "post"]:
+        vector = (model.param(f"layers.{parts[1]}.mlp.W_out", index=unit.index)
+                  if direction is None else
+                  direction.double() @ model.param(f"layers.{parts[1]}.mlp.W_out").double())
+    elif len(parts) == 4 and parts[2:] == ["attn", "z"]:
         d_head = int(model.d_head)
-        vector = model.param(f"layers.{parts[1]}.attn.W_O",
-                             index=(unit.index // d_head, unit.index % d_head))
+        w_o = f"layers.{parts[1]}.attn.W_O"  # (n_heads, d_head, d_model)
+        if unit.index is not None:
+            vector = model.param(w_o, index=(unit.index // d_head, unit.index % d_head))
+        else:
+            assert direction is not None
+            vector = direction.double() @ model.param(w_o).double().flatten(0, 1)
     elif point_width(model, point) == d_model and (
             parts[-1].startswith("resid") or point in ("embed", "final_norm")
             or parts[-1] == "out"):
-        vector = unit.tensor() if unit.index is None else torch.nn.functional.one_hot(
+        vector = direction if unit.index is None else torch.nn.functional.one_hot(
             torch.tensor(unit.index), d_model).double()
     if vector is None:
-        return {"reason": f"no direct path to the logits from {point}"
-                          + (" for a direction" if unit.index is None else "")}
+        return {"reason": f"no direct path to the logits from {point}"}
     effect = cloche.experiments.logit_effect(model, vector.double(), k)
     return {"top": effect["top"], "bottom": effect["bottom"]}
 
