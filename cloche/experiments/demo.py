@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="cloche-demo",
                         help="folder for the plots (default: ./cloche-demo)")
     parser.add_argument("--no-plots", action="store_true", help="print results only")
+    parser.add_argument("--ui", action="store_true",
+                        help="at the end, serve the web UI on 127.0.0.1 and print the links to"
+                             " the neuron and the head it found (until Ctrl-C)")
     return parser
 
 
@@ -298,7 +301,12 @@ def write_plots(model: Any, args: argparse.Namespace, scores: dict[str, np.ndarr
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: ``ui(model, found)``: serves the web UI for what the tour found (the CLI passes it, since
+#: the experiments layer cannot import the UI, which is built on it)
+UIHook = Callable[[Any, dict[str, Any]], None]
+
+
+def main(argv: Sequence[str] | None = None, ui: UIHook | None = None) -> int:
     """Entry point of ``cloche demo``; returns the exit code."""
     from cloche import connect
 
@@ -306,6 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning = clone_warning(Path.cwd())
     if warning:
         say(warning)
+    if args.ui and ui is None:
+        say("cloche demo: --ui needs the cloche command line (python -m cloche demo --ui)")
+        return 2
+
+    def tour(model: Any) -> None:
+        found = run_demo(model, args)
+        if args.ui and ui is not None:
+            ui(model, found)
+
     try:
         if args.connect:
             token = args.token or os.environ.get("CLOCHE_TOKEN")
@@ -313,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say("cloche demo: --connect needs --token or $CLOCHE_TOKEN")
                 return 2
             with connect(args.connect, token=token, timeout=120) as model:
-                run_demo(model, args)
+                tour(model)
             return 0
         token = secrets.token_urlsafe(24)
         say("starting a cloche server on "
@@ -321,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with started_server(args.model, token) as address:
             say(f"server at {address}; connecting as a client")
             with connect(address, token=token, timeout=120) as model:
-                run_demo(model, args)
+                tour(model)
         return 0
     except errors.ClocheError as exc:
         say(f"cloche demo: error: {exc}")
