@@ -263,6 +263,8 @@ def plan_capacity(source: str | os.PathLike[str] | Any, world_size: int | None =
         if all(r.fits for r in candidate):
             smallest = size
             break
+    if world_size is None and layers_per_rank is not None:
+        world_size = len(layers_per_rank)
     if world_size is None:
         if smallest is None:
             raise UsageError(f"no world size up to {n_layers} (one block per rank) fits"

@@ -84,6 +84,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
         plan_capacity(_tiny_config("llama", 4), 9)
     with pytest.raises(UsageError, match="no world size up to 4"):
         plan_capacity(_tiny_config("llama", 4), device_memory=1024)
+    explicit = plan_capacity(_tiny_config("llama", 4), layers_per_rank=[1, 3])
+    assert [r.layers for r in explicit.ranks] == [(0, 0), (1, 3)]
+    with pytest.raises(UsageError, match=r"sums to 3, but the model has 4"):
+        plan_capacity(_tiny_config("llama", 4), layers_per_rank=[1, 2])
     with pytest.raises(UsageError, match=r"batch \(0\)"):
         plan_capacity(_tiny_config("llama", 4), 2, batch=0)
 
