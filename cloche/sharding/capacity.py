@@ -139,10 +139,24 @@ def load_config(source: str | os.PathLike[str], *, revision: str | None = None) 
     if text.endswith(".json") or text.startswith(("/", ".", "~")):
         raise UsageError(f"{text!r} does not exist (give a model directory, a config.json file or"
                          " a hub name such as org/name)")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from cloche.model.hub import _download  # the hub access and its error messages, in one place
+
     try:
-        return transformers.AutoConfig.from_pretrained(text, revision=revision)
+        validate_repo_id(text)
+    except HFValidationError as exc:
+        raise UsageError(f"{text!r} is neither a model directory, a config.json file nor a hub"
+                         f" name like 'org/name' ({exc})") from exc
+    snapshot = _download(text, revision, ["config.json"])  # the config alone, never weights
+    if not (snapshot / "config.json").is_file():
+        raise UsageError(f"the hub repository {text!r} has no config.json: it is not a"
+                         " transformers model")
+    try:
+        return transformers.AutoConfig.from_pretrained(snapshot, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"cannot fetch the config of {text!r}: {exc}") from exc
+        raise UsageError(f"cannot read the config of {text!r}: {exc}") from exc
 
 
 @dataclass(frozen=True)

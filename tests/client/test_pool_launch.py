@@ -13,6 +13,7 @@ import transformers
 from cloche.client import Pool
 from cloche.client.pool import Results
 
+from tests.model.hf_cache import add_snapshot, use_cache
 from tests.threads import TORCH_THREADS
 
 TEXT = "The cat sat on the mat. The cat sat on the mat. The cat sat on the mat."
@@ -77,6 +78,22 @@ def test_one_experiment_over_checkpoints_keyed_by_step_with_a_plot(checkpoints, 
     assert list(xs) == list(STEPS) and list(ys) == [losses[s] for s in STEPS]
     ax.figure.savefig(tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_one_server_per_revision_of_a_hub_model(checkpoints, monkeypatch, tmp_path):
+    """Revisions of one hub repository (an offline cache laid out by hand): steps as tags."""
+    cache = use_cache(monkeypatch, tmp_path / "hf-home")
+    for step in (0, 6):
+        add_snapshot(cache, "org/training-run", checkpoints[step], refs=(f"step{step}",))
+    with Pool.launch("org/training-run", revisions=["step0", "step6"],
+                     threads=TORCH_THREADS) as pool:
+        losses = pool.each(_loss)
+    assert list(losses) == ["step0", "step6"]
+    for step in (0, 6):
+        assert losses[f"step{step}"] == cloche.load(checkpoints[step]).run(TEXT).loss
+    ax = losses.plot(xlabel="revision")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["step0", "step6"]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from cloche.model.families import ADAPTERS
 from cloche.sharding.capacity import plan_capacity
 from cloche.sharding.launch import start_local
 
+from tests.model.hf_cache import add_snapshot, use_cache
 from tests.sharding.conftest import TIMEOUT_S
 from tests.threads import TORCH_THREADS
 from tests.tiny_models import FAMILIES, _configs
@@ -139,3 +140,17 @@ def test_the_plan_is_what_a_sharded_launch_loads(tiny4_dir, family, world_size):
         model.close()
     assert {r.rank: (r.parameters, r.weight_bytes) for r in plan.ranks} == \
         {rank: tuple(v) for rank, v in loaded.items()}
+
+
+def test_a_hub_name_needs_only_its_config(monkeypatch, tmp_path, tiny4_dir, capsys):
+    """Offline, from a cache whose snapshot holds config.json alone: no weight is needed."""
+    cache = use_cache(monkeypatch, tmp_path / "hf-home")
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    (only_config / "config.json").write_bytes((tiny4_dir("llama") / "config.json").read_bytes())
+    add_snapshot(cache, "org/tiny-llama", only_config, refs=("main", "v1"))
+    by_name = _plan_json(capsys, "--model", "org/tiny-llama", "--revision", "v1",
+                         "--world-size", "2")
+    assert by_name == _plan_json(capsys, "--model", str(tiny4_dir("llama")), "--world-size", "2")
+    with pytest.raises(UsageError, match="has no snapshot of it"):
+        plan_capacity("org/absent", 2)
