@@ -93,10 +93,11 @@ def join(config: DistConfig,
 def _lost_exit(rank: int, grace_s: float = 0.0) -> Callable[[WorkerLost], None]:
     """Report the loss and exit with code 3.
 
-    ``grace_s`` (ranks > 0): when the lost rank is not rank 0, wait this long first. Rank 0
-    sees the same silence within a heartbeat or two and must tell its clients (the request in
-    flight fails with WorkerLost); exiting at once would make torchrun stop every other worker
-    of this node — rank 0 too, when it shares the node — before it could.
+    ``grace_s`` (ranks > 0): when the lost rank is not rank 0, wait this long first (three
+    heartbeats). Rank 0 sees the same silence within a heartbeat or two and must tell its
+    clients (the request in flight fails with WorkerLost); exiting at once would make torchrun
+    stop every other worker of this node — rank 0 too, when it shares the node — before it
+    could.
     """
     def on_lost(exc: WorkerLost) -> None:
         if grace_s > 0 and exc.rank != 0:
@@ -139,7 +140,7 @@ def send_reply(channel: Channel, name: str, envelope: dict[str, Any], what: str,
 def command_loop(rank: Rank) -> int:
     """Ranks > 0: execute rank 0's commands until it says shut down (returns the exit code)."""
     control, stage, channel = rank.control, rank.stage, rank.channel
-    grace = 2 * rank.config.heartbeat_s
+    grace = 3 * rank.config.heartbeat_s
     control.on_lost = _lost_exit(rank.layout.rank, grace)
     control.watch_idle = True
     light = LightService(rank)

@@ -345,18 +345,19 @@ def test_eight_ranks_on_four_namespaces_match_one_process_and_a_lost_node_is_nam
         killed_at = time.monotonic()
         _kill_tree(procs[NODES - 1])  # node 3: ranks 6 and 7
         bound = EIGHT_TIMEOUT_S + AFTER_FAILURE_S  # detection, then torchrun's own exit
-        for _ in range(NODES):
+        for _ in range(NODES):  # every node ends (the others once rank 0 is gone), bounded
             try:
-                done.get(timeout=max(0.0, killed_at + bound - time.monotonic()))
+                done.get(timeout=max(0.0, killed_at + 2 * bound - time.monotonic()))
             except queue.Empty:
                 break
         log0 = logs[0].read_text()
         assert all(p.poll() is not None for p in procs), (
             f"{time.monotonic() - killed_at:.0f} s after node 3 was killed:\n{text()}")
-        assert ended[0] - killed_at <= bound, text()
+        assert ended[0] - killed_at <= bound, (
+            f"node 0 ended {ended[0] - killed_at:.0f} s after the kill:\n{text()}")
         # rank 0 names a lost rank of node 3, as WorkerLost does: "... [rank 6]"
         lost = re.findall(r"cloche rank 0: (.*\[rank (\d)\])", log0)
-        assert lost and int(lost[0][1]) in (6, 7), text()
+        assert lost and int(lost[0][1]) in (6, 7), f"rank 0 named no lost rank:\n{text()}"
         assert "stopped answering" in lost[0][0] or "exited" in lost[0][0], text()
         print(f"\nsaved after {killed_at - started:.0f} s; rank 0 gave up"
               f" {ended[0] - killed_at:.1f} s after the kill: {lost[0][0]}")
