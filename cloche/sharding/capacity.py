@@ -139,24 +139,49 @@ def load_config(source: str | os.PathLike[str], *, revision: str | None = None) 
     if text.endswith(".json") or text.startswith(("/", ".", "~")):
         raise UsageError(f"{text!r} does not exist (give a model directory, a config.json file or"
                          " a hub name such as org/name)")
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    from cloche.model.hub import _download  # the hub access and its error messages, in one place
-
+    config_file = _hub_config(text, revision)  # the config alone, never weights
     try:
-        validate_repo_id(text)
-    except HFValidationError as exc:
-        raise UsageError(f"{text!r} is neither a model directory, a config.json file nor a hub"
-                         f" name like 'org/name' ({exc})") from exc
-    snapshot = _download(text, revision, ["config.json"])  # the config alone, never weights
-    if not (snapshot / "config.json").is_file():
-        raise UsageError(f"the hub repository {text!r} has no config.json: it is not a"
-                         " transformers model")
-    try:
-        return transformers.AutoConfig.from_pretrained(snapshot, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(config_file, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot read the config of {text!r}: {exc}") from exc
+
+
+def _hub_config(repo_id: str, revision: str | None) -> Path:
+    """``config.json`` of a hub repository, through the Hugging Face cache (fetched if missing
+    and online); errors say what to do, as ``cloche.model.hub`` does for whole models."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except HFValidationError as exc:
+        raise UsageError(f"{repo_id!r} is neither a model directory, a config.json file nor a"
+                         f" hub name like 'org/name' ({exc})") from exc
+    except LocalEntryNotFoundError as exc:
+        mode = ("offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+                else "the hub could not be reached")
+        raise UsageError(f"the Hugging Face cache ({constants.HF_HUB_CACHE}) has no config.json"
+                         f" of {repo_id!r}{at}; {mode}. Run once with network access, or give"
+                         " a local config.json") from exc
+    except GatedRepoError as exc:
+        raise UsageError(f"the hub repository {repo_id!r} is gated: accept its terms on the hub"
+                         " and log in (`hf auth login`, or set HF_TOKEN)") from exc
+    except RepositoryNotFoundError as exc:
+        raise UsageError(f"no hub repository {repo_id!r} (or it is private: log in with"
+                         " `hf auth login`, or set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise UsageError(f"the hub repository {repo_id!r} has no revision {revision!r}") from exc
+    except EntryNotFoundError as exc:
+        raise UsageError(f"the hub repository {repo_id!r}{at} has no config.json: it is not a"
+                         " transformers model") from exc
 
 
 @dataclass(frozen=True)

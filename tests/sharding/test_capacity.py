@@ -152,5 +152,5 @@ def test_a_hub_name_needs_only_its_config(monkeypatch, tmp_path, tiny4_dir, caps
     by_name = _plan_json(capsys, "--model", "org/tiny-llama", "--revision", "v1",
                          "--world-size", "2")
     assert by_name == _plan_json(capsys, "--model", str(tiny4_dir("llama")), "--world-size", "2")
-    with pytest.raises(UsageError, match="has no snapshot of it"):
+    with pytest.raises(UsageError, match=r"has no config\.json of 'org/absent'"):
         plan_capacity("org/absent", 2)
