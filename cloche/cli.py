@@ -1,4 +1,5 @@
-"""The ``cloche`` command line: ``cloche serve``, ``check``, ``status``, ``ui`` and ``demo``.
+"""The ``cloche`` command line: ``cloche serve``, ``check``, ``status``, ``plan``, ``ui`` and
+``demo``.
 
 Each subcommand is a small trio: ``add_<name>_parser`` declares its flags, a function turns the
 parsed flags into configuration objects, ``run_<name>`` does the work. This is the only place
@@ -382,6 +383,58 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# --------------------------------------------------------------------------------- plan
+
+
+def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "plan", help="how a model splits over N ranks and what each rank needs in memory",
+        description=(
+            "Build the model on the meta device from its config (no weights are read or"
+            " downloaded), split its layers exactly as `cloche serve --world-size N` does and"
+            " print per rank: the layers it owns, its parameters, its weight bytes in --dtype,"
+            " an estimate of activation and KV-cache memory for --batch x --seq tokens, and"
+            " whether it fits --device-memory; plus the smallest world size that fits."))
+    parser.add_argument("--model", metavar="DIR|org/name|config.json", required=True,
+                        help="a model directory, a config.json file, or a hub name (only its"
+                             " config.json is fetched)")
+    parser.add_argument("--revision", metavar="REV", default=None,
+                        help="branch, tag or commit of a hub --model (default: main)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="number of ranks (default: the smallest world size that fits)")
+    parser.add_argument("--layers-per-rank", default=None, metavar="A,B,...",
+                        help="an explicit split, as `cloche serve --layers-per-rank`")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype of the weights: float32, bfloat16, float16 or auto (as in"
+                             " config.json) (default: float32, as cloche serve)")
+    parser.add_argument("--device-memory", type=parse_size, default="80GiB", metavar="SIZE",
+                        help="memory of one device, e.g. 80GiB, 24GiB (default: 80GiB)")
+    parser.add_argument("--batch", type=int, default=1, metavar="B",
+                        help="sequences per batch for the activation estimate (default: 1)")
+    parser.add_argument("--seq", type=int, default=2048, metavar="T",
+                        help="tokens per sequence for the activation estimate (default: 2048)")
+    parser.add_argument("--json", action="store_true",
+                        help='print only {"world_size", "total_parameters", "ranks": [{"rank",'
+                             ' "layers": [first, last], "parameters", "weight_bytes",'
+                             ' "activation_bytes", "fits"}]}')
+    parser.set_defaults(func=run_plan)
+    return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cloche.sharding.capacity import plan_capacity
+
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
+    report = plan_capacity(args.model, args.world_size, revision=args.revision, dtype=args.dtype,
+                           device_memory=args.device_memory, batch=args.batch, seq=args.seq,
+                           layers_per_rank=_layers_per_rank(args.layers_per_rank))
+    print(json.dumps(report.as_json()) if args.json else report.table())
+    return 0
+
+
 # --------------------------------------------------------------------------------- status
 
 
@@ -541,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_check_parser(sub)
     add_status_parser(sub)
+    add_plan_parser(sub)
     add_ui_parser(sub)
     add_demo_parser(sub)
     return parser

@@ -39,7 +39,8 @@ from cloche.sharding.stubs import (
     ZeroHidden,
 )
 
-__all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "skeleton"]
+__all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "plan_weights", "skeleton",
+           "skeleton_from_config"]
 
 
 @dataclass
@@ -62,6 +63,13 @@ def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> S
     if not (directory / "config.json").is_file():
         raise UsageError(f"{str(directory)!r} is not a model directory (no config.json)")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    return skeleton_from_config(config, dtype, directory)
+
+
+def skeleton_from_config(config: Any, dtype: str | torch.dtype | None = None,
+                         path: str | Path = ".") -> Skeleton:
+    """The meta-device model of a Hugging Face ``config`` (no weights anywhere): what
+    :func:`skeleton` builds for a checkpoint, and what ``cloche plan`` sizes."""
     resolved = parse_dtype(dtype)
     if resolved == "auto":
         resolved = getattr(config, "dtype", None) or torch.float32
@@ -74,7 +82,7 @@ def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> S
     if adapter is None:
         raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
                          " needs to know where the blocks are")
-    return Skeleton(directory, config, adapter, meta_model, cast(torch.dtype, resolved))
+    return Skeleton(Path(path), config, adapter, meta_model, cast(torch.dtype, resolved))
 
 
 class Ownership:
@@ -138,9 +146,9 @@ def _direct_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
-def make_plan(sk: Skeleton, world_size: int,
-              layers_per_rank: tuple[int, ...] | list[int] | None = None) -> ShardPlan:
-    """A plan balanced by parameter count (or the explicit ``layers_per_rank``)."""
+def plan_weights(sk: Skeleton) -> tuple[list[int], int, int]:
+    """What the balanced split weighs: per-block parameter counts, then the parameters before
+    the blocks (rank 0) and after them (the last rank); a tied embedding counts on both."""
     modules = dict(sk.meta_model.named_modules())
     layers = modules[sk.adapter.layers]
     blocks = [sum(p.numel() for p in block.parameters()) for block in layers]
@@ -156,6 +164,13 @@ def make_plan(sk: Skeleton, world_size: int,
             head += _direct_params(module)
         elif side in ("tail", "outer"):
             tail += _direct_params(module)
+    return blocks, head, tail
+
+
+def make_plan(sk: Skeleton, world_size: int,
+              layers_per_rank: tuple[int, ...] | list[int] | None = None) -> ShardPlan:
+    """A plan balanced by parameter count (or the explicit ``layers_per_rank``)."""
+    blocks, head, tail = plan_weights(sk)
     return balanced_plan(world_size, blocks, head_params=head, tail_params=tail,
                          layers_per_rank=layers_per_rank)
 
