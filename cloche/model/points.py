@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from cloche.errors import UnknownProbePoint
+from cloche.errors import UnknownProbePoint, UsageError
 from cloche.model.families import Adapter, Site
 from cloche.model.norms import norm_kind
 from cloche.model.weights import HeadShape, head_shape
@@ -72,6 +72,9 @@ class PointSpec:
     norm: str | None = None
     #: per-head attention results: the site is the output projection, whose input is z
     result: tuple[int, str] | None = None  # (n_heads, "linear" | "conv1d")
+    #: one of q/k/v of a fused projection's output: ``(groups, sizes, index)`` = view the last
+    #: dimension as (groups, sum(sizes)), split it into ``sizes``, take piece ``index``
+    fused: tuple[int, tuple[int, ...], int] | None = None
 
 
 def _join(*parts: str) -> str:
@@ -166,10 +169,12 @@ def _optional_spec(modules: dict[str, nn.Module], adapter: Adapter, hs: HeadShap
     if suffix in _HEADS_OF:
         where = adapter.block_sites.get(suffix)
         if not isinstance(where, Site) or _join(base, where.module) not in modules:
+            if suffix[5:] in adapter.method_taps:  # split and tapped by the inline attention
+                return PointSpec(name, "attn", i, attention=suffix[5:])
             return None
         heads = hs.n_heads if _HEADS_OF[suffix] == "q" else hs.n_kv_heads
         return PointSpec(name, "attn", i, replace(where, module=_join(base, where.module)),
-                         heads=heads)
+                         heads=heads, fused=_fused(where.qkv, hs))
     if suffix == "attn.result":
         rule = adapter.block_weights.get("attn.W_O")
         if rule is None or rule.layout not in _RESULT_LAYOUTS:
@@ -179,10 +184,24 @@ def _optional_spec(modules: dict[str, nn.Module], adapter: Adapter, hs: HeadShap
             return None
         return PointSpec(name, "attn", i, Site(path, "output"),
                          result=(hs.n_heads, _RESULT_LAYOUTS[rule.layout]))
-    # k_grouped and scores are taps inside cloche's own attention function
-    if adapter.attention_method is not None:
+    # k_grouped and scores are taps inside cloche's own attention function, or inside the
+    # family's attention function that stands in for the model's (method_taps)
+    if adapter.attention_method is not None and suffix[5:] not in adapter.method_taps:
         return None
     return PointSpec(name, "attn", i, attention=suffix[5:])
+
+
+def _fused(qkv: tuple[str, int] | None, hs: HeadShape) -> tuple[int, tuple[int, ...], int] | None:
+    """``PointSpec.fused`` for a ``Site.qkv``: where q, k or v lies in the fused output."""
+    if qkv is None:
+        return None
+    layout, index = qkv
+    d = hs.d_head
+    if layout == "per_head":  # (head, [q k v], d_head): every head has its own key and value
+        return hs.n_heads, (d, d, d), index
+    if layout == "qkv":
+        return 1, (hs.n_heads * d, hs.n_kv_heads * d, hs.n_kv_heads * d), index
+    raise UsageError(f"unknown fused q/k/v layout {layout!r} (an adapter table is wrong)")
 
 
 _CANONICAL_GLOBAL = ("embed", "final_norm", "logits")

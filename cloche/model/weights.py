@@ -32,7 +32,12 @@ def head_shape(config: Any) -> HeadShape:
     """Attention geometry from a Hugging Face config."""
     n_heads = int(config.num_attention_heads)
     d_model = int(config.hidden_size)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    # (Falcon names it num_kv_heads; its multi-query models, like GPT-BigCode's, have one)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+               or n_heads)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture",
+                                                             False):
+        n_kv = 1
     d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
     return HeadShape(n_heads, n_kv, d_head, d_model)
 
@@ -78,6 +83,14 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
         return _split_heads_in(raw[:, part * width : (part + 1) * width], hs.n_heads, hs.d_head)
     if layout == "qkv_bias_heads":
         return raw[part * width : (part + 1) * width].reshape(hs.n_heads, hs.d_head)
+    if layout in ("grouped_qkv_heads", "grouped_qkv_bias_heads"):
+        # rows: for each key/value head, its group of query heads, then its key, then its value
+        # (Falcon; with one query per group this is GPT-NeoX's layout, with one group it is
+        # multi-query's [all queries, key, value])
+        group = hs.n_heads // hs.n_kv_heads
+        rows = raw.reshape(hs.n_kv_heads, group + 2, hs.d_head, *raw.shape[1:])
+        picked = (rows[:, :group].flatten(0, 1) if part == 0 else rows[:, group + part - 1])
+        return picked.transpose(1, 2) if layout == "grouped_qkv_heads" else picked
     if layout == "neox_qkv_heads":
         per_head = raw.reshape(hs.n_heads, 3, hs.d_head, raw.shape[1])[:, part]
         return per_head.transpose(1, 2)

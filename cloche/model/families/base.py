@@ -32,6 +32,10 @@ class Site:
     #: the model later changes this output in place (Falcon's ``mlp_output += attention``):
     #: probes get a copy, so what they save stays what the point was
     mutated: bool = False
+    #: ``(layout, k)``: the point is query (0), key (1) or value (2) of a fused q/k/v
+    #: projection's output, laid out as ``"qkv"`` (all query heads, then the key heads, then
+    #: the value heads: Phi-3) or ``"per_head"`` (each head's q, k, v in turn: GPT-NeoX)
+    qkv: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class Adapter:
     #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``), or a
     #: function of ``model.inline`` that stands in for their ``forward`` (BLOOM)
     attention_method: str | Callable[..., Any] | None = None
+    #: the optional attention points (``q_proj``, ``k_proj``, ``v_proj``, ``k_grouped``,
+    #: ``scores``) that a function ``attention_method`` taps itself (the inline families)
+    method_taps: tuple[str, ...] = ()
     #: mixture-of-experts blocks: the router and the experts modules inside a block (their
     #: points are ``mlp.router`` and ``mlp.experts.{e}.post``; see ``model.moe``)
     router: str | None = None
