@@ -41,7 +41,7 @@ from cloche.model.info import ModelInfo, describe, no_head_message
 from cloche.model.loader import Loaded
 from cloche.model.points import PointSpec, ProbePoint, build_specs
 from cloche.model.rebase import adapter_for_model
-from cloche.model.weights import WeightCatalog, head_shape, read_weight
+from cloche.model.weights import WeightCatalog, expert_count, head_shape, read_weight
 from cloche.probes.actions import context_action
 from cloche.probes.context import RunInfo
 from cloche.probes.refs import apply_ops
@@ -85,7 +85,8 @@ class LocalExecutor:
         self._info: ModelInfo | None = None
         self._facade: Model | None = None
         self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
-        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params))
+        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params),
+                                      expert_count(self._config))
         self._modules = dict(self.hf_model.named_modules())
         # one forward at a time: hooks and the attention switch are per model, not per thread
         self._exec_lock = threading.RLock()

@@ -101,20 +101,46 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
         torch.testing.assert_close(out + b_O, got["layers.0.attn.out"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_zeroing_a_neuron_equals_zeroing_its_output_weights(family, tiny_dir, tiny_model):
+    """Zeroing neuron j at mlp.post (an expert's post in a sparse block) equals zeroing row j
+    of the canonical W_out (that expert's W_out) on a fresh copy of the model."""
     model = tiny_model(family)
     j, layer = 5, model.n_layers - 1
+    mlp = f"layers.{layer}.mlp.experts.2" if family in MOE else f"layers.{layer}.mlp"
 
     def zero(ctx, x):
         x = x.clone()
         x[..., j] = 0
         return x
 
-    ablated = model.run(IDS, probes={f"layers.{layer}.mlp.post": zero}).logits
+    ablated = model.run(IDS, probes={f"{mlp}.post": zero}).logits
     edited = cloche.load(tiny_dir(family))
     with torch.no_grad():
-        edited.param(f"layers.{layer}.mlp.W_out")[j] = 0
+        edited.param(f"{mlp}.W_out")[j] = 0
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("point", ["attn.result", "attn.z"])
+def test_zeroing_a_head_equals_zeroing_its_w_o_slice(family, point, tiny_dir, tiny_model):
+    """Zeroing head h's result (or its z) at a probe point equals zeroing W_O[h] (the canonical
+    (heads, d_head, d_model) view of the output projection) on a fresh copy of the model."""
+    model = tiny_model(family)
+    h, layer = 1, model.n_layers - 1
+    name = f"layers.{layer}.{point}"
+    assert name in {p.name for p in model.probe_points()}
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[:, :, h] = 0
+        return x
+
+    ablated = model.run(IDS, probes={name: zero}).logits
+    edited = cloche.load(tiny_dir(family))
+    with torch.no_grad():
+        edited.param(f"layers.{layer}.attn.W_O")[h] = 0
     torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
     assert not torch.allclose(ablated, model.run(IDS).logits)
 
@@ -418,6 +444,56 @@ def test_zeroing_an_expert_neuron_equals_zeroing_its_weights(family, tiny_dir, t
 
 
 @pytest.mark.parametrize("family", MOE)
+def test_expert_weights_are_the_experts_own_in_canonical_layout(family, tiny_model):
+    """layers.i.mlp.experts.e.W_gate/W_in (d_model, d_expert), W_out (d_expert, d_model) and
+    mlp.W_router (d_model, experts) are the module's own weights, and they make the expert's
+    activations at the tokens routed to it."""
+    model = tiny_model(family)
+    layer = 1
+    block = model.hf_model.model.layers[layer].mlp
+    experts = block.experts
+    d_expert = experts.down_proj.shape[-1]
+    d_model = model.info()["d_model"]
+    torch.testing.assert_close(model.param(f"layers.{layer}.mlp.W_router"), block.gate.weight.T,
+                               atol=0, rtol=0)
+    logits, x = _routing(model, layer)
+    chosen = logits.topk(model.hf_model.config.num_experts_per_tok, dim=-1).indices
+    n_experts = logits.shape[-1]
+    posts = capture_all(model, [f"layers.{layer}.mlp.experts.{e}.post" for e in range(n_experts)])
+    for e in range(n_experts):
+        name = f"layers.{layer}.mlp.experts.{e}"
+        gate, up, out = (model.param(f"{name}.{w}") for w in ("W_gate", "W_in", "W_out"))
+        assert gate.shape == up.shape == (d_model, d_expert) and out.shape == (d_expert, d_model)
+        torch.testing.assert_close(gate, experts.gate_up_proj[e, :d_expert].T, atol=0, rtol=0)
+        torch.testing.assert_close(up, experts.gate_up_proj[e, d_expert:].T, atol=0, rtol=0)
+        torch.testing.assert_close(out, experts.down_proj[e].T, atol=0, rtol=0)
+        routed = (chosen == e).any(-1)
+        expected = torch.nn.functional.silu(x @ gate) * (x @ up)
+        torch.testing.assert_close(posts[f"{name}.post"][routed], expected[routed], atol=1e-5,
+                                   rtol=0)
+    assert model.param(f"layers.{layer}.mlp.experts.1.W_in", index=(slice(None), 3)).shape == (
+        d_model,)
+    with pytest.raises(cloche.UnknownProbePoint):
+        model.param(f"layers.{layer}.mlp.experts.{n_experts}.W_in")
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_zeroing_an_expert_output_equals_zeroing_its_w_out(family, tiny_dir, tiny_model):
+    """Replacing expert e's whole activation by zeros (its output then vanishes) equals zeroing
+    its canonical W_out (a view: the edit reaches the stacked parameter)."""
+    model = tiny_model(family)
+    layer, e = 1, 1
+    ablated = model.run(IDS, probes={
+        f"layers.{layer}.mlp.experts.{e}.post": lambda c, x: torch.zeros_like(x)}).logits
+    edited = cloche.load(tiny_dir(family))
+    with torch.no_grad():
+        edited.param(f"layers.{layer}.mlp.experts.{e}.W_out").zero_()
+    assert torch.all(edited.param(f"model.layers.{layer}.mlp.experts.down_proj")[e] == 0)
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", MOE)
 def test_replacing_router_logits_reroutes(family, tiny_model):
     """Logits that send every token to experts 0 and 1 give w0 * E0(x) + w1 * E1(x)."""
     model = tiny_model(family)
@@ -653,3 +729,31 @@ def test_projection_points_are_ln1_times_the_canonical_weights(family, tiny_mode
         expected = torch.einsum("bsm,hmd->bshd", x, weight) + bias
         torch.testing.assert_close(got[f"layers.1.attn.{name.lower()}_proj"], expected,
                                    atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoder_positions_read_from_w_pos(family, tiny_model):
+    """The embeddings' LayerNorm reads W_E[token] + W_pos[position] + the token-type row;
+    RoBERTa's W_pos starts after its padding index (row padding_idx + 1 is position 0), and a
+    padding token gets row padding_idx without advancing the positions after it."""
+    model = tiny_model(family)
+    root = model.executor.adapter.layers.split(".")[0]
+    norm = f"module:{root}.embeddings.LayerNorm:input"
+    got = capture_all(model, [norm, "pos_embed"])
+    W_E, W_pos = model.param("embed.W_E"), model.param("pos_embed.W_pos")
+    raw = model.param(f"{root}.embeddings.position_embeddings.weight")
+    offset = model.hf_model.config.pad_token_id + 1 if family == "roberta" else 0
+    assert W_pos.shape[0] == raw.shape[0] - offset
+    torch.testing.assert_close(W_pos, raw[offset:], atol=0, rtol=0)
+    token_type = model.param(f"{root}.embeddings.token_type_embeddings.weight")[0]
+    seq = IDS.shape[1]
+    torch.testing.assert_close(got[norm], W_E[IDS] + W_pos[:seq] + token_type, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["pos_embed"].expand(len(IDS), -1, -1),
+                               W_pos[:seq].expand(len(IDS), -1, -1), atol=0, rtol=0)
+    if family == "roberta":
+        pad = model.hf_model.config.pad_token_id
+        padded = IDS.clone()
+        padded[:, 3] = pad
+        pos = capture(model, padded, ["pos_embed"], context="padded-positions")["pos_embed"]
+        torch.testing.assert_close(pos[:, 3], raw[pad].expand(len(IDS), -1), atol=0, rtol=0)
+        torch.testing.assert_close(pos[:, 4], W_pos[3].expand(len(IDS), -1), atol=0, rtol=0)

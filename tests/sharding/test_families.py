@@ -62,3 +62,14 @@ def test_every_canonical_point_logits_and_gradients_agree(pair):
                                    local.save_context("g").fetch(name), atol=ATOL, rtol=1e-5)
     local.save_context("g").clear()
     dist.save_context("g").clear()
+
+
+def test_canonical_weights_agree(pair):
+    """Every canonical weight (per-head attention, Falcon's fused q/k/v, each expert's
+    W_gate/W_in/W_out) is read from the rank that holds it, as one process reads it."""
+    local, dist = pair
+    raw = set(local.param_names(canonical=False))
+    names = [n for n in local.param_names() if n not in raw]
+    assert [n for n in dist.param_names() if n not in raw] == names
+    for name in names:
+        torch.testing.assert_close(dist.param(name), local.param(name), atol=0, rtol=0, msg=name)

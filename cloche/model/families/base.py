@@ -89,6 +89,9 @@ class Adapter:
     #: points are ``mlp.router`` and ``mlp.experts.{e}.post``; see ``model.moe``)
     router: str | None = None
     experts: str | None = None
+    #: per-expert weights, relative to a block: canonical suffix (after ``mlp.experts.{e}.``)
+    #: -> rule over the stacked parameter; ``part`` is filled with the expert's index
+    expert_weights: Mapping[str, WeightRule] = field(default_factory=dict)
     #: a block returns ``(hidden, attention weights)``, not the hidden state alone (Falcon,
     #: BLOOM, GPT-Neo): a sharded model's stand-in blocks must return the same
     block_returns_tuple: bool = False
