@@ -64,18 +64,20 @@ class LocalExecutor:
     """Executes requests on a model held by this process (one rank of a sharded one, or all)."""
 
     def __init__(self, loaded: Loaded, *, store: SaveStore | None = None, rank: int = 0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, adapter: Adapter | None = None) -> None:
+        """``adapter``: the model's structure when the caller knows it (a shard, whose stubs
+        leave nothing for discovery to run); by default its family's table or discovery."""
         self.hf_model: nn.Module = loaded.hf_model
         self._tokenizer = loaded.tokenizer
         self.path = loaded.path
         self.name = name or display_name(loaded.path)
         self._config = self.hf_model.config
-        self.adapter: Adapter | None = adapter_for_model(self.hf_model)
+        self.adapter: Adapter | None = adapter or adapter_for_model(self.hf_model)
         if self.adapter is None:
             self.adapter = discover(self.hf_model)
-            if rank == 0:
-                _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
-                                     self.adapter)
+        if rank == 0 and (self.adapter is None or self.adapter.discovered):
+            _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
+                                 self.adapter)
         #: False for a base model saved without its head (no logits, no unembed)
         self.lm_head = loaded.lm_head
         self.store = store if store is not None else SaveStore()
