@@ -365,3 +365,40 @@ def test_head_detector_matches_transformerlens(pairs, family, kind, exclude):
     assert want.abs().max() > 1e-3
     torch.testing.assert_close(torch.as_tensor(got, dtype=want.dtype), want, atol=TOL, rtol=0)
 
+
+
+@pytest.mark.parametrize("kind", ["previous_token_head", "duplicate_token_head", "induction_head"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_head_detector_matches_transformerlens_on_grouped_query_qwen2(pairs, kind, exclude):
+    """Head detector scores on Qwen2 (grouped-query attention) are TransformerLens' own:
+    its detection pattern and its similarity score on the patterns its bridge caches, averaged
+    over the sequences as its ``detect_head`` averages a list of texts.
+
+    (``detect_head`` itself takes text, and TransformerLens rebuilds a Qwen2 bridge's tokenizer
+    as Qwen2's byte-level BPE, which reads this test's words as nothing: the ids go in directly,
+    and what ``detect_head`` does after tokenizing is done here with its own functions.)
+    """
+    from cloche.experiments import detect_heads
+    from transformer_lens import head_detector
+
+    _, model, bridge = pairs("qwen2")
+    gen = torch.Generator().manual_seed(1)
+    halves = torch.randint(3, VOCAB, (2, 6), generator=gen)
+    ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), halves, halves], 1)  # BOS, r, r
+    got = detect_heads(model, ids, kind, exclude_bos=exclude, exclude_current_token=exclude)
+    detection = getattr(head_detector, f"get_{kind}_detection_pattern")
+    per_sequence = []
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for row in ids:
+            _, cache = bridge.run_with_cache(row[None], remove_batch_dim=True)
+            pattern = detection(row[None].cpu())
+            per_sequence.append(torch.tensor([[
+                head_detector.compute_head_attention_similarity_score(
+                    cache["pattern", layer, "attn"][head], detection_pattern=pattern,
+                    exclude_bos=exclude, exclude_current_token=exclude, error_measure="mul")
+                for head in range(bridge.cfg.n_heads)] for layer in range(bridge.cfg.n_layers)]))
+    want = torch.stack(per_sequence).mean(0)
+    assert bridge.cfg.n_key_value_heads < bridge.cfg.n_heads  # grouped-query attention
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(torch.as_tensor(got, dtype=want.dtype), want, atol=TOL, rtol=0)
