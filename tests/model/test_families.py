@@ -710,13 +710,15 @@ def test_replaced_scores_set_the_pattern(family, tiny_model):
                                atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", FUSED)
+@pytest.mark.parametrize("family", [*FUSED, "bert", "roberta"])
 def test_projection_points_are_ln1_times_the_canonical_weights(family, tiny_model):
     """W_Q/W_K/W_V (and b_Q/b_K/b_V where the model has biases) in canonical layout,
-    (heads, d_model, d_head) with key/value heads for W_K/W_V, make attn.q_proj/k_proj/v_proj."""
+    (heads, d_model, d_head) with key/value heads for W_K/W_V, make attn.q_proj/k_proj/v_proj
+    from what attention reads: ln1, or resid_pre in a post-LayerNorm encoder."""
     model = tiny_model(family)
-    got = capture_all(model, ["layers.1.ln1", *(f"layers.1.attn.{x}_proj" for x in "qkv")])
-    x = got["layers.1.ln1"]
+    read = "layers.1.resid_pre" if family in ("bert", "roberta") else "layers.1.ln1"
+    got = capture_all(model, [read, *(f"layers.1.attn.{x}_proj" for x in "qkv")])
+    x = got[read]
     n_kv = model.executor.describe().n_kv_heads
     for name in "QKV":
         weight = model.param(f"layers.1.attn.W_{name}")

@@ -248,7 +248,14 @@ def test_transformerlens_weight_names_give_transformerlens_weights(pair):
 
 
 def test_a_missing_transformerlens_point_names_the_cause(tmp_path):
-    model = cloche.load(save_tiny("bert", tmp_path))  # no projection sites in its table
+    """Helium has no adapter: discovery proves no projection sites, and the error says so."""
+    config = transformers.HeliumConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    transformers.HeliumForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no cloche adapter"):
+        model = cloche.load(tmp_path)
     with pytest.raises(UnknownProbePoint, match=r"attn\.q_proj"):
         model.resolve("blocks.0.attn.hook_q")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 BERT = Adapter(
     summary="post-LayerNorm encoder, bidirectional",
@@ -18,6 +18,7 @@ BERT = Adapter(
     causal=False,
     block_sites={
         "resid_pre": Site("", "input"),
+        **projection_sites("attention.self", "query", "key", "value"),
         "attn.out": Site("attention.output.dense", "output"),
         "resid_mid": Site("attention", "output"),
         "mlp.pre": Site("intermediate.dense", "output"),
