@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from cloche.errors import UnknownProbePoint, UsageError
-from cloche.model.families import Adapter, Site
+from cloche.model.families import Adapter, Site, adapter_for
 from cloche.model.norms import norm_kind
 from cloche.model.weights import HeadShape, head_shape
 
@@ -353,8 +353,12 @@ _TL_WHY = {
 }
 
 
-def tl_alias(name: str) -> str | None:
-    """The canonical name a TransformerLens hook name stands for (None if it is not one)."""
+def tl_alias(name: str, model_type: str | None = None) -> str | None:
+    """The canonical name a TransformerLens hook name stands for (None if it is not one), in a
+    model of ``model_type`` (whose adapter may say that TL means something else there)."""
+    adapter = adapter_for(model_type)
+    if adapter is not None and name in adapter.tl_aliases:
+        return adapter.tl_aliases[name]
     if name in _TL_GLOBAL:
         return _TL_GLOBAL[name]
     match = _TL_RE.match(name)
@@ -363,15 +367,17 @@ def tl_alias(name: str) -> str | None:
     return None
 
 
-def canonical_name(name: str, names: Collection[str], missing: Collection[str] = ()) -> str:
+def canonical_name(name: str, names: Collection[str], missing: Collection[str] = (),
+                   model_type: str | None = None) -> str:
     """Resolve ``name`` (canonical, TransformerLens alias, or module point) to a canonical name.
 
     ``names`` are the model's point names (a set, or the specs dict keyed by name); ``missing``
-    the canonical points it lacks and why (:func:`missing_points`), which errors then name.
+    the canonical points it lacks and why (:func:`missing_points`), which errors then name;
+    ``model_type`` picks the family's own TransformerLens aliases (``Adapter.tl_aliases``).
     """
     if name in names:
         return name
-    resolved = tl_alias(name)
+    resolved = tl_alias(name, model_type)
     if resolved is not None and resolved in names:
         return resolved
     why = _why_missing(resolved or name, missing)

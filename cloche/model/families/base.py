@@ -101,6 +101,10 @@ class Adapter:
     lacks: Mapping[str, str] = field(default_factory=dict)
     #: the learned position embedding module (its output is the ``pos_embed`` point)
     pos_embed: str | None = None
+    #: TransformerLens names that mean something else in this family than in the generic
+    #: table (``model.points``): TL name -> canonical name (BLOOM's ``hook_embed`` is after
+    #: the embedding LayerNorm)
+    tl_aliases: Mapping[str, str] = field(default_factory=dict)
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""

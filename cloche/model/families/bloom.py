@@ -24,6 +24,8 @@ BLOOM = Adapter(
     attention_method=bloom_attention,
     method_taps=("q_proj", "k_proj", "v_proj", "k_grouped", "scores"),
     block_returns_tuple=True,
+    # TransformerLens' hook_embed is after the embedding LayerNorm: block 0's input
+    tl_aliases={"hook_embed": "layers.0.resid_pre"},
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
