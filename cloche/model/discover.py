@@ -23,6 +23,7 @@ so that ``model.info()['missing']`` and the error for a missing point say why.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -368,4 +369,12 @@ def discover_from_config(config: Any) -> Adapter | None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = model_from_config(small, torch.float32).eval()
-    return discover(model)
+    adapter = discover(model)
+    if adapter is None:
+        return None
+    model_type = adapter.family
+    return dataclasses.replace(adapter, notes=(
+        (f"no cloche adapter for {model_type!r}: this structure was discovered on a two-block"
+         " copy of the architecture with random weights (the model is never whole in one"
+         " process) and checked there against output_hidden_states; per-head weights are not"
+         " offered"),))

@@ -115,6 +115,7 @@ def test_a_discovered_decoder_says_what_it_lacks_as_in_one_process(pair):
         assert not dist.info()["missing"] or dist.info()["missing"] == local.info()["missing"]
         return
     assert dist.info()["missing"] == local.info()["missing"] != []
+    assert any("two-block copy" in note for note in dist.info()["notes"])
     names = {p.name for p in dist.probe_points()}
     assert {"layers.3.resid_post", "layers.0.attn.out", "layers.2.mlp.post", "final_norm",
             "logits"} <= names
