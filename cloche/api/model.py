@@ -161,7 +161,8 @@ class Model:
             raise UsageError(f"probe point names are strings, not {name!r}")
         if self._names is None:
             self._names = frozenset(self._described().point_names)
-        return canonical_name(name, self._names, self._described().missing)
+        described = self._described()
+        return canonical_name(name, self._names, described.missing, described.model_type)
 
     def owner_of(self, point: str) -> int:
         """The rank whose probes run at ``point`` (always 0 unless the model is sharded)."""

@@ -41,7 +41,7 @@ from cloche.model.info import ModelInfo, describe, no_head_message
 from cloche.model.loader import Loaded
 from cloche.model.points import PointSpec, ProbePoint, build_specs
 from cloche.model.rebase import adapter_for_model
-from cloche.model.weights import WeightCatalog, head_shape, read_weight
+from cloche.model.weights import WeightCatalog, expert_count, head_shape, read_weight
 from cloche.probes.actions import context_action
 from cloche.probes.context import RunInfo
 from cloche.probes.refs import apply_ops
@@ -65,18 +65,20 @@ class LocalExecutor:
     """Executes requests on a model held by this process (one rank of a sharded one, or all)."""
 
     def __init__(self, loaded: Loaded, *, store: SaveStore | None = None, rank: int = 0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, adapter: Adapter | None = None) -> None:
+        """``adapter``: the model's structure when the caller knows it (a shard, whose stubs
+        leave nothing for discovery to run); by default its family's table or discovery."""
         self.hf_model: nn.Module = loaded.hf_model
         self._tokenizer = loaded.tokenizer
         self.path = loaded.path
         self.name = name or display_name(loaded.path)
         self._config = self.hf_model.config
-        self.adapter: Adapter | None = adapter_for_model(self.hf_model)
+        self.adapter: Adapter | None = adapter or adapter_for_model(self.hf_model)
         if self.adapter is None:
             self.adapter = discover(self.hf_model)
-            if rank == 0:
-                _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
-                                     self.adapter)
+        if rank == 0 and (self.adapter is None or self.adapter.discovered):
+            _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
+                                 self.adapter)
         #: False for a base model saved without its head (no logits, no unembed)
         self.lm_head = loaded.lm_head
         self.store = store if store is not None else SaveStore()
@@ -86,7 +88,8 @@ class LocalExecutor:
         self._info: ModelInfo | None = None
         self._facade: Model | None = None
         self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
-        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params))
+        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params),
+                                      expert_count(self._config))
         self._modules = dict(self.hf_model.named_modules())
         # one forward at a time: hooks and the attention switch are per model, not per thread
         self._exec_lock = threading.RLock()

@@ -42,7 +42,7 @@ from cloche.errors import ClocheError, UsageError, WorkerLost
 from cloche.errors.payload import from_payload
 from cloche.model.info import ModelInfo, describe
 from cloche.model.points import ProbePoint
-from cloche.model.weights import WeightCatalog
+from cloche.model.weights import WeightCatalog, expert_count
 from cloche.probes.actions import join_entries
 from cloche.probes.disk import read_context, write_context
 from cloche.probes.reducers import Reducer, reducer_from_state
@@ -517,7 +517,8 @@ class ShardedExecutor:
     def _catalog(self) -> WeightCatalog:
         if self._weights is None:
             self._weights = WeightCatalog(self._stage.adapter, self.plan.n_layers,
-                                          self._stage.all_param_names)
+                                          self._stage.all_param_names,
+                                          expert_count(self._stage.config))
         return self._weights
 
     def _param(self, req: rq.Param, cancel: Any, on_event: Any) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cloche.errors import UsageError
+from cloche.model.discover import discover_from_config
 from cloche.model.families import Adapter
 from cloche.model.loader import Loaded, has_lm_head, model_from_config, parse_dtype
 from cloche.model.points import PointSpec
@@ -78,10 +79,16 @@ def skeleton_from_config(config: Any, dtype: str | torch.dtype | None = None,
     with torch.device("meta"):  # the class the checkpoint was saved as, as load_hf does
         meta_model = model_from_config(config, cast(torch.dtype, resolved))
     meta_model.eval()
-    adapter = adapter_for_model(meta_model)
+    # a family without a table: its structure is discovered on a small copy (two blocks, random
+    # weights), as no process holds the whole model
+    adapter = adapter_for_model(meta_model) or discover_from_config(config)
     if adapter is None:
-        raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
-                         " needs to know where the blocks are")
+        raise UsageError(
+            f"model_type {config.model_type!r} has no cloche adapter and its structure could not"
+            " be discovered (no list of num_hidden_layers identical blocks whose inputs are"
+            " output_hidden_states, or no input embedding), so it cannot be split into stages"
+            " by layers; load it in one process (cloche.load / cloche serve without"
+            " --world-size), where its module:<path> points still work")
     return Skeleton(Path(path), config, adapter, meta_model, cast(torch.dtype, resolved))
 
 
@@ -362,7 +369,9 @@ def _recompute_buffers(model: nn.Module, persistent: set[str], device: torch.dev
         if not own:
             continue
         if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(config=module.config)
+            # (CodeGen's keeps no config of its own: the model's is the one it was built from)
+            config = getattr(module, "config", None) or getattr(model, "config", None)
+            fresh = type(module)(config=config)
             for name, value in fresh.named_buffers(recurse=False):
                 getattr(module, name).copy_(value.to(device))
             continue

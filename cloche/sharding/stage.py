@@ -140,7 +140,8 @@ class Stage:
         loaded = build_shard(sk, plan, rank, self, device)
         self.hf: Any = loaded.hf_model
         journal = None if state_dir is None else Journal(Path(state_dir) / f"rank-{rank}")
-        self.local = LocalExecutor(loaded, rank=rank, store=SaveStore(journal=journal))
+        self.local = LocalExecutor(loaded, rank=rank, store=SaveStore(journal=journal),
+                                   adapter=sk.adapter)
         self.config = self.hf.config
         self.specs = build_specs(self.hf, self.adapter)
         self.modules = dict(self.hf.named_modules())
