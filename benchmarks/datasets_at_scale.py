@@ -119,8 +119,9 @@ def shards_of(folder: Path) -> list[dict[str, Any]]:
 def check_export(folder: Path, n_examples: int, seq_len: int, tokens: np.ndarray,
                  threads: int, restart_shard: int) -> dict[str, Any]:
     """Every token once, in order; three shards against a local forward (fp16 tolerance)."""
-    import cloche
     from safetensors.torch import load_file
+
+    import cloche
 
     manifest = json.loads((folder / "manifest.json").read_text())
     expect_ids = np.repeat(np.arange(n_examples), seq_len)
