@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import signal
@@ -199,8 +200,8 @@ def main() -> None:
             folder = work / "export"
             export = {"export": str(folder), "export_points": [POINT],
                       "export_dtype": "float16", "limit": n_export, **run}
-            per_shard = -(-(1 << 16) // (args.batch_size * args.seq_len))
-            n_shards = -(-(-(-n_export // args.batch_size)) // per_shard)
+            per_shard = math.ceil((1 << 16) / (args.batch_size * args.seq_len))
+            n_shards = math.ceil(math.ceil(n_export / args.batch_size) / per_shard)
             cpu0, wall0 = server.cpu_s(), time.perf_counter()
             future = model.submit("run_dataset", name, **export)
             while len(shards_of(folder)) < n_shards // 2 and not future.done():
