@@ -4,6 +4,7 @@ last complete shard (the same shards as an uninterrupted export)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 
@@ -113,3 +114,34 @@ def test_kill_9_mid_run_then_resume(server_model_dir, tmp_path):
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_tokenizing_a_large_text_dataset(server_model_dir, tmp_path):
+    """Tokenizing runs in pieces that check the cancel: the worker drops the half-tokenized
+    stream (the cache keeps no entry), and the next run is served normally."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    line = "def f(x):\n    return [i * x for i in range(10)]  # a comment\n"
+    for i in range(2000):
+        (corpus / f"{i:05d}.py").write_text(line * 40 + f"# file {i}\n")
+    state = tmp_path / "state"
+    server = ServerProcess(server_model_dir, TOKEN, "--state-dir", str(state))
+    try:
+        model = cloche.connect(server.address, token=TOKEN)
+        started = threading.Event()
+        future = model.submit("run_dataset", str(corpus), probes={POINT: stats}, save="c",
+                              on_event=lambda e: e.get("type") == "started" and started.set())
+        assert started.wait(120)
+        assert future.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result()
+        model.run("def f(x):")  # the worker is free again (runs queue behind the cancelled one)
+        assert list((state / "datasets").glob("*.json")) == []  # no stream was completed
+        assert list((state / "datasets").glob("*.tokens")) == []
+        out = model.run_dataset(str(corpus) + "?seq_len=64", limit=4, progress=False)
+        assert out["examples"] == 4  # and a run of it tokenizes it once, for good
+        assert len(list((state / "datasets").glob("*.json"))) == 1
+        model.close()
+    finally:
+        server.stop()
