@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from cloche.data.cache import tokenized
 from cloche.data.dataset import Dataset
+from cloche.data.stamps import remembered, stamp_of
 from cloche.data.tokens import open_npy, open_raw
 from cloche.errors import Cancelled, UsageError
 
@@ -111,7 +113,12 @@ def _files_of(path: Path) -> list[Path]:
 
 
 def _content_key(path: Path, files: list[Path], cancel: Any) -> str:
-    """sha256 over the files' relative names and bytes (read in pieces)."""
+    """sha256 over the files' relative names and bytes (remembered while their stamps hold)."""
+    return remembered("files", stamp_of(files) + str(path.resolve()),
+                      lambda: _hash_files(path, files, cancel))
+
+
+def _hash_files(path: Path, files: list[Path], cancel: Any) -> str:
     h = hashlib.sha256()
     for file in files:
         _check(cancel)
@@ -214,15 +221,32 @@ def from_tokens(path: str | Path, *, seq_len: int = 128, dtype: str | None = Non
                                stride=width)
 
 
+def _corpus_stamp(split: str) -> str:
+    """The stamps of the files the default corpus is read from (cheap: no file is read)."""
+    from cloche.default_model import corpus
+
+    if split == "heldout":
+        return stamp_of([corpus.data_dir() / "heldout.jsonl.xz"])
+    root = corpus.stdlib_root()
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__"))
+        found += [Path(folder) / n for n in sorted(names) if n.endswith(".py")]
+    return stamp_of(found) + str(root)
+
+
 def _default_key(split: str, files: Any, cancel: Any) -> str:
     with _keys_lock:
         if split in _source_keys:
             return _source_keys[split]
-    h = hashlib.sha256(f"default|{split}".encode())
-    for f in files():
-        _check(cancel)
-        h.update(f.path.encode() + b"\0" + f.text.encode() + b"\0")
-    key = h.hexdigest()
+    def compute() -> str:
+        h = hashlib.sha256(f"default|{split}".encode())
+        for f in files():
+            _check(cancel)
+            h.update(f.path.encode() + b"\0" + f.text.encode() + b"\0")
+        return h.hexdigest()
+
+    key = remembered(f"default:{split}", _corpus_stamp(split), compute)
     with _keys_lock:
         _source_keys[split] = key
     return key

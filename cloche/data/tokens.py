@@ -100,15 +100,21 @@ class TokenFile:
         """sha256 of the ids (read in pieces; stops with Cancelled when ``cancel`` is set)."""
         if self.content is not None:
             return self.content
+        from cloche.data.stamps import remembered, stamp_of
+
+        stamp = f"{stamp_of([Path(self.path)])}|{self.offset}|{self.dtype}|{self.count}"
+        digest = remembered("token-file", stamp, lambda: self._hash(cancel))
+        object.__setattr__(self, "content", digest)
+        return digest
+
+    def _hash(self, cancel: Any) -> str:
         h = hashlib.sha256(f"{self.dtype}:{self.count}:".encode())
         step = _HASH_CHUNK // np.dtype(self.dtype).itemsize
         for start in range(0, self.count, step):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the dataset run was cancelled (while hashing its token file)")
             h.update(self.read(start, start + step).tobytes())
-        digest = h.hexdigest()
-        object.__setattr__(self, "content", digest)
-        return digest
+        return h.hexdigest()
 
 
 def _check_dtype(dtype: Any, path: Path) -> str:
