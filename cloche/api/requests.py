@@ -382,25 +382,26 @@ class RunDataset(Request[dict[str, Any]]):
         _int_field(self, "micro_batches", low=1)
         _int_field(self, "checkpoint_every", low=1, optional=True)
         _bool_field(self, "resume")
+        points = self.export_points
+        if not isinstance(points, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in points):
+            _fail(self, "export_points", "must be a list of probe point names", points)
+        if not (isinstance(self.export_dtype, str) and self.export_dtype in EXPORT_DTYPES):
+            _fail(self, "export_dtype", f"must be one of {', '.join(EXPORT_DTYPES)}",
+                  self.export_dtype)
+        _int_field(self, "export_shard_tokens", low=1)
         if self.export is None:
-            if self.export_points:
-                _fail(self, "export_points", "needs export= (a folder) to write to",
-                      self.export_points)
+            if points:
+                _fail(self, "export_points", "needs export= (a folder) to write to", points)
             return
         _name_field(self, "export")
-        points = self.export_points
-        if (not isinstance(points, (list, tuple)) or not points
-                or not all(isinstance(p, str) and p for p in points)):
-            _fail(self, "export_points", "must be a non-empty list of probe point names", points)
+        if not points:
+            _fail(self, "export_points", "must name at least one probe point to export", points)
         known = frozenset(model.point_names) if model is not None else frozenset()
         for point in points:
             if known and point not in known:
                 _fail(self, "export_points", "must name probe points of the model", point,
                       UnknownProbePoint)
-        if self.export_dtype not in EXPORT_DTYPES:
-            _fail(self, "export_dtype", f"must be one of {', '.join(EXPORT_DTYPES)}",
-                  self.export_dtype)
-        _int_field(self, "export_shard_tokens", low=1)
 
 
 #: the dtypes ``run_dataset(export=...)`` writes activations in
