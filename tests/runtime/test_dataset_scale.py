@@ -218,3 +218,30 @@ def test_export_arguments_are_checked(model, tokens, tmp_path):
                           export_dtype="int8", progress=False)
     with pytest.raises(UsageError, match="checkpoint_every"):
         model.run_dataset(str(path), checkpoint_every=0, progress=False)
+
+
+def test_export_and_checkpoints_together_resume_at_a_shard_end(model, tokens, tmp_path):
+    """Checkpoints fall at shard ends, so the resumed run writes whole shards."""
+    path, _ = tokens
+    name = f"{path}?seq_len=16"
+    kwargs = {"probes": {"embed": stats}, "export_points": ["embed"], "batch_size": 4,
+              "export_shard_tokens": 128, "checkpoint_every": 1}  # shards of 2 batches
+    model.run_dataset(name, export=tmp_path / "whole", save="whole", progress=False, **kwargs)
+    want = results(model, "whole")
+    cancel = threading.Event()
+
+    def stop(event):
+        if event.get("type") == "progress" and event["done"] >= 12:  # after 3 batches
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        model.run_dataset(name, export=tmp_path / "parts", save="parts", progress=stop,
+                          cancel=cancel, **kwargs)
+    done = []
+    out = model.run_dataset(name, export=tmp_path / "parts", save="parts", resume=True,
+                            progress=lambda e: done.append(e.get("done")), **kwargs)
+    assert next(d for d in done if d is not None) == 12  # the checkpoint after batch 2
+    assert out["export"]["complete"] and out["export"]["shards"] == 5
+    same(results(model, "parts"), want)
+    (_, a), (_, b) = read_export(tmp_path / "whole"), read_export(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
