@@ -348,8 +348,8 @@ class Model:
         ``dataset``: a ``cloche.data.Dataset``, a name (``"default:heldout"``, a path, a token
         file ``"x.npy?seq_len=1024"``, ``"hf:..."``: see ``docs/datasets.md``) or a list of
         texts — names and texts are resolved where the model runs, and files are read there.
-        The whole run is one transaction: cancelled or failed, it leaves the save context as it was. ``progress``:
-        a tqdm bar (``True``), a callable receiving every event dict (``type`` "queued" with
+        The whole run is one transaction: cancelled or failed, it leaves the save context as it
+        was. ``progress``: a tqdm bar (``True``), a callable receiving every event dict (``type`` "queued" with
         ``position``/``ahead``, "started", "progress" with ``done``/``total``/``tokens``/``eta``),
         or nothing. Returns the totals and the save context's reduced results and state.
 
