@@ -349,9 +349,10 @@ class Model:
         file ``"x.npy?seq_len=1024"``, ``"hf:..."``: see ``docs/datasets.md``) or a list of
         texts — names and texts are resolved where the model runs, and files are read there.
         The whole run is one transaction: cancelled or failed, it leaves the save context as it
-        was. ``progress``: a tqdm bar (``True``), a callable receiving every event dict (``type`` "queued" with
-        ``position``/``ahead``, "started", "progress" with ``done``/``total``/``tokens``/``eta``),
-        or nothing. Returns the totals and the save context's reduced results and state.
+        was. ``progress``: a tqdm bar (``True``), a callable receiving every event dict
+        (``type`` "queued" with ``position``/``ahead``, "started", "progress" with
+        ``done``/``total``/``tokens``/``eta``), or nothing. Returns the totals and the save
+        context's reduced results and state.
 
         Long runs: ``checkpoint_every=N`` checkpoints the run's pending writes (reducers,
         ``ctx.state``, saves, its place in the dataset) every N batches — on disk when the
