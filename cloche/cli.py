@@ -224,6 +224,8 @@ def warn_if_insecure(config: Any) -> None:
 def load_model(args: argparse.Namespace) -> Any:
     import cloche
 
+    if args.state_dir is not None:  # tokenized datasets are cached with the server's state
+        cloche.data.set_cache_dir(os.path.join(args.state_dir, "datasets"))
     return cloche.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                        state_dir=args.state_dir)  # the server applies --max-saved-bytes
 

@@ -11,7 +11,8 @@ that turns the executor's output into the user's result, and both ``model.run(..
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -248,14 +249,29 @@ class Model:
 
     def _prepare_run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
                              save: str | None = None, batch_size: int = 8,
-                             limit: int | None = None, micro_batches: int = 1) -> Prepared:
+                             limit: int | None = None, micro_batches: int = 1,
+                             checkpoint_every: int | None = None, resume: bool = False,
+                             export: Any = None, export_points: Sequence[str] | None = None,
+                             export_dtype: str = "float16",
+                             export_shard_tokens: int = 1 << 16) -> Prepared:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 0):
             raise UsageError(f"limit must be None or an int >= 0, not {limit!r}")
+        if isinstance(export_points, str):
+            export_points = [export_points]
         request = rq.RunDataset(dataset=dataset, forward=self._plan(probes),
                                 save=_context_name(save),
                                 batch_size=_positive_int(batch_size, "batch_size"), limit=limit,
-                                micro_batches=_positive_int(micro_batches, "micro_batches"))
+                                micro_batches=_positive_int(micro_batches, "micro_batches"),
+                                checkpoint_every=(None if checkpoint_every is None else
+                                                  _positive_int(checkpoint_every,
+                                                                "checkpoint_every")),
+                                resume=resume,
+                                export=None if export is None else os.fspath(export),
+                                export_points=tuple(export_points or ()),
+                                export_dtype=export_dtype,
+                                export_shard_tokens=export_shard_tokens)
+        request.check(None)  # the server checks again, with the model's point names
         return request, _identity
 
     def _prepare_call(self, fn: Callable[..., Any], *args: Any, rank: int | str | None = None,
@@ -347,22 +363,42 @@ class Model:
     def run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
                     save: str | None = None, batch_size: int = 8, limit: int | None = None,
                     progress: ProgressArg = True,
-                    micro_batches: int = 1, cancel: CancelEvent | None = None
+                    micro_batches: int = 1, cancel: CancelEvent | None = None,
+                    checkpoint_every: int | None = None, resume: bool = False,
+                    export: Any = None, export_points: Sequence[str] | None = None,
+                    export_dtype: str = "float16", export_shard_tokens: int = 1 << 16
                     ) -> dict[str, Any]:
         """Run every example of ``dataset`` (or the first ``limit``) with probes and reducers.
 
-        ``dataset``: a ``cloche.data.Dataset``, a name (``"default:heldout"``, a path) or a
-        list of texts — names and texts are resolved where the model runs. The whole run is one
-        transaction: cancelled or failed, it leaves the save context as it was. ``progress``:
-        a tqdm bar (``True``: counts examples, shown once the run is queued or outlives a
-        second), a callable receiving every event dict ("started", "queued" with
+        ``dataset``: a ``cloche.data.Dataset``, a name (``"default:heldout"``, a path, a token
+        file ``"x.npy?seq_len=1024"``, ``"hf:..."``: see ``docs/datasets.md``) or a list of
+        texts — names and texts are resolved where the model runs, and files are read there.
+        The whole run is one transaction: cancelled or failed, it leaves the save context as it
+        was. ``progress``: a tqdm bar (``True``: counts examples, shown once the run is queued
+        or outlives a second), a callable receiving every event dict ("started", "queued" with
         ``position``/``ahead``, "progress" with ``done``/``total``/``tokens``/``eta``, "done"
         last), or ``False`` for nothing (``cloche.api.progress`` has the rules). Returns the
         totals and the save context's reduced results and state.
+
+        Long runs: ``checkpoint_every=N`` checkpoints the run's pending writes (reducers,
+        ``ctx.state``, saves, its place in the dataset) every N batches — on disk when the
+        model has a state dir (``cloche serve --state-dir``), so they survive a crash. The
+        same call with ``resume=True`` then continues from the last checkpoint (or starts, if
+        there is none) and gives results identical to an uninterrupted run; the save context
+        still changes only when the whole run commits.
+
+        ``export=dir`` writes the activations at ``export_points`` (real tokens only) as
+        ``export_dtype`` safetensors shards of ``export_shard_tokens`` tokens or so, with a
+        ``manifest.json`` (example ids, positions, shapes, dtype); ``dir`` is on the machine
+        the model runs on. Complete shards survive a cancel or a crash and the same call
+        skips them: an export resumes by itself.
         """
         return self._execute_reporting(self._prepare_run_dataset(
             dataset, probes=probes, save=save, batch_size=batch_size, limit=limit,
-            micro_batches=micro_batches), progress, "run_dataset", cancel, unit="ex")
+            micro_batches=micro_batches, checkpoint_every=checkpoint_every, resume=resume,
+            export=export, export_points=export_points, export_dtype=export_dtype,
+            export_shard_tokens=export_shard_tokens), progress, "run_dataset", cancel,
+            unit="ex")
 
     def call(self, fn: Callable[..., Any], *args: Any, rank: int | str | None = None,
              **kwargs: Any) -> Any:

@@ -360,6 +360,15 @@ class RunDataset(Request[dict[str, Any]]):
     batch_size: int = 8
     limit: int | None = None
     micro_batches: int = 1
+    #: every this many batches the run's pending writes are checkpointed (durable with a
+    #: state dir); ``resume=True`` continues a run from its last checkpoint
+    checkpoint_every: int | None = None
+    resume: bool = False
+    #: a folder (where the model runs) for activation shards of ``export_points``
+    export: str | None = None
+    export_points: tuple[str, ...] = ()
+    export_dtype: str = "float16"
+    export_shard_tokens: int = 1 << 16
 
     def check(self, model: ModelInfo | None = None) -> None:
         from cloche.data import Dataset
@@ -376,6 +385,32 @@ class RunDataset(Request[dict[str, Any]]):
         _int_field(self, "batch_size", low=1)
         _int_field(self, "limit", low=0, optional=True)
         _int_field(self, "micro_batches", low=1)
+        _int_field(self, "checkpoint_every", low=1, optional=True)
+        _bool_field(self, "resume")
+        points = self.export_points
+        if not isinstance(points, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in points):
+            _fail(self, "export_points", "must be a list of probe point names", points)
+        if not (isinstance(self.export_dtype, str) and self.export_dtype in EXPORT_DTYPES):
+            _fail(self, "export_dtype", f"must be one of {', '.join(EXPORT_DTYPES)}",
+                  self.export_dtype)
+        _int_field(self, "export_shard_tokens", low=1)
+        if self.export is None:
+            if points:
+                _fail(self, "export_points", "needs export= (a folder) to write to", points)
+            return
+        _name_field(self, "export")
+        if not points:
+            _fail(self, "export_points", "must name at least one probe point to export", points)
+        known = frozenset(model.point_names) if model is not None else frozenset()
+        for point in points:
+            if known and point not in known:
+                _fail(self, "export_points", "must name probe points of the model", point,
+                      UnknownProbePoint)
+
+
+#: the dtypes ``run_dataset(export=...)`` writes activations in
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True, kw_only=True)

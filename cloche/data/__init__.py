@@ -16,10 +16,20 @@ Sources:
 - :func:`default` — the default model's corpus: ``"heldout"`` (shipped with cloche, identical
   on every machine) or ``"train"`` (read from this machine's standard library), with the same
   joining and chunking as :func:`from_path`.
-- :func:`get` — by name: ``"default:heldout"``, ``"default:train"``, or a filesystem path.
+- :func:`from_tokens` — token ids on disk (``.npy``, raw ``.bin``), read a batch at a time.
+- :func:`from_hf` — a Hugging Face ``datasets`` dataset (Arrow, local files, the HF cache).
+- :func:`get` — by name: ``"default:train"``, ``"hf:..."``, a path, with ``?options``
+  (``cloche.data.names`` has the table). ``run_dataset`` resolves names where the model runs.
+
+Everything but :func:`from_texts` streams: texts are tokenized once into an on-disk cache
+(``cloche.data.cache``, keyed by content and tokenizer; :func:`set_cache_dir` moves it) and
+examples are read from files one batch at a time, so a dataset's size is bounded by the disk.
 """
 
+from cloche.data.cache import set_cache_dir
 from cloche.data.dataset import Batch, Dataset
-from cloche.data.sources import default, from_path, from_texts, get
+from cloche.data.hf import from_hf
+from cloche.data.sources import default, from_path, from_texts, from_tokens, get
 
-__all__ = ["Batch", "Dataset", "default", "from_path", "from_texts", "get"]
+__all__ = ["Batch", "Dataset", "default", "from_hf", "from_path", "from_texts", "from_tokens",
+           "get", "set_cache_dir"]

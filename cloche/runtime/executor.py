@@ -43,10 +43,11 @@ from cloche.model.points import PointSpec, ProbePoint, build_specs
 from cloche.model.rebase import adapter_for_model
 from cloche.model.weights import WeightCatalog, expert_count, head_shape, read_weight
 from cloche.probes.actions import context_action
+from cloche.probes.checkpoint import Checkpoints
 from cloche.probes.context import RunInfo
 from cloche.probes.refs import apply_ops
 from cloche.probes.store import SaveStore, Transaction
-from cloche.runtime.datasets import as_dataset, iterate
+from cloche.runtime.datasets import Resumable, as_dataset, iterate, open_export, with_export_probes
 from cloche.runtime.head import head_kwargs
 from cloche.runtime.hooks import Attachment, ProbePlan
 from cloche.runtime.interrupt import interruptible
@@ -102,6 +103,7 @@ class LocalExecutor:
         else:
             self._block_paths, self._attention_paths = [], {}
         self._attention_method = self.adapter.attention_method if self.adapter else None
+        self._checkpoints: Checkpoints | None = None
 
     # ----------------------------------------------------------------- description
     @property
@@ -304,16 +306,52 @@ class LocalExecutor:
 
     def _run_dataset(self, req: rq.RunDataset, cancel: CancelEvent | None,
                      on_event: EventSink | None) -> dict[str, Any]:
-        ds = as_dataset(req.dataset, self._tokenizer)
+        ds = as_dataset(req.dataset, self._tokenizer, cancel)
         plan = ProbePlan(req.forward)
+        exporter = open_export(req, ds)
+        if exporter is not None:
+            plan = with_export_probes(plan, exporter)
         totals = {"examples": 0, "tokens": 0}
-        with self._transaction() as txn:
-            for batch in iterate(ds, req.batch_size, req.limit, on_event, totals, cancel):
-                self._run_ids(batch.tokens, batch.attention_mask, plan, txn, req.save,
-                              backward=None, return_logits=False, want_loss=False,
-                              cancel=cancel,
-                              micro_batches=req.micro_batches, example_ids=batch.example_ids)
-        return dataset_summary(totals, ds, self.store, req.save)
+        stop = len(ds) if req.limit is None else min(req.limit, len(ds))
+        ok = False
+        try:
+            with self._transaction() as txn:
+                resumable = Resumable(self.checkpoints, req, ds, txn.writes(req.save), cancel,
+                                      exporter.aligned if exporter is not None else None)
+                start = resumable.start(totals)
+                if exporter is not None and not req.forward and not resumable.active:
+                    start = exporter.resume_from()  # nothing but the export: skip its shards
+
+                def after(batch: Any) -> None:
+                    if exporter is not None:
+                        exporter.end_batch(batch)
+                    end = int(batch.example_ids[-1]) + 1
+                    resumable.after_batch(end, totals, end >= stop)
+
+                for batch in iterate(ds, req.batch_size, req.limit, on_event, totals, cancel,
+                                     start=start, after=after):
+                    if exporter is not None:
+                        exporter.begin_batch(batch)
+                    self._run_ids(batch.tokens, batch.attention_mask, plan, txn, req.save,
+                                  backward=None, return_logits=False, want_loss=False,
+                                  cancel=cancel, micro_batches=req.micro_batches,
+                                  example_ids=batch.example_ids)
+            ok = True
+        finally:
+            export = exporter.close(complete=ok) if exporter is not None else None
+        resumable.finished()
+        summary = dataset_summary(totals, ds, self.store, req.save)
+        if export is not None:
+            summary["export"] = export
+        return summary
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        """Where unfinished dataset runs keep their checkpoints (the state dir, or memory)."""
+        if self._checkpoints is None:
+            journal = self.store.journal
+            self._checkpoints = Checkpoints(journal.root / "runs" if journal else None)
+        return self._checkpoints
 
     def _call(self, req: rq.Call, cancel: CancelEvent | None, on_event: Any) -> Any:
         if req.rank not in (None, 0, "all"):

@@ -347,7 +347,10 @@ class ShardedExecutor:
         """Batches stream through the pipeline, so ranks work on consecutive batches at once."""
         from cloche.runtime.datasets import as_dataset
 
-        ds = as_dataset(req.dataset, self.tokenizer)
+        if req.checkpoint_every is not None or req.resume or req.export is not None:
+            raise UsageError("checkpoint_every=, resume= and export= are not supported on a"
+                             " sharded model yet: run them on a model in one process")
+        ds = as_dataset(req.dataset, self.tokenizer, cancel)
         values = self._command("dataset", cancel=cancel,
                                local={"progress": on_event, "cancel": cancel},
                                dataset=ds, batch_size=req.batch_size, limit=req.limit,

@@ -52,6 +52,11 @@ VALID = {
     "point": lambda: "embed", "grad": lambda: False, "canonical": lambda: True,
     "index": lambda: None,
     "value": lambda: None,
+    # run_dataset's long-run options; export stays None unless fuzzed, and then export_points
+    # is empty (or junk), so that check() refuses it before anything is written
+    "checkpoint_every": lambda: None, "resume": lambda: False, "export": lambda: None,
+    "export_points": tuple, "export_dtype": lambda: "float16",
+    "export_shard_tokens": lambda: 1 << 16,
 }
 
 JUNK = [
