@@ -92,6 +92,7 @@ class Setup:
     clocks: dict[str, Callable[[], float]] = field(default_factory=dict)
     nnsight: Any = None
     nnsight_hf: Any = None
+    nnsight_eager: Any = None  # capture-all: eager attention returns the pattern to save
     nnsight_lm: Any = None
     bridge: Any = None
     skipped: dict[str, str] = field(default_factory=dict)
@@ -395,7 +396,8 @@ def capture_all(s: Setup) -> Workload:
     for where, model in s.cloche.items():
         tools[f"cloche {where}"] = cloche_capture(model)
     if s.nnsight is not None:
-        tools["NNsight"] = lambda: nnsight_trace(s.nnsight, s.ids, s.mask, s.layers)["logits"]
+        tools["NNsight"] = lambda: nnsight_trace(s.nnsight_eager, s.ids, s.mask,
+                                                 s.layers)["logits"]
     if s.bridge is not None:
         names = [tl_name(p) for p in points]
         tools["TransformerLens"] = no_grad(
@@ -690,6 +692,7 @@ def build_setup(args: argparse.Namespace, directory: Path, stack: contextlib.Exi
 
             setup.nnsight_hf = load_hf(directory)
             setup.nnsight = NNsight(setup.nnsight_hf)
+            setup.nnsight_eager = NNsight(load_hf(directory, attn="eager"))
             setup.nnsight_lm = LanguageModel(
                 load_hf(directory), tokenizer=transformers.AutoTokenizer.from_pretrained(directory))
         except Exception as exc:  # noqa: BLE001
@@ -716,6 +719,47 @@ def build_cases(setup: Setup, only: list[str] | None) -> list[Case]:
                           or tool.startswith(f"cloche {place} ")), None)
             cases.append(Case(f"{name} · {tool}", fn, cpu=clock))
     return cases
+
+
+# ---------------------------------------------------------------------------- fixed cost
+def fixed_costs(setup: Setup, calls: int, rounds: int) -> list[str]:
+    """What a request costs remote over local when the work is nothing: a 1×8 run, no probes
+    and with one probe (shipped with cloudpickle), and ``ping``; wall time, best of rounds."""
+    if "remote" not in setup.cloche or "local" not in setup.cloche:
+        return []
+    ids = setup.ids[:1, :8]
+
+    def noop(ctx: Any, x: torch.Tensor) -> None:
+        return None
+
+    work = {
+        "run": lambda m: m.run(ids, return_logits=False),
+        "run + probe": lambda m: m.run(ids, probes={"layers.0.mlp.post": noop},
+                                       return_logits=False),
+        "ping": lambda m: m.ping(),
+    }
+    lines = [(f"remote fixed cost per request over 127.0.0.1 (ms per call, best of {rounds}"
+             f" rounds of {calls} calls; CPU time of this process, which runs the server too,"
+             " and wall time; remote − local):")]
+    for label, fn in work.items():
+        best: dict[tuple[str, str], float] = {}
+        for _ in range(rounds):
+            for place in ("local", "remote"):
+                model = setup.cloche[place]
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for _ in range(calls):
+                    fn(model)
+                for clock, took in (("wall", time.perf_counter() - start),
+                                    ("cpu", time.process_time() - start_cpu)):
+                    ms = took / calls * 1e3
+                    best[place, clock] = min(best.get((place, clock), ms), ms)
+        cpu = best["remote", "cpu"] - best["local", "cpu"]
+        wall = best["remote", "wall"] - best["local", "wall"]
+        lines.append(f"- {label}: CPU local {best['local', 'cpu']:.3f}, remote"
+                     f" {best['remote', 'cpu']:.3f} → +{cpu:.3f} ms; wall local"
+                     f" {best['local', 'wall']:.3f}, remote {best['remote', 'wall']:.3f}"
+                     f" → +{wall:.3f} ms")
+    return lines
 
 
 # ---------------------------------------------------------------------------- report
@@ -806,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = measure(cases, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                           progress=lambda m: print(m, file=sys.stderr))
         load_after = load_average()
+        costs = fixed_costs(setup, calls=50, rounds=max(5, args.rounds))
     print(f"GPT-2 architecture, {args.layers} layers, d_model {args.d_model}, {args.heads} heads,"
           f" vocab {args.vocab}; batch {args.batch}×{args.seq}; generation: 1×{args.prompt}"
           f" prompt + 32 tokens; patching: 1×{args.patch_len}; reductions: "
@@ -818,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
     print()
     print(table(timings, setup.skipped))
+    if costs:
+        print()
+        print("\n".join(costs))
     return 0
 
 
