@@ -56,9 +56,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Case, Timing, fix_threads, load_average, measure
 from probe_overhead import (
-    TL_BLOCK_HOOKS,
-    TL_GLOBAL_HOOKS,
     build_model,
+    canonical_points,
     load_hf,
     nnsight_trace,
     peer_version,
@@ -382,8 +381,7 @@ def attribution(s: Setup) -> Workload:
 
 def capture_all(s: Setup) -> Workload:
     some = next(iter(s.cloche.values()))
-    points = [p.name for p in some.probe_points() if p.name in TL_GLOBAL_HOOKS
-              or (p.name.startswith("layers.") and p.name.split(".", 2)[2] in TL_BLOCK_HOOKS)]
+    points = canonical_points(some)
     tools: Workload = {BASELINE: no_grad(lambda: hf_logits(s.hf, s.ids))}
     capture = dict.fromkeys(points, saver)
 
