@@ -181,6 +181,14 @@ def transformer_lens_cases(directory: Path, ids: torch.Tensor, points: list[str]
     ]
 
 
+def canonical_points(model: cloche.Model) -> list[str]:
+    """The 59 canonical points of the brief that every tool has (TransformerLens hook names
+    above), in forward order; the catalogue has grown more since (pos_embed, attn.result, ...).
+    """
+    return [p.name for p in model.probe_points() if p.name in TL_GLOBAL_HOOKS
+            or (p.name.startswith("layers.") and p.name.split(".", 2)[2] in TL_BLOCK_HOOKS)]
+
+
 def tl_name(point: str) -> str:
     if point in TL_GLOBAL_HOOKS:
         return TL_GLOBAL_HOOKS[point]
@@ -274,7 +282,7 @@ def hook_costs(directory: Path, n_layers: int, *, calls: int, rounds: int) -> li
     build_model(directory, layers=n_layers, d_model=16, heads=4, vocab=64, seq=8, seed=0)
     hf = load_hf(directory)
     model = cloche.load(directory)
-    points = [p.name for p in model.probe_points() if not p.name.startswith("module:")]
+    points = canonical_points(model)
     outside = [p for p in points if not p.endswith(ATTENTION_INTERNALS)]
     ids = torch.randint(2, 64, (1, 8))
     mask = torch.ones_like(ids)
@@ -349,7 +357,7 @@ def build_cases(args: argparse.Namespace, directory: Path
     mask = torch.ones_like(ids)
     hf = load_hf(directory)
     model = cloche.load(directory)
-    points = [p.name for p in model.probe_points() if not p.name.startswith("module:")]
+    points = canonical_points(model)
     reference = check_same_work(model, hf, ids, mask, points)
     cases = [
         Case("plain HF forward", hf_case(hf, ids, mask),

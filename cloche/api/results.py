@@ -38,14 +38,36 @@ class RunResult:
         return f"RunResult(logits={shape}, loss={self.loss}, tokens={tuple(self.tokens.shape)})"
 
 
-@dataclass
 class Outputs:
-    """What a ``backward=`` callable receives: live tensors that still carry the graph."""
+    """What a ``backward=`` callable receives: live tensors that still carry the graph.
 
-    logits: torch.Tensor
-    loss: torch.Tensor | None
-    tokens: torch.Tensor
-    attention_mask: torch.Tensor
+    ``loss`` (the next-token loss; None for a non-causal model or a single token) is computed
+    on first access: a backward function that reads only ``logits`` pays no cross-entropy over
+    the vocabulary. ``loss`` may be given as a tensor, None, or a function that computes it.
+    """
+
+    __slots__ = ("_loss", "attention_mask", "logits", "tokens")
+
+    def __init__(self, logits: torch.Tensor, loss: Any, tokens: torch.Tensor,
+                 attention_mask: torch.Tensor) -> None:
+        self.logits = logits
+        self._loss = loss
+        self.tokens = tokens
+        self.attention_mask = attention_mask
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        if callable(self._loss):
+            self._loss = self._loss()
+        return self._loss
+
+    def computed_loss(self) -> torch.Tensor | None:
+        """The loss if something has computed it already, else None (computes nothing)."""
+        return None if callable(self._loss) else self._loss
+
+    def __repr__(self) -> str:
+        return (f"Outputs(logits={tuple(self.logits.shape)}, tokens={tuple(self.tokens.shape)},"
+                f" loss={'(not computed)' if callable(self._loss) else self._loss})")
 
 
 @dataclass

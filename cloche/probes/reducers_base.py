@@ -268,7 +268,8 @@ class Reducer(ABC):
         rows = rows.to(self.device)
         if mask is not None:
             keep = self._mask(mask, x.shape[:-1]).to(rows.device)
-            rows = rows[keep.reshape(-1)]
+            if not bool(keep.all()):  # an all-true mask (no padding) would only copy the rows
+                rows = rows[keep.reshape(-1)]
         return rows
 
     def _mask(self, mask: torch.Tensor, lead: torch.Size) -> torch.Tensor:

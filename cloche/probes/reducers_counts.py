@@ -54,10 +54,8 @@ class Histogram(Reducer):
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:
         tally = self._state["tally"]
-        r = rows.to(_F64)
-        slot = torch.bucketize(r, self.edges(r.device), right=True)  # 0 below, bins+1 at/above
-        slot.masked_fill_(r == self.high, self.bins)
-        slot.masked_fill_(r.isnan(), self.bins + 2)
+        r, lower, upper, high = self._comparable(rows)
+        slot = self._slots(r, lower, upper, high)
         width = self.bins + 3
         if self.per_unit:
             d = r.shape[1]
@@ -65,6 +63,60 @@ class Histogram(Reducer):
             tally += torch.bincount(slot.view(-1), minlength=d * width).view(d, width)
         else:
             tally += torch.bincount(slot.view(-1), minlength=width)
+
+    def _comparable(self, rows: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+        """``rows`` and the edges in one dtype whose comparisons equal float64's.
+
+        Float32 (and narrower) values are compared in float32 against the edges rounded up to
+        float32: for a float32 ``v``, ``v >= e`` exactly when ``v >=`` the smallest float32
+        ``>= e``. That keeps the float64 semantics without converting the activations.
+        Returns the values, each slot's lower and upper edge (slot ``s`` holds
+        ``lower[s] <= v < upper[s]``), and ``high`` where a value can equal it (else None).
+        """
+        edges = self.edges(rows.device)
+        if rows.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            r = rows.float()
+            rounded = edges.float()
+            up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+            edges_r = torch.where(rounded.double() < edges, up, rounded)
+            high = self.high if float(torch.tensor(self.high, dtype=torch.float32)) == self.high \
+                else None
+        else:
+            r, edges_r, high = rows.to(_F64), edges, self.high
+        inf = torch.full((1,), float("inf"), dtype=r.dtype, device=r.device)
+        return r, torch.cat([-inf, edges_r]), torch.cat([edges_r, inf]), high
+
+    def _slots(self, r: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+               high: float | None) -> torch.Tensor:
+        """Each value's tally slot: 0 below ``low``, ``1 + i`` in bin i, ``bins + 1`` above
+        ``high``, ``bins + 2`` for NaN — ``bucketize(r, edges, right=True)`` without its binary
+        search per value.
+
+        The slot comes from the bin width; rounding can put a value lying within a few ulps of
+        an edge on the wrong side, so values whose position between edges is that close to an
+        edge (a bound on the rounding error, wide) are checked against the edges themselves.
+        A value equal to ``high`` (always among those) goes to the last bin.
+        """
+        scale = self.bins / (self.high - self.low)
+        ulp = torch.finfo(r.dtype).eps
+        near = min(0.5, 1e-3 + 8 * ulp * (self.bins + scale * max(abs(self.low), abs(self.high))))
+        t = (r - self.low).mul_(scale)
+        guess = t.floor()
+        frac = t.sub_(guess)
+        doubtful = ((frac < near) | (frac > 1 - near)).view(-1).nonzero().squeeze(1)
+        # NaN (never doubtful: it compares false) -> bins + 2; ±inf clamp to the outer slots
+        slot = guess.clamp_(-1, self.bins).nan_to_num_(self.bins + 1).to(torch.int64).add_(1)
+        flat = slot.view(-1)
+        if doubtful.numel():
+            s, v = flat[doubtful], r.reshape(-1)[doubtful]
+            s -= (v < lower[s]).to(torch.int64)
+            s += (v >= upper[s]).to(torch.int64)
+            s.clamp_(0, self.bins + 1)
+            if high is not None:
+                s.masked_fill_(v == high, self.bins)
+            flat[doubtful] = s
+        return slot
 
     def _merge_state(self, other: dict[str, torch.Tensor], n_other: int) -> None:
         self._state["tally"] += other["tally"]

@@ -120,13 +120,19 @@ class TopK(Reducer):
             pos = torch.full((batch,), -1, dtype=_I64, device=device)
         keep = None
         if mask is not None:
-            keep = self._mask(mask, x.shape[:-1]).to(device).reshape(-1).nonzero().squeeze(1)
-            ids, pos = ids[keep], pos[keep]
+            kept = self._mask(mask, x.shape[:-1]).to(device).reshape(-1)
+            if not bool(kept.all()):  # an all-true mask (no padding) keeps every row as it is
+                keep = kept.nonzero().squeeze(1)
+                ids, pos = ids[keep], pos[keep]
         # (id, position) order: positions already ascend within a batch row, so a stable
         # sort on ids suffices unless an id repeats across rows; sorting by position first
         # makes it right in that case too.
         order = torch.argsort(pos, stable=True)
         order = order[torch.argsort(ids[order], stable=True)]
+        if keep is None and bool((order == torch.arange(len(order), device=device)).all()):
+            # rows already in (id, position) order (ascending ids, no padding): a plain
+            # transposing copy, several times cheaper than the gather below
+            return rows.T.clone(memory_format=torch.contiguous_format), ids, pos
         ids, pos = ids[order], pos[order]
         values = rows.T.index_select(1, order if keep is None else keep[order])
         return values, ids, pos
@@ -138,6 +144,12 @@ class TopK(Reducer):
         taken, then tied samples in order until kk are chosen.
         """
         n = key.shape[1]
+        if kk < n:
+            # Usually the kk-th value is strictly above the next one in every unit: then the
+            # kk largest are chosen whatever the tie order, and one topk gives them.
+            top = torch.topk(key, kk + 1, dim=1, sorted=True)
+            if bool((top.values[:, kk - 1] > top.values[:, kk]).all()):
+                return top.indices[:, :kk]
         threshold = torch.topk(key, kk, dim=1, sorted=False).values.amin(1, keepdim=True)
         above = key > threshold
         at = key == threshold

@@ -258,9 +258,11 @@ class LocalExecutor:
         if grad:
             with torch.enable_grad():
                 ids_d, mask_d = ids.to(logits.device), mask.to(logits.device)
-                if self.causal:
-                    loss = next_token_loss(logits, ids_d, mask_d)
-                backward_objective(backward, Outputs(logits, loss, ids_d, mask_d)).backward()
+                outputs = Outputs(logits, (lambda: next_token_loss(logits, ids_d, mask_d))
+                                  if self.causal else None, ids_d, mask_d)
+                backward_objective(backward, outputs).backward()
+            # the loss travels back when asked for, or when the backward already computed it
+            loss = outputs.loss if want_loss else outputs.computed_loss()
         elif want_loss and self.causal:
             loss = next_token_loss(logits, ids.to(logits.device), mask.to(logits.device))
         writes.runs += 1

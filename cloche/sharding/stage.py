@@ -315,10 +315,12 @@ class Stage:
                 value["loss"] = None  # rank 0 asks no logits of a headless model
             elif self.rank == self.last:
                 logits = self._logits[0] if len(self._logits) == 1 else torch.cat(self._logits)
-                loss = next_token_loss(logits, ids.to(logits.device), mask) \
-                    if self.local.causal and (grad or return_loss) else None
-                if grad:
-                    self._backward_last(backward, logits, loss, ids, mask)
+                if grad:  # the loss only where asked for or already computed by the backward
+                    outputs = self._backward_last(backward, logits, ids, mask)
+                    loss = outputs.loss if return_loss else outputs.computed_loss()
+                else:
+                    loss = next_token_loss(logits, ids.to(logits.device), mask) \
+                        if self.local.causal and return_loss else None
                 value["loss"] = None if loss is None else float(loss.detach())
                 if return_logits:
                     self.channel.send(0, keys.final_logits(self._seq), logits.detach())
@@ -334,12 +336,15 @@ class Stage:
         self._hold(txn, writes, save)
         return value
 
-    def _backward_last(self, backward: Any, logits: torch.Tensor, loss: torch.Tensor | None,
-                       ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _backward_last(self, backward: Any, logits: torch.Tensor, ids: torch.Tensor,
+                       mask: torch.Tensor) -> Outputs:
         self._phase = 1
         with torch.enable_grad():
+            loss = (lambda: next_token_loss(logits, ids.to(logits.device), mask)) \
+                if self.local.causal else None
             outputs = Outputs(logits, loss, ids.to(logits.device), mask.to(logits.device))
             backward_objective(backward, outputs).backward()
+        return outputs
 
     def _backward_inner(self) -> None:
         self._phase = 1

@@ -215,6 +215,31 @@ def test_histogram_counts_nans_separately():
     assert res["overflow"].tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("bins", "low", "high"), [
+    (64, -4.0, 4.0), (7, -1.3, 2.9), (10, 1000.0, 1001.0), (100_000, -1.0, 1.0), (5, -3e5, 7e5),
+    (3, -1e-30, 1e-30)])
+def test_histogram_bins_values_next_to_edges_as_bucketize_does(dtype, bins, low, high):
+    # Bins come from the bin width, corrected near edges: values on, just above and just below
+    # every edge (in float64 and rounded to the input dtype) land where a float64 search would.
+    hist = Histogram(bins, low, high)
+    edges = hist.edges()
+    above, below = torch.full_like(edges, 1e300), torch.full_like(edges, -1e300)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30, low, high])
+    x = torch.cat([torch.randn(2000, generator=torch.Generator().manual_seed(0)) * (high - low)
+                   + low, edges, edges.to(dtype).double(), torch.nextafter(edges, above),
+                   torch.nextafter(edges, below), special]).to(dtype)
+    hist.update(x[:, None])
+    r = x.double()
+    slot = torch.bucketize(r, edges, right=True)
+    slot.masked_fill_(r == high, bins).masked_fill_(r.isnan(), bins + 2)
+    res = hist.result()
+    expected = torch.bincount(slot, minlength=bins + 3)
+    assert res["underflow"].item() == expected[0]
+    assert res["counts"][0].tolist() == expected[1:-2].tolist()
+    assert (res["overflow"].item(), res["nan"].item()) == (expected[-2], expected[-1])
+
+
 @PROPERTY
 @given(row_data())
 def test_minmax_matches_numpy_for_any_split(case):

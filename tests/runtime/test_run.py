@@ -312,6 +312,24 @@ def lm_head_rows(model: cloche.Model, **run_kwargs) -> int:
     return rows[0]
 
 
+def test_a_backward_function_that_reads_only_logits_computes_no_loss(gpt2):
+    """The next-token loss of ``Outputs`` is computed on first access: a backward function on
+    the logits alone leaves it uncomputed (and unreturned), unless return_loss asks for it."""
+    seen = []
+
+    def last_logit(out):
+        seen.append(out.computed_loss())
+        return out.logits[:, -1, 3].sum()
+
+    lean = gpt2.run(IDS, backward=last_logit, return_logits=False)
+    assert seen == [None] and lean.loss is None
+    asked = gpt2.run(IDS, backward=last_logit, return_logits=False, return_loss=True)
+    full = gpt2.run(IDS)
+    assert asked.loss == pytest.approx(full.loss, abs=1e-6)
+    by_loss = gpt2.run(IDS, backward=lambda out: out.loss, return_logits=False)
+    assert by_loss.loss == pytest.approx(full.loss, abs=1e-6)  # computed by the backward: sent
+
+
 def test_what_is_computed_follows_what_is_asked(gpt2):
     """return_logits=False computes neither loss nor logits nobody asked for; probes see the
     same values; return_loss=True gives the loss without shipping logits."""
