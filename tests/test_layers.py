@@ -22,7 +22,7 @@ ALLOWED = {
     "probes": {"errors", "model"},
     # what a sparse dictionary is (SAELens format, the module); training drives a model through
     # its public methods, which it receives
-    "dictionaries": {"errors"},
+    "dictionaries": {"errors", "probes"},
     "api": {"errors", "model", "probes", "data", "dictionaries"},  # a RunDataset checks its
     # dataset; attach_dictionary reads a SAELens folder
     "runtime": {"errors", "model", "probes", "api", "data"},
