@@ -10,6 +10,7 @@ every tool works on features. This package holds what a dictionary *is* — the 
 
 from cloche.dictionaries.format import DictionaryConfig, load_folder, save_folder
 from cloche.dictionaries.modules import SparseDictionary, build_dictionary
+from cloche.dictionaries.training import TrainingResult, evaluate_dictionary, train_dictionary
 
-__all__ = ["DictionaryConfig", "SparseDictionary", "build_dictionary", "load_folder",
-           "save_folder"]
+__all__ = ["DictionaryConfig", "SparseDictionary", "TrainingResult", "build_dictionary",
+           "evaluate_dictionary", "load_folder", "save_folder", "train_dictionary"]
