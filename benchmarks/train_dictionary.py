@@ -10,13 +10,15 @@ checks that the loaded features are identical, then measures it with ``evaluate_
     python benchmarks/train_dictionary.py [--examples 800] [--reuse 4] [--where local|remote]
 
 ``--where remote`` serves the default model from a ``cloche serve`` subprocess on 127.0.0.1 and
-trains through the connection (the dictionary lives in the server process).
+trains through the connection (the dictionary lives in the server process); ``--where sharded``
+shards it over two gloo ranks on this machine (the point, and so the training, on rank 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 import cloche
+from cloche.data import Dataset
 from cloche.data.sources import default
 from cloche.dictionaries import SparseDictionary
 from cloche.dictionaries.training import evaluate_dictionary, train_dictionary
@@ -36,13 +39,12 @@ POINT = "layers.1.resid_post"
 
 def _serve(token: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-m", "cloche", "serve", "--port", "0",
-                             "--token", token], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--log-level", "WARNING"], stdout=subprocess.PIPE,
+                            env=dict(os.environ, CLOCHE_TOKEN=token), text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
-        if "127.0.0.1:" in line:
-            address = line.split("127.0.0.1:", 1)[1].split()[0].strip(" ,.")
-            return proc, f"127.0.0.1:{address}"
+        if line.startswith("listening on "):
+            return proc, line.split()[-1]
     raise RuntimeError("the server did not start")
 
 
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--reuse", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--where", choices=("local", "remote"), default="local")
+    parser.add_argument("--where", choices=("local", "remote", "sharded"), default="local")
     args = parser.parse_args()
 
     proc = None
@@ -62,14 +64,25 @@ def main() -> None:
         token = secrets.token_urlsafe(16)
         proc, address = _serve(token)
         model = cloche.connect(address, token=token)
+    elif args.where == "sharded":  # two ranks: layers.1 (the point) lives on rank 1
+        from cloche.default_model import weights_dir
+        from cloche.sharding.launch import start_local
+
+        model = start_local(weights_dir(), 2)
     else:
         model = cloche.load()
     try:
-        train = default("train", tokenizer=model.tokenizer)
+        corpus = default("train", tokenizer=model.tokenizer)
+        # examples spread over the whole training split (it is ordered by file): a dictionary
+        # trained on the first few files alone learns those files
+        stride = max(1, len(corpus) // args.examples)
+        train = Dataset([corpus[i].tolist() for i in range(0, len(corpus), stride)]
+                        [:args.examples], name="default:train (strided)",
+                        seq_len=corpus.seq_len, pad_id=corpus.pad_id)
         heldout = default("heldout", tokenizer=model.tokenizer)
         started = time.monotonic()
         result = train_dictionary(model, POINT, train, kind="topk", d_dict=args.d_dict, k=args.k,
-                                  limit=args.examples, batch_size=32, reuse=args.reuse,
+                                  batch_size=32, reuse=args.reuse,
                                   lr=args.lr, progress=False)
         trained_s = time.monotonic() - started
         with tempfile.TemporaryDirectory() as folder:
@@ -87,7 +100,8 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    print(f"where={args.where} point={POINT} topk d_dict={args.d_dict} k={args.k}"
+    owner = "rank 1" if args.where == "sharded" else "rank 0"
+    print(f"where={args.where} ({owner} trains) point={POINT} topk d_dict={args.d_dict} k={args.k}"
           f" examples={args.examples} reuse={args.reuse} lr={args.lr}")
     print(f"trained: {result.steps} steps on {result.tokens} token-steps in {trained_s:.0f} s;"
           f" last batch fve {result.history[-1]['fve']:.3f}")

@@ -162,6 +162,9 @@ class Model:
             raise UsageError(f"probe point names are strings, not {name!r}")
         if self._names is None:
             self._names = frozenset(self._described().point_names)
+        if name.startswith(rq.DERIVED_PREFIX) and name not in self._names:
+            self._forget_points()  # attached since this model was described (another client)
+            self._names = frozenset(self._described().point_names)
         return canonical_name(name, self._names, self._described().missing)
 
     def owner_of(self, point: str) -> int:

@@ -36,6 +36,7 @@ from cloche.model.points import ProbePoint
 
 __all__ = [
     "CONTEXT_ACTIONS",
+    "DERIVED_PREFIX",
     "AttachDictionary",
     "Call",
     "Config",

@@ -68,7 +68,6 @@ class TrainingSpec:
     reuse: int = 1
     seed: int = 0
     epoch: int = 0
-    skip_first: int = 0
 
 
 class _Trainer:
@@ -230,7 +229,7 @@ class TrainStep:
         ids = ctx.example_ids
         base = self.spec.epoch * self.dataset_size
         position = base + (int(ids.max()) + 1 if ids is not None else 0)
-        if position <= trainer.done or position <= self.spec.skip_first:
+        if position <= trainer.done:
             return None  # trained on before a resume
         mask = ctx.attention_mask
         if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):

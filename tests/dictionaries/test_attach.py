@@ -174,3 +174,19 @@ def test_ablation_steering_and_generation_on_features(where):
                           save="dict-gen").tokens
     assert torch.equal(plain, read)
     model.save_context("dict-gen").clear()
+
+
+def test_a_dictionary_attached_by_another_client_is_found(served):
+    with cloche.connect(served.address, token=served.token) as first, \
+            cloche.connect(served.address, token=served.token) as second:
+        second.probe_points()  # described before the dictionary existed
+        sae = checks.make_dictionary(first.d_model)
+        first.attach_dictionary("shared", sae, point="layers.0.resid_post")
+        try:
+            out = second.run("hello", probes={"dict:shared:features": checks.keep},
+                             save="shared")
+            assert out.logits is not None
+            assert second.save_context("shared").keys() == ["dict:shared:features"]
+            second.save_context("shared").clear()
+        finally:
+            first.detach_dictionary("shared")
