@@ -458,15 +458,16 @@ class Model:
     # ----------------------------------------------------------------- dictionaries
     def attach_dictionary(self, name: str, source: Any, *, point: str | None = None,
                           architecture: str | None = None, k: int | None = None,
-                          on_server: bool = False, apply_conventions: bool = False
-                          ) -> dict[str, Any]:
+                          on_server: bool = False, apply_conventions: bool = False,
+                          out_point: str | None = None) -> dict[str, Any]:
         """Attach a sparse dictionary at ``point`` under ``name``, where the point lives.
 
         ``source``: a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``; read here, or
         where the model runs with ``on_server=True``), a ``cloche.dictionaries.SparseDictionary``
         or a dict of tensors (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` [, ``threshold``]; then
         ``architecture`` and ``k`` say what it is). ``point`` defaults to the dictionary's
-        ``hook_name`` (TransformerLens names are understood). Its features, reconstruction and
+        ``hook_name`` (TransformerLens names are understood); a transcoder also writes
+        ``out_point`` (default: its ``hook_name_out``). Its features, reconstruction and
         error become the probe points ``dict:<name>:features|reconstruction|error``: probes
         read and edit them like any point, and an edit changes the run through
         reconstruction + error (with no edit the run is the plain model's, bit for bit).
@@ -481,9 +482,12 @@ class Model:
         hook = point if point is not None else (config.hook_name if config else None)
         if hook is None and path is None:
             raise UsageError(f"dictionary {name!r} names no hook_name: pass point=...")
+        if out_point is None and config is not None and config.transcoder:
+            out_point = config.hook_name_out
         request = rq.AttachDictionary(
             name=name, point=None if hook is None else self.resolve(hook), build=build_dictionary,
-            config=None if config is None else config.to_cfg(), weights=weights, path=path)
+            config=None if config is None else config.to_cfg(), weights=weights, path=path,
+            out_point=None if out_point is None else self.resolve(out_point))
         summary = dict(self._executor.execute(request))
         self._forget_points()
         notes = self._convention_notes(summary)

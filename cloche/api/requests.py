@@ -453,7 +453,8 @@ class AttachDictionary(Request[dict[str, Any]]):
     ``build(config, weights, path)`` makes its module there (``cloche.dictionaries`` supplies
     it): from ``config`` (a SAELens ``cfg.json`` as a dict) and ``weights`` (tensors), or from
     ``path``, a SAELens folder on the server. ``point`` ``None``: the dictionary's own
-    ``hook_name``. Its features, reconstruction and error become the probe points
+    ``hook_name``; ``out_point`` (a transcoder's output) ``None``: its ``hook_name_out``.
+    Its features, reconstruction and error become the probe points
     ``dict:<name>:features|reconstruction|error``. Returns a summary of the dictionary.
     """
 
@@ -464,16 +465,19 @@ class AttachDictionary(Request[dict[str, Any]]):
     config: dict[str, Any] | None = None
     weights: dict[str, torch.Tensor] | None = None
     path: str | None = None
+    out_point: str | None = None
 
     def check(self, model: ModelInfo | None = None) -> None:
         _name_field(self, "name")
         if ":" in self.name:
             _fail(self, "name", "must not contain ':'", self.name)
-        if self.point is not None:
-            _name_field(self, "point")
-            if model is not None and model.point_names and self.point not in model.point_names:
-                _fail(self, "point", "must name a probe point of the model", self.point,
-                      UnknownProbePoint)
+        for name in ("point", "out_point"):
+            value = getattr(self, name)
+            if value is not None:
+                _name_field(self, name)
+                if model is not None and model.point_names and value not in model.point_names:
+                    _fail(self, name, "must name a probe point of the model", value,
+                          UnknownProbePoint)
         if not callable(self.build):
             _fail(self, "build", "must be a function", self.build)
         if self.path is None:

@@ -10,6 +10,11 @@ the block), so old and new readers find what they look for.
 Weights: ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in)
 and, for JumpReLU, ``threshold`` (d_sae) (``log_threshold`` is accepted too). A TopK
 dictionary's ``k`` is a config field (older files keep it in ``activation_fn_kwargs``).
+
+Transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``) read one point
+(``hook_name``) and write another (``hook_name_out``, ``d_out``): ``W_dec`` is (d_sae, d_out),
+``b_dec`` (d_out), the input is not shifted by ``b_dec``, and a skip transcoder adds
+``W_skip`` (d_out, d_in) times its input.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from cloche.errors import UsageError
 
-__all__ = ["ARCHITECTURES", "CFG_FILE", "NORMALIZATIONS", "WEIGHTS_FILE", "DictionaryConfig",
-           "load_folder", "save_folder", "weights_from"]
+__all__ = ["ARCHITECTURES", "CFG_FILE", "NORMALIZATIONS", "TRANSCODERS", "WEIGHTS_FILE",
+           "DictionaryConfig", "load_folder", "save_folder", "weights_from"]
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-ARCHITECTURES = ("standard", "jumprelu", "topk")
+ARCHITECTURES = ("standard", "jumprelu", "topk", "transcoder", "skip_transcoder",
+                 "jumprelu_transcoder")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 _REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -64,6 +71,10 @@ class DictionaryConfig:
     prepend_bos: bool | None = None
     context_size: int | None = None
     dtype: str = "float32"
+    #: a transcoder's output: its width (None: d_in) and the point it writes
+    d_out: int | None = None
+    hook_name_out: str | None = None
+    hook_layer_out: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +93,10 @@ class DictionaryConfig:
         if self.normalize_activations not in NORMALIZATIONS:
             raise UsageError(f"normalize_activations must be one of {NORMALIZATIONS}, not"
                              f" {self.normalize_activations!r}")
+        if self.d_out is not None and (isinstance(self.d_out, bool)
+                                       or not isinstance(self.d_out, int) or self.d_out < 1):
+            raise UsageError(f"dictionary d_out must be None or a positive int, not"
+                             f" {self.d_out!r}")
         if self.dtype not in _DTYPES:
             raise UsageError(f"dictionary dtype must be one of {sorted(_DTYPES)}, not"
                              f" {self.dtype!r}")
@@ -89,6 +104,22 @@ class DictionaryConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether it writes another point than it reads."""
+        return self.architecture in TRANSCODERS
+
+    @property
+    def width_out(self) -> int:
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def activation(self) -> str:
+        """The encoder's nonlinearity: ``relu``, ``jumprelu`` or ``topk``."""
+        if self.architecture in ("jumprelu", "jumprelu_transcoder"):
+            return "jumprelu"
+        return "topk" if self.architecture == "topk" else "relu"
 
     # ----------------------------------------------------------------- cfg.json
     @classmethod
@@ -114,8 +145,9 @@ class DictionaryConfig:
         if architecture == "standard" and flat.get("activation_fn_str") == "topk":
             architecture = "topk"  # older files: a standard SAE with a topk activation
         k = flat.get("k", kwargs.get("k") if isinstance(kwargs, Mapping) else None)
-        read = ("hook_name", "hook_layer", "model_name", "prepend_bos", "context_size")
-        known = {"d_in", "d_sae", "architecture", "k", "apply_b_dec_to_input",
+        read = ("hook_name", "hook_layer", "model_name", "prepend_bos", "context_size",
+                "hook_name_out", "hook_layer_out")
+        known = {"d_in", "d_sae", "d_out", "architecture", "k", "apply_b_dec_to_input",
                  "normalize_activations", "norm_scaling_factor", "dtype", "device",
                  "activation_fn_str", "activation_fn_kwargs", *read}
         rest = {**{key: v for key, v in meta.items() if key not in read}, **flat}
@@ -128,6 +160,8 @@ class DictionaryConfig:
             hook_name=pick("hook_name"), hook_layer=pick("hook_layer"),
             model_name=pick("model_name"), prepend_bos=pick("prepend_bos"),
             context_size=pick("context_size"), dtype=str(flat.get("dtype") or "float32"),
+            d_out=flat.get("d_out") if architecture in TRANSCODERS else None,
+            hook_name_out=pick("hook_name_out"), hook_layer_out=pick("hook_layer_out"),
             extra={key: value for key, value in rest.items() if key not in known})
 
     def to_cfg(self) -> dict[str, Any]:
@@ -147,6 +181,9 @@ class DictionaryConfig:
         }
         if self.k is not None:
             cfg["k"] = self.k
+        if self.transcoder:
+            cfg.update(d_out=self.width_out, hook_name_out=self.hook_name_out,
+                       hook_layer_out=self.hook_layer_out, apply_b_dec_to_input=False)
         if self.norm_scaling_factor is not None:
             cfg["norm_scaling_factor"] = self.norm_scaling_factor
         return cfg
@@ -164,13 +201,19 @@ def weights_from(tensors: Mapping[str, Any], config: DictionaryConfig) -> dict[s
         if name not in tensors:
             raise UsageError(f"dictionary weights lack {name!r} (they hold {sorted(tensors)})")
     names = list(_REQUIRED)
-    if config.architecture == "jumprelu":
+    if config.architecture == "skip_transcoder":
+        if "W_skip" not in tensors:
+            raise UsageError("a skip transcoder needs 'W_skip'")
+        names.append("W_skip")
+    if config.activation == "jumprelu":
         if "threshold" not in tensors and "log_threshold" not in tensors:
             raise UsageError("a JumpReLU dictionary needs 'threshold' (or 'log_threshold')")
         names.append("threshold" if "threshold" in tensors else "log_threshold")
+    d_out = config.width_out
     shapes = {"W_enc": (config.d_in, config.d_sae), "b_enc": (config.d_sae,),
-              "W_dec": (config.d_sae, config.d_in), "b_dec": (config.d_in,),
-              "threshold": (config.d_sae,), "log_threshold": (config.d_sae,)}
+              "W_dec": (config.d_sae, d_out), "b_dec": (d_out,),
+              "threshold": (config.d_sae,), "log_threshold": (config.d_sae,),
+              "W_skip": (d_out, config.d_in)}
     for name in names:
         value = tensors[name]
         if not isinstance(value, torch.Tensor):
@@ -178,7 +221,8 @@ def weights_from(tensors: Mapping[str, Any], config: DictionaryConfig) -> dict[s
                              f" {type(value).__name__}")
         if tuple(value.shape) != shapes[name]:
             raise UsageError(f"dictionary weight {name!r} has shape {tuple(value.shape)};"
-                             f" d_in={config.d_in}, d_sae={config.d_sae} need {shapes[name]}")
+                             f" d_in={config.d_in}, d_sae={config.d_sae}, d_out={d_out} need"
+                             f" {shapes[name]}")
         out[name] = value.detach().to(dtype=config.torch_dtype, device="cpu")
     if "log_threshold" in out:
         out["threshold"] = out.pop("log_threshold").exp()

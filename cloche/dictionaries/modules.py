@@ -44,8 +44,10 @@ class SparseDictionary(nn.Module):
         self.b_enc = nn.Parameter(tensors["b_enc"].to(dtype))
         self.W_dec = nn.Parameter(tensors["W_dec"].to(dtype))
         self.b_dec = nn.Parameter(tensors["b_dec"].to(dtype))
-        if config.architecture == "jumprelu":
+        if config.activation == "jumprelu":
             self.threshold = nn.Parameter(tensors["threshold"].to(dtype))
+        if config.architecture == "skip_transcoder":
+            self.W_skip = nn.Parameter(tensors["W_skip"].to(dtype))
 
     # ----------------------------------------------------------------- description
     @property
@@ -57,6 +59,16 @@ class SparseDictionary(nn.Module):
         return self.config.d_sae
 
     @property
+    def d_out(self) -> int:
+        """The width it writes: d_in, except for a transcoder."""
+        return self.config.width_out
+
+    @property
+    def hook_name_out(self) -> str | None:
+        """The point a transcoder writes (None for a sparse autoencoder)."""
+        return self.config.hook_name_out if self.config.transcoder else None
+
+    @property
     def hook_name(self) -> str | None:
         return self.config.hook_name
 
@@ -64,6 +76,7 @@ class SparseDictionary(nn.Module):
         """What the dictionary is and the conventions it was trained with."""
         c = self.config
         return {"architecture": c.architecture, "k": c.k, "hook_name": c.hook_name,
+                "hook_name_out": self.hook_name_out, "d_out": self.d_out,
                 "normalize_activations": c.normalize_activations,
                 "apply_b_dec_to_input": c.apply_b_dec_to_input, "prepend_bos": c.prepend_bos,
                 "context_size": c.context_size, "model_name": c.model_name, "dtype": c.dtype}
@@ -103,16 +116,16 @@ class SparseDictionary(nn.Module):
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's pre-activations (what the nonlinearity sees)."""
         sae_in = self._normalize(x.to(self.W_enc.dtype))
-        if self.config.apply_b_dec_to_input:
+        if self.config.apply_b_dec_to_input and not self.config.transcoder:
             sae_in = sae_in - self.b_dec
         return sae_in @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """The architecture's nonlinearity, applied to pre-activations."""
-        architecture = self.config.architecture
-        if architecture == "jumprelu":
+        activation = self.config.activation
+        if activation == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold)
-        if architecture == "topk":
+        if activation == "topk":
             assert self.config.k is not None  # DictionaryConfig checks it
             top = pre.topk(self.config.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
@@ -123,9 +136,16 @@ class SparseDictionary(nn.Module):
         return self.activate(self.pre_activation(x))
 
     def decode(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The reconstruction ``(..., d_in)`` of ``features``; ``x`` (the encoded input) is
-        needed only by the per-token input normalisations."""
+        """The reconstruction ``(..., d_out)`` of ``features``; ``x`` (the encoded input) is
+        needed only by the per-token input normalisations and a skip transcoder."""
         y = features.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        if self.config.architecture == "skip_transcoder":
+            if x is None:
+                raise UsageError("decoding a skip transcoder needs its input: decode(features,"
+                                 " x)")
+            y = y + x.to(y.dtype) @ self.W_skip.T
+        if self.config.transcoder:  # SAELens does not rescale a transcoder's output
+            return y
         return self._denormalize(y, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,12 +171,16 @@ class SparseDictionary(nn.Module):
 def _initial_weights(config: DictionaryConfig) -> dict[str, torch.Tensor]:
     """Decoder rows of norm 0.1 in random directions, the encoder their transpose (a common
     start for training, following the April 2024 Anthropic update), biases zero."""
-    w_dec = torch.randn(config.d_sae, config.d_in)
+    w_dec = torch.randn(config.d_sae, config.width_out)
     w_dec = 0.1 * w_dec / w_dec.norm(dim=-1, keepdim=True)
-    weights = {"W_enc": w_dec.T.clone(), "b_enc": torch.zeros(config.d_sae), "W_dec": w_dec,
-               "b_dec": torch.zeros(config.d_in)}
-    if config.architecture == "jumprelu":
+    w_enc = (w_dec.T.clone() if config.width_out == config.d_in
+             else 0.1 * torch.randn(config.d_in, config.d_sae) / config.d_in ** 0.5)
+    weights = {"W_enc": w_enc, "b_enc": torch.zeros(config.d_sae), "W_dec": w_dec,
+               "b_dec": torch.zeros(config.width_out)}
+    if config.activation == "jumprelu":
         weights["threshold"] = torch.zeros(config.d_sae)
+    if config.architecture == "skip_transcoder":
+        weights["W_skip"] = torch.zeros(config.width_out, config.d_in)
     return weights
 
 

@@ -14,6 +14,11 @@ runs on ``x`` itself, bit for bit. The error is fixed before the probes run (it 
 unedited reconstruction's), so editing features changes the run exactly by the change of the
 reconstruction: the usual "SAE with error term" splice.
 
+A transcoder reads one point and writes another (``out_base``, e.g. an MLP's input and its
+output): its features are computed (and probed) at the first, its reconstruction and error —
+``y - decode(encode(x))`` with ``y`` the second point's value — at the second, which is where
+an edit takes effect. Both points must be run by the same rank.
+
 Gradients (a backward run with gradient probes at a derived point): the features are a leaf
 of their own, the error carries ``x``'s gradient, so the gradient reaching earlier layers is the
 plain model's, and gradient probes at the features see d(objective)/d(features). The value the
@@ -70,6 +75,9 @@ class Derived:
     d_dict: int
     module: DerivedModule | None
     summary: dict[str, Any]
+    #: a transcoder's output point and width (None: it rewrites ``base``)
+    out_base: str | None = None
+    d_out: int | None = None
 
     def point(self, part: str) -> str:
         return f"{PREFIX}{self.name}:{part}"
@@ -129,9 +137,10 @@ class DerivedPoints:
             base = shapes.get(d.base)
             lead = None if base is None else _lead(base, d.d_in)
             for part in PARTS:
-                width = d.d_dict if part == "features" else d.d_in
+                width = d.d_dict if part == "features" else (d.d_out or d.d_in)
                 shape = None if lead is None else (*lead, width)
-                out.append(ProbePoint(d.point(part), "dictionary", layer_of(d.base), shape))
+                at = d.base if part == "features" else (d.out_base or d.base)
+                out.append(ProbePoint(d.point(part), "dictionary", layer_of(at), shape))
         return out
 
     def expand(self, plan: ProbePlan) -> ProbePlan:
@@ -149,7 +158,12 @@ class DerivedPoints:
                     groups.setdefault(derived.name, ({}, {}))[which][part] = list(fns)
         for name, (fwd, bwd) in groups.items():
             derived = self._by_name[name]
-            forward.setdefault(derived.base, []).append(DerivedProbe(derived, fwd, bwd))
+            probe = DerivedProbe(derived, fwd, bwd)
+            if derived.out_base is None:
+                forward.setdefault(derived.base, []).append(probe)
+            else:
+                forward.setdefault(derived.base, []).append(probe.read_input)
+                forward.setdefault(derived.out_base, []).append(probe.write_output)
         return ProbePlan(forward, backward)
 
 
@@ -173,6 +187,8 @@ class DerivedProbe:
         self.forward = forward
         self.backward = backward
         self.__qualname__ = f"dictionary {derived.name!r}"
+        #: a transcoder's features, from its input point to its output point (this forward)
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
 
     def _probe(self, ctx: ProbeContext, part: str, value: torch.Tensor) -> tuple[torch.Tensor,
                                                                                   bool]:
@@ -190,29 +206,63 @@ class DerivedProbe:
             out.register_hook(lambda g: call_probes(grads, at, g))
         return out, edited
 
-    def __call__(self, ctx: ProbeContext, x: torch.Tensor) -> torch.Tensor | None:
-        derived = self.derived
-        module = derived.module
+    def _module(self, ctx: ProbeContext) -> DerivedModule:
+        module = self.derived.module
         if module is None:
-            raise ClocheError(f"dictionary {derived.name!r} is not on rank {ctx.rank}, which"
-                              f" runs {derived.base!r}")
-        flat = x.shape[-1] != derived.d_in
+            raise ClocheError(f"dictionary {self.derived.name!r} is not on rank {ctx.rank},"
+                              f" which runs {self.derived.base!r}")
+        return module
+
+    def _source(self, x: torch.Tensor, width: int, point: str) -> tuple[torch.Tensor, bool]:
+        """``x`` as (..., width): per-head points come with their heads flattened."""
+        flat = x.shape[-1] != width
         source = x.flatten(-2) if flat else x
-        if source.shape[-1] != derived.d_in:
-            raise UsageError(f"dictionary {derived.name!r} reads {derived.d_in} values per"
-                             f" position, but {derived.base!r} has shape {tuple(x.shape)}")
+        if source.shape[-1] != width:
+            raise UsageError(f"dictionary {self.derived.name!r} expects {width} values per"
+                             f" position at {point!r}, which has shape {tuple(x.shape)}")
+        return source, flat
+
+    def read_input(self, ctx: ProbeContext, x: torch.Tensor) -> None:
+        """A transcoder's input point: compute and probe the features, keep them for the
+        output point."""
+        module = self._module(ctx)
+        source, _ = self._source(x, self.derived.d_in, self.derived.base)
         watch = bool(self.backward) and torch.is_grad_enabled()
         with torch.no_grad():
             plain = source.detach()
             features = module.encode(plain)
-            clean = module.decode(features, plain).to(x.dtype)
-        error = source - clean  # carries x's gradient, if it has one
+        unedited = features.clone() if "features" in self.forward else features
         if watch:
             features.requires_grad_(True)
         features, edited = self._probe(ctx, "features", features)
+        self._pending = (plain, unedited, features, edited)
+
+    def write_output(self, ctx: ProbeContext, y: torch.Tensor) -> torch.Tensor | None:
+        """A transcoder's output point: reconstruction and error, edits taking effect."""
+        module = self._module(ctx)
+        if self._pending is None:
+            raise ClocheError(f"transcoder {self.derived.name!r} reached its output"
+                              f" {self.derived.out_base!r} before its input {self.derived.base!r}")
+        plain, clean_features, features, edited = self._pending
+        self._pending = None
+        width = self.derived.d_out or self.derived.d_in
+        target, flat = self._source(y, width, self.derived.out_base or "")
+        watch = bool(self.backward) and torch.is_grad_enabled()
+        with torch.no_grad():
+            clean = module.decode(clean_features, plain).to(y.dtype)
+        out = self._splice(ctx, module, target, clean, features, plain, edited, watch)
+        if out is None:
+            return None
+        return out.unflatten(-1, y.shape[-2:]) if flat else out
+
+    def _splice(self, ctx: ProbeContext, module: DerivedModule, target: torch.Tensor,
+                clean: torch.Tensor, features: torch.Tensor, plain: torch.Tensor,
+                edited: bool, watch: bool) -> torch.Tensor | None:
+        """Probe the reconstruction and error of ``target``; what the model then gets."""
+        error = target - clean  # carries the target's gradient, if it has one
         if edited or watch:
             with torch.set_grad_enabled(watch):
-                reconstruction = module.decode(features, plain).to(x.dtype)
+                reconstruction = module.decode(features, plain).to(target.dtype)
         else:
             reconstruction = clean
         reconstruction, changed = self._probe(ctx, "reconstruction", reconstruction)
@@ -220,14 +270,31 @@ class DerivedProbe:
         error, changed = self._probe(ctx, "error", error)
         edited = edited or changed
         if not edited and not watch:
-            return None  # the model's own x, bit for bit
-        out = reconstruction + error
+            return None  # the model's own value, bit for bit
+        return reconstruction + error
+
+    def __call__(self, ctx: ProbeContext, x: torch.Tensor) -> torch.Tensor | None:
+        derived = self.derived
+        module = self._module(ctx)
+        source, flat = self._source(x, derived.d_in, derived.base)
+        watch = bool(self.backward) and torch.is_grad_enabled()
+        with torch.no_grad():
+            plain = source.detach()
+            features = module.encode(plain)
+            clean = module.decode(features, plain).to(x.dtype)
+        if watch:
+            features.requires_grad_(True)
+        features, edited = self._probe(ctx, "features", features)
+        out = self._splice(ctx, module, source, clean, features, plain, edited, watch)
+        if out is None:
+            return None
         return out.unflatten(-1, x.shape[-2:]) if flat else out
 
 
 def make_derived(name: str, point: str | None, module: Any, names: Iterable[str],
                  missing: Iterable[str], shapes: dict[str, tuple[str | int, ...] | None],
-                 *, rank: int, device: torch.device | None, owned: bool = True) -> Derived:
+                 *, rank: int, device: torch.device | None, owned: bool = True,
+                 out_point: str | None = None) -> Derived:
     """Check ``module`` against the point it is attached at and describe it.
 
     ``point`` ``None`` means the module's own ``hook_name`` (a TransformerLens name is
@@ -243,20 +310,34 @@ def make_derived(name: str, point: str | None, module: Any, names: Iterable[str]
         if not isinstance(hook, str) or not hook:
             raise UsageError(f"dictionary {name!r} names no hook_name: pass point=...")
         point = hook
-    point = canonical_name(point, frozenset(names), tuple(missing))
-    if is_derived(point):
-        raise UsageError(f"a dictionary reads a model point, not another dictionary's {point!r}")
+    known = frozenset(names)
+    point = canonical_name(point, known, tuple(missing))
+    if out_point is None:
+        out_point = getattr(module, "hook_name_out", None) or None
+    if out_point is not None:
+        out_point = canonical_name(out_point, known, tuple(missing))
+    for where in (point, out_point):
+        if where is not None and is_derived(where):
+            raise UsageError(f"a dictionary reads and writes model points, not another"
+                             f" dictionary's {where!r}")
     d_in, d_dict = int(module.d_in), int(module.d_dict)
-    shape = shapes.get(point)
-    if shape is not None and _lead(shape, d_in) is None:
-        raise UsageError(f"dictionary {name!r} reads {d_in} values per position, but {point!r}"
-                         f" has shape {shape}")
+    d_out = int(getattr(module, "d_out", d_in))
+    if out_point is None and d_out != d_in:
+        raise UsageError(f"dictionary {name!r} writes {d_out} values, not the {d_in} it reads:"
+                         " a transcoder needs the point it writes (out_point=...)")
+    for where, width in ((point, d_in), (out_point, d_out)):
+        shape = shapes.get(where) if where is not None else None
+        if shape is not None and _lead(shape, width) is None:
+            raise UsageError(f"dictionary {name!r} expects {width} values per position at"
+                             f" {where!r}, which has shape {shape}")
     if owned and device is not None and isinstance(module, torch.nn.Module):
         module.to(device)
         module.requires_grad_(False)
-    summary = {"name": name, "point": point, "d_in": d_in, "d_dict": d_dict, "rank": rank,
+    summary = {"name": name, "point": point, "out_point": out_point, "d_in": d_in,
+               "d_dict": d_dict, "d_out": d_out, "rank": rank,
                "points": [f"{PREFIX}{name}:{part}" for part in PARTS]}
     describe = getattr(module, "summary", None)
     if callable(describe):
         summary.update({k: v for k, v in describe().items() if k not in summary})
-    return Derived(name, point, d_in, d_dict, module if owned else None, summary)
+    return Derived(name, point, d_in, d_dict, module if owned else None, summary,
+                   out_base=out_point, d_out=d_out if out_point is not None else None)

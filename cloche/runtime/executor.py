@@ -335,7 +335,7 @@ class LocalExecutor:
             module = req.build(req.config, req.weights, req.path)
             derived = make_derived(req.name, req.point, module, self.specs,
                                    self.describe().missing, shapes, rank=self.rank,
-                                   device=self.device)
+                                   device=self.device, out_point=req.out_point)
             self.derived.attach(derived)
             self._info = None
         return dict(derived.summary)

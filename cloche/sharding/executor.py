@@ -390,10 +390,15 @@ class ShardedExecutor:
         assert self._shapes is not None
         probe = make_derived(req.name, req.point, req.build(req.config, req.weights, req.path),
                              self._specs, self.describe().missing, self._shapes, rank=0,
-                             device=None, owned=False)
+                             device=None, owned=False, out_point=req.out_point)
+        if probe.out_base is not None and self.owner_of(probe.out_base) != self.owner_of(
+                probe.base):
+            raise UsageError(f"transcoder {req.name!r} reads {probe.base!r} (rank"
+                             f" {self.owner_of(probe.base)}) and writes {probe.out_base!r} (rank"
+                             f" {self.owner_of(probe.out_base)}): both must be on one rank")
         values = self._command("attach_dictionary", name=req.name, point=probe.base,
-                               build=req.build, config=req.config, weights=req.weights,
-                               path=req.path)
+                               out_point=probe.out_base, build=req.build, config=req.config,
+                               weights=req.weights, path=req.path)
         summary = values[0]
         probe.summary = summary
         self._derived.attach(probe)

@@ -412,14 +412,15 @@ class Stage:
         self._hold(txn, writes, save)
         return totals
 
-    def op_attach_dictionary(self, name: str, point: str, build: Callable[..., Any],
-                             config: dict | None, weights: dict | None, path: str | None
-                             ) -> dict[str, Any]:
+    def op_attach_dictionary(self, name: str, point: str, out_point: str | None,
+                             build: Callable[..., Any], config: dict | None,
+                             weights: dict | None, path: str | None) -> dict[str, Any]:
         """Every rank learns the dictionary's points; the one that runs ``point`` keeps it."""
         owner = self.ownership.point_owner(self.full_specs[point])
         module = build(config, weights, path)
         derived = make_derived(name, point, module, self.full_specs, (), {}, rank=owner,
-                               device=self.device, owned=owner == self.rank)
+                               device=self.device, owned=owner == self.rank,
+                               out_point=out_point)
         self.local.derived.attach(derived)
         return dict(derived.summary)
 

@@ -80,7 +80,7 @@ def test_detached_dictionary_points_are_gone(local_model):
 def test_unknown_dictionary_points_and_bad_sources_are_clear_errors(local_model):
     with pytest.raises(cloche.UnknownProbePoint, match="dict:nope:features"):
         local_model.run("hi", probes={"dict:nope:features": checks.keep})
-    with pytest.raises(cloche.UsageError, match="reads 7 values"):
+    with pytest.raises(cloche.UsageError, match="expects 7 values"):
         local_model.attach_dictionary("bad", checks.make_dictionary(7), point="layers.0.resid_post")
     with pytest.raises(cloche.UsageError, match="hook_name"):
         local_model.attach_dictionary("bad", checks.make_dictionary(local_model.d_model))
@@ -190,3 +190,60 @@ def test_a_dictionary_attached_by_another_client_is_found(served):
             second.save_context("shared").clear()
         finally:
             first.detach_dictionary("shared")
+
+
+def test_a_transcoder_reads_the_mlp_input_and_rewrites_its_output(where):
+    model, _, _ = where
+    from cloche.dictionaries import DictionaryConfig
+
+    torch.manual_seed(3)
+    d = model.d_model
+    config = DictionaryConfig(d_in=d, d_sae=4 * d, d_out=d, architecture="skip_transcoder",
+                              hook_name="layers.0.ln2", hook_name_out="blocks.0.hook_mlp_out")
+    tc = SparseDictionary(config)
+    with torch.no_grad():
+        tc.W_enc.normal_()
+        tc.W_skip.normal_(std=0.1)
+    summary = model.attach_dictionary("tc", tc)
+    try:
+        assert (summary["point"], summary["out_point"]) == ("layers.0.ln2", "layers.0.mlp.out")
+        points = {p.name: p for p in model.probe_points()}
+        assert points["dict:tc:features"].shape == ("batch", "seq", 4 * d)
+        checks.reads_are_bit_identical(model, "tc", TEXTS[:2])
+        def keep_input(ctx, x):  # (the run's state: shared by its probes, also on a server)
+            ctx.state["tc-input"] = x
+
+        def by_hand(ctx, y):
+            x = ctx.state.pop("tc-input")
+            features = tc.encode(x)
+            error = y - tc.decode(features, x).to(y.dtype)
+            edited = features.clone()
+            edited[..., checks.EDITED] = 0
+            return tc.decode(edited, x).to(y.dtype) + error
+
+        edited = model.run(TEXTS[:2], probes={"dict:tc:features": checks.zero_some}).logits
+        manual = model.run(TEXTS[:2], probes={"layers.0.ln2": keep_input,
+                                              "layers.0.mlp.out": by_hand}, save="tc").logits
+        assert torch.equal(edited, manual)
+        assert not torch.equal(edited, model.run(TEXTS[:2]).logits)
+    finally:
+        model.detach_dictionary("tc")
+
+
+def test_the_server_checks_attach_requests_and_keeps_serving(served):
+    from cloche.api import requests as rq
+    from cloche.dictionaries import build_dictionary
+
+    sae = checks.make_dictionary(8)
+    good = {"name": "x", "point": "layers.0.resid_post", "build": build_dictionary,
+            "config": sae.config.to_cfg(), "weights": sae.weights()}
+    with cloche.connect(served.address, token=served.token) as model:
+        for change, field in (({"name": "a:b"}, "name"), ({"point": "nowhere"}, "point"),
+                              ({"weights": {"W_enc": [1, 2]}}, "weights"),
+                              ({"config": None}, "config")):
+            with pytest.raises(cloche.UsageError, match=f"AttachDictionary.{field}"):
+                model.executor.execute(rq.AttachDictionary(**{**good, **change}))
+        with pytest.raises(cloche.UsageError, match="expects 8 values"):
+            model.executor.execute(rq.AttachDictionary(**good))  # d_model is not 8
+        assert model.dictionaries() == {} or "x" not in model.dictionaries()
+        assert model.run("still serving").logits is not None

@@ -147,3 +147,42 @@ def test_bad_files_and_weights_get_clear_errors(tmp_path):
     with pytest.raises(cloche.UsageError, match="threshold"):
         SparseDictionary(DictionaryConfig(d_in=D_IN, d_sae=D_SAE, architecture="jumprelu"),
                          _weights("standard"))
+
+
+D_OUT = 24
+
+
+@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder", "jumprelu_transcoder"])
+@pytest.mark.parametrize("layout", ["flat", "metadata"])
+def test_transcoders_read_one_point_and_write_another(tmp_path, architecture, layout):
+    g = torch.Generator().manual_seed(4)
+    weights = {"W_enc": torch.randn(D_IN, D_SAE, generator=g),
+               "b_enc": 0.1 * torch.randn(D_SAE, generator=g),
+               "W_dec": torch.randn(D_SAE, D_OUT, generator=g),
+               "b_dec": 0.1 * torch.randn(D_OUT, generator=g)}
+    if architecture == "skip_transcoder":
+        weights["W_skip"] = torch.randn(D_OUT, D_IN, generator=g)
+    if architecture == "jumprelu_transcoder":
+        weights["threshold"] = torch.rand(D_SAE, generator=g)
+    cfg = {**FLAT, "architecture": architecture, "d_out": D_OUT,
+           "hook_name": "blocks.0.ln2.hook_normalized", "hook_name_out": "blocks.0.hook_mlp_out",
+           "hook_layer_out": 0, "apply_b_dec_to_input": False}
+    if layout == "metadata":
+        cfg["metadata"] = {key: cfg.pop(key) for key in ("hook_name", "hook_name_out",
+                                                         "hook_layer_out", "hook_layer")}
+    sae = SparseDictionary.load(_write(tmp_path / "tc", cfg, weights))
+    assert (sae.d_out, sae.hook_name_out) == (D_OUT, "blocks.0.hook_mlp_out")
+    x = torch.randn(2, 5, D_IN)
+    pre = x @ weights["W_enc"] + weights["b_enc"]  # no b_dec shift: it has d_out values
+    want = pre.clamp(min=0)
+    if architecture == "jumprelu_transcoder":
+        want = torch.where(pre > weights["threshold"], want, torch.zeros_like(want))
+    torch.testing.assert_close(sae.encode(x), want)
+    out = want @ weights["W_dec"] + weights["b_dec"]
+    if architecture == "skip_transcoder":
+        out = out + x @ weights["W_skip"].T
+    torch.testing.assert_close(sae.decode(sae.encode(x), x), out)
+    sae.save(tmp_path / "again")
+    again = SparseDictionary.load(tmp_path / "again")
+    assert again.config == sae.config
+    assert torch.equal(again(x), sae(x))
