@@ -74,3 +74,33 @@ def test_dataset_reducers_on_sharded_features(pair):
                                                           pad_id=2))
     finally:
         sharded.detach_dictionary("t")
+
+
+def test_a_transcoder_on_the_rank_of_its_points(pair):
+    local, sharded = pair
+    from cloche.dictionaries import DictionaryConfig, SparseDictionary
+
+    torch.manual_seed(2)
+    d = sharded.d_model
+    tc = SparseDictionary(DictionaryConfig(d_in=d, d_sae=4 * d, d_out=d,
+                                           architecture="transcoder"))
+    with torch.no_grad():
+        tc.W_enc.normal_()
+    summary = sharded.attach_dictionary("tc", tc, point="layers.3.ln2",
+                                        out_point="layers.3.mlp.out")
+    local.attach_dictionary("tc", tc, point="layers.3.ln2", out_point="layers.3.mlp.out")
+    try:
+        assert summary["rank"] == sharded.owner_of("layers.3.mlp.out") == 1
+        inputs = ids_batch(seed=7)["input_ids"]
+        checks.reads_are_bit_identical(sharded, "tc", inputs)
+        edited = sharded.run(inputs, probes={"dict:tc:features": checks.zero_some}).logits
+        torch.testing.assert_close(
+            edited, local.run(inputs, probes={"dict:tc:features": checks.zero_some}).logits,
+            atol=1e-5, rtol=0)
+        assert not torch.equal(edited, sharded.run(inputs).logits)
+        with pytest.raises(cloche.UsageError, match="both must be on one rank"):
+            sharded.attach_dictionary("across", tc, point="layers.1.ln2",
+                                      out_point="layers.2.mlp.out")
+    finally:
+        sharded.detach_dictionary("tc")
+        local.detach_dictionary("tc")
