@@ -11,7 +11,6 @@ that turns the executor's output into the user's result, and both ``model.run(..
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -24,8 +23,8 @@ from cloche.api.handle import SaveContextHandle
 from cloche.api.inputs import encode_inputs, is_text
 from cloche.api.progress import ProgressReporter
 from cloche.api.results import GenerateResult, RunResult, generate_result
-from cloche.dictionaries.format import DictionaryConfig, load_folder, weights_from
-from cloche.dictionaries.modules import SparseDictionary, build_dictionary
+from cloche.dictionaries.modules import build_dictionary
+from cloche.dictionaries.source import convention_notes, dictionary_source
 from cloche.errors import UsageError
 from cloche.model.info import no_head_message
 from cloche.model.points import ProbePoint, canonical_name
@@ -478,7 +477,7 @@ class Model:
         """
         if not isinstance(name, str) or not name or ":" in name:
             raise UsageError(f"dictionary names are non-empty strings without ':', not {name!r}")
-        config, weights, path = _dictionary_source(source, point, architecture, k, on_server)
+        config, weights, path = dictionary_source(source, point, architecture, k, on_server)
         hook = point if point is not None else (config.hook_name if config else None)
         if hook is None and path is None:
             raise UsageError(f"dictionary {name!r} names no hook_name: pass point=...")
@@ -517,31 +516,8 @@ class Model:
         self._points = None
 
     def _convention_notes(self, summary: Mapping[str, Any]) -> list[str]:
-        """Where the dictionary's training conventions and this model's differ."""
-        notes = []
-        name = summary.get("name")
-        wanted = summary.get("prepend_bos")
-        tokenizer = self.tokenizer
-        if wanted is not None and tokenizer is not None:
-            bos = getattr(tokenizer, "bos_token_id", None)
-            if self.prepend_bos is not None:
-                adds = self.prepend_bos and bos is not None
-            else:
-                ids = tokenizer("a")["input_ids"]
-                adds = bos is not None and bool(ids) and ids[0] == bos
-            if bool(wanted) != adds:
-                notes.append(
-                    f"dictionary {name!r} was trained with prepend_bos={bool(wanted)}, but this"
-                    f" model's texts {'get' if adds else 'get no'} BOS token: set"
-                    f" model.prepend_bos = {bool(wanted)} (or attach with"
-                    f" apply_conventions=True) for the activations it expects")
-        context = summary.get("context_size")
-        limit = self._described().max_positions
-        if isinstance(context, int) and limit and context < limit:
-            notes.append(f"dictionary {name!r} was trained on contexts of {context} tokens;"
-                         f" this model takes {limit}: features at later positions are outside"
-                         " what it was trained on")
-        return notes
+        return convention_notes(summary, self.tokenizer, self.prepend_bos,
+                                self._described().max_positions)
 
     # ----------------------------------------------------------------- connection & lifecycle
     @property
@@ -582,31 +558,3 @@ def _both(first: EventSink, second: EventSink | None) -> EventSink:
         second(event)
 
     return both
-
-
-def _dictionary_source(source: Any, point: str | None, architecture: str | None, k: int | None,
-                       on_server: bool
-                       ) -> tuple[DictionaryConfig | None, dict[str, torch.Tensor] | None,
-                                  str | None]:
-    """``attach_dictionary``'s source as (config, weights, server-side folder)."""
-    if on_server:
-        if not isinstance(source, (str, os.PathLike)):
-            raise UsageError(f"on_server=True needs a folder path, not {type(source).__name__}")
-        return None, None, os.fspath(source)
-    if isinstance(source, (str, os.PathLike)):
-        config, weights = load_folder(source)
-        return config, weights, None
-    if isinstance(source, SparseDictionary):
-        return source.config, source.weights(), None
-    if isinstance(source, Mapping):
-        w_enc = source.get("W_enc")
-        if not isinstance(w_enc, torch.Tensor) or w_enc.dim() != 2:
-            raise UsageError("dictionary weights need 'W_enc', a (d_in, d_sae) tensor")
-        if architecture is None:
-            architecture = ("jumprelu" if "threshold" in source or "log_threshold" in source
-                            else "topk" if k is not None else "standard")
-        config = DictionaryConfig(d_in=int(w_enc.shape[0]), d_sae=int(w_enc.shape[1]),
-                                  architecture=architecture, k=k, hook_name=point)
-        return config, weights_from(source, config), None
-    raise UsageError("a dictionary is a SAELens folder, a SparseDictionary or a dict of"
-                     f" tensors, not {type(source).__name__}")
