@@ -1,6 +1,8 @@
-"""GPU check for a lent GPU machine: the NCCL path, a 1–3 B Llama-style model, capture throughput.
+"""GPU check for a lent GPU machine: a 1–8 B Llama-style model in bf16, capture-all, a reducer
+over a dataset, a backward pass, and the NCCL path; throughput as ratios to the plain forward.
 
     python benchmarks/gpu_check.py                 # GPU: ~1.1 B params, bf16, batch 8x512
+    python benchmarks/gpu_check.py --size 8b       # Llama-3-8B shape (8.0 B params)
     python benchmarks/gpu_check.py --size 3b       # ~3 B params
     python benchmarks/gpu_check.py --tiny          # CPU smoke test of this script (gloo)
 
@@ -8,13 +10,19 @@ What it does, in order (every step prints one line; nothing is asserted on timin
 
 1. builds a Llama-style model from a config with random weights (directly on the GPU, in
    bf16) and saves it with ``save_pretrained`` to a temporary directory;
-2. plain Hugging Face forward throughput (tokens/s) — the baseline;
-3. cloche world size 1 (``cloche.load``): plain ``run`` and a capture run saving
-   ``resid_post`` of every block (``ctx.save``), with ratios to the baseline;
-4. cloche sharded over ``--world-size`` ranks (default: every GPU, at least 2): NCCL for
-   activations and gloo for control; checks logits against world size 1 (max |Δ|), then the
-   same two runs with ratios. On a single-GPU machine step 4 is skipped with that reason (NCCL
-   needs one GPU per rank).
+2. plain Hugging Face forward throughput (tokens/s) — the baseline — and plain Hugging Face
+   forward + backward of the next-token loss (the reference for cloche's backward);
+3. cloche world size 1 (``cloche.load``), each as a ratio to the plain forward (higher is
+   faster; the backward also as a ratio to the plain forward + backward):
+   ``run`` with no probes; ``run`` with capture-all (``ctx.save`` at every canonical point,
+   attention patterns included: the model runs eager attention then); ``run_dataset`` over
+   ``--dataset-batches`` batches with a ``Mean`` reducer at every block's ``resid_post``;
+   ``run(backward=True)`` with a gradient probe saving every block's ``resid_pre`` gradient;
+4. cloche sharded over ``--world-size`` ranks, one process per GPU (default: every GPU, at
+   least 2): NCCL for activations and gloo for control; checks logits against world size 1
+   (max |Δ|), then ``run``, 4 micro-batches, capture (``resid_post`` of every block), the
+   dataset reducer and the backward with ratios. On a single-GPU machine step 4 is skipped
+   with that reason (NCCL needs one GPU per rank).
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ SIZES = {  # Llama-style configs (parameters approximate, vocab 32000)
            "num_attention_heads": 32, "num_key_value_heads": 4},
     "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 26,
            "num_attention_heads": 24, "num_key_value_heads": 8},
+    # Llama-3-8B's published shape (its vocabulary is set below)
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2},
 }
@@ -59,25 +70,29 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dataset-batches", type=int, default=4)
     parser.add_argument("--world-size", type=int, default=None)
     args = parser.parse_args()
 
     import transformers
 
     import cloche
+    from cloche.data import Dataset
     from cloche.sharding.launch import start_local
 
     if args.tiny:
-        args.size, args.batch, args.seq = "tiny", 2, 32
+        args.size, args.batch, args.seq, args.repeats = "tiny", 2, 32, 2
         torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     world = args.world_size or (max(2, torch.cuda.device_count()) if cuda else 2)
-    print(f"device {device}, {torch.cuda.device_count() if cuda else 0} GPUs, dtype {dtype},"
+    print(f"device {device} ({torch.cuda.get_device_name(0) if cuda else 'cpu'}),"
+          f" {torch.cuda.device_count() if cuda else 0} GPUs, dtype {dtype},"
           f" torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 
-    config = transformers.LlamaConfig(vocab_size=32000 if not args.tiny else 512,
+    vocab = 512 if args.tiny else (128256 if args.size == "8b" else 32000)
+    config = transformers.LlamaConfig(vocab_size=vocab,
                                       max_position_embeddings=max(2048, args.seq),
                                       tie_word_embeddings=False, **SIZES[args.size])
     with tempfile.TemporaryDirectory() as directory:
@@ -90,8 +105,11 @@ def main() -> int:
         print(f"1. built and saved {n_params / 1e9:.2f} B params in"
               f" {time.perf_counter() - started:.0f} s", flush=True)
 
-        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq),
-                            generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g)
+        rows = torch.randint(0, config.vocab_size, (args.dataset_batches * args.batch, args.seq),
+                             generator=g)
+        dataset = Dataset(rows.tolist(), name="gpu_check", seq_len=args.seq, pad_id=0)
         tokens = args.batch * args.seq
         hf.eval()
 
@@ -99,26 +117,63 @@ def main() -> int:
             with torch.no_grad():
                 hf(input_ids=ids.to(device))
 
+        def plain_backward() -> None:
+            x = ids.to(device)
+            hf(input_ids=x, labels=x).loss.backward()
+            hf.zero_grad(set_to_none=True)
+
         base = timed(plain, device, args.repeats)
-        print(f"2. plain HF forward: {tokens / base:,.0f} tokens/s", flush=True)
+        base_bw = timed(plain_backward, device, args.repeats)
+        print(f"2. plain HF forward: {tokens / base:,.0f} tokens/s; forward + backward:"
+              f" {tokens / base_bw:,.0f} tokens/s ({base / base_bw:.2f}x the forward)", flush=True)
         hf = None  # free the baseline's memory before loading cloche's copy
         if cuda:
             torch.cuda.empty_cache()
 
-        points = [f"layers.{i}.resid_post" for i in range(config.num_hidden_layers)]
+        def saver(ctx, x):
+            ctx.save(ctx.point, x)
 
-        def capture(model) -> None:
+        def mean(ctx, x):
+            ctx.reduce(f"mean:{ctx.point}", x, cloche.Mean())
+
+        blocks = range(config.num_hidden_layers)
+
+        def capture(model, points) -> None:
             model.save_context("gpu_check").clear()
-            model.run(ids, probes={p: (lambda c, x: c.save(c.point, x)) for p in points},
-                      save="gpu_check", return_logits=False)
+            model.run(ids, probes=dict.fromkeys(points, saver), save="gpu_check",
+                      return_logits=False)
             model.save_context("gpu_check").clear()
+
+        def reduce_dataset(model) -> None:
+            model.save_context("gpu_reduce").clear()
+            model.run_dataset(dataset, probes={f"layers.{i}.resid_post": mean for i in blocks},
+                              save="gpu_reduce", batch_size=args.batch, progress=False)
+
+        def backward(model) -> None:
+            model.save_context("gpu_grad").clear()
+            model.run(ids, grad_probes={f"layers.{i}.resid_pre": saver for i in blocks},
+                      backward=True, save="gpu_grad", return_logits=False)
+            model.save_context("gpu_grad").clear()
+
+        def report(step: str, model, points: list[str]) -> None:
+            t_run = timed(lambda: model.run(ids, return_logits=False), device, args.repeats)
+            t_cap = timed(lambda: capture(model, points), device, args.repeats)
+            t_red = timed(lambda: reduce_dataset(model), device, max(1, args.repeats // 2))
+            t_bw = timed(lambda: backward(model), device, args.repeats)
+            per_batch = t_red / args.dataset_batches
+            print(f"{step} run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain forward)",
+                  flush=True)
+            print(f"   capture {len(points)} points {tokens / t_cap:,.0f} tokens/s"
+                  f" ({base / t_cap:.2f}x plain forward)", flush=True)
+            print(f"   run_dataset, Mean at {config.num_hidden_layers} points:"
+                  f" {tokens / per_batch:,.0f} tokens/s ({base / per_batch:.2f}x plain forward)",
+                  flush=True)
+            print(f"   backward {tokens / t_bw:,.0f} tokens/s ({base / t_bw:.2f}x plain forward,"
+                  f" {base_bw / t_bw:.2f}x plain forward + backward)", flush=True)
 
         local = cloche.load(directory, device=device, dtype=dtype)
-        t_run = timed(lambda: local.run(ids, return_logits=False), device, args.repeats)
-        t_cap = timed(lambda: capture(local), device, args.repeats)
-        print(f"3. cloche ws1: run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain);"
-              f" capture {len(points)} points {tokens / t_cap:,.0f} tokens/s"
-              f" ({base / t_cap:.2f}x plain)", flush=True)
+        every = [p.name for p in local.probe_points() if not p.name.startswith("module:")]
+        report("3. cloche ws1:", local, every)
         reference = local.run(ids[:2, :64]).logits.float()
         local = None
         if cuda:
@@ -138,13 +193,11 @@ def main() -> int:
                   f" {time.perf_counter() - started:.0f} s", flush=True)
             delta = (dist.run(ids[:2, :64]).logits.float() - reference).abs().max().item()
             print(f"   logits vs world size 1: max |delta| = {delta:.3g}", flush=True)
-            t_run = timed(lambda: dist.run(ids, return_logits=False), device, args.repeats)
             t_mb = timed(lambda: dist.run(ids, return_logits=False, micro_batches=4), device,
                          args.repeats)
-            t_cap = timed(lambda: capture(dist), device, args.repeats)
-            print(f"   run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain);"
-                  f" 4 micro-batches {tokens / t_mb:,.0f} tokens/s ({base / t_mb:.2f}x);"
-                  f" capture {tokens / t_cap:,.0f} tokens/s ({base / t_cap:.2f}x)", flush=True)
+            print(f"   4 micro-batches {tokens / t_mb:,.0f} tokens/s ({base / t_mb:.2f}x)",
+                  flush=True)
+            report("  ", dist, [f"layers.{i}.resid_post" for i in blocks])
         finally:
             dist.close()
     return 0

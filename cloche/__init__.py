@@ -12,6 +12,7 @@ from cloche.api import (
     GenerateResult,
     Model,
     Outputs,
+    Progress,
     RequestFuture,
     RunResult,
     SaveContextHandle,
@@ -51,7 +52,8 @@ from cloche import data, experiments
 __all__ = [
     "AuthError", "CallError", "Cancelled", "ClocheError", "Covariance", "GenerateResult",
     "Histogram", "Mean", "MinMax", "Model", "Outputs", "Pool", "ProbeContext", "ProbeError",
-    "ProbePoint", "Reducer", "RemoteError", "RequestFuture", "ResourceLimit", "RunResult",
+    "ProbePoint", "Progress", "Reducer", "RemoteError", "RequestFuture", "ResourceLimit",
+    "RunResult",
     "SaveContextHandle", "SessionLost", "TensorRef", "TopK", "UnknownProbePoint", "UsageError",
     "UserCodeError", "Variance", "WorkerLost", "connect", "data", "errors", "experiments", "load",
 ]

@@ -1,4 +1,5 @@
-"""The ``cloche`` command line: ``cloche serve``, ``cloche check`` and ``cloche demo``.
+"""The ``cloche`` command line: ``cloche serve``, ``check``, ``status``, ``plan``, ``ui`` and
+``demo``.
 
 Each subcommand is a small trio: ``add_<name>_parser`` declares its flags, a function turns the
 parsed flags into configuration objects, ``run_<name>`` does the work. This is the only place
@@ -133,6 +134,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="server log verbosity on stderr (default: INFO)")
+    parser.add_argument("--ui", action="store_true",
+                        help="also serve the web UI for this model on 127.0.0.1 (its URL, with"
+                             " a per-launch secret, is printed)")
     sharding = parser.add_argument_group(
         "sharding", "serve one model over several processes (layer pipeline, torch.distributed; "
         "see docs/distributed.md for torchrun across machines)")
@@ -233,8 +237,9 @@ def _layers_per_rank(text: str | None) -> list[int] | None:
         raise UsageError(f"--layers-per-rank must be comma-separated ints, not {text!r}") from exc
 
 
-def serve_until_stopped(model: Any, config: Any, generated: bool) -> None:
-    """Serve ``model`` (local or sharded) until SIGINT/SIGTERM, then shut down cleanly."""
+def serve_until_stopped(model: Any, config: Any, generated: bool, ui: bool = False) -> None:
+    """Serve ``model`` (local or sharded) until SIGINT/SIGTERM, then shut down cleanly; with
+    ``ui`` also the web UI on loopback (its URL printed after the listening line)."""
     from cloche.server.app import Server
 
     server = Server(model, config)
@@ -246,10 +251,18 @@ def serve_until_stopped(model: Any, config: Any, generated: bool) -> None:
     if generated:
         print(f"cloche: token {config.token}", flush=True)
     print(f"listening on {host}:{port}", flush=True)
+    web = None
+    if ui:
+        from cloche.ui import start_ui
+
+        web = start_ui(model)
+        print(f"cloche: web UI at {web.url()}", flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
+        if web is not None:
+            web.stop()
         server.shutdown()
         print("cloche: server stopped", flush=True)
 
@@ -284,16 +297,18 @@ def run_serve(args: argparse.Namespace) -> int:
             timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
             threads=args.threads, store_port_offset=args.store_port_offset,
             token=config.group_secret, state_dir=args.state_dir)
-        return run_rank(dist_config, lambda model: serve_until_stopped(model, config, generated))
+        return run_rank(dist_config,
+                        lambda model: serve_until_stopped(model, config, generated, args.ui))
     if args.world_size == 1:
-        serve_until_stopped(load_model(args), config, generated)
+        serve_until_stopped(load_model(args), config, generated, args.ui)
         return 0
     from cloche.default_model import weights_dir
     from cloche.sharding.launch import serve_distributed
 
     return serve_distributed(
         args.model or weights_dir(), args.world_size,
-        lambda model: serve_until_stopped(model, config, generated), revision=args.revision,
+        lambda model: serve_until_stopped(model, config, generated, args.ui),
+        revision=args.revision,
         layers_per_rank=_layers_per_rank(args.layers_per_rank), backend=args.backend,
         device=None if args.device == "cpu" else args.device, dtype=args.dtype,
         timeout_s=args.worker_timeout or 60.0, micro_batches=args.micro_batches,
@@ -368,6 +383,58 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# --------------------------------------------------------------------------------- plan
+
+
+def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "plan", help="how a model splits over N ranks and what each rank needs in memory",
+        description=(
+            "Build the model on the meta device from its config (no weights are read or"
+            " downloaded), split its layers exactly as `cloche serve --world-size N` does and"
+            " print per rank: the layers it owns, its parameters, its weight bytes in --dtype,"
+            " an estimate of activation and KV-cache memory for --batch x --seq tokens, and"
+            " whether it fits --device-memory; plus the smallest world size that fits."))
+    parser.add_argument("--model", metavar="DIR|org/name|config.json", required=True,
+                        help="a model directory, a config.json file, or a hub name (only its"
+                             " config.json is fetched)")
+    parser.add_argument("--revision", metavar="REV", default=None,
+                        help="branch, tag or commit of a hub --model (default: main)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="number of ranks (default: the smallest world size that fits)")
+    parser.add_argument("--layers-per-rank", default=None, metavar="A,B,...",
+                        help="an explicit split, as `cloche serve --layers-per-rank`")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype of the weights: float32, bfloat16, float16 or auto (as in"
+                             " config.json) (default: float32, as cloche serve)")
+    parser.add_argument("--device-memory", type=parse_size, default="80GiB", metavar="SIZE",
+                        help="memory of one device, e.g. 80GiB, 24GiB (default: 80GiB)")
+    parser.add_argument("--batch", type=int, default=1, metavar="B",
+                        help="sequences per batch for the activation estimate (default: 1)")
+    parser.add_argument("--seq", type=int, default=2048, metavar="T",
+                        help="tokens per sequence for the activation estimate (default: 2048)")
+    parser.add_argument("--json", action="store_true",
+                        help='print only {"world_size", "total_parameters", "ranks": [{"rank",'
+                             ' "layers": [first, last], "parameters", "weight_bytes",'
+                             ' "activation_bytes", "fits"}]}')
+    parser.set_defaults(func=run_plan)
+    return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cloche.sharding.capacity import plan_capacity
+
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size ({args.world_size}) must be at least 1")
+    report = plan_capacity(args.model, args.world_size, revision=args.revision, dtype=args.dtype,
+                           device_memory=args.device_memory, batch=args.batch, seq=args.seq,
+                           layers_per_rank=_layers_per_rank(args.layers_per_rank))
+    print(json.dumps(report.as_json()) if args.json else report.table())
+    return 0
+
+
 # --------------------------------------------------------------------------------- status
 
 
@@ -429,7 +496,81 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------- ui
+
+
+def add_ui_parser(sub: Any) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "ui", help="look at a model in your browser: neurons, heads, texts",
+        description=(
+            "Start the web UI on 127.0.0.1 and print its URL, which carries a per-launch secret"
+            " (open it in your browser; nothing is opened for you). With no flag it shows the"
+            " shipped default model, loaded here; --model loads another here; --connect uses a"
+            " running cloche server (sharded or not) with $CLOCHE_TOKEN or --token-file."))
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--model", metavar="DIR_OR_NAME", default=None,
+                       help="load this model here: a directory or a hub name (org/name)")
+    where.add_argument("--connect", metavar="HOST:PORT", default=None,
+                       help="use the cloche server at HOST:PORT")
+    parser.add_argument("--token-file", metavar="FILE", default=None,
+                        help="with --connect: file holding the server's token"
+                             " (default: $CLOCHE_TOKEN)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="port of the web UI on 127.0.0.1 (default: 0, a free port)")
+    parser.add_argument("--dataset", default="default:heldout",
+                        help="dataset for unit pages (default: default:heldout)")
+    parser.add_argument("--limit", type=int, default=512,
+                        help="examples of the dataset a unit page reads (default: 512)")
+    parser.add_argument("--device", default="cpu", help="torch device for --model (default: cpu)")
+    parser.set_defaults(func=run_ui)
+    return parser
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    import cloche
+    from cloche.ui import start_ui
+
+    if args.limit < 1:
+        raise UsageError(f"--limit ({args.limit}) must be at least 1")
+    if args.connect is not None:
+        token = None  # connect() falls back to $CLOCHE_TOKEN
+        if args.token_file is not None:
+            token, _, _ = resolve_token(args.token_file, {})
+            if token is None:
+                raise UsageError(f"--token-file {args.token_file!r} names several principals:"
+                                 " give cloche ui a file holding your own token")
+        model = cloche.connect(args.connect, token=token)
+    else:
+        model = cloche.load(args.model, device=args.device)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with model, start_ui(model, port=args.port, dataset=args.dataset, limit=args.limit) as web:
+        print(web.url(), flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
 # --------------------------------------------------------------------------------- demo
+
+
+def serve_demo_ui(model: Any, found: dict[str, Any]) -> None:
+    """``cloche demo --ui``: the web UI on what the tour found; its last lines are the links
+    to the neuron and the head; serves until Ctrl-C (or SIGTERM)."""
+    from cloche.ui import start_ui
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    layer, head, _ = found["induction_head"]
+    point, unit, _ = found["neuron"]
+    with start_ui(model) as web:
+        print("\nweb UI (Ctrl-C to stop):", flush=True)
+        print(f"  neuron: {web.url('unit', point=point, unit=unit)}", flush=True)
+        print(f"  head:   {web.url('head', layer=layer, head=head)}", flush=True)
+        while not stop.wait(0.5):
+            pass
 
 
 def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
@@ -453,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_check_parser(sub)
     add_status_parser(sub)
+    add_plan_parser(sub)
+    add_ui_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -462,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:  # the demo parses its own flags (argparse would eat `--help`)
         from cloche.experiments.demo import main as demo_main
 
-        return demo_main(argv[1:])
+        return demo_main(argv[1:], ui=serve_demo_ui)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -5,8 +5,10 @@
 
 Every row is one adapter of ``cloche.model.families``: its ``model_type``s, which canonical block
 points it offers (derived from its sites, so the table cannot claim what the adapter does not
-give), what is special about it, and the tiny configurations in ``tests/tiny_models.py`` that the
-parity tests run on. ``tests/test_families_table.py`` checks that the README holds this table.
+give), which of the per-head points TransformerLens names (``attn.q_proj/k_proj/v_proj``,
+``attn.k_grouped``, ``attn.scores``, ``attn.result``) it offers, what is special about it, and
+the tiny configurations in ``tests/tiny_models.py`` that the parity tests run on.
+``tests/test_families_table.py`` checks that the README holds this table.
 """
 
 from __future__ import annotations
@@ -50,7 +52,32 @@ def _points(adapter: object) -> str:
         text += " (no `resid_mid` in parallel configurations)"
     if adapter.experts:
         text += "; `mlp.router`, `mlp.experts.e.post` instead of `mlp.pre`/`mlp.post`"
+    if adapter.expert_weights:
+        text += f"; weights `mlp.experts.e.{'/'.join(adapter.expert_weights)}`"
     return text
+
+
+# the per-head points TransformerLens names that cloche's core catalog lacks (its hook_q/k/v,
+# hook_rot_k, hook_attn_scores, hook_result)
+_TL_HEAD_POINTS = ("attn.q_proj/k_proj/v_proj", "attn.k_grouped", "attn.scores", "attn.result")
+
+
+def _tl_points(adapter: object) -> str:
+    """Which of ``_TL_HEAD_POINTS`` the adapter offers (derived as ``model.points`` does)."""
+    from cloche.model.families import Adapter
+    from cloche.model.points import _RESULT_LAYOUTS
+
+    assert isinstance(adapter, Adapter)
+    inline = adapter.attention_method is not None
+    lacking = []
+    if not ("attn.q_proj" in adapter.block_sites or "q_proj" in adapter.method_taps):
+        lacking.append(_TL_HEAD_POINTS[0])
+    lacking.extend(point for point in _TL_HEAD_POINTS[1:3] if adapter.attention is None
+                   or (inline and point[5:] not in adapter.method_taps))
+    rule = adapter.block_weights.get("attn.W_O")
+    if rule is None or rule.layout not in _RESULT_LAYOUTS:
+        lacking.append(_TL_HEAD_POINTS[3])
+    return "all" if not lacking else "all but " + ", ".join(f"`{p}`" for p in lacking)
 
 
 def _tested() -> dict[str, list[str]]:
@@ -67,13 +94,14 @@ def table() -> str:
     from cloche.model.families import ADAPTERS
 
     tested = _tested()
-    rows = [("| family | `model_type` | canonical block points | what is special | parity-tested"
-            " tiny configs |"), "| --- | --- | --- | --- | --- |"]
+    rows = [("| family | `model_type` | canonical block points | per-head TransformerLens points"
+             " | what is special | parity-tested tiny configs |"),
+            "| --- | --- | --- | --- | --- | --- |"]
     for adapter in ADAPTERS:
         types = ", ".join(f"`{t}`" for t in adapter.model_types)
         configs = [c for t in adapter.model_types for c in tested.get(t, [])]
-        rows.append(f"| {adapter.family} | {types} | {_points(adapter)} | {adapter.summary} |"
-                    f" {', '.join(configs) or '—'} |")
+        rows.append(f"| {adapter.family} | {types} | {_points(adapter)} | {_tl_points(adapter)}"
+                    f" | {adapter.summary} | {', '.join(configs) or '—'} |")
     return "\n".join(rows)
 
 

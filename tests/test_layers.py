@@ -35,7 +35,10 @@ ALLOWED = {
     # the parity battery: the public API, plus loading the plain transformers reference
     # (model) and a sharded launch (sharding) of the same checkpoint
     "check": {"cloche", "errors", "model", "sharding"},
-    "cli": {"cloche", "errors", "default_model", "experiments", "server", "sharding", "check"},
+    # the web UI: the public API, like the experiments it shows
+    "ui": {"cloche", "errors", "experiments", "data"},
+    "cli": {"cloche", "errors", "default_model", "experiments", "server", "sharding", "check",
+            "ui"},
     "cloche": {"errors", "load", "api", "client", "model", "probes", "data", "experiments",
                "cli", "version", "dictionaries"},
 }

@@ -1,12 +1,12 @@
-"""Open bug, found at the end of a session: a queued run_dataset is sometimes answered
-"cancelled while queued" although the client never cancelled it.
+"""Fixed bug, kept as a soak check: a queued run_dataset was sometimes answered "cancelled
+while queued" although ``future.cancel()`` had returned False ("already done").
 
-Seen once in a full suite run under load (tests/server/test_cancel.py, fifty cancels in a row,
-while its callback still fired on the new "queued" event) and reproduced by this script at
-iteration 129 of 150 with three CPU-bound load processes: the loop submits a long dataset run,
-waits for its first event, cancels it, runs once, and repeats; once, the new run's future was
-already done with Cancelled('cancelled while queued') before the client's cancel. Not yet
-diagnosed: a second, instrumented run of 300 iterations did not reproduce it.
+Cause (diagnosed 2026-11-30): ``RequestFuture.cancel()`` sent the cancel message first and
+marked the future cancelled second; the server's immediate answer to a queued request's cancel
+could reach the client's reader thread in between, resolve the future, and make ``cancel()``
+report False for the request it had just stopped. ``cancel()`` now marks the future first;
+the regression test is tests/api/test_futures.py (deterministic, no timing). This loop is the
+load-dependent way it was first seen (iteration 129 of 150 with three CPU-bound load processes).
 
     PYTHONPATH=. python benchmarks/soak_repros/queued_run_reported_cancelled.py
 """

@@ -8,7 +8,8 @@ from cloche.api.executor import CancelEvent, EventSink, Executor
 from cloche.api.futures import RequestFuture
 from cloche.api.handle import SaveContextHandle
 from cloche.api.model import DEFAULT_CONTEXT, Model
+from cloche.api.progress import Progress
 from cloche.api.results import GenerateResult, Outputs, RunResult
 
 __all__ = ["DEFAULT_CONTEXT", "CancelEvent", "EventSink", "Executor", "GenerateResult", "Model",
-           "Outputs", "RequestFuture", "RunResult", "SaveContextHandle"]
+           "Outputs", "Progress", "RequestFuture", "RunResult", "SaveContextHandle"]

@@ -32,11 +32,15 @@ class RequestFuture(concurrent.futures.Future[T]):
         self._on_cancel = on_cancel
 
     def cancel(self) -> bool:
-        if self.done():
+        # Mark the future cancelled *before* telling the work: the answer to the cancel (the
+        # server's "cancelled while queued", a local run stopping) can otherwise arrive on
+        # another thread between the two steps and make ``cancel()`` report False for a request
+        # that this very call stopped.
+        if not super().cancel():
             return False
         if self._on_cancel is not None:
             self._on_cancel()
-        return super().cancel()
+        return True
 
     def then(self, fn: Callable[[T], U]) -> RequestFuture[U]:
         """A future of ``fn(result)``; cancelling it cancels this one."""

@@ -21,7 +21,10 @@ from cloche.probes.refs import Op, TensorRef
 if TYPE_CHECKING:
     from cloche.api.executor import Executor
 
-__all__ = ["SaveContextHandle"]
+__all__ = ["SaveContextHandle", "SaveContexts"]
+
+#: how ``fetch``'s default mode shapes what it returns, said wherever a context shows itself
+FETCH_AXIS = "fetch(key) stacks the entries on a new first axis: (entries, *entry shape)"
 
 
 class SaveContextHandle:
@@ -93,5 +96,41 @@ class SaveContextHandle:
         except Exception:  # noqa: BLE001 - a repr never raises (a closed connection, say)
             return f"SaveContextHandle({self.name!r})"
         shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
-        return (f"SaveContextHandle({self.name!r}: {runs} run(s), keys [{shown}];"
-                f" fetch(key) stacks the entries on a new first axis: (entries, *entry shape))")
+        return f"SaveContextHandle({self.name!r}: {runs} run(s), keys [{shown}]; {FETCH_AXIS})"
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the context's runs and size, and its keys with how to read each."""
+        from cloche.api.html import human_bytes, table
+
+        runs, keys, size = self.num_runs, self.keys(), self.nbytes
+        rows = [(key, f"handle[{key!r}][...].fetch()", f"fetch({key!r}, mode='list')")
+                for key in keys]
+        return table(["key", "a slice, cut where it lives", "a list, one per entry"], rows,
+                     caption=f"save context {self.name!r}: {runs} run(s), {len(keys)} key(s),"
+                             f" {human_bytes(size)}", note=FETCH_AXIS)
+
+
+class SaveContexts(list[str]):
+    """``model.save_contexts()``: the names (a plain list of str), and in a notebook a table of
+    each context's runs, keys and size."""
+
+    def __init__(self, names: list[str], executor: Executor) -> None:
+        super().__init__(names)
+        self._executor = executor
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (returned from ``model.call``, say) as the plain list of names."""
+        return (list, (list(self),))
+
+    def _repr_html_(self) -> str:
+        from cloche.api.html import human_bytes, table
+
+        rows = []
+        for name in self:
+            handle = SaveContextHandle(self._executor, name)
+            keys = handle.keys()
+            shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+            rows.append((name, handle.num_runs, shown, human_bytes(handle.nbytes)))
+        return table(["save context", "runs", "keys", "size"], rows,
+                     caption=f"{len(self)} save context(s)",
+                     note=f"model.save_context(name) is a handle; {FETCH_AXIS}")

@@ -19,9 +19,9 @@ import torch
 
 from cloche.api import requests as rq
 from cloche.api.futures import RequestFuture
-from cloche.api.handle import SaveContextHandle
+from cloche.api.handle import SaveContextHandle, SaveContexts
 from cloche.api.inputs import encode_inputs, is_text
-from cloche.api.progress import ProgressReporter
+from cloche.api.progress import Progress, ProgressArg
 from cloche.api.results import GenerateResult, RunResult, generate_result
 from cloche.dictionaries.modules import build_dictionary
 from cloche.dictionaries.source import convention_notes, dictionary_source
@@ -40,6 +40,9 @@ __all__ = ["DEFAULT_CONTEXT", "Model"]
 DEFAULT_CONTEXT = "default"
 
 Prepared = tuple[rq.Request[Any], Callable[[Any], Any]]
+
+#: the methods that report progress (``progress=``), also through ``submit``
+_REPORTING = ("run", "generate", "run_dataset")
 
 
 def _identity(value: Any) -> Any:
@@ -164,7 +167,8 @@ class Model:
         if name.startswith(rq.DERIVED_PREFIX) and name not in self._names:
             self._forget_points()  # attached since this model was described (another client)
             self._names = frozenset(self._described().point_names)
-        return canonical_name(name, self._names, self._described().missing)
+        described = self._described()
+        return canonical_name(name, self._names, described.missing, described.model_type)
 
     def owner_of(self, point: str) -> int:
         """The rank whose probes run at ``point`` (always 0 unless the model is sharded)."""
@@ -195,7 +199,8 @@ class Model:
     def _prepare_run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
                      grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
                      backward: bool | Callable[..., torch.Tensor] | None = None,
-                     return_logits: bool = True, micro_batches: int = 1) -> Prepared:
+                     return_logits: bool = True, return_loss: bool = False,
+                     micro_batches: int = 1) -> Prepared:
         ids, mask = self._encode(inputs)
         forward = self._plan(probes)
         backward_probes = self._plan(grad_probes, "grad_probes")
@@ -214,6 +219,7 @@ class Model:
         request = rq.Run(ids=ids, mask=mask, forward=forward, backward_probes=backward_probes,
                          save=_context_name(save), backward=backward,
                          return_logits=bool(return_logits),
+                         return_loss=bool(return_loss) and self.causal,
                          micro_batches=_positive_int(micro_batches, "micro_batches"))
         causal = self.causal
 
@@ -294,12 +300,21 @@ class Model:
         request, finish = prepared
         return finish(self._executor.execute(request, cancel=cancel, on_event=on_event))
 
+    def _execute_reporting(self, prepared: Prepared, progress: ProgressArg, desc: str,
+                           cancel: CancelEvent | None, unit: str = "it") -> Any:
+        """``_execute`` with its progress shown as ``progress`` says (``cloche.api.progress``).
+        Work in this process never queues, so it has started when it is handed over."""
+        with Progress(progress, desc, unit=unit) as reporter:
+            if self.address is None:
+                reporter.begin()
+            return self._execute(prepared, cancel, reporter)
+
     # ----------------------------------------------------------------- running
     def run(self, inputs: Any, *, probes: Mapping[str, Any] | None = None,
             grad_probes: Mapping[str, Any] | None = None, save: str | None = None,
             backward: bool | Callable[..., torch.Tensor] | None = None,
-            return_logits: bool = True, micro_batches: int = 1,
-            cancel: CancelEvent | None = None) -> RunResult:
+            return_logits: bool = True, return_loss: bool = False, micro_batches: int = 1,
+            cancel: CancelEvent | None = None, progress: ProgressArg = True) -> RunResult:
         """One forward pass (and optionally a backward pass) with probes attached.
 
         ``inputs``: text, a list of texts, token ids ``(seq,)``/``(batch, seq)``, or a dict
@@ -310,24 +325,34 @@ class Model:
         backprop; parameter gradients are then readable with ``param(name, grad=True)``.
         ``micro_batches`` > 1 splits a forward-only batch (probes run once per micro-batch).
         ``cancel`` (a ``threading.Event``) stops the run at the next layer when set.
+        ``progress``: as everywhere (``cloche.api.progress``): a bar only for a run that is
+        queued or outlives a second, a callable for the events, ``False`` for nothing.
+
+        What is computed follows what is asked: ``result.loss`` comes from the returned logits
+        on first access; ``return_loss=True`` computes it where the model runs instead (only a
+        float crosses the wire, useful with ``return_logits=False``). With neither, the
+        unembedding is skipped where the model allows (no probe at ``logits``): a probing run
+        then costs less than the plain forward.
         """
-        return self._execute(self._prepare_run(
+        return self._execute_reporting(self._prepare_run(
             inputs, probes=probes, grad_probes=grad_probes, save=save, backward=backward,
-            return_logits=return_logits, micro_batches=micro_batches), cancel)
+            return_logits=return_logits, return_loss=return_loss,
+            micro_batches=micro_batches), progress, "run", cancel)
 
     def generate(self, prompt: Any, max_new_tokens: int = 20, *,
                  probes: Mapping[str, Any] | None = None, save: str | None = None,
                  temperature: float = 0.0, seed: int | None = None,
-                 cancel: CancelEvent | None = None) -> GenerateResult:
+                 cancel: CancelEvent | None = None, progress: ProgressArg = True
+                 ) -> GenerateResult:
         """Continue ``prompt`` (greedy unless ``temperature > 0``) with probes active at every
-        step; ``seed`` makes sampling reproducible."""
-        return self._execute(self._prepare_generate(
+        step; ``seed`` makes sampling reproducible. ``progress`` as for :meth:`run`."""
+        return self._execute_reporting(self._prepare_generate(
             prompt, max_new_tokens, probes=probes, save=save, temperature=temperature,
-            seed=seed), cancel)
+            seed=seed), progress, "generate", cancel)
 
     def run_dataset(self, dataset: Any, *, probes: Mapping[str, Any] | None = None,
                     save: str | None = None, batch_size: int = 8, limit: int | None = None,
-                    progress: bool | Callable[[dict[str, Any]], None] | None = True,
+                    progress: ProgressArg = True,
                     micro_batches: int = 1, cancel: CancelEvent | None = None
                     ) -> dict[str, Any]:
         """Run every example of ``dataset`` (or the first ``limit``) with probes and reducers.
@@ -335,17 +360,15 @@ class Model:
         ``dataset``: a ``cloche.data.Dataset``, a name (``"default:heldout"``, a path) or a
         list of texts — names and texts are resolved where the model runs. The whole run is one
         transaction: cancelled or failed, it leaves the save context as it was. ``progress``:
-        a tqdm bar (``True``), a callable receiving every event dict (``type`` "queued" with
-        ``position``/``ahead``, "started", "progress" with ``done``/``total``/``tokens``/``eta``),
-        or nothing. Returns the totals and the save context's reduced results and state.
+        a tqdm bar (``True``: counts examples, shown once the run is queued or outlives a
+        second), a callable receiving every event dict ("started", "queued" with
+        ``position``/``ahead``, "progress" with ``done``/``total``/``tokens``/``eta``, "done"
+        last), or ``False`` for nothing (``cloche.api.progress`` has the rules). Returns the
+        totals and the save context's reduced results and state.
         """
-        reporter = ProgressReporter(progress, "run_dataset")
-        try:
-            return self._execute(self._prepare_run_dataset(
-                dataset, probes=probes, save=save, batch_size=batch_size, limit=limit,
-                micro_batches=micro_batches), cancel, reporter)
-        finally:
-            reporter.close()
+        return self._execute_reporting(self._prepare_run_dataset(
+            dataset, probes=probes, save=save, batch_size=batch_size, limit=limit,
+            micro_batches=micro_batches), progress, "run_dataset", cancel, unit="ex")
 
     def call(self, fn: Callable[..., Any], *args: Any, rank: int | str | None = None,
              **kwargs: Any) -> Any:
@@ -353,8 +376,14 @@ class Model:
 
         ``rank=None``: with the whole model. On a sharded model, ``rank=k`` runs it on rank
         ``k`` with that rank's shard and ``rank="all"`` on every rank (``{rank: result}``).
+        (Inside an experiment, its queue events go to the experiment's progress; keyword
+        arguments are ``fn``'s, so ``call`` itself takes no ``progress=``.)
         """
-        return self._execute(self._prepare_call(fn, *args, rank=rank, **kwargs))
+        prepared = self._prepare_call(fn, *args, rank=rank, **kwargs)
+        parent = Progress.current()
+        if parent is None:
+            return self._execute(prepared)
+        return self._execute_reporting(prepared, parent, "call", None)
 
     def submit(self, method: str, *args: Any, on_event: EventSink | None = None,
                **kwargs: Any) -> RequestFuture[Any]:
@@ -363,19 +392,30 @@ class Model:
         ``future.cancel()`` stops the work where it runs (at its next layer or batch).
         ``on_event`` receives the request's events: ``{"type": "queued", "position": n,
         "ahead": k}`` on a busy server, ``{"type": "started"}``, and ``{"type": "progress",
-        ...}`` for ``run_dataset`` (whose ``progress=`` callable receives the same events).
+        ...}`` for ``run_dataset``. ``run``, ``generate`` and ``run_dataset`` also take
+        ``progress=`` as they do when called (here quiet unless given: the caller goes on).
         """
         prepare = getattr(self, f"_prepare_{method}", None) if isinstance(method, str) else None
         if prepare is None:
             raise UsageError(f"submit takes one of {sorted(self.submittable())}, not {method!r}")
+        progress = kwargs.pop("progress", None) if method in _REPORTING else None
+        request, finish = prepare(*args, **kwargs)  # (bad arguments: no reporter is left behind)
         reporter = None
-        if method == "run_dataset":
-            reporter = ProgressReporter(kwargs.pop("progress", None), "run_dataset")
+        if method in _REPORTING:
+            reporter = Progress(progress, method, unit="ex" if method == "run_dataset" else "it")
             on_event = _both(reporter, on_event)
-        request, finish = prepare(*args, **kwargs)
-        future = self._executor.submit(request, on_event=on_event)
+            if self.address is None:
+                reporter.begin()
+        try:
+            future = self._executor.submit(request, on_event=on_event)
+        except BaseException:
+            if reporter is not None:
+                reporter.close(ok=False)
+            raise
         if reporter is not None:
-            future.add_done_callback(lambda _: reporter.close())
+            done = reporter
+            future.add_done_callback(lambda f: done.close(ok=not f.cancelled()
+                                                          and f.exception() is None))
         return future.then(finish)
 
     @classmethod
@@ -397,9 +437,10 @@ class Model:
         """A handle on the save context ``name`` (it need not exist yet)."""
         return SaveContextHandle(self._executor, _context_name(name))
 
-    def save_contexts(self) -> list[str]:
-        """The names of the save contexts that hold something."""
-        return self._execute(self._prepare_save_contexts())
+    def save_contexts(self) -> SaveContexts:
+        """The names of the save contexts that hold something (a list of str, which in a
+        notebook shows each context's runs, keys and size)."""
+        return SaveContexts(self._execute(self._prepare_save_contexts()), self._executor)
 
     # ----------------------------------------------------------------- weights & tokens
     def param_names(self, canonical: bool = True) -> list[str]:

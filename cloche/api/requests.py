@@ -290,6 +290,9 @@ class Run(Request[RunOutput]):
     ``backward``: ``None`` (no backward), ``True`` (mean next-token loss) or a callable that
     receives :class:`~cloche.api.results.Outputs` and returns the scalar to backprop.
     ``micro_batches`` > 1 splits a forward-only batch (probes then run once per micro-batch).
+    ``return_loss``: compute the mean next-token loss where the model runs (a float crosses
+    the wire, not the logits); without it and without ``return_logits`` no logits are computed
+    beyond what a probe reads.
     """
 
     heavy: ClassVar[bool] = True
@@ -300,6 +303,7 @@ class Run(Request[RunOutput]):
     save: str = "default"
     backward: Any = None
     return_logits: bool = True
+    return_loss: bool = False
     micro_batches: int = 1
 
     def check(self, model: ModelInfo | None = None) -> None:
@@ -317,6 +321,7 @@ class Run(Request[RunOutput]):
             _fail(self, "backward", "cannot be True (next-token loss) on a non-causal model:"
                   " pass a function", backward)
         _bool_field(self, "return_logits")
+        _bool_field(self, "return_loss")
         _int_field(self, "micro_batches", low=1)
 
 

@@ -338,7 +338,7 @@ class _Battery:
         if not routed:
             yield _skip("neuron ablation == W_out edit", _missing(self.info, point), point)
             return
-        check = "expert neuron ablation == down_proj edit"
+        check = "expert neuron ablation == expert W_out edit"
         layer = routed[-1]
         prefix = f"layers.{layer}.mlp.experts."
         posts = {int(name[len(prefix):].split(".")[0]): value
@@ -346,15 +346,12 @@ class _Battery:
         e, j = max(((e, int(p.abs().float().mean(dim=(0, 1)).argmax())) for e, p in posts.items()),
                    key=lambda ej: float(posts[ej[0]][..., ej[1]].abs().float().mean()))
         point = f"layers.{layer}.mlp.experts.{e}.post"
-        raw = (f"{self.adapter.layers}.{layer}.{self.adapter.experts}.down_proj"
-               if self.adapter is not None and self.adapter.experts else None)
-        if raw is None or raw not in self.model.param_names(canonical=False):
-            yield _skip(check, "the experts keep no stacked down_proj weight to edit", point)
+        weight = f"layers.{layer}.mlp.experts.{e}.W_out"
+        if weight not in self.model.param_names():
+            yield _skip(check, f"this model has no canonical {weight} to edit", point)
             return
-        down = self.model.param(raw)
-        d_expert = posts[e].shape[-1]
-        index = (e, slice(None), j) if down.shape[-1] == d_expert else (e, j, slice(None))
-        yield self._edit_row(check, point, lambda x: (..., j), down, index,
+        # (d_expert, d_model): a view of the stacked down_proj, so the edit reaches the model
+        yield self._edit_row(check, point, lambda x: (..., j), self.model.param(weight), j,
                              f"expert {e} neuron {j}")
 
     def head_ablation(self) -> Iterator[Row]:

@@ -8,9 +8,11 @@ cloudpickle ships them by reference and the server imports its own copy of this 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ from cloche.errors import ClocheError, UsageError
 #: A unit spec after normalisation: ("all",), ("index", LongTensor (n,)) or
 #: ("direction", FloatTensor (n, d)) — small values that travel inside probe closures.
 UnitSpec = tuple
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def scratch_name(kind: str) -> str:
@@ -203,21 +207,28 @@ def str_tokens(m: Any, ids: Sequence[int]) -> list[str]:
         return [f"<{int(i)}>" for i in ids]
 
 
-def progress_bar(progress: Any, desc: str, total: int | None = None) -> Any:
-    """A tqdm bar when ``progress`` is True, else a no-op with the same two methods."""
-    if progress is True:
-        from tqdm.auto import tqdm
+def reports(fn: F) -> F:
+    """Give an experiment the ``progress=`` every slow call has (``cloche.Progress``): the
+    decorated function declares ``progress: ProgressArg = True`` and receives, in its place, the
+    call's reporter. Runs inside it report to it by default (or pass ``progress=progress``); an
+    experiment that counts its own steps calls ``progress.expect(n, unit)`` and
+    ``progress.step()``. One bar, one callback contract, for every experiment."""
+    from cloche import Progress
 
-        return tqdm(total=total, desc=desc, leave=False)
-    return _NoBar()
+    signature = inspect.signature(fn)
+    if "progress" not in signature.parameters:
+        raise TypeError(f"{fn.__name__} takes no progress argument")
 
+    @functools.wraps(fn)
+    def with_progress(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with Progress(bound.arguments["progress"], fn.__name__, unit="step") as reporter:
+            reporter.begin()
+            bound.arguments["progress"] = reporter
+            return fn(*bound.args, **bound.kwargs)
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return cast("F", with_progress)
 
 
 def layer_of(point: str) -> int | None:

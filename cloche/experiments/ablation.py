@@ -32,7 +32,7 @@ from cloche.experiments._common import (
     as_tensor,
     inputs_or_dataset,
     is_direction,
-    progress_bar,
+    reports,
     scratch,
 )
 
@@ -190,7 +190,7 @@ def _means(model: Any, targets: list[Target], dataset: Any, batch_size: int,
 
     with scratch(model, "mean") as name:
         out = model.run_dataset(dataset, probes=dict.fromkeys(points, mean_probe), save=name,
-                                batch_size=batch_size, limit=limit, progress=None)
+                                batch_size=batch_size, limit=limit)
     return {p: torch.as_tensor(out["reducers"][p]["mean"]).float() for p in points}
 
 
@@ -213,9 +213,10 @@ def _metric_probe(metric: Any, name: str) -> Any:
     return metric_probe
 
 
+@reports
 def loss(model: Any, inputs: Any = None, *, dataset: Any = None,
          probes: dict[str, Any] | None = None, loss_on: Any = None, metric: Any = None,
-         batch_size: int = 8, limit: int | None = None, progress: Any = None
+         batch_size: int = 8, limit: int | None = None, progress: Any = True
          ) -> tuple[float, int]:
     """(mean next-token loss, number of target tokens) of ``inputs`` (a text, texts or token
     ids) or of ``dataset`` (a name, path or Dataset) with ``probes`` attached, reduced on the
@@ -231,7 +232,7 @@ def loss(model: Any, inputs: Any = None, *, dataset: Any = None,
 
 def _loss(model: Any, dataset: Any, *, probes: dict[str, Any] | None = None,
           loss_on: Any = None, metric: Any = None, batch_size: int = 8,
-          limit: int | None = None, progress: Any = None) -> tuple[float, int]:
+          limit: int | None = None, progress: Any = True) -> tuple[float, int]:
     """:func:`loss` on what ``run_dataset`` takes (already resolved)."""
     all_probes: dict[str, list[Any]] = {p: list(v) if isinstance(v, list) else [v]
                                         for p, v in (probes or {}).items()}
@@ -251,9 +252,10 @@ def _positions(loss_on: Any) -> Any:
     return torch.as_tensor(list(loss_on), dtype=torch.long)
 
 
+@reports
 def ablate(model: Any, targets: Any, inputs: Any = None, method: str = "zero", *,
            dataset: Any = None, mean_over: Any = None, loss_on: Any = None, metric: Any = None,
-           batch_size: int = 8, limit: int | None = None, progress: Any = None
+           batch_size: int = 8, limit: int | None = None, progress: Any = True
            ) -> AblationResult:
     """Loss on ``inputs`` with and without ablating ``targets`` (see the module docstring).
 
@@ -264,31 +266,39 @@ def ablate(model: Any, targets: Any, inputs: Any = None, method: str = "zero", *
     ``slice(L + 1, None)`` for the repeated half of a twice-repeated sequence of length L).
     ``metric``: also measure ``fn(logits, tokens) -> (batch,)`` on chosen logits (e.g.
     ``logit_diff(correct, wrong)``), with and without: ``result.extra["metric_clean"]`` and
-    ``result.extra["metric_ablated"]`` (means over the rows).
+    ``result.extra["metric_ablated"]`` (means over the rows). ``progress``: a bar over the
+    dataset passes (2, 3 with ``method="mean"``, 2 more with ``metric``); ``False``: none.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, not {method!r}")
     parsed = _targets(model, targets)
     dataset = inputs_or_dataset(inputs, dataset)
+    progress.expect(2 + (method == "mean") + 2 * (metric is not None), "pass")
     means = None
     if method == "mean":
         source = dataset if mean_over is None else as_dataset_arg(mean_over)
         means = _means(model, parsed, source, batch_size, limit)
+        progress.step()
     identity = {t.point: [_identity] for t in parsed}
     clean, n = _loss(model, dataset, probes=identity, loss_on=loss_on, batch_size=batch_size,
                      limit=limit, progress=progress)
+    progress.step()
     ablation = _probes_for(parsed, method, means)
     ablated, _ = _loss(model, dataset, probes=ablation, loss_on=loss_on, batch_size=batch_size,
                        limit=limit, progress=progress)
+    progress.step()
     extra: dict[str, Any] = {}
     if metric is not None:
         extra["metric_clean"], _ = _loss(model, dataset, probes=identity, metric=metric,
                                          batch_size=batch_size, limit=limit)
+        progress.step()
         extra["metric_ablated"], _ = _loss(model, dataset, probes=ablation, metric=metric,
                                            batch_size=batch_size, limit=limit)
+        progress.step()
     return AblationResult(clean, ablated, method, [t.label for t in parsed], n, extra)
 
 
+@reports
 def ablation_sweep(model: Any, inputs: Any = None, *, dataset: Any = None, kind: str = "heads",
                    layers: Any = None, method: str = "zero", loss_on: Any = None,
                    batch_size: int = 8,
@@ -296,7 +306,7 @@ def ablation_sweep(model: Any, inputs: Any = None, *, dataset: Any = None, kind:
                    ) -> tuple[float, np.ndarray]:
     """Ablate every head (``kind="heads"``) or every neuron (``kind="neurons"``) of ``layers``
     (default: all) one at a time; returns (clean loss, ablated losses (n_layers, n_units))
-    with NaN rows for layers not swept. Shows a progress bar over units."""
+    with NaN rows for layers not swept. ``progress``: a bar over the units (``False``: none)."""
     if kind not in ("heads", "neurons"):
         raise UsageError(f"kind must be 'heads' or 'neurons', not {kind!r}")
     n_layers = int(model.n_layers)
@@ -306,6 +316,7 @@ def ablation_sweep(model: Any, inputs: Any = None, *, dataset: Any = None, kind:
     dataset = inputs_or_dataset(inputs, dataset)
     point_of = (lambda i: f"layers.{i}.attn.z") if kind == "heads" else (
         lambda i: f"layers.{i}.mlp.post")
+    progress.expect(len(layers) * width, "unit")
     means = None
     if method == "mean":
         source = dataset if mean_over is None else as_dataset_arg(mean_over)
@@ -314,16 +325,10 @@ def ablation_sweep(model: Any, inputs: Any = None, *, dataset: Any = None, kind:
     clean, _ = _loss(model, dataset, probes={point_of(i): [_identity] for i in layers},
                      loss_on=loss_on, batch_size=batch_size, limit=limit)
     table = np.full((n_layers, width), np.nan)
-    bar = progress_bar(progress, f"ablating {kind}", total=len(layers) * width)
-    try:
-        for layer in layers:
-            for unit in range(width):
-                t = Target(point_of(layer), "index", [unit])
-                table[layer, unit], _ = _loss(model, dataset,
-                                              probes=_probes_for([t], method, means),
-                                              loss_on=loss_on, batch_size=batch_size,
-                                              limit=limit)
-                bar.update(1)
-    finally:
-        bar.close()
+    for layer in layers:
+        for unit in range(width):
+            t = Target(point_of(layer), "index", [unit])
+            table[layer, unit], _ = _loss(model, dataset, probes=_probes_for([t], method, means),
+                                          loss_on=loss_on, batch_size=batch_size, limit=limit)
+            progress.step()
     return clean, table

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cloche.errors import UsageError
-from cloche.experiments._common import scratch, to_numpy
+from cloche.experiments._common import reports, scratch, to_numpy
 
 __all__ = ["PCA", "Sample", "covariance", "mean", "pca", "pca_from_covariance", "project", "sample",
            "umap", "variance"]
@@ -48,20 +48,23 @@ def _statistic(model: Any, point: str, dataset: Any, kind: str, batch_size: int,
     return {k: to_numpy(v) for k, v in out["reducers"]["stat"].items()}
 
 
+@reports
 def mean(model: Any, point: str, dataset: Any, *, batch_size: int = 8, limit: int | None = None,
-         progress: Any = None) -> np.ndarray:
+         progress: Any = True) -> np.ndarray:
     """Mean activation (d,) of ``point`` over every real token of ``dataset`` (float64)."""
     return _statistic(model, point, dataset, "mean", batch_size, limit, progress)["mean"]
 
 
+@reports
 def variance(model: Any, point: str, dataset: Any, *, batch_size: int = 8,
-             limit: int | None = None, progress: Any = None) -> dict[str, np.ndarray]:
+             limit: int | None = None, progress: Any = True) -> dict[str, np.ndarray]:
     """``count``, ``mean``, ``var``, ``std`` of every unit over ``dataset``."""
     return _statistic(model, point, dataset, "variance", batch_size, limit, progress)
 
 
+@reports
 def covariance(model: Any, point: str, dataset: Any, *, batch_size: int = 8,
-               limit: int | None = None, progress: Any = None) -> dict[str, np.ndarray]:
+               limit: int | None = None, progress: Any = True) -> dict[str, np.ndarray]:
     """``count``, ``mean`` (d,), ``cov`` / ``cov_sample`` / ``corr`` (d, d), float64, exact."""
     return _statistic(model, point, dataset, "covariance", batch_size, limit, progress)
 
@@ -103,8 +106,9 @@ def pca_from_covariance(cov: np.ndarray, mean_: np.ndarray, count: int, n_compon
     return PCA(point, comps, ev, ev / total if total > 0 else np.zeros_like(ev), mean_, count)
 
 
+@reports
 def pca(model: Any, point: str, dataset: Any, n_components: int = 10, *, batch_size: int = 8,
-        limit: int | None = None, progress: Any = None) -> PCA:
+        limit: int | None = None, progress: Any = True) -> PCA:
     """PCA of ``point`` over every real token of ``dataset``, from the exact server-side
     covariance (the Covariance reducer): no activations leave the server."""
     stats = covariance(model, point, dataset, batch_size=batch_size, limit=limit,
@@ -116,7 +120,8 @@ def pca(model: Any, point: str, dataset: Any, n_components: int = 10, *, batch_s
                                model.resolve(point))
 
 
-def project(model: Any, result: PCA, inputs: Any) -> dict[str, Any]:
+@reports
+def project(model: Any, result: PCA, inputs: Any, *, progress: Any = True) -> dict[str, Any]:
     """Project ``inputs`` (text, texts or token ids) onto ``result``'s components on the
     server: ``{"values": (batch, seq, n), "tokens": token ids (batch, seq), "mask": ...}``."""
     comps = torch.as_tensor(result.components, dtype=torch.float64)
@@ -173,8 +178,9 @@ def _sample_probe(n: int, seed: int) -> Any:
     return sample_probe
 
 
+@reports
 def sample(model: Any, point: str, dataset: Any, n: int = 2000, *, seed: int = 0,
-           batch_size: int = 8, limit: int | None = None, progress: Any = None) -> Sample:
+           batch_size: int = 8, limit: int | None = None, progress: Any = True) -> Sample:
     """``n`` token activations of ``point`` drawn uniformly from ``dataset`` on the server."""
     point = model.resolve(point)
     with scratch(model, "sample") as name:
@@ -188,8 +194,9 @@ def sample(model: Any, point: str, dataset: Any, n: int = 2000, *, seed: int = 0
                   to_numpy(st["pos"])[order])
 
 
+@reports
 def umap(model: Any, point: str, dataset: Any, n: int = 2000, *, n_components: int = 2,
-         seed: int = 0, batch_size: int = 8, limit: int | None = None, progress: Any = None,
+         seed: int = 0, batch_size: int = 8, limit: int | None = None, progress: Any = True,
          **umap_kwargs: Any) -> tuple[np.ndarray, Sample]:
     """UMAP embedding (n, n_components) of a server-side :func:`sample`; needs umap-learn
     (``pip install 'cloche[experiments]'``). Returns (embedding, the sample)."""

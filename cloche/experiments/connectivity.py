@@ -15,6 +15,9 @@ cross the network, only the answer (a matrix of the size asked for, top-k lists,
 - :func:`connectivity_summary` — a layer-by-layer graph of how strongly each component's
   output space feeds the next components' input spaces.
 
+Each takes ``progress=`` like every call that can take seconds (``cloche.Progress``): on a
+large model a bar shows the elapsed time once a call takes a second; ``False`` silences it.
+
 Weight layouts are TransformerLens's (see ``cloche.model.weights``); grouped-query heads use
 their key/value head. ``fold_ln=True`` scales reading weights by the preceding norm's weight
 (the norm's centring and division are not folded).
@@ -28,13 +31,15 @@ from typing import Any
 import numpy as np
 
 from cloche.errors import UsageError
+from cloche.experiments._common import reports
 
 __all__ = ["Factored", "composition_scores", "connectivity_summary", "logit_effect",
            "ov_circuit", "qk_circuit", "top_connections", "virtual_weights"]
 
 
+@reports
 def virtual_weights(model: Any, src_layer: int, dst_layer: int, *, into: str = "W_in",
-                    fold_ln: bool = False) -> np.ndarray:
+                    fold_ln: bool = False, progress: Any = True) -> np.ndarray:
     """(d_mlp, d_mlp) weights from layer ``src_layer``'s neurons (rows) into ``dst_layer``'s
     (columns): ``W_out[src] @ W_in[dst]`` (``into="W_gate"`` for the gate of gated MLPs)."""
     if into not in ("W_in", "W_gate"):
@@ -57,9 +62,10 @@ def _virtual_weights(m: Any, src: int, dst: int, into: str, fold_ln: bool) -> An
         return (w_out @ w_in).float().numpy()
 
 
+@reports
 def top_connections(model: Any, layer: int, neuron: int, k: int = 10, *,
-                    direction: str = "downstream", into: str = "W_in", fold_ln: bool = False
-                    ) -> list[tuple[int, int, float]]:
+                    direction: str = "downstream", into: str = "W_in", fold_ln: bool = False,
+                    progress: Any = True) -> list[tuple[int, int, float]]:
     """The ``k`` largest-magnitude virtual weights between ``layer``'s ``neuron`` and the
     neurons of every later (``downstream``) or earlier (``upstream``) layer, as
     (layer, neuron, weight), strongest first."""
@@ -123,14 +129,18 @@ class Factored:
         return [(int(j), float(r[j])) for j in idx]
 
 
-def ov_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False) -> Factored:
+@reports
+def ov_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False,
+               progress: Any = True) -> Factored:
     """Head's full OV circuit ``W_E @ W_V @ W_O @ W_U`` (source token -> logits) as factors
     ``(W_E W_V)`` (d_vocab, d_head) and ``(W_O W_U)`` (d_head, d_vocab)."""
     left, right = model.call(_circuit, "ov", layer, head, fold_ln)
     return Factored(left, right)
 
 
-def qk_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False) -> Factored:
+@reports
+def qk_circuit(model: Any, layer: int, head: int, *, fold_ln: bool = False,
+               progress: Any = True) -> Factored:
     """Head's full QK circuit ``W_E W_Q (W_E W_K)^T`` (query token × key token) as factors."""
     left, right = model.call(_circuit, "qk", layer, head, fold_ln)
     return Factored(left, right)
@@ -175,8 +185,9 @@ def _circuit(m: Any, which: str, layer: int, head: int, fold_ln: bool) -> tuple[
     return left.float().numpy(), right.float().numpy()
 
 
-def logit_effect(model: Any, unit: Any, k: int = 10, *, fold_ln: bool = False
-                 ) -> dict[str, list[tuple[str, float]]]:
+@reports
+def logit_effect(model: Any, unit: Any, k: int = 10, *, fold_ln: bool = False,
+                 progress: Any = True) -> dict[str, list[tuple[str, float]]]:
     """Direct effect on the logits of a neuron — ``("layers.1.mlp.post", 7)`` — or of a
     residual direction (a (d_model,) vector): its output direction times ``W_U``. Returns the
     ``k`` most promoted and most suppressed tokens as ``{"top": [...], "bottom": [...]}``."""
@@ -210,7 +221,9 @@ def _logit_effect(m: Any, layer: Any, neuron: Any, direction: Any, k: int, fold_
                                strict=True))}
 
 
-def composition_scores(model: Any, *, fold_ln: bool = False) -> dict[str, np.ndarray]:
+@reports
+def composition_scores(model: Any, *, fold_ln: bool = False, progress: Any = True
+                       ) -> dict[str, np.ndarray]:
     """Q-, K- and V-composition scores between every pair of heads.
 
     Returns ``{"Q": s, "K": s, "V": s}``, each (n_layers, n_heads, n_layers, n_heads):
@@ -267,7 +280,9 @@ def _composition(m: Any, fold_ln: bool) -> dict[str, Any]:
     return scores
 
 
-def connectivity_summary(model: Any, *, fold_ln: bool = False) -> dict[str, Any]:
+@reports
+def connectivity_summary(model: Any, *, fold_ln: bool = False, progress: Any = True
+                         ) -> dict[str, Any]:
     """A graph of the whole model: nodes ``embed``, ``L{i}.attn``, ``L{i}.mlp``, ``unembed``;
     an edge from every writer to every later reader with weight
     ``||W_write @ W_read|| / (||W_write|| ||W_read||)`` (Frobenius), where a writer's matrix

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="cloche-demo",
                         help="folder for the plots (default: ./cloche-demo)")
     parser.add_argument("--no-plots", action="store_true", help="print results only")
+    parser.add_argument("--ui", action="store_true",
+                        help="at the end, serve the web UI on 127.0.0.1 and print the links to"
+                             " the neuron and the head it found (until Ctrl-C)")
     return parser
 
 
@@ -122,6 +125,20 @@ def started_server(model_dir: str | None, token: str, timeout: float = 180.0) ->
 
 def say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def clone_warning(folder: Path) -> str | None:
+    """What to tell a user whose current folder holds a folder named ``cloche`` that is not the
+    package running now (a clone, say): ``import cloche`` and ``python -m cloche`` run from
+    here would find that folder first. ``None`` when there is none."""
+    candidate = folder / "cloche"
+    installed = Path(__file__).resolve().parents[1]
+    if not candidate.is_dir() or candidate.resolve() == installed:
+        return None
+    return (f"note: {candidate} is a folder named cloche (a clone?). From this folder,"
+            " `import cloche` and `python -m cloche` would import it instead of the installed"
+            f" package ({installed}); this demo's server uses the installed one. Run notebooks"
+            " from another folder, or install the clone with `pip install -e ./cloche`.")
 
 
 def _table(scores: np.ndarray) -> str:
@@ -284,11 +301,28 @@ def write_plots(model: Any, args: argparse.Namespace, scores: dict[str, np.ndarr
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: ``ui(model, found)``: serves the web UI for what the tour found (the CLI passes it, since
+#: the experiments layer cannot import the UI, which is built on it)
+UIHook = Callable[[Any, dict[str, Any]], None]
+
+
+def main(argv: Sequence[str] | None = None, ui: UIHook | None = None) -> int:
     """Entry point of ``cloche demo``; returns the exit code."""
     from cloche import connect
 
     args = build_parser().parse_args(argv)
+    warning = clone_warning(Path.cwd())
+    if warning:
+        say(warning)
+    if args.ui and ui is None:
+        say("cloche demo: --ui needs the cloche command line (python -m cloche demo --ui)")
+        return 2
+
+    def tour(model: Any) -> None:
+        found = run_demo(model, args)
+        if args.ui and ui is not None:
+            ui(model, found)
+
     try:
         if args.connect:
             token = args.token or os.environ.get("CLOCHE_TOKEN")
@@ -296,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say("cloche demo: --connect needs --token or $CLOCHE_TOKEN")
                 return 2
             with connect(args.connect, token=token, timeout=120) as model:
-                run_demo(model, args)
+                tour(model)
             return 0
         token = secrets.token_urlsafe(24)
         say("starting a cloche server on "
@@ -304,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with started_server(args.model, token) as address:
             say(f"server at {address}; connecting as a client")
             with connect(address, token=token, timeout=120) as model:
-                run_demo(model, args)
+                tour(model)
         return 0
     except errors.ClocheError as exc:
         say(f"cloche demo: error: {exc}")

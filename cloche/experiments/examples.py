@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cloche.errors import UsageError
-from cloche.experiments._common import UnitSpec, scratch, select_units, unit_spec
+from cloche.experiments._common import UnitSpec, reports, scratch, select_units, unit_spec
 
 __all__ = ["Example", "Examples", "contexts", "mark_peak", "quantile_examples", "top_activations",
            "top_examples"]
@@ -120,9 +120,10 @@ class Examples(list):
                      raw_columns=(2,))
 
 
+@reports
 def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *,
                  largest: bool = True, window: tuple[int, int] = (12, 4), batch_size: int = 8,
-                 limit: int | None = None, progress: Any = None, skip_first: int = 4,
+                 limit: int | None = None, progress: Any = True, skip_first: int = 4,
                  per_example: bool = True) -> Examples:
     """The ``k`` contexts of ``dataset`` where ``unit`` at ``point`` is largest (or smallest).
 
@@ -135,7 +136,8 @@ def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *
     and ``per_example=True`` keeps one entry per example, its best position (otherwise one
     example can fill the list at neighbouring positions). Pass ``skip_first=0,
     per_example=False`` for the raw top k over every (example, position). The result says how
-    it was chosen (``str(result)``, ``result.describe()``).
+    it was chosen (``str(result)``, ``result.describe()``). ``progress``: a bar over the
+    dataset's examples once it takes a second (``False``: none; a callable: the events).
     """
     if not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be a positive int, not {k!r}")
@@ -161,9 +163,10 @@ def top_examples(model: Any, point: str, unit: Any, dataset: Any, k: int = 10, *
                    for i, p, v, w in zip(ids, positions, values, windows, strict=True)])
 
 
+@reports
 def top_activations(model: Any, point: str, dataset: Any, k: int = 10, *, units: Any = None,
                     largest: bool = True, batch_size: int = 8, limit: int | None = None,
-                    progress: Any = None) -> dict[str, np.ndarray]:
+                    progress: Any = True) -> dict[str, np.ndarray]:
     """Top-k for many units in one dataset pass (e.g. every neuron of a layer, for neuron
     pages): ``{"values", "example_ids", "positions"}``, each (k, n_units), best first, plus
     ``units``. Windows for any of them come from :func:`contexts`."""
@@ -181,8 +184,10 @@ def top_activations(model: Any, point: str, dataset: Any, k: int = 10, *, units:
     return result
 
 
+@reports
 def contexts(model: Any, dataset: Any, example_ids: list[int], positions: list[int],
-             window: tuple[int, int] = (12, 4)) -> list[dict[str, Any]]:
+             window: tuple[int, int] = (12, 4), *, progress: Any = True
+             ) -> list[dict[str, Any]]:
     """Token windows around (example id, position) pairs, cut and decoded on the server.
 
     Each is ``{"tokens": [str], "token_ids": [int], "peak": int}``.
@@ -242,9 +247,10 @@ def _bin_probe(spec: UnitSpec, edges: torch.Tensor, k: int, seed: int, name: str
     return bin_probe
 
 
+@reports
 def quantile_examples(model: Any, point: str, unit: Any, dataset: Any, *, n_bins: int = 5,
                       k: int = 4, window: tuple[int, int] = (12, 4), seed: int = 0,
-                      batch_size: int = 8, limit: int | None = None, progress: Any = None
+                      batch_size: int = 8, limit: int | None = None, progress: Any = True
                       ) -> list[list[Example]]:
     """Examples sampled across the whole range of ``unit``: ``n_bins`` equal-width bins between
     its minimum and maximum, up to ``k`` uniformly sampled contexts from each (lowest bin first).
@@ -257,18 +263,21 @@ def quantile_examples(model: Any, point: str, unit: Any, dataset: Any, *, n_bins
 
     spec = _single_unit(unit)
     point = model.resolve(point)
+    progress.expect(2, "pass")
     with scratch(model, "quantiles") as ctx_name:
         def range_probe(ctx: Any, x: torch.Tensor) -> None:
             ctx.reduce("range", select_units(x, spec), MinMax())
 
         out = model.run_dataset(dataset, probes={point: range_probe}, save=ctx_name,
                                 batch_size=batch_size, limit=limit, progress=progress)
+        progress.step()
         extent = out["reducers"]["range"]
         lo, hi = float(extent["min"][0]), float(extent["max"][0])
         edges = torch.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1, dtype=torch.float64)
         out = model.run_dataset(dataset, probes={point: _bin_probe(spec, edges, k, seed, "bins")},
                                 save=ctx_name, batch_size=batch_size, limit=limit,
                                 progress=progress)
+        progress.step()
     picked = out["reducers"]["bins"]
     bins: list[list[tuple[int, int]]] = []
     for b in range(n_bins):

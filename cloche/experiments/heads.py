@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cloche.errors import UsageError
-from cloche.experiments._common import as_tensor, scratch
+from cloche.experiments._common import as_tensor, reports, scratch
 
 __all__ = ["HEAD_SCORE_KINDS", "HeadScores", "LogitLens", "attention_patterns", "detect_heads",
            "head_logit_attribution", "head_scores", "logit_lens", "repeated_tokens", "top_heads"]
@@ -89,10 +89,14 @@ class HeadScores(np.ndarray):
                     row_label="layer \\ head", caption=f"{self.kind} head scores")
 
 
+@reports
 def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed: int = 0,
-                low: int | None = None, high: int | None = None) -> HeadScores:
+                low: int | None = None, high: int | None = None, progress: Any = True
+                ) -> HeadScores:
     """(n_layers, n_heads) scores of ``kind``: ``"previous_token"``, ``"induction"`` or
-    ``"duplicate_token"`` (see the module docstring), on :func:`repeated_tokens` inputs."""
+    ``"duplicate_token"`` (see the module docstring), on :func:`repeated_tokens` inputs.
+    ``progress``: a bar once the call takes a second or waits in a queue (``False``: none;
+    a callable: the events, see ``cloche.Progress``)."""
     if kind not in HEAD_SCORE_KINDS:
         raise UsageError(f"kind must be one of {HEAD_SCORE_KINDS}, not {kind!r}")
     tokens = repeated_tokens(model, batch=batch, half=half, seed=seed, low=low, high=high)
@@ -104,9 +108,7 @@ def head_scores(model: Any, kind: str, *, batch: int = 16, half: int = 32, seed:
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"score.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]
-    scores = np.stack(rows).view(HeadScores)
-    scores.kind = kind
-    return scores
+    return _head_grid(np.stack(rows), kind)
 
 
 def _detection_pattern(kind: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -124,8 +126,9 @@ def _detection_pattern(kind: str, tokens: torch.Tensor) -> torch.Tensor:
     return shifted.tril()
 
 
+@reports
 def detect_heads(model: Any, tokens: Any, kind: str, *, exclude_bos: bool = False,
-                 exclude_current_token: bool = False) -> np.ndarray:
+                 exclude_current_token: bool = False, progress: Any = True) -> np.ndarray:
     """(n_layers, n_heads) detection scores as TransformerLens' ``detect_head`` computes them
     (its ``"mul"`` measure), averaged over the rows of ``tokens`` (equal-length token ids).
 
@@ -165,7 +168,14 @@ def detect_heads(model: Any, tokens: Any, kind: str, *, exclude_bos: bool = Fals
         handle = model.save_context(name)
         rows = [np.asarray(handle.result(f"detect.{i}")["mean"], dtype=np.float64)
                 for i in range(n_layers)]
-    return np.stack(rows)
+    return _head_grid(np.stack(rows), f"{kind} detection")
+
+
+def _head_grid(values: Any, kind: str) -> HeadScores:
+    """A (n_layers, n_heads) table as a :class:`HeadScores` of ``kind`` (a grid in notebooks)."""
+    grid = np.asarray(values).view(HeadScores)
+    grid.kind = kind
+    return grid
 
 
 def top_heads(scores: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
@@ -175,8 +185,9 @@ def top_heads(scores: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
             for i in flat]
 
 
-def attention_patterns(model: Any, text: Any, layer: int, heads: Any = None
-                       ) -> dict[str, Any]:
+@reports
+def attention_patterns(model: Any, text: Any, layer: int, heads: Any = None, *,
+                       progress: Any = True) -> dict[str, Any]:
     """Attention of ``layer`` on one prompt: ``{"tokens": [str], "pattern": (heads, q, k)}``.
 
     ``text`` is a string or a 1-D tensor of token ids; ``heads`` an int, a list, or None (all).
@@ -216,7 +227,8 @@ class LogitLens:
     target_logprob: np.ndarray
 
 
-def logit_lens(model: Any, text: Any, *, k: int = 5) -> LogitLens:
+@reports
+def logit_lens(model: Any, text: Any, *, k: int = 5, progress: Any = True) -> LogitLens:
     """The logit lens on one prompt, computed on the server.
 
     Each layer's ``resid_post`` is fed to the final norm in place of the last layer's
@@ -262,8 +274,9 @@ def _logit_lens(m: Any, ids: torch.Tensor, k: int) -> dict[str, Any]:
     }
 
 
-def head_logit_attribution(model: Any, tokens: Any, answer: Any, *, position: int = -1
-                           ) -> np.ndarray:
+@reports
+def head_logit_attribution(model: Any, tokens: Any, answer: Any, *, position: int = -1,
+                           progress: Any = True) -> np.ndarray:
     """Direct logit attribution per head: ``(n_layers, n_heads)``, averaged over the batch.
 
     Each head's ``attn.result`` at ``position`` (its z times its W_O), through the final norm as
@@ -280,11 +293,32 @@ def head_logit_attribution(model: Any, tokens: Any, answer: Any, *, position: in
     if wanted.numel() not in (1, ids.shape[0]):
         raise UsageError(f"answer must be one token id or one per row ({ids.shape[0]}), got"
                          f" {wanted.numel()}")
-    return np.asarray(model.call(_head_logit_attribution, ids, wanted, int(position)))
+    # the final norm lives on the last rank of a sharded model: read its linear part there
+    norm = {p.name: p for p in model.probe_points()}.get("final_norm")
+    if norm is None or not norm.module:
+        raise UsageError("head_logit_attribution needs 'final_norm', which this model lacks")
+    last = model.world_size - 1
+    centred, gain = model.call(_final_norm_linear, norm.module, rank=last if last else None)
+    return _head_grid(model.call(_head_logit_attribution, ids, wanted, int(position),
+                                 centred, gain), "direct logit attribution")
 
 
-def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, position: int
-                            ) -> Any:
+def _final_norm_linear(m: Any, path: str) -> tuple[bool, Any]:
+    """Runs where the final norm (module ``path``) lives: whether it centres (a LayerNorm) and
+    the gain it multiplies by (Gemma's RMSNorms multiply by ``1 + weight``); not its bias."""
+    import torch
+
+    norm = dict(m.hf_model.named_modules())[path]
+    centred = isinstance(norm, torch.nn.LayerNorm)
+    weight = getattr(norm, "weight", None)
+    gain = (torch.ones(1) if weight is None else
+            1.0 + weight.detach().float() if type(norm).__name__.startswith("Gemma")
+            else weight.detach().float())
+    return centred, gain.cpu()
+
+
+def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, position: int,
+                            centred: bool, gain: torch.Tensor) -> Any:
     """Runs next to the model: one forward reading every attn.result and the final scale."""
     import torch
 
@@ -297,13 +331,6 @@ def _head_logit_attribution(m: Any, ids: torch.Tensor, answer: torch.Tensor, pos
     lacking = [p for p in needed if p not in points]
     if lacking:
         raise UsageError(f"head_logit_attribution needs {lacking[0]!r}, which this model lacks")
-    norm = dict(m.hf_model.named_modules())[points["final_norm"].module]
-    # the norm's linear part: LayerNorms centre; Gemma's RMSNorms multiply by (1 + weight)
-    centred = isinstance(norm, torch.nn.LayerNorm)
-    weight = getattr(norm, "weight", None)
-    gain = (torch.ones(1) if weight is None else
-            1.0 + weight.detach().float() if type(norm).__name__.startswith("Gemma")
-            else weight.detach().float())
 
     def keep(ctx: Any, x: torch.Tensor) -> None:
         ctx.save("scale" if ctx.layer is None else f"r{ctx.layer}", x[:, position].float())

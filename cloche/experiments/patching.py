@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cloche.errors import UsageError
-from cloche.experiments._common import as_tensor, progress_bar, scratch
+from cloche.experiments._common import as_tensor, reports, scratch
 
 __all__ = ["GRID_KINDS", "PatchResult", "logit_diff", "patch", "patch_grid"]
 
@@ -118,8 +118,9 @@ def _patch_probe(positions: Any, heads: Any) -> Any:
     return patch_probe
 
 
+@reports
 def patch(model: Any, clean: Any, corrupted: Any, point: str, metric: Metric, *,
-          positions: Any = None, heads: Any = None) -> float:
+          positions: Any = None, heads: Any = None, progress: Any = True) -> float:
     """The mean metric over the corrupted prompts with ``point`` patched from the clean run.
 
     ``positions``: a position or list of positions (default all); ``heads``: for per-head
@@ -181,12 +182,14 @@ class PatchResult:
                             f" clean {self.clean:.3f}, corrupted {self.corrupted:.3f})")
 
 
+@reports
 def patch_grid(model: Any, clean: Any, corrupted: Any, metric: Metric, *,
                kind: str = "resid_pre", positions: Any = None, progress: Any = True
                ) -> PatchResult:
     """Patch ``kind`` (``resid_pre``/``resid_mid``/``resid_post``/``attn.out``/``mlp.out`` by
     layer × position, or ``heads`` — each head's ``attn.z`` at every position — by layer ×
-    head) from the clean into the corrupted run, one cell at a time; one pass per layer."""
+    head) from the clean into the corrupted run, one cell at a time; one pass per layer.
+    ``progress``: a bar over the passes (the clean and corrupted runs, then one per layer)."""
     if kind not in GRID_KINDS:
         raise UsageError(f"kind must be one of {GRID_KINDS}, not {kind!r}")
     a, b = _pair(model, clean, corrupted)
@@ -201,22 +204,20 @@ def patch_grid(model: Any, clean: Any, corrupted: Any, metric: Metric, *,
     points = [f"layers.{i}.{suffix}" for i in range(n_layers)]
     grid = np.zeros((n_layers, copies))
     pos = torch.as_tensor(columns, dtype=torch.long)
-    bar = progress_bar(progress, f"patching {kind}", total=n_layers)
+    progress.expect(n_layers + 2, "pass")
     with scratch(model, "patchgrid") as name:
         clean_metric = _clean_run(model, a, points, metric, name)
         corrupted_metric = _corrupted_run(model, b, points, metric, name)
+        progress.step(2)
         tiled = b.repeat(copies, 1)
-        try:
-            for layer, point in enumerate(points):
-                key = f"grid{layer}"
-                model.run(tiled, probes={point: _grid_probe(copies, batch, by_head, pos),
-                                         "logits": _metric_probe(metric, key)},
-                          save=name, return_logits=False)
-                values = model.save_context(name).fetch(key)[0].reshape(copies, batch)
-                grid[layer] = values.double().mean(1).numpy()
-                bar.update(1)
-        finally:
-            bar.close()
+        for layer, point in enumerate(points):
+            key = f"grid{layer}"
+            model.run(tiled, probes={point: _grid_probe(copies, batch, by_head, pos),
+                                     "logits": _metric_probe(metric, key)},
+                      save=name, return_logits=False)
+            values = model.save_context(name).fetch(key)[0].reshape(copies, batch)
+            grid[layer] = values.double().mean(1).numpy()
+            progress.step()
     try:
         tokens = model.to_str_tokens(b[0])
     except UsageError:

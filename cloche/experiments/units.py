@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cloche.errors import UsageError
-from cloche.experiments._common import scratch, select_units, to_numpy, unit_spec
+from cloche.experiments._common import reports, scratch, select_units, to_numpy, unit_spec
 
 __all__ = ["TokenValues", "UnitStats", "activations", "stats"]
 
@@ -40,8 +40,11 @@ class TokenValues:
                 for b, toks in enumerate(self.tokens)]
 
 
-def activations(model: Any, point: str, unit: Any, inputs: Any) -> TokenValues:
-    """Values of ``unit`` at ``point`` for every token of ``inputs`` (text, texts or ids)."""
+@reports
+def activations(model: Any, point: str, unit: Any, inputs: Any, *, progress: Any = True
+                ) -> TokenValues:
+    """Values of ``unit`` at ``point`` for every token of ``inputs`` (text, texts or ids).
+    ``progress``: as for ``model.run`` (a bar only when slow or queued; ``False``: none)."""
     spec = unit_spec(unit)
     point = model.resolve(point)
 
@@ -79,12 +82,14 @@ class UnitStats:
         return float(self.counts[centres > 0].sum() / max(self.counts.sum(), 1))
 
 
+@reports
 def stats(model: Any, point: str, unit: Any, dataset: Any, *, bins: int = 50,
           range: tuple[float, float] | None = None, batch_size: int = 8,
-          limit: int | None = None, progress: Any = None) -> UnitStats:
+          limit: int | None = None, progress: Any = True) -> UnitStats:
     """Count, mean, std, min, max and a ``bins``-bin histogram of one unit over ``dataset``.
 
     Without ``range`` the histogram spans [min, max] (one extra pass to find them).
+    ``progress``: a bar over the two passes (``False``: none; a callable: the events).
     """
     from cloche import Histogram, MinMax, Variance
 
@@ -92,6 +97,7 @@ def stats(model: Any, point: str, unit: Any, dataset: Any, *, bins: int = 50,
     if spec[0] == "all" or len(spec[1]) != 1:
         raise UsageError("stats takes one unit (an int) or one direction")
     point = model.resolve(point)
+    progress.expect(2, "pass")
 
     def moments_probe(ctx: Any, x: torch.Tensor) -> None:
         v = select_units(x, spec)
@@ -101,6 +107,7 @@ def stats(model: Any, point: str, unit: Any, dataset: Any, *, bins: int = 50,
     with scratch(model, "stats") as name:
         out = model.run_dataset(dataset, probes={point: moments_probe}, save=name,
                                 batch_size=batch_size, limit=limit, progress=progress)
+        progress.step()
         moments, extent = out["reducers"]["var"], out["reducers"]["range"]
         lo, hi = range if range is not None else (float(extent["min"][0]), float(extent["max"][0]))
         if not hi > lo:
@@ -111,6 +118,7 @@ def stats(model: Any, point: str, unit: Any, dataset: Any, *, bins: int = 50,
 
         out = model.run_dataset(dataset, probes={point: histogram_probe}, save=name,
                                 batch_size=batch_size, limit=limit, progress=progress)
+        progress.step()
     hist = out["reducers"]["hist"]
     counts = to_numpy(hist["counts"]).copy()
     counts[0] += int(hist["underflow"])

@@ -50,7 +50,7 @@ def _register() -> None:
     _registered = True
 
 
-def _expand_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+def expand_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
     b, h, s, d = x.shape
@@ -85,8 +85,8 @@ def probed_attention(
     n_rep = query.shape[1] // key.shape[1]
     if apply is not None:
         key = apply("k_grouped", key.transpose(1, 2)).transpose(1, 2)
-    key = _expand_heads(key, n_rep)
-    value = _expand_heads(value, n_rep)
+    key = expand_heads(key, n_rep)
+    value = expand_heads(value, n_rep)
     if apply is not None:
         query = apply("q", query.transpose(1, 2)).transpose(1, 2)
         key = apply("k", key.transpose(1, 2)).transpose(1, 2)
@@ -105,7 +105,7 @@ def probed_attention(
     if isinstance(softcap, float | int):
         scores = torch.tanh(scores / softcap) * softcap
     if probe_scores and apply is not None:
-        pattern = _probed_scores_softmax(apply, scores, attention_mask, key.shape[-2])
+        pattern = probed_scores_softmax(apply, scores, attention_mask, key.shape[-2])
         pattern = pattern.to(query.dtype)
     else:
         if attention_mask is not None:
@@ -120,7 +120,7 @@ def probed_attention(
     return z, pattern
 
 
-def _probed_scores_softmax(apply: Callable[[str, torch.Tensor], torch.Tensor],
+def probed_scores_softmax(apply: Callable[[str, torch.Tensor], torch.Tensor],
                            scores: torch.Tensor, attention_mask: torch.Tensor | None,
                            n_keys: int) -> torch.Tensor:
     """The ``scores`` probes, then the softmax of what they return (TransformerLens' way).
@@ -192,7 +192,8 @@ def attention_taps(
                 module.__dict__[name] = (
                     _tapped_method(getattr(module, how), layer, apply, needs_pattern)
                     if isinstance(how, str)
-                    else functools.partial(how, module, layer, apply, needs_pattern))
+                    else functools.partial(how, module, layer, apply, needs_pattern,
+                                           probed=probed))
             yield
         finally:
             config._attn_implementation = previous

@@ -23,6 +23,7 @@ so that ``model.info()['missing']`` and the error for a missing point say why.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 from cloche.model.attention import attention_taps
 from cloche.model.families import Adapter, Site, WeightRule
 
-__all__ = ["discover"]
+__all__ = ["discover", "discover_from_config"]
 
 ATOL = 1e-4
 _NORM = re.compile(r"(^|[._])(ln|norm|layernorm|layer_norm)([._\d]|$)|norm", re.IGNORECASE)
@@ -83,6 +84,8 @@ class _Recorder:
     def __init__(self) -> None:
         self.inputs: dict[str, torch.Tensor | None] = {}
         self.outputs: dict[str, torch.Tensor | None] = {}
+        #: modules whose output is a tuple (a block that returns (hidden, attention weights))
+        self.tuples: set[str] = set()
         self.handles: list[Any] = []
 
     def watch(self, path: str, module: nn.Module) -> None:
@@ -93,6 +96,8 @@ class _Recorder:
         def post(m: nn.Module, args: tuple, output: Any) -> None:
             y = _first_tensor(output)
             self.outputs[path] = None if y is None else y.detach().clone()
+            if isinstance(output, tuple):
+                self.tuples.add(path)
 
         self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(module.register_forward_hook(post))
@@ -264,6 +269,7 @@ def discover(hf_model: nn.Module) -> Adapter | None:
         block_weights={},
         global_weights=global_weights,
         discovered=True,
+        block_returns_tuple=blocks[0] in recorder.tuples,
         lacks=lacks,
         notes=((f"no cloche adapter for {model_type!r}: this structure was discovered and checked"
                " against output_hidden_states at load; per-head weights are not offered"),),
@@ -332,3 +338,43 @@ def _taps_cover(hf_model: nn.Module, modules: dict[str, nn.Module], blocks: list
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
         return False  # cloche's eager attention does not fit this module: not tappable
     return seen == set(range(len(blocks))) and _close(getattr(tapped, "logits", None), logits)
+
+
+#: blocks in the small copy that :func:`discover_from_config` checks
+_COPY_LAYERS = 2
+
+
+def discover_from_config(config: Any) -> Adapter | None:
+    """:func:`discover` on a small copy of the architecture: ``config`` with two blocks and
+    random weights, on the CPU in float32.
+
+    For a model that is never whole in one process (a sharded one): what discovery proves is
+    the structure (which module is the block list, which norm feeds attention, that the blocks
+    add up), and that is the same in the copy, whose module paths are the model's own. Every
+    block has the same class (discovery requires it), so two blocks stand for all of them.
+    """
+    import copy
+
+    from cloche.model.loader import model_from_config
+
+    n = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if n <= 0:
+        return None
+    small = copy.deepcopy(config)
+    k = min(n, _COPY_LAYERS)
+    for name, value in list(vars(small).items()):  # per-layer settings (layer_types, ...)
+        if isinstance(value, list) and len(value) == n and name != "architectures":
+            setattr(small, name, value[:k])
+    small.num_hidden_layers = k
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_from_config(small, torch.float32).eval()
+    adapter = discover(model)
+    if adapter is None:
+        return None
+    model_type = adapter.family
+    return dataclasses.replace(adapter, notes=(
+        (f"no cloche adapter for {model_type!r}: this structure was discovered on a two-block"
+         " copy of the architecture with random weights (the model is never whole in one"
+         " process) and checked there against output_hidden_states; per-head weights are not"
+         " offered"),))

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from cloche.errors import UnknownProbePoint
-from cloche.model.families import Adapter, Site
+from cloche.errors import UnknownProbePoint, UsageError
+from cloche.model.families import Adapter, Site, adapter_for
 from cloche.model.norms import norm_kind
 from cloche.model.weights import HeadShape, head_shape
 
@@ -72,6 +72,9 @@ class PointSpec:
     norm: str | None = None
     #: per-head attention results: the site is the output projection, whose input is z
     result: tuple[int, str] | None = None  # (n_heads, "linear" | "conv1d")
+    #: one of q/k/v of a fused projection's output: ``(groups, sizes, index)`` = view the last
+    #: dimension as (groups, sum(sizes)), split it into ``sizes``, take piece ``index``
+    fused: tuple[int, tuple[int, ...], int] | None = None
 
 
 def _join(*parts: str) -> str:
@@ -166,10 +169,12 @@ def _optional_spec(modules: dict[str, nn.Module], adapter: Adapter, hs: HeadShap
     if suffix in _HEADS_OF:
         where = adapter.block_sites.get(suffix)
         if not isinstance(where, Site) or _join(base, where.module) not in modules:
+            if suffix[5:] in adapter.method_taps:  # split and tapped by the inline attention
+                return PointSpec(name, "attn", i, attention=suffix[5:])
             return None
         heads = hs.n_heads if _HEADS_OF[suffix] == "q" else hs.n_kv_heads
         return PointSpec(name, "attn", i, replace(where, module=_join(base, where.module)),
-                         heads=heads)
+                         heads=heads, fused=_fused(where.qkv, hs))
     if suffix == "attn.result":
         rule = adapter.block_weights.get("attn.W_O")
         if rule is None or rule.layout not in _RESULT_LAYOUTS:
@@ -179,10 +184,24 @@ def _optional_spec(modules: dict[str, nn.Module], adapter: Adapter, hs: HeadShap
             return None
         return PointSpec(name, "attn", i, Site(path, "output"),
                          result=(hs.n_heads, _RESULT_LAYOUTS[rule.layout]))
-    # k_grouped and scores are taps inside cloche's own attention function
-    if adapter.attention_method is not None:
+    # k_grouped and scores are taps inside cloche's own attention function, or inside the
+    # family's attention function that stands in for the model's (method_taps)
+    if adapter.attention_method is not None and suffix[5:] not in adapter.method_taps:
         return None
     return PointSpec(name, "attn", i, attention=suffix[5:])
+
+
+def _fused(qkv: tuple[str, int] | None, hs: HeadShape) -> tuple[int, tuple[int, ...], int] | None:
+    """``PointSpec.fused`` for a ``Site.qkv``: where q, k or v lies in the fused output."""
+    if qkv is None:
+        return None
+    layout, index = qkv
+    d = hs.d_head
+    if layout == "per_head":  # (head, [q k v], d_head): every head has its own key and value
+        return hs.n_heads, (d, d, d), index
+    if layout == "qkv":
+        return 1, (hs.n_heads * d, hs.n_kv_heads * d, hs.n_kv_heads * d), index
+    raise UsageError(f"unknown fused q/k/v layout {layout!r} (an adapter table is wrong)")
 
 
 _CANONICAL_GLOBAL = ("embed", "final_norm", "logits")
@@ -334,8 +353,12 @@ _TL_WHY = {
 }
 
 
-def tl_alias(name: str) -> str | None:
-    """The canonical name a TransformerLens hook name stands for (None if it is not one)."""
+def tl_alias(name: str, model_type: str | None = None) -> str | None:
+    """The canonical name a TransformerLens hook name stands for (None if it is not one), in a
+    model of ``model_type`` (whose adapter may say that TL means something else there)."""
+    adapter = adapter_for(model_type)
+    if adapter is not None and name in adapter.tl_aliases:
+        return adapter.tl_aliases[name]
     if name in _TL_GLOBAL:
         return _TL_GLOBAL[name]
     match = _TL_RE.match(name)
@@ -344,15 +367,17 @@ def tl_alias(name: str) -> str | None:
     return None
 
 
-def canonical_name(name: str, names: Collection[str], missing: Collection[str] = ()) -> str:
+def canonical_name(name: str, names: Collection[str], missing: Collection[str] = (),
+                   model_type: str | None = None) -> str:
     """Resolve ``name`` (canonical, TransformerLens alias, or module point) to a canonical name.
 
     ``names`` are the model's point names (a set, or the specs dict keyed by name); ``missing``
-    the canonical points it lacks and why (:func:`missing_points`), which errors then name.
+    the canonical points it lacks and why (:func:`missing_points`), which errors then name;
+    ``model_type`` picks the family's own TransformerLens aliases (``Adapter.tl_aliases``).
     """
     if name in names:
         return name
-    resolved = tl_alias(name)
+    resolved = tl_alias(name, model_type)
     if resolved is not None and resolved in names:
         return resolved
     why = _why_missing(resolved or name, missing)

@@ -11,7 +11,7 @@ Each is a view or a cheap reshape of the raw parameter, never a copy of the whol
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,15 +26,23 @@ class HeadShape:
     n_kv_heads: int
     d_head: int
     d_model: int
+    #: the padding token's id: RoBERTa's position table starts its positions after it
+    pad_token_id: int | None = None
 
 
 def head_shape(config: Any) -> HeadShape:
     """Attention geometry from a Hugging Face config."""
     n_heads = int(config.num_attention_heads)
     d_model = int(config.hidden_size)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    # (Falcon names it num_kv_heads; its multi-query models, like GPT-BigCode's, have one)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+               or n_heads)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture",
+                                                             False):
+        n_kv = 1
     d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
-    return HeadShape(n_heads, n_kv, d_head, d_model)
+    pad = getattr(config, "pad_token_id", None)
+    return HeadShape(n_heads, n_kv, d_head, d_model, pad if isinstance(pad, int) else None)
 
 
 def _split_heads_in(w_in_out: torch.Tensor, heads: int, d_head: int) -> torch.Tensor:
@@ -61,6 +69,11 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
         return raw.reshape(hs.n_kv_heads, hs.d_head)
     if layout == "conv1d_out_heads":
         return raw.reshape(hs.n_heads, hs.d_head, raw.shape[1])
+    if layout == "rows_after_padding":  # RoBERTa: position p is row padding_idx + 1 + p
+        if hs.pad_token_id is None:
+            raise UsageError(f"{rule.param!r} is read after the padding index, and this"
+                             " model's config has no pad_token_id")
+        return raw[hs.pad_token_id + 1 :]
     width = hs.n_heads * hs.d_head
     if part is None:  # every layout below reads one part of a fused tensor
         raise UsageError(f"weight layout {layout!r} of {rule.param!r} is unknown or lacks the"
@@ -78,6 +91,20 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
         return _split_heads_in(raw[:, part * width : (part + 1) * width], hs.n_heads, hs.d_head)
     if layout == "qkv_bias_heads":
         return raw[part * width : (part + 1) * width].reshape(hs.n_heads, hs.d_head)
+    if layout in ("expert_gate_in_out", "expert_up_in_out"):  # (experts, 2 * d_expert, d_model)
+        half = raw.shape[1] // 2
+        start = 0 if layout == "expert_gate_in_out" else half
+        return raw[part, start : start + half].T
+    if layout == "expert_out":  # (experts, d_model, d_expert)
+        return raw[part].T
+    if layout in ("grouped_qkv_heads", "grouped_qkv_bias_heads"):
+        # rows: for each key/value head, its group of query heads, then its key, then its value
+        # (Falcon; with one query per group this is GPT-NeoX's layout, with one group it is
+        # multi-query's [all queries, key, value])
+        group = hs.n_heads // hs.n_kv_heads
+        rows = raw.reshape(hs.n_kv_heads, group + 2, hs.d_head, *raw.shape[1:])
+        picked = (rows[:, :group].flatten(0, 1) if part == 0 else rows[:, group + part - 1])
+        return picked.transpose(1, 2) if layout == "grouped_qkv_heads" else picked
     if layout == "neox_qkv_heads":
         per_head = raw.reshape(hs.n_heads, 3, hs.d_head, raw.shape[1])[:, part]
         return per_head.transpose(1, 2)
@@ -86,8 +113,10 @@ def apply_layout(raw: torch.Tensor, rule: WeightRule, hs: HeadShape) -> torch.Te
     raise UsageError(f"unknown weight layout {layout!r} (an adapter table is wrong)")
 
 
-def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple[str, WeightRule]]:
-    """Canonical name -> (raw parameter name, rule) for every weight the adapter knows."""
+def canonical_weights(adapter: Adapter | None, n_layers: int, n_experts: int = 0
+                      ) -> dict[str, tuple[str, WeightRule]]:
+    """Canonical name -> (raw parameter name, rule) for every weight the adapter knows
+    (``layers.{i}.mlp.experts.{e}.*`` for each of ``n_experts`` experts of a sparse block)."""
     if adapter is None:
         return {}
     table: dict[str, tuple[str, WeightRule]] = {}
@@ -96,7 +125,17 @@ def canonical_weights(adapter: Adapter | None, n_layers: int) -> dict[str, tuple
     for i in range(n_layers):
         for suffix, rule in adapter.block_weights.items():
             table[f"layers.{i}.{suffix}"] = (f"{adapter.layers}.{i}.{rule.param}", rule)
+        for e in range(n_experts):
+            for suffix, rule in adapter.expert_weights.items():
+                table[f"layers.{i}.mlp.experts.{e}.{suffix}"] = (
+                    f"{adapter.layers}.{i}.{rule.param}", replace(rule, part=e))
     return table
+
+
+def expert_count(config: Any) -> int:
+    """How many experts a sparse block of a model with ``config`` has (0 for a dense model)."""
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+               or 0)
 
 
 _TL_GLOBAL_WEIGHTS = {"W_E": "embed.W_E", "W_U": "unembed.W_U", "W_pos": "pos_embed.W_pos"}
@@ -122,8 +161,9 @@ class WeightCatalog:
     from its meta-device skeleton, so that every rank and rank 0 agree on what exists).
     """
 
-    def __init__(self, adapter: Adapter | None, n_layers: int, raw_names: list[str]) -> None:
-        self._canonical = canonical_weights(adapter, n_layers)
+    def __init__(self, adapter: Adapter | None, n_layers: int, raw_names: list[str],
+                 n_experts: int = 0) -> None:
+        self._canonical = canonical_weights(adapter, n_layers, n_experts)
         self._raw = list(raw_names)
         self._present = set(raw_names)
 

@@ -98,7 +98,7 @@ def context_action(store: SaveStore, name: str, action: str, args: tuple[Any, ..
                 raise UsageError(f"save context {name!r} has no reducer {rname!r}")
             return reducer.result()
         if action == "nbytes":
-            return 0 if ctx is None else ctx.nbytes()
+            return 0 if ctx is None else ctx.nbytes
         if action == "clear":
             store.drop(name)
             return None

@@ -219,8 +219,9 @@ class Reducer(ABC):
         self._state = {k: v.to(device) for k, v in self._state.items()}
         return self
 
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the state tensors."""
+        """Bytes held by the state tensors (a property, as on tensors, arrays and handles)."""
         return sum(t.numel() * t.element_size() for t in self._state.values())
 
     def __repr__(self) -> str:

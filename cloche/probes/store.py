@@ -59,11 +59,12 @@ class SaveContext:
         self.num_runs = 0
         self.num_examples = 0
 
+    @property
     def nbytes(self) -> int:
         return (
             sum(tensor_nbytes(v) for v in self.entries.values())
             + tensor_nbytes(self.state)
-            + sum(r.nbytes() for r in self.reducers.values())
+            + sum(r.nbytes for r in self.reducers.values())
         )
 
 
@@ -312,7 +313,7 @@ class SaveStore:
     def nbytes(self, prefix: str = "") -> int:
         """Bytes held by the contexts whose names start with ``prefix``."""
         with self.lock:
-            return sum(ctx.nbytes() for name, ctx in self._contexts.items()
+            return sum(ctx.nbytes for name, ctx in self._contexts.items()
                        if name.startswith(prefix))
 
     def set_quota(self, prefix: str, max_bytes: int | None, label: str) -> None:

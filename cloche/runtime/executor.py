@@ -41,13 +41,14 @@ from cloche.model.info import ModelInfo, describe, no_head_message
 from cloche.model.loader import Loaded
 from cloche.model.points import PointSpec, ProbePoint, build_specs
 from cloche.model.rebase import adapter_for_model
-from cloche.model.weights import WeightCatalog, head_shape, read_weight
+from cloche.model.weights import WeightCatalog, expert_count, head_shape, read_weight
 from cloche.probes.actions import context_action
 from cloche.probes.context import RunInfo
 from cloche.probes.refs import apply_ops
 from cloche.probes.store import SaveStore, Transaction
 from cloche.runtime.datasets import as_dataset, iterate
 from cloche.runtime.derived import DerivedPoints, is_derived, make_derived
+from cloche.runtime.head import head_kwargs
 from cloche.runtime.hooks import Attachment, ProbePlan
 from cloche.runtime.interrupt import interruptible
 from cloche.runtime.shapes import probe_ids, shape_reader
@@ -65,18 +66,20 @@ class LocalExecutor:
     """Executes requests on a model held by this process (one rank of a sharded one, or all)."""
 
     def __init__(self, loaded: Loaded, *, store: SaveStore | None = None, rank: int = 0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, adapter: Adapter | None = None) -> None:
+        """``adapter``: the model's structure when the caller knows it (a shard, whose stubs
+        leave nothing for discovery to run); by default its family's table or discovery."""
         self.hf_model: nn.Module = loaded.hf_model
         self._tokenizer = loaded.tokenizer
         self.path = loaded.path
         self.name = name or display_name(loaded.path)
         self._config = self.hf_model.config
-        self.adapter: Adapter | None = adapter_for_model(self.hf_model)
+        self.adapter: Adapter | None = adapter or adapter_for_model(self.hf_model)
         if self.adapter is None:
             self.adapter = discover(self.hf_model)
-            if rank == 0:
-                _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
-                                     self.adapter)
+        if rank == 0 and (self.adapter is None or self.adapter.discovered):
+            _warn_unknown_family(self.name, getattr(self._config, "model_type", None),
+                                 self.adapter)
         #: False for a base model saved without its head (no logits, no unembed)
         self.lm_head = loaded.lm_head
         self.store = store if store is not None else SaveStore()
@@ -88,7 +91,8 @@ class LocalExecutor:
         self._info: ModelInfo | None = None
         self._facade: Model | None = None
         self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
-        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params))
+        self._weights = WeightCatalog(self.adapter, self.n_layers, list(self._params),
+                                      expert_count(self._config))
         self._modules = dict(self.hf_model.named_modules())
         # one forward at a time: hooks and the attention switch are per model, not per thread
         self._exec_lock = threading.RLock()
@@ -179,8 +183,10 @@ class LocalExecutor:
 
     # ----------------------------------------------------------------- running
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan, writes: Any,
-                example_ids: torch.Tensor | None, cancel: Any, *, grad: bool) -> Any:
-        """One forward pass of ``hf_model`` with ``plan`` attached (and detached after)."""
+                example_ids: torch.Tensor | None, cancel: Any, *, grad: bool,
+                head: bool = True) -> Any:
+        """One forward pass of ``hf_model`` with ``plan`` attached (and detached after);
+        ``head=False``: nobody reads the logits, so the unembedding may skip most positions."""
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
         plan = self.derived.expand(plan)
@@ -189,8 +195,21 @@ class LocalExecutor:
         attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
                                 cancel, self._block_paths, self._attention_paths,
                                 self._attention_method)
+        extra = head_kwargs(self.hf_model, needed=head or grad or self.reads_head(plan))
         with attachment.attached(), torch.set_grad_enabled(grad):
-            return self.hf_model(input_ids=ids, attention_mask=mask)
+            return self.hf_model(input_ids=ids, attention_mask=mask, **extra)
+
+    def reads_head(self, plan: ProbePlan) -> bool:
+        """Whether a probe of ``plan`` sits at the unembedding's output (or where it cannot be
+        told): then every position's logits are computed, as in the plain forward."""
+        head = {"", self.adapter.logits} if self.adapter is not None else {""}
+        for name in plan.points():
+            spec = self.specs.get(name)
+            if spec is None or (spec.site is None and spec.attention is None):
+                return True
+            if spec.site is not None and spec.site.module in head:
+                return True
+        return False
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Transaction]:
@@ -208,7 +227,7 @@ class LocalExecutor:
         with self._transaction() as txn:
             return self._run_ids(req.ids, req.mask, plan, txn, req.save, backward=req.backward,
                                  return_logits=req.return_logits,
-                                 want_loss=not req.return_logits, cancel=cancel,
+                                 want_loss=req.return_loss, cancel=cancel,
                                  micro_batches=req.micro_batches)
 
     def _run_ids(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan,
@@ -222,6 +241,7 @@ class LocalExecutor:
             writes.examples += ids.shape[0]
         example_ids = example_ids.to(self.device)
         grad = backward is not None
+        head = grad or return_logits or want_loss
         if grad and not self.lm_head:  # the facade refuses this first; a clear error anyway
             raise UsageError(no_head_message(self.name, "backward"))
         if grad:
@@ -231,8 +251,8 @@ class LocalExecutor:
         for part_ids, part_mask, part_examples in zip(ids.chunk(n), mask.chunk(n),
                                                       example_ids.chunk(n), strict=True):
             out = self.forward(part_ids, part_mask, plan, writes, part_examples, cancel,
-                               grad=grad)
-            if getattr(out, "logits", None) is not None:  # a base model has none
+                               grad=grad, head=head)
+            if head and getattr(out, "logits", None) is not None:  # a base model has none
                 chunks.append(out.logits)
         if not chunks:
             writes.runs += 1

@@ -173,11 +173,21 @@ class Attachment:
         part = site.part if site is not None else None
         router = self._specs[name].kind == "router"
         mutated = site is not None and site.mutated
+        fused = self._specs[name].fused
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x, rebuild = _first_tensor(output)
             if x is None:
                 return None
+            if fused is not None:  # q, k or v of a fused projection: edit it, put it back
+                groups, sizes, index = fused
+                pieces = list(x.unflatten(-1, (groups, -1)).split(sizes, dim=-1))
+                piece = pieces[index].flatten(-2)
+                y = self._apply_site(name, piece)
+                if y is piece and name not in self._plan.backward:
+                    return None
+                pieces[index] = y.unflatten(-1, (groups, -1))
+                return rebuild(torch.cat(pieces, dim=-1).flatten(-2))
             if part is not None:  # one chunk of a fused output: edit it, put it back whole
                 pieces = list(x.chunk(part[1], dim=-1))
                 piece = pieces[part[0]]

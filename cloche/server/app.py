@@ -24,6 +24,7 @@ from cloche import errors
 from cloche.api import requests as rq
 from cloche.api.executor import EventSink, Executor
 from cloche.api.model import Model
+from cloche.api.progress import silenced
 from cloche.runtime.interrupt import paused
 from cloche.server.config import ServerConfig, is_loopback
 from cloche.server.connection import Job, ServerConnection
@@ -270,7 +271,8 @@ class Server:
             if isinstance(job.op, rq.RunDataset) and self.info.get("world_size") == 1:
                 # (the ranks of a sharded model are inside one command for the whole run)
                 on_event = self._yielding(job, on_event)
-            value = executor.execute(job.op, cancel=job.cancel, on_event=on_event)
+            with silenced():  # the server's console is not the user's: no bars in user code
+                value = executor.execute(job.op, cancel=job.cancel, on_event=on_event)
         except Exception as exc:  # noqa: BLE001 - any failure is the client's answer
             if job.timed_out and isinstance(exc, errors.Cancelled):
                 exc = errors.Cancelled(

@@ -42,7 +42,7 @@ from cloche.errors import ClocheError, UsageError, WorkerLost
 from cloche.errors.payload import from_payload
 from cloche.model.info import ModelInfo, describe
 from cloche.model.points import ProbePoint
-from cloche.model.weights import WeightCatalog
+from cloche.model.weights import WeightCatalog, expert_count
 from cloche.probes.actions import join_entries
 from cloche.probes.disk import read_context, write_context
 from cloche.probes.reducers import Reducer, reducer_from_state
@@ -336,7 +336,8 @@ class ShardedExecutor:
         result = self._command(
             "run", cancel=cancel, after=after, ids=req.ids, mask=req.mask, forward=req.forward,
             backward_probes=req.backward_probes, save=req.save, backward=req.backward,
-            return_logits=want, micro_batches=self._micro(req.micro_batches))
+            return_logits=want, return_loss=req.return_loss,
+            micro_batches=self._micro(req.micro_batches))
         values, logits = result if after is not None else (result, None)
         return rq.RunOutput(logits=None if logits is None else logits.cpu(),
                             loss=values[last]["loss"])
@@ -551,7 +552,8 @@ class ShardedExecutor:
     def _catalog(self) -> WeightCatalog:
         if self._weights is None:
             self._weights = WeightCatalog(self._stage.adapter, self.plan.n_layers,
-                                          self._stage.all_param_names)
+                                          self._stage.all_param_names,
+                                          expert_count(self._stage.config))
         return self._weights
 
     def _param(self, req: rq.Param, cancel: Any, on_event: Any) -> torch.Tensor:

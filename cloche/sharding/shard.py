@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cloche.errors import UsageError
+from cloche.model.discover import discover_from_config
 from cloche.model.families import Adapter
 from cloche.model.loader import Loaded, has_lm_head, model_from_config, parse_dtype
 from cloche.model.points import PointSpec
@@ -39,7 +40,8 @@ from cloche.sharding.stubs import (
     ZeroHidden,
 )
 
-__all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "skeleton"]
+__all__ = ["Ownership", "Skeleton", "build_shard", "make_plan", "plan_weights", "skeleton",
+           "skeleton_from_config"]
 
 
 @dataclass
@@ -62,6 +64,13 @@ def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> S
     if not (directory / "config.json").is_file():
         raise UsageError(f"{str(directory)!r} is not a model directory (no config.json)")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    return skeleton_from_config(config, dtype, directory)
+
+
+def skeleton_from_config(config: Any, dtype: str | torch.dtype | None = None,
+                         path: str | Path = ".") -> Skeleton:
+    """The meta-device model of a Hugging Face ``config`` (no weights anywhere): what
+    :func:`skeleton` builds for a checkpoint, and what ``cloche plan`` sizes."""
     resolved = parse_dtype(dtype)
     if resolved == "auto":
         resolved = getattr(config, "dtype", None) or torch.float32
@@ -70,11 +79,17 @@ def skeleton(model_dir: str | Path, dtype: str | torch.dtype | None = None) -> S
     with torch.device("meta"):  # the class the checkpoint was saved as, as load_hf does
         meta_model = model_from_config(config, cast(torch.dtype, resolved))
     meta_model.eval()
-    adapter = adapter_for_model(meta_model)
+    # a family without a table: its structure is discovered on a small copy (two blocks, random
+    # weights), as no process holds the whole model
+    adapter = adapter_for_model(meta_model) or discover_from_config(config)
     if adapter is None:
-        raise UsageError(f"model_type {config.model_type!r} has no adapter: distributed serving"
-                         " needs to know where the blocks are")
-    return Skeleton(directory, config, adapter, meta_model, cast(torch.dtype, resolved))
+        raise UsageError(
+            f"model_type {config.model_type!r} has no cloche adapter and its structure could not"
+            " be discovered (no list of num_hidden_layers identical blocks whose inputs are"
+            " output_hidden_states, or no input embedding), so it cannot be split into stages"
+            " by layers; load it in one process (cloche.load / cloche serve without"
+            " --world-size), where its module:<path> points still work")
+    return Skeleton(Path(path), config, adapter, meta_model, cast(torch.dtype, resolved))
 
 
 class Ownership:
@@ -138,9 +153,9 @@ def _direct_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
-def make_plan(sk: Skeleton, world_size: int,
-              layers_per_rank: tuple[int, ...] | list[int] | None = None) -> ShardPlan:
-    """A plan balanced by parameter count (or the explicit ``layers_per_rank``)."""
+def plan_weights(sk: Skeleton) -> tuple[list[int], int, int]:
+    """What the balanced split weighs: per-block parameter counts, then the parameters before
+    the blocks (rank 0) and after them (the last rank); a tied embedding counts on both."""
     modules = dict(sk.meta_model.named_modules())
     layers = modules[sk.adapter.layers]
     blocks = [sum(p.numel() for p in block.parameters()) for block in layers]
@@ -156,6 +171,13 @@ def make_plan(sk: Skeleton, world_size: int,
             head += _direct_params(module)
         elif side in ("tail", "outer"):
             tail += _direct_params(module)
+    return blocks, head, tail
+
+
+def make_plan(sk: Skeleton, world_size: int,
+              layers_per_rank: tuple[int, ...] | list[int] | None = None) -> ShardPlan:
+    """A plan balanced by parameter count (or the explicit ``layers_per_rank``)."""
+    blocks, head, tail = plan_weights(sk)
     return balanced_plan(world_size, blocks, head_params=head, tail_params=tail,
                          layers_per_rank=layers_per_rank)
 
@@ -347,7 +369,9 @@ def _recompute_buffers(model: nn.Module, persistent: set[str], device: torch.dev
         if not own:
             continue
         if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(config=module.config)
+            # (CodeGen's keeps no config of its own: the model's is the one it was built from)
+            config = getattr(module, "config", None) or getattr(model, "config", None)
+            fresh = type(module)(config=config)
             for name, value in fresh.named_buffers(recurse=False):
                 getattr(module, name).copy_(value.to(device))
             continue

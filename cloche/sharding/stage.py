@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cloche.api.inputs import next_token_loss
+from cloche.api.progress import silenced
 from cloche.api.results import Outputs
 from cloche.errors import Aborted, Cancelled, UsageError
 from cloche.errors.payload import to_payload
@@ -31,6 +32,7 @@ from cloche.probes.journal import Journal
 from cloche.probes.store import PendingWrites, SaveStore, Transaction
 from cloche.runtime.derived import make_derived
 from cloche.runtime.executor import SHAPES_CONTEXT, LocalExecutor
+from cloche.runtime.head import head_kwargs
 from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
 from cloche.runtime.interrupt import interruptible
 from cloche.runtime.shapes import probe_ids, shape_reader
@@ -139,7 +141,8 @@ class Stage:
         loaded = build_shard(sk, plan, rank, self, device)
         self.hf: Any = loaded.hf_model
         journal = None if state_dir is None else Journal(Path(state_dir) / f"rank-{rank}")
-        self.local = LocalExecutor(loaded, rank=rank, store=SaveStore(journal=journal))
+        self.local = LocalExecutor(loaded, rank=rank, store=SaveStore(journal=journal),
+                                   adapter=sk.adapter)
         self.config = self.hf.config
         self.specs = build_specs(self.hf, self.adapter)
         self.modules = dict(self.hf.named_modules())
@@ -264,7 +267,7 @@ class Stage:
         return ProbePlan(mine(plan.forward), mine(plan.backward))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan, writes: Any,
-                 example_ids: torch.Tensor | None, *, grad: bool) -> Any:
+                 example_ids: torch.Tensor | None, *, grad: bool, head: bool = True) -> Any:
         ids, mask = ids.to(self.device), mask.to(self.device)
         if example_ids is not None:
             example_ids = example_ids.to(self.device)
@@ -272,8 +275,10 @@ class Stage:
                        example_ids=example_ids, model=self.local.facade, rank=self.rank,
                        cancel=self.control.abort_event)
         attachment = self._attachment(plan, info)
+        needed = head or grad or self._mode == "generate" or self.local.reads_head(plan)
+        extra = head_kwargs(self.hf, needed=needed)
         with attachment.attached(), torch.set_grad_enabled(grad):
-            return self.hf(input_ids=ids, attention_mask=mask)
+            return self.hf(input_ids=ids, attention_mask=mask, **extra)
 
     def _attachment(self, plan: ProbePlan, info: RunInfo) -> Attachment:
         return Attachment(hf_model=self.hf, modules=self.modules, specs=self.specs, plan=plan,
@@ -286,9 +291,11 @@ class Stage:
         return txn, OrderedWrites(txn.writes(save), self)
 
     def op_run(self, ids: torch.Tensor, mask: torch.Tensor, forward: dict, backward_probes: dict,
-               save: str, backward: Any, return_logits: bool, micro_batches: int) -> Any:
+               save: str, backward: Any, return_logits: bool, micro_batches: int,
+               return_loss: bool = False) -> Any:
         plan = self._owned_plan(forward, backward_probes)
         grad = bool(backward)
+        head = grad or return_logits or return_loss
         txn, writes = self._begin(save)
         try:
             if grad:
@@ -300,16 +307,19 @@ class Stage:
             writes.examples += ids.shape[0]
             for chunk_ids, chunk_mask, chunk_examples in zip(
                     ids.chunk(n), mask.chunk(n), example_ids.chunk(n), strict=True):
-                self._forward(chunk_ids, chunk_mask, plan, writes, chunk_examples, grad=grad)
+                self._forward(chunk_ids, chunk_mask, plan, writes, chunk_examples, grad=grad,
+                              head=head)
             value: dict[str, Any] = {}
-            if self.rank == self.last and not self._logits:  # a base model: no logits
+            if self.rank == self.last and not head:
+                value["loss"] = None  # nobody asked for logits or loss: none computed
+            elif self.rank == self.last and not self._logits:  # a base model: no logits
                 if grad:  # the facade refuses this first; a clear error if a caller did not
                     raise UsageError(no_head_message(self.local.name, "backward"))
                 value["loss"] = None  # rank 0 asks no logits of a headless model
             elif self.rank == self.last:
                 logits = self._logits[0] if len(self._logits) == 1 else torch.cat(self._logits)
                 loss = next_token_loss(logits, ids.to(logits.device), mask) \
-                    if self.local.causal else None
+                    if self.local.causal and (grad or return_loss) else None
                 if grad:
                     self._backward_last(backward, logits, loss, ids, mask)
                 value["loss"] = None if loss is None else float(loss.detach())
@@ -404,7 +414,7 @@ class Stage:
                 n = max(1, min(micro_batches, batch.tokens.shape[0]))
                 for ids, mask, ex in zip(batch.tokens.chunk(n), batch.attention_mask.chunk(n),
                                          batch.example_ids.chunk(n), strict=True):
-                    self._forward(ids, mask, plan, writes, ex, grad=False)
+                    self._forward(ids, mask, plan, writes, ex, grad=False, head=False)
                 writes.runs += 1
         except BaseException:
             txn.rollback()
@@ -456,7 +466,7 @@ class Stage:
                 return None
             return {"keys": {k: len(v) for k, v in ctx.entries.items()},
                     "reducers": sorted(ctx.reducers), "num_runs": ctx.num_runs,
-                    "nbytes": ctx.nbytes(), "has_state": bool(ctx.state)}
+                    "nbytes": ctx.nbytes, "has_state": bool(ctx.state)}
         if action == "entries":
             (key,) = args
             values = entries(store, name, key)
@@ -501,7 +511,10 @@ class Stage:
                 ) -> Any:
         if self.rank not in targets:
             return None
-        return run_user_function(fn, self.local.facade, args, kwargs)
+        if self.rank == 0:  # where the caller is (or a server, which silences its requests)
+            return run_user_function(fn, self.local.facade, args, kwargs)
+        with silenced():  # a worker rank's console is nobody's: no bars from user code there
+            return run_user_function(fn, self.local.facade, args, kwargs)
 
     def op_ping(self) -> int:
         return self.rank

@@ -90,8 +90,18 @@ def join(config: DistConfig,
     return Rank(config, layout, control, channel, stage)
 
 
-def _lost_exit(rank: int) -> Callable[[WorkerLost], None]:
+def _lost_exit(rank: int, grace_s: float = 0.0) -> Callable[[WorkerLost], None]:
+    """Report the loss and exit with code 3.
+
+    ``grace_s`` (ranks > 0): when the lost rank is not rank 0, wait this long first (three
+    heartbeats). Rank 0 sees the same silence within a heartbeat or two and must tell its
+    clients (the request in flight fails with WorkerLost); exiting at once would make torchrun
+    stop every other worker of this node — rank 0 too, when it shares the node — before it
+    could.
+    """
     def on_lost(exc: WorkerLost) -> None:
+        if grace_s > 0 and exc.rank != 0:
+            threading.Event().wait(grace_s)
         print(f"cloche rank {rank}: {exc}; exiting (code {EXIT_WORKER_LOST})", file=sys.stderr,
               flush=True)
         os._exit(EXIT_WORKER_LOST)
@@ -130,7 +140,8 @@ def send_reply(channel: Channel, name: str, envelope: dict[str, Any], what: str,
 def command_loop(rank: Rank) -> int:
     """Ranks > 0: execute rank 0's commands until it says shut down (returns the exit code)."""
     control, stage, channel = rank.control, rank.stage, rank.channel
-    control.on_lost = _lost_exit(rank.layout.rank)
+    grace = 3 * rank.config.heartbeat_s
+    control.on_lost = _lost_exit(rank.layout.rank, grace)
     control.watch_idle = True
     light = LightService(rank)
     light.start()
@@ -158,7 +169,7 @@ def command_loop(rank: Rank) -> int:
                 control.store.add(f"settled/{seq}", 1)  # reads after this see the outcome
         except WorkerLost as exc:
             if not shutting_down:
-                _lost_exit(rank.layout.rank)(exc)
+                _lost_exit(rank.layout.rank, grace)(exc)
         except RuntimeError:
             if not shutting_down:
                 raise

@@ -38,7 +38,7 @@ def test_the_battery_passes_on_every_family(family, tiny_dir):
     assert {"no-probe run == transformers", "residual stream == output_hidden_states",
             "attn.pattern == output_attentions (eager)", "head ablation == W_O edit",
             "TransformerLens aliases name their points"} <= checks
-    assert ("expert neuron ablation == down_proj edit" in checks) == (family in MOE)
+    assert ("expert neuron ablation == expert W_out edit" in checks) == (family in MOE)
     assert ("neuron ablation == W_out edit" in checks) == (family not in MOE)
     if family in ("phi", "gptj", "falcon"):  # parallel blocks: the three-term identity
         assert statuses(report)["resid_post == resid_pre + attn.out + mlp.out"][0] == PASS

@@ -1,9 +1,14 @@
-"""run_dataset progress: streamed events become a tqdm bar or callback updates."""
+"""Progress over the wire: a server's streamed events become a tqdm bar or callback updates
+(the rules are in cloche.api.progress; every experiment is checked in tests/experiments)."""
 
 from __future__ import annotations
 
+import threading
+
 import cloche
-from cloche.api.progress import ProgressReporter
+import cloche.api.progress as progress_module
+import pytest
+from cloche.api.progress import Progress
 from cloche.client import connect
 
 TEXTS = ["def f(x):\n    return x\n", "for i in range(3): pass"] * 10
@@ -23,29 +28,150 @@ def test_progress_callback_sees_done_total_tokens_eta(served):
     assert "eta" in last and "elapsed" in last
     assert [u["done"] for u in updates] == sorted(u["done"] for u in updates)
 
-def test_progress_bar_default(served, capsys):
+@pytest.fixture
+def bars_at_once(monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY_S", 0.0)
+
+
+def test_progress_bar_default(served, capsys, bars_at_once):
     with connect(served.address, token=served.token) as model:
         out = model.run_dataset(TEXTS, batch_size=5, save="bar")
     assert out["examples"] == len(TEXTS)
     assert f"{len(TEXTS)}/{len(TEXTS)}" in capsys.readouterr().err
 
+
+def test_remote_run_and_generate_report_and_can_be_silenced(served, capfd, bars_at_once):
+    with connect(served.address, token=served.token) as model:
+        events: list[dict] = []
+        model.run("hello", progress=events.append)
+        # an idle server queues the request as next, then starts it
+        assert [e["type"] for e in events if e["type"] != "queued"] == ["started", "done"]
+        assert all(e["ahead"] == 0 for e in events if e["type"] == "queued")
+        events.clear()
+        model.generate("hello", 2, progress=events.append)
+        assert [e["type"] for e in events if e["type"] != "queued"] == ["started", "done"]
+        capfd.readouterr()
+        model.run("hello", progress=False)
+        model.generate("hello", 2, progress=False)
+        assert capfd.readouterr().err == ""
+        model.run("hello")
+        assert "run" in capfd.readouterr().err
+        events.clear()  # submit takes progress= too (quiet unless given: the caller goes on)
+        model.submit("run", "hello", progress=events.append).result()
+        assert [e["type"] for e in events if e["type"] != "queued"] == ["started", "done"]
+        model.submit("run", "hello").result()
+        assert capfd.readouterr().err == ""
+
+
 def test_reporter_forwards_queue_start_and_progress_events_to_callbacks():
     seen: list[dict] = []
-    reporter = ProgressReporter(seen.append, "x")
+    reporter = Progress(seen.append, "x")
     events = [{"type": "queued", "position": 2, "ahead": 2}, {"type": "started"},
               {"type": "progress", "done": 1, "total": 2, "tokens": 5}, {"type": "other"}]
     for event in events:
         reporter(event)
     reporter.close()
-    assert seen == events[:3]
+    assert seen[:2] == events[:2]
+    assert seen[2] == {**events[2], "unit": "it"}  # what the count counts is said
+    assert seen[3]["type"] == "done" and seen[3]["ok"] is True and len(seen) == 4
 
 
-def test_the_bar_says_how_many_requests_run_first(capsys):
-    reporter = ProgressReporter(True, "run_dataset")
-    reporter({"type": "queued", "position": 1, "ahead": 1})
-    assert "(queued: 1 ahead)" in reporter._bar.desc
+def test_the_bar_says_how_many_requests_run_first(monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)  # only the queue puts it up early
+    reporter = Progress(True, "run_dataset")
+    assert not reporter.due()
+    reporter({"type": "queued", "position": 2, "ahead": 1})
+    assert reporter.describe() == "run_dataset (queued: 1 ahead)" and reporter.due()
     reporter({"type": "queued", "position": 1, "ahead": 0})
-    assert "(queued: next)" in reporter._bar.desc
+    assert reporter.describe() == "run_dataset (queued: next)"
     reporter({"type": "started"})
-    assert "queued" not in reporter._bar.desc
+    assert reporter.describe() == "run_dataset"
     reporter.close()
+    assert not reporter.due()
+
+
+def test_a_request_next_in_line_waits_for_the_delay_like_any_call(monkeypatch):
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)
+    reporter = Progress(True, "run")
+    reporter({"type": "queued", "position": 1, "ahead": 0})  # next: as a quick call, no bar
+    assert not reporter.due()
+    reporter.close()
+
+
+def test_what_the_bar_shows_is_drawn_where_the_call_was_made(capsys, bars_at_once):
+    """Events may arrive on another thread (a connection's reader); the caller draws the final
+    state when the call ends, so the output is there even if no tick came between."""
+    import threading
+
+    reporter = Progress(True, "run_dataset", unit="ex")
+    reader = threading.Thread(target=lambda: [
+        reporter({"type": "queued", "position": 1, "ahead": 0}),
+        reporter({"type": "progress", "done": 7, "total": 7, "tokens": 70})])
+    reader.start()
+    reader.join()
+    reporter.close()
+    err = capsys.readouterr().err
+    assert "run_dataset" in err and "7/7" in err and "tokens=70" in err
+
+
+def test_text_bars_in_a_notebook_are_drawn_by_the_calls_own_thread(monkeypatch, capsys,
+                                                                   bars_at_once):
+    """A Jupyter kernel sends a thread's text to the cell that started the thread: there (tqdm
+    without ipywidgets) each call draws from a thread of its own, which ends with the call."""
+    import sys
+    import types
+
+    assert not progress_module._text_bars_in_a_notebook()  # a terminal: the shared ticker
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert progress_module._text_bars_in_a_notebook()  # tqdm.auto is text here: own thread
+    reporter = Progress(True, "run")
+    drawer = reporter._drawer
+    assert drawer is not None and drawer.is_alive()
+    reporter({"type": "progress", "done": 1, "total": 2})
+    reporter.close()
+    assert not drawer.is_alive()
+    assert "1/2" in capsys.readouterr().err
+
+
+HOLD = threading.Event()
+
+
+def held(m):
+    """Runs on the server until the test lets it go (keeps the queue busy)."""
+    return HOLD.wait(60)
+
+
+def test_a_run_queued_behind_another_shows_its_bar_at_once(tiny_model, capfd, monkeypatch):
+    from tests.server.helpers import InProcessServer, wait_for
+
+    monkeypatch.setattr(progress_module, "DELAY_S", 3600.0)  # only the queue can put it up
+    HOLD.clear()
+    with InProcessServer(tiny_model("gpt2")) as server, \
+            connect(server.address, token=server.token) as a, \
+            connect(server.address, token=server.token) as b:
+        started = threading.Event()
+        busy = a.submit("call", held, on_event=lambda e: e["type"] == "started" and started.set())
+        assert started.wait(60)
+        waiting = b.submit("run", [[5, 6, 7]], progress=True)
+        seen: list[str] = []
+
+        def bar_up() -> bool:
+            seen.append(capfd.readouterr().err)
+            return "run (queued: 1 ahead)" in "".join(seen)
+
+        try:
+            assert wait_for(bar_up), "".join(seen)
+        finally:
+            HOLD.set()
+        busy.result(timeout=60)
+        assert waiting.result(timeout=60).logits.shape[:2] == (1, 3)
+
+
+def test_a_submit_with_bad_arguments_leaves_no_bar_behind(tiny_model, monkeypatch):
+    monkeypatch.setattr(progress_module, "_TICKER", progress_module._Ticker())
+    model = tiny_model("gpt2")
+    with pytest.raises(cloche.UsageError):
+        model.submit("run", [[5, 6]], micro_batches=0, progress=True)
+    assert len(progress_module._TICKER._active) == 0
+    model.submit("run", [[5, 6]], progress=True).result()
+    assert len(progress_module._TICKER._active) == 0

@@ -69,7 +69,7 @@ def test_evaluation_matches_the_definitions(local_model):
     error = x - sae.decode(sae.encode(x))
     fve = 1 - error.pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
     assert metrics["fve"] == pytest.approx(float(fve), abs=1e-4)
-    spliced = local_model.run(texts, backward=None, return_logits=False, probes={
+    spliced = local_model.run(texts, probes={
         "layers.1.resid_pre": lambda c, x: sae.decode(sae.encode(x)).to(x.dtype)})
     assert metrics["ce_spliced"] == pytest.approx(spliced.loss, abs=1e-4)
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import cloche
 
 SCRIPT = """
 import cloche
@@ -27,3 +30,15 @@ def test_the_demo_server_is_not_shadowed_by_a_clone_named_cloche(tmp_path):
                           env={"PATH": "/usr/bin:/bin"})  # cloche as installed (.ci/run: -e)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "served cloche-default ok" in done.stdout
+
+
+def test_the_demo_says_when_a_folder_named_cloche_would_shadow_the_package(tmp_path):
+    from cloche.experiments.demo import clone_warning
+
+    assert clone_warning(tmp_path) is None
+    (tmp_path / "cloche" / "cloche").mkdir(parents=True)  # what `git clone .../cloche` leaves
+    text = clone_warning(tmp_path)
+    assert text is not None and str(tmp_path / "cloche") in text
+    assert "import cloche" in text and "pip install -e ./cloche" in text
+    installed = Path(cloche.__file__).resolve().parent
+    assert clone_warning(installed.parent) is None  # the package itself is not a stranger

@@ -168,3 +168,12 @@ def test_a_string_is_a_text_in_inputs_and_a_dataset_in_dataset(default_model):
         ex.ablation.loss(default_model)
     with pytest.raises(cloche.UsageError, match="texts and token ids go in inputs"):
         ex.ablation.loss(default_model, dataset=[code])
+
+
+def test_direct_logit_attribution_sharded_equals_local(local_models):
+    """The final norm lives on the last rank: the sharded table equals the local one."""
+    local, sharded = local_models("tiny-llama"), local_models("sharded")
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(4))
+    want = ex.head_logit_attribution(local, ids, [5, 9], progress=False)
+    got = ex.head_logit_attribution(sharded, ids, [5, 9], progress=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

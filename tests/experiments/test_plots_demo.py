@@ -62,6 +62,7 @@ def test_demo_runs_against_a_server_it_starts(tmp_path, capsys):
     assert code == 0, printed
     assert "-> induction head: layers." in printed
     assert "without head" in printed and "\u00ab" in printed  # ablation and a marked example
+    assert f"plots -> {out.resolve()}" in printed  # the folder it writes to, named
     names = {p.name for p in out.iterdir()}
     assert {"head_scores_induction.png", "induction_attention.png", "neuron_histogram.png",
             "resid_pca.png", "connectivity.png"} <= names
@@ -73,6 +74,9 @@ def test_results_show_themselves_in_a_notebook(default_model):
     page = scores._repr_html_()
     assert "induction head scores" in page and page.count("<tr>") == default_model.n_layers + 1
     assert f"{float(scores.max()):.2f}" in page
+    detected = ex.detect_heads(default_model, ex.repeated_tokens(default_model, batch=2, half=8),
+                               "induction")
+    assert "induction detection head scores" in detected._repr_html_()
     examples = ex.top_examples(default_model, "layers.1.mlp.post", 3, "default:heldout", k=2,
                                limit=8, progress=False)
     page = examples._repr_html_()

@@ -101,20 +101,46 @@ def test_canonical_points_match_hf_references(family, tiny_dir, tiny_model):
         torch.testing.assert_close(out + b_O, got["layers.0.attn.out"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_zeroing_a_neuron_equals_zeroing_its_output_weights(family, tiny_dir, tiny_model):
+    """Zeroing neuron j at mlp.post (an expert's post in a sparse block) equals zeroing row j
+    of the canonical W_out (that expert's W_out) on a fresh copy of the model."""
     model = tiny_model(family)
     j, layer = 5, model.n_layers - 1
+    mlp = f"layers.{layer}.mlp.experts.2" if family in MOE else f"layers.{layer}.mlp"
 
     def zero(ctx, x):
         x = x.clone()
         x[..., j] = 0
         return x
 
-    ablated = model.run(IDS, probes={f"layers.{layer}.mlp.post": zero}).logits
+    ablated = model.run(IDS, probes={f"{mlp}.post": zero}).logits
     edited = cloche.load(tiny_dir(family))
     with torch.no_grad():
-        edited.param(f"layers.{layer}.mlp.W_out")[j] = 0
+        edited.param(f"{mlp}.W_out")[j] = 0
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("point", ["attn.result", "attn.z"])
+def test_zeroing_a_head_equals_zeroing_its_w_o_slice(family, point, tiny_dir, tiny_model):
+    """Zeroing head h's result (or its z) at a probe point equals zeroing W_O[h] (the canonical
+    (heads, d_head, d_model) view of the output projection) on a fresh copy of the model."""
+    model = tiny_model(family)
+    h, layer = 1, model.n_layers - 1
+    name = f"layers.{layer}.{point}"
+    assert name in {p.name for p in model.probe_points()}
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[:, :, h] = 0
+        return x
+
+    ablated = model.run(IDS, probes={name: zero}).logits
+    edited = cloche.load(tiny_dir(family))
+    with torch.no_grad():
+        edited.param(f"layers.{layer}.attn.W_O")[h] = 0
     torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
     assert not torch.allclose(ablated, model.run(IDS).logits)
 
@@ -418,6 +444,56 @@ def test_zeroing_an_expert_neuron_equals_zeroing_its_weights(family, tiny_dir, t
 
 
 @pytest.mark.parametrize("family", MOE)
+def test_expert_weights_are_the_experts_own_in_canonical_layout(family, tiny_model):
+    """layers.i.mlp.experts.e.W_gate/W_in (d_model, d_expert), W_out (d_expert, d_model) and
+    mlp.W_router (d_model, experts) are the module's own weights, and they make the expert's
+    activations at the tokens routed to it."""
+    model = tiny_model(family)
+    layer = 1
+    block = model.hf_model.model.layers[layer].mlp
+    experts = block.experts
+    d_expert = experts.down_proj.shape[-1]
+    d_model = model.info()["d_model"]
+    torch.testing.assert_close(model.param(f"layers.{layer}.mlp.W_router"), block.gate.weight.T,
+                               atol=0, rtol=0)
+    logits, x = _routing(model, layer)
+    chosen = logits.topk(model.hf_model.config.num_experts_per_tok, dim=-1).indices
+    n_experts = logits.shape[-1]
+    posts = capture_all(model, [f"layers.{layer}.mlp.experts.{e}.post" for e in range(n_experts)])
+    for e in range(n_experts):
+        name = f"layers.{layer}.mlp.experts.{e}"
+        gate, up, out = (model.param(f"{name}.{w}") for w in ("W_gate", "W_in", "W_out"))
+        assert gate.shape == up.shape == (d_model, d_expert) and out.shape == (d_expert, d_model)
+        torch.testing.assert_close(gate, experts.gate_up_proj[e, :d_expert].T, atol=0, rtol=0)
+        torch.testing.assert_close(up, experts.gate_up_proj[e, d_expert:].T, atol=0, rtol=0)
+        torch.testing.assert_close(out, experts.down_proj[e].T, atol=0, rtol=0)
+        routed = (chosen == e).any(-1)
+        expected = torch.nn.functional.silu(x @ gate) * (x @ up)
+        torch.testing.assert_close(posts[f"{name}.post"][routed], expected[routed], atol=1e-5,
+                                   rtol=0)
+    assert model.param(f"layers.{layer}.mlp.experts.1.W_in", index=(slice(None), 3)).shape == (
+        d_model,)
+    with pytest.raises(cloche.UnknownProbePoint):
+        model.param(f"layers.{layer}.mlp.experts.{n_experts}.W_in")
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_zeroing_an_expert_output_equals_zeroing_its_w_out(family, tiny_dir, tiny_model):
+    """Replacing expert e's whole activation by zeros (its output then vanishes) equals zeroing
+    its canonical W_out (a view: the edit reaches the stacked parameter)."""
+    model = tiny_model(family)
+    layer, e = 1, 1
+    ablated = model.run(IDS, probes={
+        f"layers.{layer}.mlp.experts.{e}.post": lambda c, x: torch.zeros_like(x)}).logits
+    edited = cloche.load(tiny_dir(family))
+    with torch.no_grad():
+        edited.param(f"layers.{layer}.mlp.experts.{e}.W_out").zero_()
+    assert torch.all(edited.param(f"model.layers.{layer}.mlp.experts.down_proj")[e] == 0)
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", MOE)
 def test_replacing_router_logits_reroutes(family, tiny_model):
     """Logits that send every token to experts 0 and 1 give w0 * E0(x) + w1 * E1(x)."""
     model = tiny_model(family)
@@ -493,3 +569,193 @@ def test_headless_model_of_a_family_whose_logits_are_the_model_output(family, tm
         expected = base(IDS).last_hidden_state
     got = capture_all(model, ["final_norm"])["final_norm"]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------- fused and inline q/k/v
+# families whose query, key and value come out of one fused projection, or whose attention is
+# computed inline (cloche writes it out with taps); each layout is rebuilt here from the
+# transformers code it mirrors, not from cloche's tables
+FUSED = ["gpt_neo", "gpt_neox", "gpt_neox_sequential", "phi3", "bloom", "falcon", "falcon_new",
+         "falcon_rw"]
+
+
+def _qkv_rows(family, config, which, head):
+    """Rows of the raw fused q/k/v weight (output features) that make query (0), key (1) or
+    value (2) head ``head`` (a key/value head for keys and values), per transformers' code."""
+    heads = config.num_attention_heads
+    d = config.hidden_size // heads
+    span = torch.arange(d)
+    if family.startswith("falcon") and config.new_decoder_architecture:
+        group = heads // config.num_kv_heads  # [q * group, k, v] per key/value head
+        slot = (head % group) if which == 0 else group + which - 1
+        owner = head // group if which == 0 else head
+        return owner * (group + 2) * d + slot * d + span
+    if family == "falcon" and config.multi_query:  # all queries, one key, one value
+        return (head if which == 0 else heads + which - 1) * d + span
+    if family == "phi3":  # [query heads | key heads | value heads]
+        kv = config.num_key_value_heads
+        return (0, heads * d, (heads + kv) * d)[which] + head * d + span
+    return head * 3 * d + which * d + span  # per head [q, k, v]: GPT-NeoX, BLOOM, Falcon-RW
+
+
+def _fused_weight(model):
+    """(module path of the fused projection in block 0, or of GPT-Neo's q/k/v) per family."""
+    adapter = model.executor.adapter
+    site = adapter.block_sites.get("attn.q_proj")
+    if site is not None and site.qkv is None:
+        return None  # separate projections
+    base = f"{adapter.layers}.0.{adapter.attention}"
+    return f"{base}.qkv_proj" if model.config.model_type == "phi3" else f"{base}.query_key_value"
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_projection_points_are_the_split_fused_projection(family, tiny_dir, tiny_model):
+    """attn.q_proj/k_proj/v_proj are the projection's output per head (key/value heads for keys
+    and values), split per the family's layout; k_grouped is the keys before heads are
+    expanded; softmax(attn.scores) is the eager pattern, the masked entries -inf."""
+    model = tiny_model(family)
+    config = model.hf_model.config
+    names = [f"layers.0.attn.{s}" for s in ("q_proj", "k_proj", "v_proj", "k_grouped", "k",
+                                            "v", "scores", "pattern")]
+    got = capture_all(model, names)
+    hf = plain(tiny_dir(family), attn_implementation="eager")
+    heads = config.num_attention_heads
+    d = config.hidden_size // heads
+    fused_path = _fused_weight(model)
+    captured = {}
+    if fused_path is None:  # GPT-Neo: three Linear modules
+        base = f"{model.executor.adapter.layers}.0.{model.executor.adapter.attention}"
+        for which, proj in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj")):
+            module = dict(hf.named_modules())[f"{base}.{proj}"]
+            module.register_forward_hook(
+                lambda m, a, out, w=which: captured.update({w: out.unflatten(-1, (heads, d))}))
+        with torch.no_grad():
+            eager = hf(IDS, output_attentions=True).attentions[0]
+    else:
+        module = dict(hf.named_modules())[fused_path]
+        module.register_forward_hook(lambda m, a, out: captured.update(fused=out))
+        with torch.no_grad():
+            eager = hf(IDS, output_attentions=True).attentions[0]
+        fused = captured["fused"]
+        for which, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            n = heads if which == 0 else got[f"layers.0.attn.{name}"].shape[2]
+            captured[name] = torch.stack(
+                [fused[..., _qkv_rows(family, config, which, h)] for h in range(n)], dim=2)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(got[f"layers.0.attn.{name}"], captured[name], atol=1e-6,
+                                   rtol=0, msg=name)
+    k_grouped, k = got["layers.0.attn.k_grouped"], got["layers.0.attn.k"]
+    group = heads // k_grouped.shape[2]
+    torch.testing.assert_close(k_grouped.repeat_interleave(group, dim=2), k, atol=0, rtol=0)
+    torch.testing.assert_close(captured["v_proj"].repeat_interleave(group, dim=2),
+                               got["layers.0.attn.v"], atol=1e-6, rtol=0)
+    # at position 0 the rotary embedding is the identity and ALiBi adds 0: the first score is
+    # the scaled dot product of the projections; softmax then fixes every other entry
+    scale = 1.0 if family == "gpt_neo" else d**-0.5
+    q0 = captured["q_proj"][:, 0]
+    k0 = captured["k_proj"][:, 0].repeat_interleave(group, dim=1)
+    torch.testing.assert_close(k_grouped[:, 0], captured["k_proj"][:, 0], atol=1e-6, rtol=0)
+    scores = got["layers.0.attn.scores"]
+    torch.testing.assert_close(scores[:, :, 0, 0], (q0 * k0).sum(-1) * scale, atol=1e-5, rtol=0)
+    future = torch.ones(IDS.shape[1], IDS.shape[1], dtype=torch.bool).triu(1)
+    assert torch.isneginf(scores[..., future]).all()
+    assert torch.isfinite(scores[..., ~future]).all()
+    if not known_pattern_divergence(config):  # (Falcon-RW: see test_falcon_alibi_pattern)
+        torch.testing.assert_close(scores.softmax(-1), eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.softmax(-1), got["layers.0.attn.pattern"], atol=1e-6,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("family", [f for f in FUSED if f != "gpt_neo"])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_zeroing_a_fused_projection_head_equals_zeroing_its_rows(family, which, tiny_dir,
+                                                                  tiny_model):
+    """Zeroing head 1 of attn.q_proj (k_proj, v_proj) equals zeroing the rows of the fused
+    weight (and bias) that make it: the split is right for edits, not only for reads."""
+    model = tiny_model(family)
+    point = f"layers.0.attn.{'qkv'[which]}_proj"
+    head = 0 if which and model.executor.describe().n_kv_heads == 1 else 1
+
+    def zero(ctx, x):
+        x = x.clone()
+        x[:, :, head] = 0
+        return x
+
+    ablated = model.run(IDS, probes={point: zero}).logits
+    edited = cloche.load(tiny_dir(family))
+    rows = _qkv_rows(family, edited.hf_model.config, which, head)
+    with torch.no_grad():
+        edited.param(f"{_fused_weight(edited)}.weight")[rows] = 0
+        if f"{_fused_weight(edited)}.bias" in edited.param_names(canonical=False):
+            edited.param(f"{_fused_weight(edited)}.bias")[rows] = 0
+    torch.testing.assert_close(ablated, edited.run(IDS).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, model.run(IDS).logits)
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_replaced_scores_set_the_pattern(family, tiny_model):
+    """A probe on attn.scores decides the pattern: uniform scores give uniform attention over
+    the visible keys (the -inf entries stay masked)."""
+    model = tiny_model(family)
+    ctx = "replaced-scores"
+    model.save_context(ctx).clear()
+    model.run(IDS, save=ctx, probes={
+        "layers.0.attn.scores": lambda c, s: torch.where(torch.isfinite(s), 0.0, s),
+        "layers.0.attn.pattern": lambda c, p: c.save("p", p)})
+    handle = model.save_context(ctx)
+    pattern = handle.fetch("p")[0]
+    handle.clear()
+    uniform = torch.ones(IDS.shape[1], IDS.shape[1]).tril()  # (GPT-Neo's layer 0 is global)
+    torch.testing.assert_close(pattern, (uniform / uniform.sum(-1, keepdim=True)).expand_as(pattern),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", [*FUSED, "bert", "roberta"])
+def test_projection_points_are_ln1_times_the_canonical_weights(family, tiny_model):
+    """W_Q/W_K/W_V (and b_Q/b_K/b_V where the model has biases) in canonical layout,
+    (heads, d_model, d_head) with key/value heads for W_K/W_V, make attn.q_proj/k_proj/v_proj
+    from what attention reads: ln1, or resid_pre in a post-LayerNorm encoder."""
+    model = tiny_model(family)
+    read = "layers.1.resid_pre" if family in ("bert", "roberta") else "layers.1.ln1"
+    got = capture_all(model, [read, *(f"layers.1.attn.{x}_proj" for x in "qkv")])
+    x = got[read]
+    n_kv = model.executor.describe().n_kv_heads
+    for name in "QKV":
+        weight = model.param(f"layers.1.attn.W_{name}")
+        heads = model.n_heads if name == "Q" else n_kv
+        assert weight.shape == (heads, model.info()["d_model"], model.info()["d_head"])
+        try:
+            bias = model.param(f"layers.1.attn.b_{name}")
+        except cloche.UnknownProbePoint:
+            bias = torch.zeros(heads, weight.shape[-1])
+        expected = torch.einsum("bsm,hmd->bshd", x, weight) + bias
+        torch.testing.assert_close(got[f"layers.1.attn.{name.lower()}_proj"], expected,
+                                   atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoder_positions_read_from_w_pos(family, tiny_model):
+    """The embeddings' LayerNorm reads W_E[token] + W_pos[position] + the token-type row;
+    RoBERTa's W_pos starts after its padding index (row padding_idx + 1 is position 0), and a
+    padding token gets row padding_idx without advancing the positions after it."""
+    model = tiny_model(family)
+    root = model.executor.adapter.layers.split(".")[0]
+    norm = f"module:{root}.embeddings.LayerNorm:input"
+    got = capture_all(model, [norm, "pos_embed"])
+    W_E, W_pos = model.param("embed.W_E"), model.param("pos_embed.W_pos")
+    raw = model.param(f"{root}.embeddings.position_embeddings.weight")
+    offset = model.hf_model.config.pad_token_id + 1 if family == "roberta" else 0
+    assert W_pos.shape[0] == raw.shape[0] - offset
+    torch.testing.assert_close(W_pos, raw[offset:], atol=0, rtol=0)
+    token_type = model.param(f"{root}.embeddings.token_type_embeddings.weight")[0]
+    seq = IDS.shape[1]
+    torch.testing.assert_close(got[norm], W_E[IDS] + W_pos[:seq] + token_type, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["pos_embed"].expand(len(IDS), -1, -1),
+                               W_pos[:seq].expand(len(IDS), -1, -1), atol=0, rtol=0)
+    if family == "roberta":
+        pad = model.hf_model.config.pad_token_id
+        padded = IDS.clone()
+        padded[:, 3] = pad
+        pos = capture(model, padded, ["pos_embed"], context="padded-positions")["pos_embed"]
+        torch.testing.assert_close(pos[:, 3], raw[pad].expand(len(IDS), -1), atol=0, rtol=0)
+        torch.testing.assert_close(pos[:, 4], W_pos[3].expand(len(IDS), -1), atol=0, rtol=0)

@@ -402,7 +402,7 @@ def test_state_dict_round_trip_then_keeps_going(reducer):
         fill(reducer, x)
         fill(rebuilt, x)
     assert_same_result(rebuilt, reducer)
-    assert reducer.nbytes() == sum(
+    assert reducer.nbytes == sum(
         v.numel() * v.element_size()
         for v in reducer.state_dict().values()
         if isinstance(v, torch.Tensor)

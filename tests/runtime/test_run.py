@@ -298,3 +298,35 @@ def test_a_handles_repr_shows_runs_keys_and_the_stacking_axis(tiny_model):
     assert "2 run(s)" in text and "'x'" in text and "new first axis" in text
     assert handle.fetch("x").shape == (2, 1, 3, model.d_model)  # (entries, *entry shape)
     handle.clear()
+
+
+def lm_head_rows(model: cloche.Model, **run_kwargs) -> int:
+    """How many positions per row went through the unembedding in one run."""
+    rows: list[int] = []
+    handle = model.hf_model.lm_head.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        model.run(IDS, **run_kwargs)
+    finally:
+        handle.remove()
+    return rows[0]
+
+
+def test_what_is_computed_follows_what_is_asked(gpt2):
+    """return_logits=False computes neither loss nor logits nobody asked for; probes see the
+    same values; return_loss=True gives the loss without shipping logits."""
+    full = gpt2.run(IDS, probes={"final_norm": lambda c, x: c.save("x", x)}, save="full")
+    lean = gpt2.run(IDS, probes={"final_norm": lambda c, x: c.save("x", x)}, save="lean",
+                    return_logits=False)
+    assert lean.logits is None and lean.loss is None
+    assert torch.equal(gpt2.save_context("full").fetch("x"), gpt2.save_context("lean").fetch("x"))
+    assert gpt2.run(IDS, return_logits=False, return_loss=True).loss == pytest.approx(
+        full.loss, abs=1e-6)
+    assert lm_head_rows(gpt2) == IDS.shape[1]
+    assert lm_head_rows(gpt2, return_logits=False) == 1  # the unembedding skipped
+    assert lm_head_rows(gpt2, return_logits=False, return_loss=True) == IDS.shape[1]
+    # a probe that reads the logits gets every position, as in the plain forward
+    seen = gpt2.run(IDS, probes={"logits": lambda c, x: c.save("logits", x)}, save="head",
+                    return_logits=False)
+    assert seen.logits is None
+    assert torch.equal(gpt2.save_context("head").fetch("logits")[0], full.logits)

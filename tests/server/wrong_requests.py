@@ -43,6 +43,7 @@ def plan():
 VALID = {
     "ids": ids, "mask": mask, "forward": plan, "backward_probes": dict,
     "save": lambda: "fuzzed", "backward": lambda: None, "return_logits": lambda: True,
+    "return_loss": lambda: False,
     "micro_batches": lambda: 1, "options": lambda: {"max_new_tokens": 2, "do_sample": False,
                                                    "pad_token_id": 1},
     "seed": lambda: 3, "dataset": lambda: ["def f():\n", "x = 1\n"], "batch_size": lambda: 2,

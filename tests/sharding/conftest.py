@@ -19,15 +19,17 @@ N_LAYERS = 4
 TIMEOUT_S = 5.0  # the fault bound the groups run with (default is 60 s)
 
 
-def save_tiny4(family: str, directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """A tiny 4-block model (so 3 ranks each get a block) with non-trivial norms."""
+def save_tiny4(family: str, directory: pathlib.Path, seed: int = 0,
+               n_layers: int = N_LAYERS) -> pathlib.Path:
+    """A tiny 4-block model (so 3 ranks each get a block) with non-trivial norms; ``n_layers``
+    blocks where a test needs more ranks."""
     t = transformers
     if family == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(n_layer=N_LAYERS, n_embd=32, n_head=4,
+        model = t.GPT2LMHeadModel(t.GPT2Config(n_layer=n_layers, n_embd=32, n_head=4,
                                                n_positions=64, **_COMMON))
     elif family == "llama":
         model = t.LlamaForCausalLM(t.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_COMMON))
     else:
         raise ValueError(family)

@@ -54,6 +54,10 @@ def test_logits_and_loss(pair):
     assert got.loss == pytest.approx(want.loss, abs=ATOL)
     split = dist.run(inputs, micro_batches=3)
     close(split.logits, want.logits)
+    lean = dist.run(inputs, return_logits=False, return_loss=True)  # the loss, no logits
+    assert lean.logits is None and lean.loss == pytest.approx(want.loss, abs=ATOL)
+    nothing = dist.run(inputs, return_logits=False)
+    assert nothing.logits is None and nothing.loss is None
 
 
 def test_every_canonical_point_is_captured_identically(pair):

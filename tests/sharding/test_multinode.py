@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -25,7 +26,7 @@ import cloche
 import pytest
 import torch
 
-from tests.sharding.conftest import ids_batch
+from tests.sharding.conftest import ids_batch, save_tiny4
 from tests.threads import TORCH_THREADS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,3 +216,172 @@ def test_torchrun_across_two_namespaces(namespaces, tiny4_dir, tmp_path):
     torch.testing.assert_close(got["grad_W_in"], local.param("layers.3.mlp.W_in", grad=True),
                                atol=1e-5, rtol=0)
     assert torch.equal(got["tokens"], local.generate(torch.tensor([5, 17, 42]), 5).tokens)
+
+
+# ------------------------------------------------------------------ four nodes, eight ranks
+
+NODES, PER_NODE = 4, 2
+EIGHT_TIMEOUT_S = 20.0  # the fault bound (--timeout) of the eight ranks
+EIGHT_DEADLINE_S = 480.0  # four torchruns, eight ranks on a busy 2-core machine, start to exit
+
+
+@pytest.fixture
+def star():
+    """Four namespaces n0..n3, each joined by a veth pair to a bridge in a fifth (the switch):
+    10.232.<k>.1..4. Every byte between nodes crosses two veth pairs and the bridge."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (the ip command) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    tag = secrets.token_hex(3)
+    hub = f"clh{tag}"
+    nodes = [f"cl{n}{tag}" for n in range(NODES)]
+    subnet = f"10.232.{os.getpid() % 250}"
+    addrs = [f"{subnet}.{n + 1}" for n in range(NODES)]
+    made = []
+    etc = Path("/etc/netns")
+    hosts = "127.0.0.1 localhost\n" + "".join(f"{a} node-{n}\n" for n, a in enumerate(addrs))
+
+    def must(*args: str) -> None:
+        r = _ip(*args)
+        if r.returncode != 0:
+            pytest.skip(f"cannot build the four-node network ({' '.join(args)}):"
+                        f" {r.stderr.strip()}")
+
+    try:
+        for ns in (hub, *nodes):
+            must("netns", "add", ns)
+            made.append(ns)
+            (etc / ns).mkdir(parents=True, exist_ok=True)
+            (etc / ns / "hosts").write_text(hosts)
+            (etc / ns / "resolv.conf").write_text("options timeout:1 attempts:1\n")
+        must("-n", hub, "link", "add", f"br{tag}", "type", "bridge")
+        must("-n", hub, "link", "set", f"br{tag}", "up")
+        for n, (ns, addr) in enumerate(zip(nodes, addrs)):
+            inner, outer = f"v{n}{tag}", f"s{n}{tag}"
+            must("link", "add", inner, "type", "veth", "peer", "name", outer)
+            must("link", "set", inner, "netns", ns)
+            must("link", "set", outer, "netns", hub)
+            must("-n", hub, "link", "set", outer, "master", f"br{tag}")
+            must("-n", hub, "link", "set", outer, "up")
+            must("-n", ns, "addr", "add", f"{addr}/24", "dev", inner)
+            must("-n", ns, "link", "set", inner, "up")
+            must("-n", ns, "link", "set", "lo", "up")
+        r = _ip("netns", "exec", nodes[-1], "ping", "-c", "1", "-W", "5", addrs[0])
+        if r.returncode != 0 and shutil.which("ping") is not None:
+            pytest.skip(f"the four-node network does not carry packets: {r.stdout}{r.stderr}")
+        yield {"nodes": nodes, "addrs": addrs, "ifaces": [f"v{n}{tag}" for n in range(NODES)]}
+    finally:
+        for ns in made:
+            _ip("netns", "del", ns)
+            shutil.rmtree(etc / ns, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny8_dir(tmp_path_factory):
+    """A tiny Llama of 8 blocks (untied embeddings, rotary, grouped-query attention)."""
+    return save_tiny4("llama", tmp_path_factory.mktemp("llama8"), n_layers=8)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a node: its torchrun agent and every worker under it, at once."""
+    for pid, cmdline in _tree(proc.pid).items():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_eight_ranks_on_four_namespaces_match_one_process_and_a_lost_node_is_named(
+        star, tiny8_dir, tmp_path):
+    out, ready = tmp_path / "eight.pt", tmp_path / "ready.fifo"
+    os.mkfifo(ready)
+    said: queue.Queue[str] = queue.Queue()
+
+    def listen() -> None:
+        with ready.open() as fifo:  # blocks until rank 0 opens it to write
+            said.put(fifo.read())
+
+    threading.Thread(target=listen, daemon=True).start()
+    procs: list[subprocess.Popen] = []
+    logs = [tmp_path / f"node{n}.log" for n in range(NODES)]
+    ended: dict[int, float] = {}
+    done: queue.Queue[int] = queue.Queue()
+    try:
+        for node, (ns, iface) in enumerate(zip(star["nodes"], star["ifaces"])):
+            env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=iface,
+                       CLOCHE_NETNS_OUT=str(out), CLOCHE_NETNS_READY=str(ready),
+                       OMP_NUM_THREADS=str(TORCH_THREADS), CLOCHE_TOKEN="multinode-test-token")
+            cmd = ["ip", "netns", "exec", ns, *TORCHRUN, "--nnodes", str(NODES),
+                   "--nproc-per-node", str(PER_NODE), "--node-rank", str(node),
+                   "--master-addr", star["addrs"][0], "--master-port", "29650",
+                   "-m", "cloche.sharding.worker", "--model", str(tiny8_dir),
+                   "--timeout", str(EIGHT_TIMEOUT_S), "--threads", str(TORCH_THREADS),
+                   "--serve", "tests.sharding.netns_job:serve_eight"]
+            with logs[node].open("w") as log:
+                proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+
+            def watch(p: subprocess.Popen = proc, n: int = node) -> None:
+                p.wait()
+                ended[n] = time.monotonic()
+                done.put(n)
+
+            threading.Thread(target=watch, daemon=True).start()
+
+        def text() -> str:
+            return "\n".join(f"--- node {n} (exit code {p.poll()}) ---\n"
+                             f"{logs[n].read_text()[-5000:]}" for n, p in enumerate(procs))
+
+        started = time.monotonic()
+        try:
+            assert said.get(timeout=EIGHT_DEADLINE_S) == "saved\n"
+        except queue.Empty:
+            pytest.fail(f"rank 0 saved nothing within {EIGHT_DEADLINE_S:.0f} s:\n{text()}")
+        assert all(p.poll() is None for p in procs), text()
+        killed_at = time.monotonic()
+        _kill_tree(procs[NODES - 1])  # node 3: ranks 6 and 7
+        bound = EIGHT_TIMEOUT_S + AFTER_FAILURE_S  # detection, then torchrun's own exit
+        for _ in range(NODES):  # every node ends (the others once rank 0 is gone), bounded
+            try:
+                done.get(timeout=max(0.0, killed_at + 2 * bound - time.monotonic()))
+            except queue.Empty:
+                break
+        log0 = logs[0].read_text()
+        assert all(p.poll() is not None for p in procs), (
+            f"{time.monotonic() - killed_at:.0f} s after node 3 was killed:\n{text()}")
+        assert ended[0] - killed_at <= bound, (
+            f"node 0 ended {ended[0] - killed_at:.0f} s after the kill:\n{text()}")
+        # rank 0 names a lost rank of node 3, as WorkerLost does: "... [rank 6]" (found by the
+        # heartbeat bound, or sooner by a transfer whose peer's socket closed)
+        lost = re.findall(r"cloche rank 0: (.*\[rank (\d)\])", log0)
+        assert lost and int(lost[0][1]) in (6, 7), f"rank 0 named no lost rank:\n{text()}"
+        print(f"\nsaved after {killed_at - started:.0f} s; rank 0 gave up"
+              f" {ended[0] - killed_at:.1f} s after the kill: {lost[0][0]}")
+    finally:
+        for p in procs:
+            _stop(p)
+
+    got = torch.load(out)
+    assert got["world_size"] == 8 and got["plan"] == [1] * 8
+    assert {got["owners"][f"layers.{i}.mlp.post"] for i in range(8)} == set(range(8))
+    from tests.sharding.netns_job import everything
+
+    want = everything(cloche.load(tiny8_dir))
+    assert got["names"] == want["names"]
+    assert torch.equal(got["logits"], want["logits"])
+    assert got["loss"] == want["loss"]
+    assert sorted(got["saved"]) == sorted(want["saved"])
+    assert len(got["saved"]) > 8 * 12  # every canonical point of every block, and gradients
+    for key, value in want["saved"].items():
+        assert torch.equal(got["saved"][key], value), key
+    for name, value in want["grads"].items():
+        assert torch.equal(got["grads"][name], value), name
+    assert sorted(got["reducers"]) == sorted(want["reducers"]) and len(want["reducers"]) == 16
+    for name, value in want["reducers"].items():
+        assert value.keys() == got["reducers"][name].keys()
+        for field, tensor in value.items():
+            assert torch.equal(got["reducers"][name][field], tensor), (name, field)

@@ -32,6 +32,10 @@ class Site:
     #: the model later changes this output in place (Falcon's ``mlp_output += attention``):
     #: probes get a copy, so what they save stays what the point was
     mutated: bool = False
+    #: ``(layout, k)``: the point is query (0), key (1) or value (2) of a fused q/k/v
+    #: projection's output, laid out as ``"qkv"`` (all query heads, then the key heads, then
+    #: the value heads: Phi-3) or ``"per_head"`` (each head's q, k, v in turn: GPT-NeoX)
+    qkv: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,16 @@ class Adapter:
     #: layout, which cloche wraps to reach q/k/v/pattern/z (GPT-Neo's ``_attn``), or a
     #: function of ``model.inline`` that stands in for their ``forward`` (BLOOM)
     attention_method: str | Callable[..., Any] | None = None
+    #: the optional attention points (``q_proj``, ``k_proj``, ``v_proj``, ``k_grouped``,
+    #: ``scores``) that a function ``attention_method`` taps itself (the inline families)
+    method_taps: tuple[str, ...] = ()
     #: mixture-of-experts blocks: the router and the experts modules inside a block (their
     #: points are ``mlp.router`` and ``mlp.experts.{e}.post``; see ``model.moe``)
     router: str | None = None
     experts: str | None = None
+    #: per-expert weights, relative to a block: canonical suffix (after ``mlp.experts.{e}.``)
+    #: -> rule over the stacked parameter; ``part`` is filled with the expert's index
+    expert_weights: Mapping[str, WeightRule] = field(default_factory=dict)
     #: a block returns ``(hidden, attention weights)``, not the hidden state alone (Falcon,
     #: BLOOM, GPT-Neo): a sharded model's stand-in blocks must return the same
     block_returns_tuple: bool = False
@@ -91,6 +101,10 @@ class Adapter:
     lacks: Mapping[str, str] = field(default_factory=dict)
     #: the learned position embedding module (its output is the ``pos_embed`` point)
     pos_embed: str | None = None
+    #: TransformerLens names that mean something else in this family than in the generic
+    #: table (``model.points``): TL name -> canonical name (BLOOM's ``hook_embed`` is after
+    #: the embedding LayerNorm)
+    tl_aliases: Mapping[str, str] = field(default_factory=dict)
 
     def is_parallel(self, config: object) -> bool:
         """Whether blocks of a model with ``config`` run attention and MLP in parallel."""

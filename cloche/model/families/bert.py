@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloche.model.families.base import Adapter, Site, WeightRule
+from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
 
 BERT = Adapter(
     summary="post-LayerNorm encoder, bidirectional",
@@ -10,6 +10,7 @@ BERT = Adapter(
     model_types=("bert",),
     layers="bert.encoder.layer",
     embed="bert.embeddings.word_embeddings",
+    pos_embed="bert.embeddings.position_embeddings",
     final_norm=None,
     unembed="cls.predictions.decoder",
     logits="cls",
@@ -17,6 +18,7 @@ BERT = Adapter(
     causal=False,
     block_sites={
         "resid_pre": Site("", "input"),
+        **projection_sites("attention.self", "query", "key", "value"),
         "attn.out": Site("attention.output.dense", "output"),
         "resid_mid": Site("attention", "output"),
         "mlp.pre": Site("intermediate.dense", "output"),
@@ -59,6 +61,7 @@ ROBERTA = Adapter(
     model_types=("roberta",),
     layers="roberta.encoder.layer",
     embed="roberta.embeddings.word_embeddings",
+    pos_embed="roberta.embeddings.position_embeddings",
     final_norm=None,
     unembed="lm_head.decoder",
     logits="lm_head",
@@ -68,12 +71,16 @@ ROBERTA = Adapter(
     block_weights=BERT.block_weights,
     global_weights={
         "embed.W_E": WeightRule("roberta.embeddings.word_embeddings.weight", "identity"),
+        "pos_embed.W_pos": WeightRule("roberta.embeddings.position_embeddings.weight",
+                                      "rows_after_padding"),
         "unembed.W_U": WeightRule("lm_head.decoder.weight", "linear_in_out"),
         "unembed.b_U": WeightRule("lm_head.bias", "identity"),
     },
     notes=(
         *BERT.notes,
-        ("position ids start after the padding index (padding_idx + 1), so the position table"
-        " is not offered as pos_embed.W_pos; read roberta.embeddings.position_embeddings.weight"),
+        ("position ids start after the padding index: pos_embed.W_pos[p] is row padding_idx +"
+         " 1 + p of roberta.embeddings.position_embeddings.weight (the rows in front are"
+         " unused); a padding token gets row padding_idx and is not counted in the positions"
+         " of the tokens after it (the pos_embed point shows what the model adds)"),
     ),
 )

@@ -22,7 +22,10 @@ BLOOM = Adapter(
     logits="lm_head",
     attention="self_attention",
     attention_method=bloom_attention,
+    method_taps=("q_proj", "k_proj", "v_proj", "k_grouped", "scores"),
     block_returns_tuple=True,
+    # TransformerLens' hook_embed is after the embedding LayerNorm: block 0's input
+    tl_aliases={"hook_embed": "layers.0.resid_pre"},
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
@@ -63,7 +66,8 @@ BLOOM = Adapter(
     notes=(
         "embed is the raw token embedding; resid_pre of block 0 is after the embedding LayerNorm",
         ("attention uses ALiBi (a per-head linear bias on distance, no position embeddings);"
-         " attn.pattern is the softmax of the biased scores, as the model computes it"),
+         " attn.scores are the biased scores and attn.pattern their softmax, as the model"
+         " computes it; no rotary: attn.q_proj is attn.q"),
         ("the apply_residual_connection_post_layernorm variant is not covered (its resid_mid"
         " differs)"),
     ),

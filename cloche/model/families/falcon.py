@@ -21,6 +21,7 @@ FALCON = Adapter(
     logits="lm_head",
     attention="self_attention",
     attention_method=falcon_attention,
+    method_taps=("q_proj", "k_proj", "v_proj", "k_grouped", "scores"),
     block_returns_tuple=True,
     parallel=("parallel_attn", "new_decoder_architecture"),
     block_sites={
@@ -36,6 +37,10 @@ FALCON = Adapter(
         "resid_post": Site("", "output"),
     },
     block_weights={
+        **{f"attn.W_{x}": WeightRule("self_attention.query_key_value.weight",
+                                     "grouped_qkv_heads", k) for k, x in enumerate("QKV")},
+        **{f"attn.b_{x}": WeightRule("self_attention.query_key_value.bias",
+                                     "grouped_qkv_bias_heads", k) for k, x in enumerate("QKV")},
         "attn.W_O": WeightRule("self_attention.dense.weight", "linear_heads_out"),
         "attn.b_O": WeightRule("self_attention.dense.bias", "identity"),
         "mlp.W_in": WeightRule("mlp.dense_h_to_4h.weight", "linear_in_out"),
@@ -56,9 +61,10 @@ FALCON = Adapter(
     notes=(
         ("attention (rotary or ALiBi) is computed inline; runs that probe its internals use"
          " cloche's copy of Falcon's eager attention. attn.k/v are expanded to every query head"
-         " (multi-query and grouped layouts)"),
-        ("no W_Q/W_K/W_V (query_key_value's layout depends on multi_query and"
-         " new_decoder_architecture): read the raw self_attention.query_key_value.weight"),
+         " (multi-query and grouped layouts); attn.scores include ALiBi where the model has it"),
+        ("W_Q/W_K/W_V are read from query_key_value in each variant's layout: W_K/W_V have one"
+         " head (multi_query), num_kv_heads (new_decoder_architecture) or every head; so do"
+         " attn.k_proj/v_proj and attn.k_grouped"),
         ("with parallel_attn or new_decoder_architecture, attention and MLP read the same residual:"
         " no resid_mid (ln2 is ln_mlp where the block has two LayerNorms)"),
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cloche.model.families.base import Adapter, Site, WeightRule, projection_sites
+from cloche.model.inline import gpt_neo_attention
 
 GPT_NEO = Adapter(
     summary="alternating global / local (sliding) attention, unscaled scores",
@@ -15,7 +16,8 @@ GPT_NEO = Adapter(
     logits="lm_head",
     pos_embed="transformer.wpe",
     attention="attn.attention",
-    attention_method="_attn",
+    attention_method=gpt_neo_attention,
+    method_taps=("k_grouped", "scores"),
     block_returns_tuple=True,
     block_sites={
         "resid_pre": Site("", "input"),
@@ -55,7 +57,7 @@ GPT_NEO = Adapter(
         "attention scores are not scaled by 1/sqrt(d_head) (GPT-Neo's convention)",
         ("local layers (attention_types) attend to the last window_size tokens only; their"
         " pattern is zero outside the window"),
-        ("GPT-Neo's attention does not use transformers' AttentionInterface: cloche wraps its"
-        " _attn method for q/k/v/pattern/z (the model's own eager attention)"),
+        ("GPT-Neo's attention does not use transformers' AttentionInterface: runs that probe"
+         " its internals use cloche's copy of its eager attention (model.inline)"),
     ),
 )

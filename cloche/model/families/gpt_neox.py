@@ -18,6 +18,9 @@ GPT_NEOX = Adapter(
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
+        # query_key_value's output holds each head's query, key and value in turn
+        **{f"attn.{x}_proj": Site("attention.query_key_value", "output", qkv=("per_head", k))
+           for k, x in enumerate("qkv")},
         "attn.out": Site("attention", "output"),
         # resid_mid exists only without the parallel residual (Adapter.parallel)
         "resid_mid": Site("post_attention_layernorm", "input_inplace"),

@@ -10,18 +10,28 @@ from __future__ import annotations
 from cloche.model.families.base import DECODER_PATHS, Adapter, WeightRule
 from cloche.model.families.llama import LLAMA, LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
 
-# the MLP sites name modules only dense blocks have (Qwen2-MoE's mlp_only_layers)
+# the MLP sites and weights name modules only dense blocks have (Qwen2-MoE's mlp_only_layers):
+# a sparse block's are absent, so they are not offered there
 MOE_SITES = LLAMA_BLOCK_SITES
 MOE_WEIGHTS = {
-    **{k: v for k, v in LLAMA_BLOCK_WEIGHTS.items() if not k.startswith("mlp.")},
+    **LLAMA_BLOCK_WEIGHTS,
     "mlp.W_router": WeightRule("mlp.gate.weight", "linear_in_out"),
+}
+#: expert e's weights in canonical layout, views of the stacked 3D parameters (transformers 5
+#: keeps every expert of a block in one gate_up_proj and one down_proj)
+MOE_EXPERT_WEIGHTS = {
+    "W_gate": WeightRule("mlp.experts.gate_up_proj", "expert_gate_in_out"),
+    "W_in": WeightRule("mlp.experts.gate_up_proj", "expert_up_in_out"),
+    "W_out": WeightRule("mlp.experts.down_proj", "expert_out"),
 }
 MOE_NOTES = (
     ("mlp.experts.<e>.post is (batch, seq, d_expert): expert e's activations at the tokens"
     " routed to it, zero elsewhere (a replacement there is ignored)"),
     "replacing mlp.router re-routes: the top-k experts and their weights follow the new logits",
-    ("expert weights are the raw 3D parameters mlp.experts.gate_up_proj (experts, 2 * d_expert,"
-    " d_model; gate rows first) and mlp.experts.down_proj (experts, d_model, d_expert)"),
+    ("expert e's weights are mlp.experts.<e>.W_gate / W_in (d_model, d_expert) and W_out"
+    " (d_expert, d_model), views of the raw 3D parameters mlp.experts.gate_up_proj (experts,"
+    " 2 * d_expert, d_model; gate rows first) and mlp.experts.down_proj (experts, d_model,"
+    " d_expert); the router's is mlp.W_router (d_model, experts)"),
 )
 
 MIXTRAL = Adapter(
@@ -32,6 +42,7 @@ MIXTRAL = Adapter(
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",
+    expert_weights=MOE_EXPERT_WEIGHTS,
     block_sites=MOE_SITES,
     block_weights=MOE_WEIGHTS,
     global_weights=LLAMA.global_weights,
@@ -46,6 +57,7 @@ QWEN2_MOE = Adapter(
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",
+    expert_weights=MOE_EXPERT_WEIGHTS,
     block_sites=MOE_SITES,
     block_weights={
         **MOE_WEIGHTS,
@@ -69,6 +81,7 @@ QWEN3_MOE = Adapter(
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",
+    expert_weights=MOE_EXPERT_WEIGHTS,
     block_sites=MOE_SITES,
     block_weights={
         **MOE_WEIGHTS,

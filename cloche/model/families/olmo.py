@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cloche.model.families.base import DECODER_PATHS, Adapter, Site, WeightRule, projection_sites
 from cloche.model.families.llama import LLAMA, LLAMA_BLOCK_SITES, LLAMA_BLOCK_WEIGHTS
-from cloche.model.families.moe import MOE_NOTES, MOE_SITES, MOE_WEIGHTS
+from cloche.model.families.moe import MOE_EXPERT_WEIGHTS, MOE_NOTES, MOE_SITES, MOE_WEIGHTS
 
 OLMO = Adapter(
     **DECODER_PATHS,
@@ -66,6 +66,7 @@ OLMOE = Adapter(
     gated_mlp=True,
     router="mlp.gate",
     experts="mlp.experts",
+    expert_weights=MOE_EXPERT_WEIGHTS,
     block_sites=MOE_SITES,
     block_weights={
         **MOE_WEIGHTS,

@@ -13,6 +13,9 @@ PHI3 = Adapter(
     block_sites={
         "resid_pre": Site("", "input"),
         "ln1": Site("input_layernorm", "output"),
+        # qkv_proj's output is [query heads | key heads | value heads]
+        **{f"attn.{x}_proj": Site("self_attn.qkv_proj", "output", qkv=("qkv", k))
+           for k, x in enumerate("qkv")},
         "attn.out": Site("self_attn", "output"),
         "resid_mid": Site("post_attention_layernorm", "input_inplace"),
         "ln2": Site("post_attention_layernorm", "output"),
