@@ -20,7 +20,11 @@ ALLOWED = {
     "default_model": {"errors", "data"},
     "data": {"errors", "default_model"},
     "probes": {"errors", "model"},
-    "api": {"errors", "model", "probes", "data"},  # a RunDataset checks its dataset
+    # what a sparse dictionary is (SAELens format, the module); training drives a model through
+    # its public methods, which it receives
+    "dictionaries": {"errors", "probes"},
+    "api": {"errors", "model", "probes", "data", "dictionaries"},  # a RunDataset checks its
+    # dataset; attach_dictionary reads a SAELens folder
     "runtime": {"errors", "model", "probes", "api", "data"},
     "sharding": {"errors", "model", "probes", "api", "runtime", "data"},
     "client": {"errors", "model", "api", "wire"},
@@ -36,7 +40,7 @@ ALLOWED = {
     "cli": {"cloche", "errors", "default_model", "experiments", "server", "sharding", "check",
             "ui"},
     "cloche": {"errors", "load", "api", "client", "model", "probes", "data", "experiments",
-               "cli", "version"},
+               "cli", "version", "dictionaries"},
 }
 
 

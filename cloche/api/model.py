@@ -12,6 +12,7 @@ that turns the executor's output into the user's result, and both ``model.run(..
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from cloche.api.handle import SaveContextHandle, SaveContexts
 from cloche.api.inputs import encode_inputs, is_text
 from cloche.api.progress import Progress, ProgressArg
 from cloche.api.results import GenerateResult, RunResult, generate_result
+from cloche.dictionaries.modules import build_dictionary
+from cloche.dictionaries.source import convention_notes, dictionary_source
 from cloche.errors import UsageError
 from cloche.model.info import no_head_message
 from cloche.model.points import ProbePoint, canonical_name
@@ -161,6 +164,9 @@ class Model:
         if not isinstance(name, str):
             raise UsageError(f"probe point names are strings, not {name!r}")
         if self._names is None:
+            self._names = frozenset(self._described().point_names)
+        if name.startswith(rq.DERIVED_PREFIX) and name not in self._names:
+            self._forget_points()  # attached since this model was described (another client)
             self._names = frozenset(self._described().point_names)
         described = self._described()
         return canonical_name(name, self._names, described.missing, described.model_type)
@@ -524,6 +530,71 @@ class Model:
         if isinstance(ids, str):
             ids = self.tokenize(ids)
         return [tokenizer.decode([int(i)]) for i in torch.as_tensor(ids).reshape(-1)]
+
+    # ----------------------------------------------------------------- dictionaries
+    def attach_dictionary(self, name: str, source: Any, *, point: str | None = None,
+                          architecture: str | None = None, k: int | None = None,
+                          on_server: bool = False, apply_conventions: bool = False,
+                          out_point: str | None = None) -> dict[str, Any]:
+        """Attach a sparse dictionary at ``point`` under ``name``, where the point lives.
+
+        ``source``: a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``; read here, or
+        where the model runs with ``on_server=True``), a ``cloche.dictionaries.SparseDictionary``
+        or a dict of tensors (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` [, ``threshold``]; then
+        ``architecture`` and ``k`` say what it is). ``point`` defaults to the dictionary's
+        ``hook_name`` (TransformerLens names are understood); a transcoder also writes
+        ``out_point`` (default: its ``hook_name_out``). Its features, reconstruction and
+        error become the probe points ``dict:<name>:features|reconstruction|error``: probes
+        read and edit them like any point, and an edit changes the run through
+        reconstruction + error (with no edit the run is the plain model's, bit for bit).
+
+        When the dictionary was trained with other conventions than this model uses
+        (``prepend_bos``, ``context_size``) a warning says so; ``apply_conventions=True`` sets
+        ``model.prepend_bos`` to the dictionary's. Returns the dictionary's summary.
+        """
+        if not isinstance(name, str) or not name or ":" in name:
+            raise UsageError(f"dictionary names are non-empty strings without ':', not {name!r}")
+        config, weights, path = dictionary_source(source, point, architecture, k, on_server)
+        hook = point if point is not None else (config.hook_name if config else None)
+        if hook is None and path is None:
+            raise UsageError(f"dictionary {name!r} names no hook_name: pass point=...")
+        if out_point is None and config is not None and config.transcoder:
+            out_point = config.hook_name_out
+        request = rq.AttachDictionary(
+            name=name, point=None if hook is None else self.resolve(hook), build=build_dictionary,
+            config=None if config is None else config.to_cfg(), weights=weights, path=path,
+            out_point=None if out_point is None else self.resolve(out_point))
+        summary = dict(self._executor.execute(request))
+        self._forget_points()
+        notes = self._convention_notes(summary)
+        if apply_conventions and summary.get("prepend_bos") is not None:
+            self.prepend_bos = bool(summary["prepend_bos"])
+            notes = self._convention_notes(summary)
+        for note in notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        summary["notes"] = notes
+        return summary
+
+    def detach_dictionary(self, name: str) -> None:
+        """Remove the dictionary ``name`` and its probe points."""
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"dictionary names are non-empty strings, not {name!r}")
+        self._executor.execute(rq.DetachDictionary(name=name))
+        self._forget_points()
+
+    def dictionaries(self) -> dict[str, dict[str, Any]]:
+        """The attached dictionaries: name -> summary (point, sizes, rank, conventions)."""
+        return dict(self._executor.execute(rq.Dictionaries()))
+
+    def _forget_points(self) -> None:
+        """Attaching changes the point names: describe the model afresh."""
+        self._info = self._executor.execute(rq.Describe())
+        self._names = None
+        self._points = None
+
+    def _convention_notes(self, summary: Mapping[str, Any]) -> list[str]:
+        return convention_notes(summary, self.tokenizer, self.prepend_bos,
+                                self._described().max_positions)
 
     # ----------------------------------------------------------------- connection & lifecycle
     @property

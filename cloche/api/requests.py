@@ -36,11 +36,15 @@ from cloche.model.points import ProbePoint
 
 __all__ = [
     "CONTEXT_ACTIONS",
+    "DERIVED_PREFIX",
+    "AttachDictionary",
     "Call",
     "Config",
     "Context",
     "ContextAction",
     "Describe",
+    "DetachDictionary",
+    "Dictionaries",
     "Generate",
     "ListContexts",
     "ModelInfo",
@@ -76,6 +80,8 @@ _WRITING_ACTIONS = ("clear", "persist", "restore")
 _ACTION_ARITY = {"keys": 0, "fetch": 3, "state": 0, "num_runs": 0, "reducers": 0, "result": 1,
                  "nbytes": 0, "clear": 0, "persist": 1, "restore": 1}
 _FETCH_MODES = ("stack", "cat", "list")
+#: how the names of points derived by an attached dictionary begin (``dict:res3:features``)
+DERIVED_PREFIX = "dict:"
 _ID_DTYPES = (torch.int64, torch.int32)
 _MASK_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
                 torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -174,7 +180,8 @@ def _plan(record: object, name: str, model: ModelInfo | None) -> None:
     for point, fns in plan.items():
         if not isinstance(point, str):
             _fail(record, name, "must map probe point names (strings) to functions", point)
-        if points and point not in points:
+        # a derived point (dict:<name>:<part>) is checked where its dictionary is attached
+        if points and point not in points and not point.startswith(DERIVED_PREFIX):
             _fail(record, name, "must name probe points of the model (canonical names)", point,
                   UnknownProbePoint)
         if not isinstance(fns, (list, tuple)) or not all(callable(fn) for fn in fns):
@@ -479,7 +486,70 @@ class Context(Request[Any]):
             _fail(self, "args[0] (the path)", "must be a non-empty string", args[0])
 
 
+@dataclass(frozen=True, kw_only=True)
+class AttachDictionary(Request[dict[str, Any]]):
+    """Attach a dictionary at canonical point ``point`` under ``name``, where the point lives.
+
+    ``build(config, weights, path)`` makes its module there (``cloche.dictionaries`` supplies
+    it): from ``config`` (a SAELens ``cfg.json`` as a dict) and ``weights`` (tensors), or from
+    ``path``, a SAELens folder on the server. ``point`` ``None``: the dictionary's own
+    ``hook_name``; ``out_point`` (a transcoder's output) ``None``: its ``hook_name_out``.
+    Its features, reconstruction and error become the probe points
+    ``dict:<name>:features|reconstruction|error``. Returns a summary of the dictionary.
+    """
+
+    heavy: ClassVar[bool] = True
+    name: str
+    point: str | None
+    build: Callable[..., Any]
+    config: dict[str, Any] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    path: str | None = None
+    out_point: str | None = None
+
+    def check(self, model: ModelInfo | None = None) -> None:
+        _name_field(self, "name")
+        if ":" in self.name:
+            _fail(self, "name", "must not contain ':'", self.name)
+        for name in ("point", "out_point"):
+            value = getattr(self, name)
+            if value is not None:
+                _name_field(self, name)
+                if model is not None and model.point_names and value not in model.point_names:
+                    _fail(self, name, "must name a probe point of the model", value,
+                          UnknownProbePoint)
+        if not callable(self.build):
+            _fail(self, "build", "must be a function", self.build)
+        if self.path is None:
+            if not isinstance(self.config, dict):
+                _fail(self, "config", "must be a dict (cfg.json) when no path is given",
+                      self.config)
+            if not isinstance(self.weights, dict) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor)
+                    for k, v in self.weights.items()):
+                _fail(self, "weights", "must map weight names to tensors", self.weights)
+        elif not isinstance(self.path, str) or not self.path:
+            _fail(self, "path", "must be None or a non-empty string", self.path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetachDictionary(Request[None]):
+    """Remove the dictionary ``name`` and its probe points."""
+
+    heavy: ClassVar[bool] = True
+    name: str
+
+    def check(self, model: ModelInfo | None = None) -> None:
+        _name_field(self, "name")
+
+
 # --------------------------------------------------------------------------- light requests
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dictionaries(Request[dict[str, dict[str, Any]]]):
+    """The attached dictionaries: name -> summary (point, sizes, rank, conventions)."""
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,7 +570,8 @@ class Owner(Request[int]):
 
     def check(self, model: ModelInfo | None = None) -> None:
         _name_field(self, "point")
-        if model is not None and model.point_names and self.point not in model.point_names:
+        if (model is not None and model.point_names and self.point not in model.point_names
+                and not self.point.startswith(DERIVED_PREFIX)):
             _fail(self, "point", "must name a probe point of the model", self.point,
                   UnknownProbePoint)
 

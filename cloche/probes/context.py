@@ -40,6 +40,10 @@ class ProbeContext:
         self.point = point
         self.layer = layer
 
+    def at(self, point: str) -> ProbeContext:
+        """A context for another point of the same run (a point derived from this one)."""
+        return ProbeContext(self._run, point, self.layer)
+
     @property
     def run_index(self) -> int:
         """How many runs this save context had committed before this one."""

@@ -48,6 +48,7 @@ from cloche.probes.context import RunInfo
 from cloche.probes.refs import apply_ops
 from cloche.probes.store import SaveStore, Transaction
 from cloche.runtime.datasets import Resumable, as_dataset, iterate, open_export, with_export_probes
+from cloche.runtime.derived import DerivedPoints, is_derived, make_derived
 from cloche.runtime.head import head_kwargs
 from cloche.runtime.hooks import Attachment, ProbePlan
 from cloche.runtime.interrupt import interruptible
@@ -86,6 +87,8 @@ class LocalExecutor:
         self.rank = rank
         self.specs: dict[str, PointSpec] = build_specs(self.hf_model, self.adapter)
         self._shapes: dict[str, tuple[str | int, ...] | None] | None = None
+        #: attached dictionaries, whose features/reconstruction/error are derived points
+        self.derived = DerivedPoints()
         self._info: ModelInfo | None = None
         self._facade: Model | None = None
         self._params = dict(self.hf_model.named_parameters(remove_duplicate=False))
@@ -125,8 +128,9 @@ class LocalExecutor:
     def describe(self) -> ModelInfo:
         if self._info is None:
             self._info = describe(self._config, self.adapter, name=self.name,
-                                  device=self.device, point_names=self.specs, rank=self.rank,
-                                  lm_head=self.lm_head)
+                                  device=self.device,
+                                  point_names=[*self.specs, *self.derived.names()],
+                                  rank=self.rank, lm_head=self.lm_head)
         return self._info
 
     @property
@@ -143,8 +147,9 @@ class LocalExecutor:
 
     def probe_points(self) -> list[ProbePoint]:
         shapes = self._discover_shapes()
-        return [ProbePoint(s.name, s.kind, s.layer, shapes.get(s.name),
-                           s.site.module if s.site else None) for s in self.specs.values()]
+        return [*(ProbePoint(s.name, s.kind, s.layer, shapes.get(s.name),
+                             s.site.module if s.site else None) for s in self.specs.values()),
+                *self.derived.probe_points(shapes, lambda p: self.specs[p].layer)]
 
     def _discover_shapes(self) -> dict[str, tuple[str | int, ...] | None]:
         """Run one tiny forward with a reader at every point and record symbolic shapes."""
@@ -186,6 +191,7 @@ class LocalExecutor:
         ``head=False``: nobody reads the logits, so the unembedding may skip most positions."""
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
+        plan = self.derived.expand(plan)
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=example_ids,
                        model=self.facade, rank=self.rank, cancel=cancel)
         attachment = Attachment(self.hf_model, self._modules, self.specs, plan, lambda: info,
@@ -286,6 +292,7 @@ class LocalExecutor:
         """Hugging Face ``generate`` with ``plan`` attached; probes see each step's tokens."""
         info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=None,
                        model=self.facade, rank=self.rank, cancel=cancel)
+        plan = self.derived.expand(plan)
 
         def track(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if isinstance(kwargs.get("input_ids"), torch.Tensor):
@@ -380,6 +387,30 @@ class LocalExecutor:
             return tensor
         return apply_ops(tensor, [["index", list(index)]]).clone()
 
+    # ----------------------------------------------------------------- dictionaries
+    def _attach_dictionary(self, req: rq.AttachDictionary, cancel: Any, on_event: Any
+                           ) -> dict[str, Any]:
+        shapes = self._discover_shapes()
+        with self._exec_lock:  # never while a forward runs
+            module = req.build(req.config, req.weights, req.path)
+            derived = make_derived(req.name, req.point, module, self.specs,
+                                   self.describe().missing, shapes, rank=self.rank,
+                                   device=self.device, out_point=req.out_point)
+            self.derived.attach(derived)
+            self._info = None
+        return dict(derived.summary)
+
+    def _detach_dictionary(self, req: rq.DetachDictionary, cancel: Any, on_event: Any) -> None:
+        with self._exec_lock:
+            self.derived.detach(req.name)
+            self._info = None
+
+    def owner(self, point: str) -> int:
+        """The rank that runs ``point``: this one (the model is whole here)."""
+        if is_derived(point):
+            self.derived.split(point)  # an unknown one is an error, as elsewhere
+        return 0
+
     def tokenizer_files(self) -> dict[str, bytes] | None:
         """The tokenizer as the files ``save_pretrained`` writes (for a client to load)."""
         if self._tokenizer is None:
@@ -396,7 +427,10 @@ class LocalExecutor:
         rq.Context: _context,
         rq.Describe: lambda self, req, c, e: self.describe(),
         rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
-        rq.Owner: lambda self, req, c, e: 0,
+        rq.Owner: lambda self, req, c, e: self.owner(req.point),
+        rq.AttachDictionary: _attach_dictionary,
+        rq.DetachDictionary: _detach_dictionary,
+        rq.Dictionaries: lambda self, req, c, e: self.derived.summaries(),
         rq.Param: lambda self, req, c, e: self.param(req.name, req.grad, req.index),
         rq.ParamNames: lambda self, req, c, e: self._weights.names(req.canonical),
         rq.ListContexts: lambda self, req, c, e: self.context_names(),

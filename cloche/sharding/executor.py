@@ -47,6 +47,7 @@ from cloche.probes.actions import join_entries
 from cloche.probes.disk import read_context, write_context
 from cloche.probes.reducers import Reducer, reducer_from_state
 from cloche.probes.store import SaveContext
+from cloche.runtime.derived import DerivedPoints, is_derived, make_derived
 from cloche.runtime.usercode import run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
@@ -103,6 +104,8 @@ class ShardedExecutor:
         self.group: LocalGroup | None = None
         self._on_close: list[Callable[[], None]] = []
         self._specs = self._stage.full_specs
+        #: the attached dictionaries' descriptions (each module lives on its point's rank)
+        self._derived = DerivedPoints()
         self._info: ModelInfo | None = None
         self._weights: WeightCatalog | None = None
         self._facade: Model | None = None
@@ -139,7 +142,8 @@ class ShardedExecutor:
     def describe(self) -> ModelInfo:
         if self._info is None:
             self._info = describe(self.config, self._stage.adapter, name=self.name,
-                                  device=self.device, point_names=self._specs,
+                                  device=self.device,
+                                  point_names=[*self._specs, *self._derived.names()],
                                   world_size=self.world_size,
                                   layers_per_rank=self.plan.layers_per_rank(),
                                   lm_head=self._local.lm_head)
@@ -151,11 +155,14 @@ class ShardedExecutor:
             for found in self._command("shapes"):
                 shapes.update(found)
             self._shapes = shapes
-        return [ProbePoint(s.name, s.kind, s.layer, self._shapes.get(s.name),
-                           s.site.module if s.site else None) for s in self._specs.values()]
+        return [*(ProbePoint(s.name, s.kind, s.layer, self._shapes.get(s.name),
+                             s.site.module if s.site else None) for s in self._specs.values()),
+                *self._derived.probe_points(self._shapes, lambda p: self._specs[p].layer)]
 
     def owner_of(self, point: str) -> int:
         """The rank that runs probes at canonical point ``point``."""
+        if is_derived(point):
+            point = self._derived.base_of(point)
         spec = self._specs.get(point)
         if spec is None:
             raise errors.UnknownProbePoint(f"unknown probe point {point!r}")
@@ -379,6 +386,34 @@ class ShardedExecutor:
             return dict(enumerate(values))
         return values[req.rank]
 
+    # ----------------------------------------------------------------- dictionaries
+    def _attach_dictionary(self, req: rq.AttachDictionary, cancel: Any, on_event: Any
+                           ) -> dict[str, Any]:
+        """Checked here (rank 0 builds it once to read it), kept by the point's rank."""
+        self.probe_points()  # the shapes the dictionary is checked against
+        assert self._shapes is not None
+        probe = make_derived(req.name, req.point, req.build(req.config, req.weights, req.path),
+                             self._specs, self.describe().missing, self._shapes, rank=0,
+                             device=None, owned=False, out_point=req.out_point)
+        if probe.out_base is not None and self.owner_of(probe.out_base) != self.owner_of(
+                probe.base):
+            raise UsageError(f"transcoder {req.name!r} reads {probe.base!r} (rank"
+                             f" {self.owner_of(probe.base)}) and writes {probe.out_base!r} (rank"
+                             f" {self.owner_of(probe.out_base)}): both must be on one rank")
+        values = self._command("attach_dictionary", name=req.name, point=probe.base,
+                               out_point=probe.out_base, build=req.build, config=req.config,
+                               weights=req.weights, path=req.path)
+        summary = values[0]
+        probe.summary = summary
+        self._derived.attach(probe)
+        self._info = None
+        return dict(summary)
+
+    def _detach_dictionary(self, req: rq.DetachDictionary, cancel: Any, on_event: Any) -> None:
+        self._derived.detach(req.name)
+        self._info = None
+        self._command("detach_dictionary", name=req.name)
+
     # ----------------------------------------------------------------- save contexts
     def _context_names(self) -> list[str]:
         names: set[str] = set()
@@ -566,6 +601,9 @@ class ShardedExecutor:
         rq.Describe: lambda self, req, c, e: self.describe(),
         rq.ProbePoints: lambda self, req, c, e: self.probe_points(),
         rq.Owner: lambda self, req, c, e: self.owner_of(req.point),
+        rq.AttachDictionary: _attach_dictionary,
+        rq.DetachDictionary: _detach_dictionary,
+        rq.Dictionaries: lambda self, req, c, e: self._derived.summaries(),
         rq.Param: _param,
         rq.Quota: lambda self, req, c, e: self._set_quota(req),
         rq.ParamNames: lambda self, req, c, e: self._catalog().names(req.canonical),

@@ -30,6 +30,7 @@ from cloche.probes.actions import context_action, entries
 from cloche.probes.context import RunInfo
 from cloche.probes.journal import Journal
 from cloche.probes.store import PendingWrites, SaveStore, Transaction
+from cloche.runtime.derived import make_derived
 from cloche.runtime.executor import SHAPES_CONTEXT, LocalExecutor
 from cloche.runtime.head import head_kwargs
 from cloche.runtime.hooks import Attachment, ProbeFn, ProbePlan
@@ -261,7 +262,9 @@ class Stage:
         def mine(probes: dict[str, list[ProbeFn]]) -> dict[str, list[ProbeFn]]:
             return {n: f for n, f in probes.items()
                     if self.ownership.point_owner(self.full_specs[n]) == self.rank}
-        return ProbePlan(mine(forward), mine(backward))
+        # a dictionary's points become one probe at its base point, which a rank owns
+        plan = self.local.derived.expand(ProbePlan(forward, backward))
+        return ProbePlan(mine(plan.forward), mine(plan.backward))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, plan: ProbePlan, writes: Any,
                  example_ids: torch.Tensor | None, *, grad: bool, head: bool = True) -> Any:
@@ -423,6 +426,21 @@ class Stage:
             raise
         self._hold(txn, writes, save)
         return totals
+
+    def op_attach_dictionary(self, name: str, point: str, out_point: str | None,
+                             build: Callable[..., Any], config: dict | None,
+                             weights: dict | None, path: str | None) -> dict[str, Any]:
+        """Every rank learns the dictionary's points; the one that runs ``point`` keeps it."""
+        owner = self.ownership.point_owner(self.full_specs[point])
+        module = build(config, weights, path)
+        derived = make_derived(name, point, module, self.full_specs, (), {}, rank=owner,
+                               device=self.device, owned=owner == self.rank,
+                               out_point=out_point)
+        self.local.derived.attach(derived)
+        return dict(derived.summary)
+
+    def op_detach_dictionary(self, name: str) -> None:
+        self.local.derived.detach(name)
 
     def op_shapes(self) -> dict[str, tuple]:
         seen: dict[str, tuple] = {}

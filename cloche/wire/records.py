@@ -19,7 +19,8 @@ __all__ = ["RECORD_TYPES", "record_type", "wire_name"]
 
 _REQUESTS = ("Run", "Generate", "RunDataset", "Call", "Context", "Describe", "ProbePoints",
              "Owner", "Param", "ParamNames", "ListContexts", "Config", "TokenizerFiles", "Ping",
-             "RunOutput", "ServerStatus")
+             "RunOutput", "ServerStatus", "AttachDictionary", "DetachDictionary",
+             "Dictionaries")
 
 #: every record type that may cross the wire, as ``module:qualname``
 RECORD_TYPES: frozenset[str] = frozenset({

@@ -1,0 +1,132 @@
+"""Training a dictionary where its point lives: the loss falls, checkpoints resume, a cancel
+keeps what was trained; evaluation reports the issue's figures. Local, remote and sharded."""
+
+from __future__ import annotations
+
+import threading
+
+import cloche
+import pytest
+import torch
+from cloche.data import Dataset
+from cloche.dictionaries import SparseDictionary
+from cloche.dictionaries.training import evaluate_dictionary, train_dictionary
+from cloche.sharding.launch import start_local
+
+from tests.sharding.conftest import TIMEOUT_S
+from tests.threads import TORCH_THREADS
+
+TEXTS = [f"the {w} sat on the {v} and then the {w} ran to the {v}"
+         for w in ("cat", "dog", "bird", "fox", "cow") for v in ("mat", "hat", "tree", "road")]
+SMALL = {"buffer_tokens": 128, "step_tokens": 32, "reuse": 3, "lr": 3e-3}
+
+
+def _falls(history: list[dict[str, float]]) -> bool:
+    first = sum(h["mse"] for h in history[:3]) / 3
+    last = sum(h["mse"] for h in history[-3:]) / 3
+    return last < 0.8 * first
+
+
+@pytest.fixture(scope="module")
+def local_model(server_model_dir):
+    return cloche.load(server_model_dir)
+
+
+def test_loss_falls_and_the_result_is_a_saelens_dictionary(local_model, tmp_path):
+    result = train_dictionary(local_model, "blocks.1.hook_resid_pre", TEXTS, kind="topk",
+                              d_dict=64, k=4, epochs=2, batch_size=4, progress=False,
+                              save_to=tmp_path / "sae", heldout=TEXTS[:6], **SMALL)
+    assert result.steps == len(result.history) > 6
+    assert _falls(result.history)
+    loaded = SparseDictionary.load(tmp_path / "sae")
+    assert loaded.config.hook_name == "layers.1.resid_pre" and loaded.config.k == 4
+    x = torch.randn(5, local_model.d_model)
+    assert torch.equal(loaded.encode(x), result.dictionary.encode(x))
+    metrics = result.metrics
+    assert metrics is not None
+    assert metrics["l0"] <= 4 and 0 <= metrics["dead_fraction"] <= 1
+    assert metrics["ce_zero_ablation"] > metrics["ce_clean"]
+    assert metrics["fve"] > 0
+    assert local_model.dictionaries() == {}  # evaluation attached and detached its own
+
+
+def test_evaluation_matches_the_definitions(local_model):
+    """FVE and the spliced loss, computed again by hand from captured activations."""
+    torch.manual_seed(0)
+    from tests.dictionaries.checks import make_dictionary
+
+    sae = make_dictionary(local_model.d_model, architecture="standard").requires_grad_(False)
+    texts = TEXTS[:4]
+    metrics = evaluate_dictionary(local_model, sae, texts, point="layers.1.resid_pre",
+                                  batch_size=4, progress=False)
+    captured = {}
+
+    def grab(ctx, x):
+        captured["x"] = x.clone()
+
+    out = local_model.run(texts, probes={"layers.1.resid_pre": grab})
+    x = captured["x"][out.attention_mask.bool()]
+    error = x - sae.decode(sae.encode(x))
+    fve = 1 - error.pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+    assert metrics["fve"] == pytest.approx(float(fve), abs=1e-4)
+    spliced = local_model.run(texts, probes={
+        "layers.1.resid_pre": lambda c, x: sae.decode(sae.encode(x)).to(x.dtype)})
+    assert metrics["ce_spliced"] == pytest.approx(spliced.loss, abs=1e-4)
+
+
+def test_a_checkpoint_resumes_and_a_cancel_keeps_what_was_trained(local_model, tmp_path):
+    folder = str(tmp_path / "ckpt")
+    first = train_dictionary(local_model, "layers.1.resid_pre", TEXTS, d_dict=64, k=4,
+                             limit=8, batch_size=4, checkpoint=folder, progress=False, **SMALL)
+    assert (tmp_path / "ckpt" / "trainer.pt").is_file()
+    assert SparseDictionary.load(tmp_path / "ckpt" / "dictionary").d_dict == 64
+    cancel = threading.Event()
+
+    def stop_after_first_batch(event):
+        if event.get("type") == "progress" and event.get("done", 0) >= 12:
+            cancel.set()
+
+    with pytest.raises(cloche.Cancelled):
+        train_dictionary(local_model, "layers.1.resid_pre", TEXTS, d_dict=64, k=4, limit=20,
+                         batch_size=4, checkpoint=folder, progress=stop_after_first_batch,
+                         cancel=cancel, **SMALL)
+    resumed = train_dictionary(local_model, "layers.1.resid_pre", TEXTS, d_dict=64, k=4,
+                               limit=20, batch_size=4, checkpoint=folder, progress=False,
+                               **SMALL)
+    assert resumed.steps > first.steps
+    assert resumed.history[:first.steps] == first.history  # it went on from the checkpoint
+    again = train_dictionary(local_model, "layers.1.resid_pre", TEXTS, d_dict=64, k=4,
+                             limit=20, batch_size=4, checkpoint=folder, progress=False, **SMALL)
+    assert again.steps == resumed.steps  # nothing left to train on
+
+
+def test_training_on_a_server(served):
+    with cloche.connect(served.address, token=served.token) as model:
+        result = train_dictionary(model, "layers.1.resid_pre", TEXTS, d_dict=64, k=4, epochs=2,
+                                  batch_size=4, progress=False, **SMALL)
+        assert _falls(result.history)
+        summary = model.attach_dictionary("trained", result.dictionary)
+        try:
+            assert summary["point"] == "layers.1.resid_pre"
+        finally:
+            model.detach_dictionary("trained")
+
+
+@pytest.mark.slow
+def test_training_on_the_rank_of_the_point(tiny4_dir):
+    directory = tiny4_dir("gpt2")
+    model = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    try:
+        assert model.owner_of("layers.3.resid_pre") == 1
+        examples = [torch.randint(3, 90, (12,), generator=torch.Generator().manual_seed(i))
+                    for i in range(24)]
+        data = Dataset(examples, name="ids", seq_len=12, pad_id=2)
+        result = train_dictionary(model, "layers.3.resid_pre", data, d_dict=64, k=4, epochs=2,
+                                  batch_size=4, progress=False, **SMALL)
+        assert _falls(result.history)
+        # the trainer lived on rank 1 and was let go there
+        from cloche.dictionaries import training
+
+        assert model.call(lambda m: len(training._LIVE), rank="all") == {0: 0, 1: 0}
+    finally:
+        model.close()
