@@ -36,6 +36,10 @@ def test_npy_stream_is_cut_into_seq_len_examples(tmp_path):
     assert len(pickle.dumps(ds)) < 1000 and rows_of(again) == rows_of(ds)
     assert again.fingerprint() == ds.fingerprint() == data.get(
         f"{tmp_path / 't.npy'}?seq_len=32").fingerprint()
+    # one definition of the fingerprint, wherever the ids live (the model card's is in memory)
+    in_memory = data.Dataset([ids[i:i + 32] for i in range(0, 100, 32)], name="m", seq_len=32,
+                             pad_id=ds.pad_id)
+    assert in_memory.fingerprint() == ds.fingerprint()
 
 
 def test_npy_rows_and_raw_bin(tmp_path):
