@@ -99,7 +99,11 @@ def _attribute(keep: str) -> Any:
 
     def attribute(ctx: Any, x: torch.Tensor) -> None:
         clean = ctx.state.pop(f"clean:{ctx.point}").float()
-        grad = ctx.state.pop(f"grad:{ctx.point}").float()
+        grad = ctx.state.pop(f"grad:{ctx.point}", None)
+        if grad is None:
+            raise UsageError(f"no gradient of the metric reached {ctx.point!r}: attribution"
+                             " needs points that the logits depend on")
+        grad = grad.float()
         product = (x.detach().float().to(clean.device) - clean) * grad
         per_row = product.sum(0)  # (seq, ...)
         if keep == "head":

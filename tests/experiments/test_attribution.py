@@ -3,6 +3,7 @@ local, remote and sharded models."""
 
 from __future__ import annotations
 
+import cloche
 import numpy as np
 import pytest
 import torch
@@ -109,6 +110,15 @@ def test_remote_and_sharded_equal_local(local_models, kind):
     assert got.corrupted == pytest.approx(want.corrupted, rel=1e-5)
 
 
+def test_points_without_positions_are_refused(local_models):
+    model = local_models("tiny-llama")
+    clean, corrupted = pair(model)
+    with pytest.raises(cloche.UsageError, match=r"needs \(batch, seq, ...\) activations"):
+        ex.attribution_patching(model, clean, corrupted, points=["layers.0.attn.pattern"],
+                                progress=False)
+    assert not [n for n in model.save_contexts() if n.startswith("exp/")]
+
+
 def test_dictionary_features(local_models):
     """At a dictionary's features point: (encode(corrupted) - encode(clean)) times the
     gradient of the features, which is the point's gradient through W_dec."""
@@ -168,4 +178,5 @@ def test_tracks_real_activation_patching_on_the_default_model(default_model):
     effect = real.grid[layer] - real.corrupted
     assert estimate.clean == pytest.approx(real.corrupted, rel=1e-4)
     correlation = float(np.corrcoef(effect, estimate[point])[0, 1])
+    print(f"attribution vs activation patching at {point}: correlation {correlation:.3f}")
     assert correlation > 0.8, correlation
