@@ -7,15 +7,16 @@ statistics and top-k examples are reducers inside ``run_dataset``, weight-based 
 a function shipped with ``model.call``; only results cross the network.
 
 Families (one module each): ``units`` (single units), ``examples`` (dataset examples),
-``ablation``, ``patching``, ``activations`` (mean / covariance / PCA / UMAP),
-``connectivity`` (weights only), ``heads`` (head scores, attention patterns, logit lens) and
-``plots`` (matplotlib helpers). Wherever a ``dataset`` is taken it may be a
-``cloche.data.Dataset``, the name of a server-side dataset or a list of strings.
+``ablation``, ``patching``, ``attribution`` (attribution patching), ``activations`` (mean /
+covariance / PCA / UMAP), ``connectivity`` (weights only), ``heads`` (head scores, attention
+patterns, logit lens) and ``plots`` (matplotlib helpers). Wherever a ``dataset`` is taken it may
+be a ``cloche.data.Dataset``, the name of a server-side dataset or a list of strings.
 """
 
 from cloche.experiments import (
     ablation,
     activations,
+    attribution,
     connectivity,
     examples,
     heads,
@@ -25,6 +26,7 @@ from cloche.experiments import (
 )
 from cloche.experiments.ablation import AblationResult, ablate, ablation_sweep
 from cloche.experiments.activations import PCA, Sample, covariance, mean, pca, project, sample, umap
+from cloche.experiments.attribution import AttributionResult, attribution_patching
 from cloche.experiments.connectivity import (
     Factored,
     composition_scores,
@@ -59,6 +61,7 @@ from cloche.experiments.units import TokenValues, UnitStats
 __all__ = [
     "PCA",
     "AblationResult",
+    "AttributionResult",
     "Example",
     "Examples",
     "Factored",
@@ -72,6 +75,8 @@ __all__ = [
     "ablation_sweep",
     "activations",
     "attention_patterns",
+    "attribution",
+    "attribution_patching",
     "composition_scores",
     "connectivity",
     "connectivity_summary",
