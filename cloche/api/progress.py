@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import sys
 import threading
 import time
@@ -45,6 +46,8 @@ from typing import Any
 from cloche.errors import UsageError
 
 __all__ = ["DELAY_S", "KEEP_S", "Progress", "ProgressArg", "silenced"]
+
+log = logging.getLogger(__name__)
 
 #: seconds a call runs before its bar is drawn (a queued request shows at once)
 DELAY_S = 1.0
@@ -196,7 +199,16 @@ class Progress:
         if self._parent is not None:
             self._parent(event)
         elif self._callback is not None:
+            self._call_back(event)
+
+    def _call_back(self, event: dict[str, Any]) -> None:
+        """The user's callback sees ``event``; if it raises, the call goes on (its own result or
+        error is what the caller gets) and the traceback is logged, as for remote events."""
+        assert self._callback is not None
+        try:
             self._callback(event)
+        except Exception:
+            log.exception("the progress callback raised on a %r event", event.get("type"))
 
     # ----------------------------------------------------------------- the bar
     def describe(self) -> str:
@@ -285,7 +297,7 @@ class Progress:
                 self._emit({"type": "started"})
             elapsed = time.monotonic() - self._t0
             if self._parent is None and self._callback is not None:
-                self._callback({"type": "done", "ok": bool(ok), "elapsed": elapsed})
+                self._call_back({"type": "done", "ok": bool(ok), "elapsed": elapsed})
             self._closed = True
             self._lock.notify_all()
         _TICKER.remove(self)

@@ -29,8 +29,9 @@ def test_a_lost_rank_ends_the_server_with_code_3_and_a_clear_message(tiny4_dir):
 
 
 def test_a_group_that_fails_to_start_leaves_nothing_behind(tiny4_dir, tmp_path):
-    # a family with no adapter cannot be sharded: the start fails after the process group
-    # formed, and the next group of this same process (a notebook trying again) must still start
+    # a model whose structure cannot be found (an encoder-decoder) cannot be sharded by layers:
+    # the start fails after the workers were spawned, and the next group of this same process
+    # (a notebook trying again) must still start
     import cloche
     import pytest
     import torch
@@ -40,12 +41,12 @@ def test_a_group_that_fails_to_start_leaves_nothing_behind(tiny4_dir, tmp_path):
     from tests.sharding.conftest import TIMEOUT_S, ids_batch
     from tests.threads import TORCH_THREADS
 
-    config = transformers.CodeGenConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64,
-                                        rotary_dim=4, vocab_size=101)
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                   vocab_size=101, decoder_start_token_id=0)
     torch.manual_seed(0)
-    transformers.CodeGenForCausalLM(config).save_pretrained(tmp_path / "codegen")
-    with pytest.raises(cloche.UsageError, match="adapter"):
-        start_local(tmp_path / "codegen", 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    transformers.T5Model(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(cloche.UsageError, match="could not be discovered"):
+        start_local(tmp_path / "t5", 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
     model = start_local(tiny4_dir("gpt2"), 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
     try:
         batch = ids_batch(seed=3)
