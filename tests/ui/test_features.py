@@ -1,16 +1,16 @@
 """Dictionary features in the web UI, and unit pages exported as one HTML file.
 
-A small random dictionary is attached at ``layers.1.resid_post``; its feature page in headless
-Chromium is checked against numbers computed independently (the saved feature activations,
-the dictionary's own ``W_dec`` row times ``W_U``; tests/ui/expected.py). The exported file
-opens from ``file://`` with no request beyond it and shows the live page's top examples.
+A small random dictionary is attached at ``layers.1.resid_post`` of the default model here, on
+a server and on a sharded server; its feature page in headless Chromium is checked against
+numbers computed independently (the saved feature activations, the dictionary's own ``W_dec``
+row times ``W_U``; tests/ui/expected.py). The exported file opens from ``file://`` with no
+request beyond it and shows the live page's top examples.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-import cloche
 import pytest
 from cloche.errors import UsageError
 from cloche.ui import export_unit_page
@@ -28,7 +28,8 @@ def weights(local_default):
     return expected.random_dictionary(int(local_default.d_model), D_SAE)
 
 
-@pytest.fixture(scope="module", params=["local", pytest.param("remote", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["local", pytest.param("remote", marks=pytest.mark.slow),
+                                        pytest.param("sharded", marks=pytest.mark.slow)])
 def backend(request, local_default, weights, tmp_path_factory):
     local_default.attach_dictionary(NAME, weights, point=BASE, architecture="standard")
     b = start_backend(request.param, local_default, tmp_path_factory.mktemp(request.param))
@@ -159,5 +160,21 @@ def test_export_rejects_bad_units(backend, tmp_path):
         export_unit_page(backend.model, POINT, D_SAE, tmp_path / "x.html", limit=2)
     with pytest.raises(UsageError):
         export_unit_page(backend.model, POINT, -1, tmp_path / "x.html", limit=2)
+    with pytest.raises(UsageError):
+        export_unit_page(backend.model, POINT, [1.0, 2.0], tmp_path / "x.html", limit=2)
     assert not (tmp_path / "x.html").exists()
-    assert isinstance(cloche.ui.export_unit_page, type(export_unit_page))
+
+
+def test_direct_effect_of_a_feature_direction(backend, local_default, weights):
+    """A direction over features goes through ``direction @ W_dec``."""
+    from cloche.ui.views._units import Unit
+    from cloche.ui.views.unit import direct_effect
+
+    direction = [0.0] * D_SAE
+    direction[3], direction[FEATURE] = 2.0, -1.0
+    got = direct_effect(backend.model, POINT, Unit(direction=tuple(direction)), k=5)
+    vector = 2.0 * weights["W_dec"][3].double() - weights["W_dec"][FEATURE].double()
+    effect = vector @ local_default.param("unembed.W_U").double()
+    assert [t for t, _ in got["top"]] == local_default.to_str_tokens(effect.topk(5).indices)
+    assert [v for _, v in got["top"]] == pytest.approx(effect.topk(5).values.tolist(),
+                                                       abs=1e-5)
