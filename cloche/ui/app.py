@@ -13,6 +13,7 @@ import asyncio
 import html
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
@@ -26,6 +27,8 @@ from starlette.staticfiles import StaticFiles
 
 from cloche.errors import ClocheError, UsageError
 from cloche.ui.backend import Backend
+from cloche.ui.export import unit_page_html
+from cloche.ui.jsonsafe import clean as _clean
 from cloche.ui.security import Guard
 from cloche.ui.views import contexts as contexts_view
 from cloche.ui.views import head as head_view
@@ -39,17 +42,6 @@ __all__ = ["PAGES", "build_app"]
 
 PAGES = ("model", "unit", "text", "intervene", "contexts", "head")
 STATIC = resources.files("cloche.ui") / "static"
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become None (JSON has no such numbers)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _json(value: Any, status: int = 200) -> JSONResponse:
@@ -131,7 +123,11 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
             return _error(exc)
 
     async def api_model(request: Request) -> Response:
-        return await blocking(lambda: backend.compute(("model",), model_view.model_page))
+        def compute() -> Any:  # attaching a dictionary changes the page
+            return backend.compute(("model", tuple(sorted(backend.model.dictionaries()))),
+                                   model_view.model_page)
+
+        return await blocking(compute)
 
     def unit_args(request: Request) -> tuple[str, Any, str, int]:
         point = request.query_params.get("point") or ""
@@ -156,6 +152,21 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
                                              cancel=cancel, progress=progress)),
                                  media_type="application/x-ndjson",
                                  headers={"cache-control": "no-store"})
+
+    async def api_unit_export(request: Request) -> Response:
+        """The unit page as one self-contained HTML file (from the cache when seen)."""
+        try:
+            point, unit, dataset, limit = unit_args(request)
+            point = backend.model.resolve(point)
+            key = ("unit", backend.name, dataset, point, unit.key, limit)
+            data = await anyio.to_thread.run_sync(lambda: backend.compute(
+                key, lambda model: unit_view.unit_page(model, point, unit, dataset,
+                                                       limit=limit)))
+        except ClocheError as exc:
+            return _error(exc)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{point}-{unit.key}")[:120] + ".html"
+        return HTMLResponse(unit_page_html(data), headers={
+            "cache-control": "no-store", "content-disposition": f'attachment; filename="{name}"'})
 
     async def api_unit_tokens(request: Request) -> Response:
         try:
@@ -252,7 +263,8 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
 
     routes = [Route("/", root), *(Route(f"/{name}", page) for name in PAGES),
               Route("/api/model", api_model), Route("/api/unit", api_unit),
-              Route("/api/unit/tokens", api_unit_tokens), Route("/api/text", api_text),
+              Route("/api/unit/tokens", api_unit_tokens),
+              Route("/api/unit/export", api_unit_export), Route("/api/text", api_text),
               Route("/api/intervene", api_intervene), Route("/api/contexts", api_contexts),
               Route("/api/contexts/slice", api_context_slice),
               Route("/api/contexts/clear", api_context_clear, methods=["POST"]),

@@ -144,3 +144,40 @@ def repeated_loss(model: Any, layer: int, head: int, half: int = 32) -> tuple[fl
         target = tokens[:, half + 1:]
         out.append(float(-logprobs.gather(-1, target[..., None]).mean()))
     return out[0], out[1]
+
+
+def random_dictionary(d_in: int, d_sae: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small standard (ReLU) dictionary with random weights: the features are real probe
+    points whatever the weights, and the test knows its ``W_dec`` without asking cloche."""
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5,
+            "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+            "W_dec": torch.randn(d_sae, d_in, generator=g) / d_in ** 0.5,
+            "b_dec": torch.randn(d_in, generator=g) * 0.1}
+
+
+def feature_expectations(model: Any, point: str, feature: int, w_dec: torch.Tensor, limit: int,
+                         k: int = 12) -> dict[str, Any]:
+    """The feature page's numbers from the feature activations (a probe that saves them) and
+    the dictionary's own ``W_dec`` row times ``W_U``."""
+    acts = point_activations(model, point, limit)
+    v = acts[..., feature]
+    masked = v.copy()
+    masked[:, :SKIP_FIRST] = -np.inf
+    best_pos = masked.argmax(1)
+    best = masked[np.arange(len(v)), best_pos]
+    order = np.argsort(-best, kind="stable")[:k]
+    flat = acts.reshape(-1, acts.shape[-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.corrcoef(flat.T)[feature]
+    r[feature] = np.nan
+    top_corr = int(np.nanargmax(r))
+    effect = w_dec[feature].double() @ model.param("unembed.W_U").double()
+    return {
+        "count": v.size, "max": float(v.max()), "min": float(v.min()),
+        "mean": float(v.mean()), "density": float((v > 0).mean()),
+        "top": [(int(i), int(best_pos[i]), float(best[i])) for i in order],
+        "corr_unit": top_corr, "corr_r": float(r[top_corr]),
+        "promotes": model.to_str_tokens(effect.topk(5).indices),
+        "promotes_values": effect.topk(5).values.tolist(),
+    }

@@ -1,5 +1,7 @@
 // The pages: each reads its state from the URL, asks /api for data and draws it.
-import { fmt, heatmap, histogram, tokens, blue, svg, thumbnail } from "./plots.js";
+import { fmt, heatmap, tokens, blue, svg, thumbnail } from "./plots.js";
+import { el, link } from "./dom.js";
+import { renderUnit, unitTitle } from "./unit_view.js";
 
 const main = document.getElementById("main");
 const params = new URLSearchParams(location.search);
@@ -10,23 +12,6 @@ if (params.has("token")) {           // the cookie holds the secret now: keep it
 const page = location.pathname.replace(/^\/+/, "").split("/")[0] || "model";
 for (const a of document.querySelectorAll("nav a"))
   if (a.dataset.page === page) a.classList.add("active");
-
-export function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v !== undefined && v !== null) node.setAttribute(k, v);
-  }
-  for (const c of children) if (c != null) node.append(c);
-  return node;
-}
-
-export function link(pageName, query) {
-  const q = new URLSearchParams();
-  for (const [k, v] of Object.entries(query)) if (v != null && v !== "") q.set(k, v);
-  return `/${pageName}?${q}`;
-}
 
 async function getJSON(url, options = {}) {
   const response = await fetch(url, { credentials: "same-origin", ...options });
@@ -117,6 +102,21 @@ async function modelPage() {
   main.append(el("section", {}, el("h2", {}, "Head scores"),
     el("p", { class: "muted" }, "Mean attention on the expected key over repeated random tokens;"
       + " click a head for its page."), grids));
+  const dicts = data.dictionaries ?? [];
+  if (dicts.length) {
+    const cell = (v) => el("td", { class: "left" }, v == null ? "–" : String(v));
+    main.append(el("section", {}, el("h2", {}, `Dictionaries (${dicts.length})`),
+      el("p", { class: "muted" }, "Click a dictionary for the page of its feature 0."),
+      el("table", { class: "grid", "data-testid": "dictionaries" },
+        el("tr", {}, ...["name", "point", "d_sae", "architecture", "k"].map((h) =>
+          el("th", { class: "left" }, h))),
+        ...dicts.map((d) => el("tr", { "data-dictionary": d.name, "data-point": d.point,
+          "data-d-sae": d.d_dict, "data-architecture": d.architecture },
+          el("td", { class: "left" }, el("a", { href: link("unit",
+            { point: `dict:${d.name}:features`, unit: 0 }) }, d.name)),
+          cell(d.out_point ? `${d.point} → ${d.out_point}` : d.point), cell(d.d_dict),
+          cell(d.architecture), cell(d.k))))));
+  }
   const unitPoints = data.points.filter((p) => p.shape && p.shape[0] === "batch" && p.shape[1] === "seq");
   const row = (p) => el("tr", { "data-point": p.name },
     el("td", { class: "left" }, unitPoints.includes(p)
@@ -148,20 +148,6 @@ function unitForm(q) {
     el("button", { class: "primary", type: "submit" }, "Show"));
 }
 
-function example(e, scale) {
-  return el("div", { class: "example", "data-example-id": e.example_id, "data-position": e.position,
-    "data-activation": e.activation },
-    el("span", { class: "act" }, fmt(e.activation)),
-    tokens(e.tokens, e.values, { peak: e.peak, scale }),
-    el("span", { class: "muted" }, `#${e.example_id}@${e.position}`));
-}
-
-function tokenList(rows, testid) {
-  return el("table", { class: "grid list", "data-testid": testid },
-    ...rows.map(([t, v]) => el("tr", {}, el("td", { class: "left" }, JSON.stringify(t)),
-      el("td", { class: "val", "data-value": v }, fmt(v)))));
-}
-
 async function unitPage() {
   const q = params;
   main.replaceChildren(el("h1", {}, "Unit"), el("section", {}, unitForm(q)));
@@ -181,47 +167,12 @@ async function unitPage() {
   main.append(body);
   const data = await stream(api, body);
   if (!data) { ready(); return; }
-  const what = data.index != null ? `unit ${data.index}` : "a direction";
-  main.querySelector("h1").textContent = `${data.point} · ${what}`;
-  const s = data.stats;
-  const scale = Math.max(Math.abs(s.max), Math.abs(s.min), 1e-9);
-  body.append(el("section", {}, el("div", { class: "stats", "data-testid": "stats" },
-    ...[["count", s.count], ["mean", s.mean], ["std", s.std], ["min", s.min], ["max", s.max],
-        ["density (>0)", s.density]].map(([k, v]) => el("span", { "data-stat": k, "data-value": v },
-      el("b", {}, k + " "), typeof v === "number" && !Number.isInteger(v) ? fmt(v) : String(v)))),
-    el("p", { class: "muted" }, `${data.dataset}, first ${data.limit} examples; top examples skip`
-      + ` the first ${data.choice.skip_first} positions, one per example`)));
-  const hist = el("div", { "data-testid": "histogram" },
-    histogram(data.histogram.edges, data.histogram.counts, { log: true }));
-  const logits = data.logits.reason
-    ? el("p", { class: "muted", "data-testid": "logits" }, data.logits.reason)
-    : el("div", { class: "row", "data-testid": "logits" },
-        el("div", {}, el("h3", {}, "promotes"), tokenList(data.logits.top, "logits-top")),
-        el("div", {}, el("h3", {}, "suppresses"), tokenList(data.logits.bottom, "logits-bottom")));
-  const corrLink = ([u, r]) => el("tr", { "data-unit": u, "data-r": r },
-    el("td", { class: "left" }, el("a", { href: link("unit", { point: data.point, unit: u,
-      dataset: q.get("dataset"), limit: q.get("limit") }) }, `unit ${u}`)),
-    el("td", { class: "val" }, fmt(r)));
-  const corr = data.correlated
-    ? el("div", { class: "row", "data-testid": "correlated" },
-        el("div", {}, el("h3", {}, "most correlated"), el("table", { class: "grid list" },
-          ...data.correlated.positive.map(corrLink))),
-        el("div", {}, el("h3", {}, "most anti-correlated"), el("table", { class: "grid list" },
-          ...data.correlated.negative.map(corrLink))))
-    : el("p", { class: "muted" }, "correlations are shown for single units");
-  body.append(el("div", { class: "row" },
-    el("section", {}, el("h2", {}, "Activations (log counts)"), hist),
-    el("section", {}, el("h2", {}, "Direct effect on the logits"), logits),
-    el("section", {}, el("h2", {}, "Correlated units (Pearson)"), corr)));
-  body.append(el("section", { "data-testid": "top-examples" }, el("h2", {}, "Top examples"),
-    ...data.top.map((e) => example(e, scale))));
-  const bins = el("section", { "data-testid": "quantiles" }, el("h2", {}, "Examples across the range"));
-  for (const b of [...data.quantiles].reverse()) {
-    bins.append(el("h3", {}, `[${fmt(b.low)}, ${fmt(b.high)}]`),
-      ...(b.examples.length ? b.examples.map((e) => example(e, scale))
-                            : [el("p", { class: "muted" }, "no tokens in this range")]));
-  }
-  body.append(bins);
+  main.querySelector("h1").textContent = unitTitle(data);
+  const exportQuery = new URLSearchParams([...q].filter(([k]) => ["point", "unit", "direction",
+    "dataset", "limit"].includes(k)));
+  body.append(el("p", {}, el("a", { href: "/api/unit/export?" + exportQuery, download: "",
+    "data-testid": "export" }, "Export as one HTML file")));
+  const scale = renderUnit(body, data, { dataset: q.get("dataset"), limit: q.get("limit") });
   const textBox = el("textarea", { "data-testid": "try-text", placeholder: "type text here" },
     q.get("text") ?? "");
   const out = el("div", { "data-testid": "try-result" });

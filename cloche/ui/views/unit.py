@@ -25,6 +25,7 @@ import torch
 import cloche
 from cloche.errors import UsageError
 from cloche.ui.views._units import Unit, check_unit, point_width
+from cloche.ui.views.features import decoder_direction, dictionary_of
 
 __all__ = ["direct_effect", "token_activations", "unit_page"]
 
@@ -196,9 +197,18 @@ def direct_effect(model: Any, point: str, unit: Unit, k: int = 10) -> dict[str, 
     """Tokens the unit's output direction promotes and suppresses through the unembedding.
 
     Defined for MLP neurons and directions (through ``W_out``), ``attn.z`` dimensions and
-    directions (through ``W_O``) and units or directions of residual-width points; elsewhere
+    directions (through ``W_O``), units or directions of residual-width points, and dictionary
+    features (their decoder direction, at the point the dictionary writes); elsewhere
     ``{"reason": ...}``.
     """
+    summary = dictionary_of(model, point)
+    if summary is not None:
+        try:
+            out_point, decoder = decoder_direction(model, summary, unit)
+        except UsageError as exc:
+            return {"reason": str(exc)}
+        effect = direct_effect(model, out_point, Unit(direction=tuple(decoder.tolist())), k)
+        return {**effect, "through": f"W_dec of {summary['name']!r} at {out_point}"}
     parts = point.split(".")
     d_model = int(model.d_model)
     vector: torch.Tensor | None = None
@@ -297,8 +307,18 @@ def unit_page(model: Any, point: str, unit: Unit, dataset: str, *, limit: int | 
         "logits": direct_effect(model, point, unit),
         "correlated": _correlated(red, unit, correlated) if correlate else None,
         "choice": {"skip_first": skip_first, "per_example": True, "k": k},
+        "dictionary": _dictionary_brief(model, point),
     }
     return page
+
+
+def _dictionary_brief(model: Any, point: str) -> dict[str, Any] | None:
+    """Name, point, size and architecture of the dictionary whose features ``point`` is."""
+    summary = dictionary_of(model, point)
+    if summary is None:
+        return None
+    return {k: summary.get(k) for k in ("name", "point", "out_point", "d_dict", "architecture",
+                                        "k")}
 
 
 def _correlated(red: dict[str, Any], unit: Unit, n: int) -> dict[str, Any]:
