@@ -351,18 +351,20 @@ class ShardedExecutor:
 
     def _run_dataset(self, req: rq.RunDataset, cancel: CancelEvent | None,
                      on_event: EventSink | None) -> dict[str, Any]:
-        """Batches stream through the pipeline, so ranks work on consecutive batches at once."""
+        """Batches stream through the pipeline, so ranks work on consecutive batches at once;
+        with ``checkpoint_every`` every rank checkpoints its part (``sharding.checkpoints``)."""
         from cloche.runtime.datasets import as_dataset
 
-        if req.checkpoint_every is not None or req.resume or req.export is not None:
-            raise UsageError("checkpoint_every=, resume= and export= are not supported on a"
-                             " sharded model yet: run them on a model in one process")
+        if req.export is not None:
+            raise UsageError("export= is not supported on a sharded model yet: export from a"
+                             " model in one process")
         ds = as_dataset(req.dataset, self.tokenizer, cancel)
         values = self._command("dataset", cancel=cancel,
                                local={"progress": on_event, "cancel": cancel},
                                dataset=ds, batch_size=req.batch_size, limit=req.limit,
                                forward=req.forward, save=req.save,
-                               micro_batches=self._micro(req.micro_batches))
+                               micro_batches=self._micro(req.micro_batches),
+                               checkpoint_every=req.checkpoint_every, resume=req.resume)
         reducers = self._context_reducers(req.save)
         return {**values[0], "dataset": ds.name, "fingerprint": ds.fingerprint(),
                 "reducers": {r: red.result() for r, red in reducers.items()},

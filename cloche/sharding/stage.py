@@ -63,6 +63,18 @@ TRANSACTIONAL = ("run", "generate", "dataset")
 OrderKey = tuple[int, int, int, int, int]
 
 
+@dataclass(frozen=True)
+class _DatasetRun:
+    """What ``runtime.datasets.Resumable`` reads of a dataset request, on every rank."""
+
+    save: str
+    checkpoint_every: int | None
+    resume: bool
+    batch_size: int
+    limit: int | None
+    micro_batches: int
+
+
 class OrderedWrites:
     """A run's pending writes, remembering where each ``ctx.save`` fell in the global order.
 
@@ -103,6 +115,10 @@ class OrderedWrites:
     @runs.setter
     def runs(self, value: int) -> None:
         self._pending.runs = value
+
+    def restored(self, saves: int) -> None:
+        """A resumed run: ``saves`` entries were saved before its checkpoint."""
+        self._n = saves
 
     def save(self, key: str, value: Any) -> None:
         self._n += 1
@@ -153,6 +169,7 @@ class Stage:
         self.attention_paths = ({f"{layers}.{i}.{attn}": i for i in range(start, stop)}
                                 if attn else {})
         self._held: tuple[int, Transaction, OrderedWrites, str] | None = None
+        self._on_commit: Callable[[], None] | None = None
         self.last_exception: BaseException | None = None
         self._seq = 0
         self._pass = 0
@@ -246,6 +263,7 @@ class Stage:
 
     def settle(self, seq: int, commit: bool) -> None:
         held, self._held = self._held, None
+        on_commit, self._on_commit = self._on_commit, None
         if held is None or held[0] != seq:
             return
         txn = held[1]
@@ -253,6 +271,8 @@ class Stage:
             txn.rollback()
             return
         txn.commit()
+        if on_commit is not None:
+            on_commit()
 
     def _hold(self, txn: Transaction, writes: OrderedWrites, save: str) -> None:
         self._held = (self._seq, txn, writes, save)
@@ -404,16 +424,34 @@ class Stage:
 
     def op_dataset(self, dataset: Any, batch_size: int, limit: int | None, forward: dict,
                    save: str, micro_batches: int, progress: Any = None,
-                   cancel: Any = None) -> dict[str, int]:
-        from cloche.runtime.datasets import iterate
+                   cancel: Any = None, checkpoint_every: int | None = None,
+                   resume: bool = False) -> dict[str, int]:
+        from cloche.runtime.datasets import Resumable, iterate
+        from cloche.sharding.checkpoints import AgreedCheckpoints
 
         plan = self._owned_plan(forward, {})
         txn, writes = self._begin(save)
         self._mode = "dataset"
         totals = {"examples": 0, "tokens": 0}
         watch = cancel if cancel is not None else self.control.abort_event
+        stop = len(dataset) if limit is None else min(limit, len(dataset))
         try:
-            for batch in iterate(dataset, batch_size, limit, progress, totals, watch):
+            store = AgreedCheckpoints(self.local.checkpoints, self.control, self._seq,
+                                      self.rank, self.plan.world_size)
+            resumable = Resumable(store, _DatasetRun(save, checkpoint_every, resume,
+                                                     batch_size, limit, micro_batches),
+                                  dataset, txn.writes(save), watch)
+            start = resumable.start(totals)
+            if start:  # the passes and saves before the checkpoint, as an unbroken run has them
+                self._pass = (start // batch_size) * max(1, min(micro_batches, batch_size))
+                writes.restored(sum(len(v) for v in txn.writes(save).saves.values()))
+
+            def after(batch: Any) -> None:
+                end = int(batch.example_ids[-1]) + 1
+                resumable.after_batch(end, totals, end >= stop)
+
+            for batch in iterate(dataset, batch_size, limit, progress, totals, watch,
+                                 start=start, after=after):
                 if self.control.abort_event.is_set():
                     raise Cancelled("the dataset run was cancelled")
                 n = max(1, min(micro_batches, batch.tokens.shape[0]))
@@ -425,6 +463,7 @@ class Stage:
             txn.rollback()
             raise
         self._hold(txn, writes, save)
+        self._on_commit = resumable.finished  # the checkpoint is spent once every rank commits
         return totals
 
     def op_attach_dictionary(self, name: str, point: str, out_point: str | None,
