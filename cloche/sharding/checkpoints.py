@@ -47,6 +47,10 @@ class AgreedCheckpoints:
                 self._control.wait(self._key(what, r), command=self._seq).decode()
                 for r in range(self._world)]
 
+    def least(self, what: str, value: int) -> int:
+        """The smallest of every rank's ``value`` (e.g. where an export resumes)."""
+        return min(int(v) for v in self._exchange(what, str(value)))
+
     def write(self, save: str, ckpt: Checkpoint, *, first: bool) -> None:
         self._inner.write(save, ckpt, first=first)
         self._exchange(f"w{ckpt.next_example}", "1")  # a barrier: every rank wrote it

@@ -1,15 +1,19 @@
-"""A sharded dataset run checkpoints every rank's part and resumes bit for bit."""
+"""A sharded dataset run checkpoints every rank's part and resumes bit for bit; its export is
+written by the ranks that own the points and equals one process's."""
 
 from __future__ import annotations
 
+import json
+import pathlib
 import threading
 
 import cloche
 import numpy as np
 import pytest
 import torch
-from cloche.errors import Cancelled
+from cloche.errors import Cancelled, UsageError
 from cloche.sharding.launch import start_local
+from safetensors.torch import load_file
 
 from tests.sharding.conftest import TIMEOUT_S
 from tests.threads import TORCH_THREADS
@@ -107,3 +111,56 @@ def test_a_cancelled_sharded_run_resumes_bit_identical(tiny4_dir, token_file, tm
             torch.testing.assert_close(red_w[name][field], value, atol=1e-5, rtol=0)
     for key in KEYS:
         torch.testing.assert_close(rows_w[key], rows_1[key], atol=1e-5, rtol=0)
+
+
+EXPORT = {"export_points": ["embed", "layers.3.resid_post"], "export_dtype": "float16",
+          "export_shard_tokens": 96}  # batches of 4 x 12 tokens: 2 batches a shard
+
+
+def read_export(folder: pathlib.Path) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"]
+    return manifest["shards"], {s["file"]: load_file(folder / s["file"])
+                                for s in manifest["shards"]}
+
+
+@pytest.mark.slow
+def test_a_sharded_export_matches_one_process_and_resumes(tiny4_dir, token_file, tmp_path):
+    directory = tiny4_dir("gpt2")
+    local = cloche.load(directory)
+    local.run_dataset(token_file, export=tmp_path / "one", batch_size=BATCH, progress=False,
+                      **EXPORT)
+    want_shards, want = read_export(tmp_path / "one")
+    dist = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS)
+    try:
+        out = dist.run_dataset(token_file, export=tmp_path / "whole", batch_size=BATCH,
+                               progress=False, **EXPORT)
+        cancel, progress = cancel_after(5)
+        with pytest.raises(Cancelled):
+            dist.run_dataset(token_file, export=tmp_path / "parts", batch_size=BATCH,
+                             progress=progress, cancel=cancel, **EXPORT)
+        done: list[int] = []
+        resumed = dist.run_dataset(token_file, export=tmp_path / "parts", batch_size=BATCH,
+                                   progress=lambda e: done.append(e.get("done")), **EXPORT)
+        with pytest.raises(UsageError, match=r"other ranks|one process"):
+            dist.run_dataset(token_file, export=tmp_path / "one", batch_size=BATCH,
+                             progress=False, **EXPORT)
+    finally:
+        dist.close()
+    assert out["export"]["complete"] and sorted(out["export"]["ranks"]) == [0, 1]
+    assert resumed["export"]["complete"]
+    assert max(d for d in done if d is not None) < 40  # the shards written were skipped
+    assert 0 < resumed["export"]["written"] < out["export"]["written"]
+    for name in ("whole", "parts"):
+        top = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert top["points"] == {"embed": "rank-0", "layers.3.resid_post": "rank-1"}
+        for rank, point in enumerate(EXPORT["export_points"]):
+            shards, got = read_export(tmp_path / name / f"rank-{rank}")
+            assert shards == want_shards  # the same files, example ranges and token counts
+            for file, tensors in got.items():
+                assert sorted(tensors) == sorted(["example_ids", "positions", point])
+                for key in ("example_ids", "positions"):
+                    assert torch.equal(tensors[key], want[file][key])
+                assert tensors[point].dtype == torch.float16
+                torch.testing.assert_close(tensors[point].float(), want[file][point].float(),
+                                           atol=2e-3, rtol=2e-3)
