@@ -92,8 +92,30 @@ def test_a_cancelled_sharded_run_resumes_bit_identical(tiny4_dir, token_file, tm
         dist.run_dataset(token_file, probes=PROBES, batch_size=BATCH, save="again",
                          checkpoint_every=3, resume=True,
                          progress=lambda e: again.append(e.get("done")))
+        cancel, progress = cancel_after(5)
+        with pytest.raises(Cancelled):
+            dist.run_dataset(token_file, probes=PROBES, batch_size=BATCH, save="restart",
+                             checkpoint_every=1, progress=progress, cancel=cancel)
     finally:
         dist.close()
+    # as if rank 1 had stopped before writing its last checkpoint: rank 0's is not used either
+    ranks = [json.loads((tmp_path / "state" / f"rank-{r}" / "runs" / "restart" /
+                         "manifest.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["files"]) >= 2 and len(ranks[1]["files"]) >= 2
+    held = min(len(m["files"]) for m in ranks) - 1
+    rank1 = tmp_path / "state" / "rank-1" / "runs" / "restart" / "manifest.json"
+    rank1.write_text(json.dumps({**ranks[1], "files": ranks[1]["files"][:held]}))
+    dist = start_local(directory, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS,
+                       state_dir=tmp_path / "state")  # a new group on the same state dir
+    try:
+        restarted: list[int] = []
+        dist.run_dataset(token_file, probes=PROBES, batch_size=BATCH, save="restart",
+                         checkpoint_every=1, resume=True,
+                         progress=lambda e: restarted.append(e.get("done")))
+        after_restart = results(dist, "restart")
+    finally:
+        dist.close()
+    assert next(d for d in restarted if d is not None) == (held + 1) * BATCH
     assert next(d for d in done if d is not None) == 4 * BATCH  # resumed after 3 batches
     assert next(d for d in again if d is not None) == BATCH
     assert out["examples"] == 40
@@ -104,6 +126,13 @@ def test_a_cancelled_sharded_run_resumes_bit_identical(tiny4_dir, token_file, tm
             assert torch.equal(red_r[name][field], value), (name, field)
     for key in KEYS:
         assert torch.equal(rows_r[key], rows_w[key]), key
+    red_a, state_a, rows_a = after_restart
+    assert state_a == state_w
+    for name, fields in red_w.items():
+        for field, value in fields.items():
+            assert torch.equal(red_a[name][field], value), (name, field)
+    for key in KEYS:
+        assert torch.equal(rows_a[key], rows_w[key]), key
     red_1, state_1, rows_1 = want  # and as one process computes them
     assert state_1 == state_w
     for name, fields in red_1.items():
@@ -142,6 +171,15 @@ def test_a_sharded_export_matches_one_process_and_resumes(tiny4_dir, token_file,
         done: list[int] = []
         resumed = dist.run_dataset(token_file, export=tmp_path / "parts", batch_size=BATCH,
                                    progress=lambda e: done.append(e.get("done")), **EXPORT)
+        cancel, progress = cancel_after(5)  # with probes and checkpoints: at shard ends
+        with pytest.raises(Cancelled):
+            dist.run_dataset(token_file, probes=PROBES, save="both", export=tmp_path / "both",
+                             batch_size=BATCH, checkpoint_every=1, progress=progress,
+                             cancel=cancel, **EXPORT)
+        both: list[int] = []
+        dist.run_dataset(token_file, probes=PROBES, save="both", export=tmp_path / "both",
+                         batch_size=BATCH, checkpoint_every=1, resume=True,
+                         progress=lambda e: both.append(e.get("done")), **EXPORT)
         with pytest.raises(UsageError, match=r"other ranks|one process"):
             dist.run_dataset(token_file, export=tmp_path / "one", batch_size=BATCH,
                              progress=False, **EXPORT)
@@ -151,7 +189,8 @@ def test_a_sharded_export_matches_one_process_and_resumes(tiny4_dir, token_file,
     assert resumed["export"]["complete"]
     assert max(d for d in done if d is not None) < 40  # the shards written were skipped
     assert 0 < resumed["export"]["written"] < out["export"]["written"]
-    for name in ("whole", "parts"):
+    assert next(d for d in both if d is not None) == 5 * BATCH  # after batch 4, a shard end
+    for name in ("whole", "parts", "both"):
         top = json.loads((tmp_path / name / "manifest.json").read_text())
         assert top["points"] == {"embed": "rank-0", "layers.3.resid_post": "rank-1"}
         for rank, point in enumerate(EXPORT["export_points"]):
