@@ -35,6 +35,7 @@ class AgreedCheckpoints:
         self._seq = seq
         self._rank = rank
         self._world = world_size
+        self._published: list[str] = []
 
     def _key(self, what: str, rank: int) -> str:
         return f"ckpt/{self._seq}/{what}/{rank}"
@@ -42,10 +43,17 @@ class AgreedCheckpoints:
     def _exchange(self, what: str, value: str) -> list[str]:
         """Publish ``value`` and return every rank's (waits for all; stops on an abort)."""
         store = self._control.store
-        store.set(self._key(what, self._rank), value)
-        return [value if r == self._rank else
-                self._control.wait(self._key(what, r), command=self._seq).decode()
-                for r in range(self._world)]
+        mine = self._key(what, self._rank)
+        store.set(mine, value)
+        values = [value if r == self._rank else
+                  self._control.wait(self._key(what, r), command=self._seq).decode()
+                  for r in range(self._world)]
+        # every rank has now published ``what``, so it finished reading the exchanges before it:
+        # this rank's keys of those can go (the control store would grow with each checkpoint)
+        for old in self._published:
+            store.delete_key(old)
+        self._published = [mine]
+        return values
 
     def least(self, what: str, value: int) -> int:
         """The smallest of every rank's ``value`` (e.g. where an export resumes)."""
