@@ -78,6 +78,7 @@ class Checkpoints:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = None if root is None else Path(root)
         self._memory: dict[str, Checkpoint] = {}
+        self._previous: dict[str, Checkpoint] = {}  # the one before (see ``available``)
         self._written: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
@@ -89,6 +90,11 @@ class Checkpoints:
         """Keep ``ckpt`` as the last checkpoint of ``save`` (``first``: of a fresh run)."""
         with self._lock:
             if self.root is None:
+                last = self._memory.get(save)
+                if last is not None and not first:
+                    self._previous[save] = last
+                else:
+                    self._previous.pop(save, None)
                 self._memory[save] = ckpt
                 return
             if first:
@@ -122,16 +128,46 @@ class Checkpoints:
         atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(text))
         self._written[save] = {k: len(v) for k, v in ckpt.pending.entries.items()}
 
-    def read(self, save: str) -> Checkpoint | None:
-        """The last checkpoint of ``save``, or None."""
+    def available(self, save: str) -> list[int]:
+        """The ``next_example`` of each checkpoint of ``save`` that :meth:`read` can return.
+
+        The last one, and at least the one before it: a sharded run's ranks checkpoint one
+        after another, and resume from the last checkpoint that every rank holds.
+        """
         with self._lock:
             if self.root is None:
-                return self._memory.get(save)
+                kept = [self._previous.get(save), self._memory.get(save)]
+                return [c.next_example for c in kept if c is not None]
+            folder = self._folder(save)
+            manifest_path = folder / _MANIFEST
+            if not manifest_path.exists():
+                return []
+            files = json.loads(manifest_path.read_text())["files"]
+            return [int(read_extra(folder / f)["checkpoint"]["next_example"]) for f in files]
+
+    def read(self, save: str, at: int | None = None) -> Checkpoint | None:
+        """The last checkpoint of ``save``, or None; ``at``: the one after example ``at`` (one
+        of :meth:`available`), which becomes the last (later ones are dropped)."""
+        with self._lock:
+            if self.root is None:
+                last = self._memory.get(save)
+                if at is None or last is None or last.next_example == at:
+                    return last
+                previous = self._previous.pop(save, None)
+                if previous is None or previous.next_example != at:
+                    return None
+                self._memory[save] = previous
+                return previous
             folder = self._folder(save)
             manifest_path = folder / _MANIFEST
             if not manifest_path.exists():
                 return None
-            files = json.loads(manifest_path.read_text())["files"]
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+            if at is not None:
+                files = self._cut(folder, manifest, at)
+                if files is None:
+                    return None
             pending = SaveContext("pending")
             meta: dict[str, Any] = {}
             for file in files:
@@ -147,6 +183,21 @@ class Checkpoints:
             return Checkpoint(meta["identity"], meta["next_example"], meta["totals"], pending,
                               meta["state_changed"])
 
+    @staticmethod
+    def _cut(folder: Path, manifest: dict[str, Any], at: int) -> list[str] | None:
+        """The files up to the checkpoint after example ``at``; later ones leave the manifest."""
+        files: list[str] = manifest["files"]
+        ends = [int(read_extra(folder / f)["checkpoint"]["next_example"]) for f in files]
+        if at not in ends:
+            return None
+        n = ends.index(at) + 1
+        if n < len(files):
+            text = json.dumps({"files": files[:n], "next": manifest["next"]})
+            atomic_write(folder / _MANIFEST, lambda tmp: Path(tmp).write_text(text))
+            for later in files[n:]:
+                (folder / later).unlink(missing_ok=True)
+        return files[:n]
+
     def drop(self, save: str) -> None:
         """Forget the checkpoint of ``save`` (its run committed, or starts afresh)."""
         with self._lock:
@@ -154,6 +205,7 @@ class Checkpoints:
 
     def _drop(self, save: str) -> None:
         self._memory.pop(save, None)
+        self._previous.pop(save, None)
         self._written.pop(save, None)
         if self.root is not None:
             folder = self._folder(save)

@@ -36,11 +36,16 @@ from safetensors.torch import save_file
 from cloche.errors import ResourceLimit, UsageError
 from cloche.probes.disk import atomic_write
 
-__all__ = ["FORMAT", "Exporter"]
+__all__ = ["FORMAT", "Exporter", "batches_per_shard"]
 
 FORMAT = "cloche.export/1"
 _MANIFEST = "manifest.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def batches_per_shard(shard_tokens: int, batch_size: int, seq_len: int) -> int:
+    """How many batches make one shard of about ``shard_tokens`` tokens."""
+    return max(1, math.ceil(shard_tokens / (batch_size * seq_len)))
 
 
 class Exporter:
@@ -53,7 +58,7 @@ class Exporter:
         self.points = list(dict.fromkeys(points))
         self.dtype = _DTYPES[dtype]
         self.batch_size = batch_size
-        self.per_shard = max(1, math.ceil(shard_tokens / (batch_size * ds.seq_len)))
+        self.per_shard = batches_per_shard(shard_tokens, batch_size, ds.seq_len)
         self.stop = len(ds) if limit is None else min(limit, len(ds))
         self.run = {"dataset": ds.name, "fingerprint": ds.fingerprint(), "seq_len": ds.seq_len,
                     "batch_size": batch_size, "batches_per_shard": self.per_shard,

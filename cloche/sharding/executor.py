@@ -351,22 +351,29 @@ class ShardedExecutor:
 
     def _run_dataset(self, req: rq.RunDataset, cancel: CancelEvent | None,
                      on_event: EventSink | None) -> dict[str, Any]:
-        """Batches stream through the pipeline, so ranks work on consecutive batches at once."""
+        """Batches stream through the pipeline, so ranks work on consecutive batches at once;
+        with ``checkpoint_every`` every rank checkpoints its part (``sharding.checkpoints``);
+        an export is written by the ranks that own its points (``sharding.export``)."""
         from cloche.runtime.datasets import as_dataset
+        from cloche.sharding.export import export_summary, open_sharded_export
 
-        if req.checkpoint_every is not None or req.resume or req.export is not None:
-            raise UsageError("checkpoint_every=, resume= and export= are not supported on a"
-                             " sharded model yet: run them on a model in one process")
         ds = as_dataset(req.dataset, self.tokenizer, cancel)
+        export = open_sharded_export(req, self.owner_of)
         values = self._command("dataset", cancel=cancel,
                                local={"progress": on_event, "cancel": cancel},
                                dataset=ds, batch_size=req.batch_size, limit=req.limit,
                                forward=req.forward, save=req.save,
-                               micro_batches=self._micro(req.micro_batches))
+                               micro_batches=self._micro(req.micro_batches),
+                               checkpoint_every=req.checkpoint_every, resume=req.resume,
+                               export=export)
         reducers = self._context_reducers(req.save)
-        return {**values[0], "dataset": ds.name, "fingerprint": ds.fingerprint(),
-                "reducers": {r: red.result() for r, red in reducers.items()},
-                "state": self._context_state(req.save)}
+        out = {k: v for k, v in values[0].items() if k != "export"}
+        out.update({"dataset": ds.name, "fingerprint": ds.fingerprint(),
+                    "reducers": {r: red.result() for r, red in reducers.items()},
+                    "state": self._context_state(req.save)})
+        if export is not None:
+            out["export"] = export_summary(export["dir"], [v["export"] for v in values])
+        return out
 
     def _call(self, req: rq.Call, cancel: CancelEvent | None, on_event: Any) -> Any:
         """``rank=None``: here, with the whole sharded model; ``rank=k``/``"all"``: on those

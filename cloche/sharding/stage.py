@@ -63,6 +63,18 @@ TRANSACTIONAL = ("run", "generate", "dataset")
 OrderKey = tuple[int, int, int, int, int]
 
 
+@dataclass(frozen=True)
+class _DatasetRun:
+    """What ``runtime.datasets.Resumable`` reads of a dataset request, on every rank."""
+
+    save: str
+    checkpoint_every: int | None
+    resume: bool
+    batch_size: int
+    limit: int | None
+    micro_batches: int
+
+
 class OrderedWrites:
     """A run's pending writes, remembering where each ``ctx.save`` fell in the global order.
 
@@ -103,6 +115,10 @@ class OrderedWrites:
     @runs.setter
     def runs(self, value: int) -> None:
         self._pending.runs = value
+
+    def restored(self, saves: int) -> None:
+        """A resumed run: ``saves`` entries were saved before its checkpoint."""
+        self._n = saves
 
     def save(self, key: str, value: Any) -> None:
         self._n += 1
@@ -153,6 +169,7 @@ class Stage:
         self.attention_paths = ({f"{layers}.{i}.{attn}": i for i in range(start, stop)}
                                 if attn else {})
         self._held: tuple[int, Transaction, OrderedWrites, str] | None = None
+        self._on_commit: Callable[[], None] | None = None
         self.last_exception: BaseException | None = None
         self._seq = 0
         self._pass = 0
@@ -246,6 +263,7 @@ class Stage:
 
     def settle(self, seq: int, commit: bool) -> None:
         held, self._held = self._held, None
+        on_commit, self._on_commit = self._on_commit, None
         if held is None or held[0] != seq:
             return
         txn = held[1]
@@ -253,6 +271,8 @@ class Stage:
             txn.rollback()
             return
         txn.commit()
+        if on_commit is not None:
+            on_commit()
 
     def _hold(self, txn: Transaction, writes: OrderedWrites, save: str) -> None:
         self._held = (self._seq, txn, writes, save)
@@ -404,28 +424,87 @@ class Stage:
 
     def op_dataset(self, dataset: Any, batch_size: int, limit: int | None, forward: dict,
                    save: str, micro_batches: int, progress: Any = None,
-                   cancel: Any = None) -> dict[str, int]:
-        from cloche.runtime.datasets import iterate
+                   cancel: Any = None, checkpoint_every: int | None = None,
+                   resume: bool = False, export: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        from cloche.runtime.datasets import Resumable, iterate, with_export_probes
+        from cloche.runtime.export import batches_per_shard
+        from cloche.sharding.checkpoints import AgreedCheckpoints
 
-        plan = self._owned_plan(forward, {})
+        exporter = self._dataset_exporter(export, dataset, batch_size, limit, micro_batches)
+        run = ProbePlan(forward)
+        plan = self._owned_plan(
+            (run if exporter is None else with_export_probes(run, exporter)).forward, {})
         txn, writes = self._begin(save)
         self._mode = "dataset"
         totals = {"examples": 0, "tokens": 0}
         watch = cancel if cancel is not None else self.control.abort_event
+        stop = len(dataset) if limit is None else min(limit, len(dataset))
+        ok = False
         try:
-            for batch in iterate(dataset, batch_size, limit, progress, totals, watch):
+            agreed = AgreedCheckpoints(self.local.checkpoints, self.control, self._seq,
+                                       self.rank, self.plan.world_size)
+            aligned = None
+            if export is not None:  # every rank, exporting or not, checkpoints at shard ends
+                per_shard = batches_per_shard(export["shard_tokens"], batch_size,
+                                              dataset.seq_len)
+                aligned = lambda g: g % per_shard == 0  # noqa: E731
+            resumable = Resumable(agreed, _DatasetRun(save, checkpoint_every, resume,
+                                                      batch_size, limit, micro_batches),
+                                  dataset, txn.writes(save), watch, aligned)
+            start = resumable.start(totals)
+            if export is not None and not forward and not resumable.active:
+                # nothing but the export: skip the shards that every exporting rank wrote
+                start = agreed.least("export", stop if exporter is None
+                                     else exporter.resume_from())
+            if start:  # the passes and saves before the checkpoint, as an unbroken run has them
+                self._pass = (start // batch_size) * max(1, min(micro_batches, batch_size))
+                writes.restored(sum(len(v) for v in txn.writes(save).saves.values()))
+
+            def after(batch: Any) -> None:
+                if exporter is not None:
+                    exporter.end_batch(batch)
+                end = int(batch.example_ids[-1]) + 1
+                resumable.after_batch(end, totals, end >= stop)
+
+            for batch in iterate(dataset, batch_size, limit, progress, totals, watch,
+                                 start=start, after=after):
                 if self.control.abort_event.is_set():
                     raise Cancelled("the dataset run was cancelled")
+                if exporter is not None:
+                    exporter.begin_batch(batch)
                 n = max(1, min(micro_batches, batch.tokens.shape[0]))
                 for ids, mask, ex in zip(batch.tokens.chunk(n), batch.attention_mask.chunk(n),
                                          batch.example_ids.chunk(n), strict=True):
                     self._forward(ids, mask, plan, writes, ex, grad=False, head=False)
                 writes.runs += 1
+            ok = True
         except BaseException:
             txn.rollback()
             raise
+        finally:
+            exported = exporter.close(complete=ok) if exporter is not None else None
         self._hold(txn, writes, save)
-        return totals
+        self._on_commit = resumable.finished  # the checkpoint is spent once every rank commits
+        return {**totals, "export": exported}
+
+    def _dataset_exporter(self, export: dict[str, Any] | None, dataset: Any, batch_size: int,
+                          limit: int | None, micro_batches: int) -> Any:
+        """This rank's exporter: the export points it owns, in ``<dir>/rank-<r>`` (or None)."""
+        if export is None:
+            return None
+        from cloche.runtime.derived import is_derived
+        from cloche.runtime.export import Exporter
+
+        def owner(point: str) -> int:
+            base = self.local.derived.base_of(point) if is_derived(point) else point
+            return self.ownership.point_owner(self.full_specs[base])
+
+        points = [p for p in export["points"] if owner(p) == self.rank]
+        if not points:
+            return None
+        return Exporter(str(Path(export["dir"]) / f"rank-{self.rank}"), points, export["dtype"],
+                        export["shard_tokens"], dataset, batch_size, limit, micro_batches)
 
     def op_attach_dictionary(self, name: str, point: str, out_point: str | None,
                              build: Callable[..., Any], config: dict | None,
