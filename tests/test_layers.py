@@ -23,6 +23,8 @@ ALLOWED = {
     # what a sparse dictionary is (SAELens format, the module); training drives a model through
     # its public methods, which it receives
     "dictionaries": {"errors", "probes"},
+    # linear probes, steering vectors: trained like dictionaries, through the public methods
+    "learned": {"errors"},
     "api": {"errors", "model", "probes", "data", "dictionaries"},  # a RunDataset checks its
     # dataset; attach_dictionary reads a SAELens folder
     "runtime": {"errors", "model", "probes", "api", "data"},
