@@ -677,8 +677,14 @@ def build_setup(args: argparse.Namespace, directory: Path, stack: contextlib.Exi
         stack.callback(remote.close)
         setup.cloche["remote"] = remote
     if "sharded" in places:
+        import os
+
         from cloche.sharding import start_local
 
+        # rank 1 unpickles the probes by reference to this folder's modules (probe_overhead)
+        here = str(Path(__file__).resolve().parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (here, os.environ.get("PYTHONPATH")) if p)
         sharded = start_local(directory, 2, threads=args.threads)
         stack.callback(sharded.close)
         setup.cloche["sharded ws2"] = sharded

@@ -22,6 +22,10 @@ __all__ = ["Aborted", "Control", "Liveness"]
 
 _SLICE_S = 0.05
 _LIVENESS_EVERY_S = 0.2
+#: what ``compare_set(key, _ABSENT, _ABSENT)`` answers for a missing key (and leaves it missing);
+#: for a present key it answers the value: one round trip where ``check`` + ``get`` took two
+_ABSENT = "\0cloche: no such key\0"
+_ABSENT_BYTES = _ABSENT.encode()
 
 
 class Liveness:
@@ -119,9 +123,9 @@ class Control:
         self.abort_event.set()
 
     def _read_abort(self, store: tdist.Store, command: int) -> None:
-        key = f"abort/{command}"
-        if store.check([key]):
-            value = bytes(store.get(key)).decode()
+        raw = bytes(store.compare_set(f"abort/{command}", _ABSENT, _ABSENT))
+        if raw != _ABSENT_BYTES:
+            value = raw.decode()
             origin = value.split(":", 1)[0]
             if self.abort_origin is None and origin.isdigit():
                 self.abort_origin = int(origin)
@@ -131,15 +135,17 @@ class Control:
     def wait(self, key: str, *, command: int | None = None, abortable: bool = True) -> bytes:
         """The value of ``key`` once it exists; checks liveness (and the abort flag) meanwhile.
 
-        Polls with ``check`` (a quick request) and a sleep that grows from 0.1 ms to 10 ms, so
-        a message that is already there costs one round trip and a long wait costs little.
+        Polls with one quick request (that reads the value if it is there) and a sleep that
+        grows from 0.1 ms to 10 ms, so a message that is already there costs one round trip and
+        a long wait costs little.
         """
         delay = 1e-4
         next_check = time.monotonic() + _LIVENESS_EVERY_S
         while True:
             try:
-                if self.store.check([key]):
-                    return bytes(self.store.get(key))
+                value = bytes(self.store.compare_set(key, _ABSENT, _ABSENT))
+                if value != _ABSENT_BYTES:
+                    return value
             except RuntimeError as exc:
                 self.liveness.check()
                 raise WorkerLost(f"the control store failed (rank 0 died?): {exc}",

@@ -18,7 +18,6 @@ matches messages by order, not by tag) and parked sends complete.
 from __future__ import annotations
 
 import collections
-import io
 import zlib
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch.distributed as tdist
 
 from cloche.errors import Cancelled, WorkerLost
 from cloche.sharding.control import Aborted, Control
-from cloche.sharding.sealing import open_sealed, seal
+from cloche.sharding.framing import frame, unframe
 
 __all__ = ["Channel"]
 
@@ -86,10 +85,8 @@ class Channel:
 
     def send_object(self, dst: int, key: str, value: Any) -> None:
         """Send a picklable ``value``, sealed (``sharding.sealing``): raises if it cannot pickle."""
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        sealed = seal(self.key, f"obj/{key}", buffer.getvalue())
-        self.send(dst, key, torch.frombuffer(bytearray(sealed), dtype=torch.uint8), objects=True)
+        sealed = frame(self.key, f"obj/{key}", value)
+        self.send(dst, key, sealed, objects=True)
 
     def _settle(self, item: tuple[str, Any, torch.Tensor], *, abortable: bool = True) -> None:
         key, work, tensor = item
@@ -168,5 +165,4 @@ class Channel:
     def recv_object(self, src: int, key: str, *, abortable: bool = True) -> Any:
         """An object ``src`` sent with :meth:`send_object`; refused unless its seal verifies."""
         data = self.recv(src, key, abortable=abortable)
-        payload = open_sealed(self.key, f"obj/{key}", data.numpy().tobytes())
-        return torch.load(io.BytesIO(payload), weights_only=False)
+        return unframe(self.key, f"obj/{key}", data)

@@ -22,7 +22,7 @@ import hmac
 
 from cloche.errors import ProtocolError
 
-__all__ = ["MAC_BYTES", "key_from_token", "open_sealed", "seal", "store_prefix"]
+__all__ = ["MAC_BYTES", "key_from_token", "mac", "open_sealed", "seal", "store_prefix"]
 
 MAC_BYTES = 32
 
@@ -37,20 +37,27 @@ def store_prefix(key: bytes) -> str:
     return hmac.new(key, b"cloche store prefix", hashlib.sha256).hexdigest()[:32]
 
 
-def _mac(key: bytes, name: str, payload: bytes) -> bytes:
-    return hmac.new(key, name.encode() + b"\0" + payload, hashlib.sha256).digest()
+def mac(key: bytes, name: str, payload: bytes | memoryview) -> bytes:
+    """The seal of ``payload`` under ``name`` (fed in pieces: a large payload is not copied)."""
+    digest = hmac.new(key, name.encode() + b"\0", hashlib.sha256)
+    digest.update(payload)
+    return digest.digest()
 
 
 def seal(key: bytes, name: str, payload: bytes) -> bytes:
     """``payload`` with its seal in front, bound to the ``name`` it travels under."""
-    return _mac(key, name, payload) + payload
+    return mac(key, name, payload) + payload
 
 
-def open_sealed(key: bytes, name: str, data: bytes) -> bytes:
-    """The payload of ``data`` if its seal verifies for ``name``; ProtocolError otherwise."""
-    data = bytes(data)
-    mac, payload = data[:MAC_BYTES], data[MAC_BYTES:]
-    if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, _mac(key, name, payload)):
+def open_sealed(key: bytes, name: str, data: bytes | memoryview) -> memoryview:
+    """The payload of ``data`` if its seal verifies for ``name``; ProtocolError otherwise.
+
+    The payload is a view into ``data`` (objects of tens of MB are not copied to be checked).
+    """
+    view = memoryview(data).cast("B")
+    seal_bytes, payload = view[:MAC_BYTES], view[MAC_BYTES:]
+    if len(seal_bytes) != MAC_BYTES or \
+            not hmac.compare_digest(seal_bytes, mac(key, name, payload)):
         raise ProtocolError(f"refused {name!r}: it is not sealed with this group's control key"
                             " (a stranger's write, or ranks started with different tokens)")
     return payload
