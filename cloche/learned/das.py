@@ -15,7 +15,6 @@ same way), and :func:`interchange_accuracy` measures it on held-out pairs.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cloche.errors import ClocheError, UsageError
+from cloche.errors import UsageError
 from cloche.learned import live
 
 __all__ = ["DasRotation", "DasTrain", "interchange_accuracy", "train_das"]
@@ -186,18 +185,8 @@ def interchange_accuracy(model: Any, point: str, bases: Sequence[Any], sources: 
     return float((predicted == target_ids).double().mean())
 
 
-def _finish(model: Any, job: str) -> dict[str, Any]:
-    learner = live.pop(job)
-    learner.step()
-    hf_model = getattr(model, "hf_model", None)
-    if isinstance(hf_model, torch.nn.Module):
-        hf_model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        return {"weight": learner.weight().detach().cpu(), "steps": learner.steps}
-
-
-def _drop(model: Any, job: str) -> None:
-    live.pop(job, required=False)
+def _weight_of(learner: Any) -> dict[str, Any]:
+    return {"weight": learner.weight().detach().cpu(), "steps": learner.steps}
 
 
 def train_das(model: Any, point: str, bases: Sequence[Any], sources: Sequence[Any],
@@ -215,18 +204,7 @@ def train_das(model: Any, point: str, bases: Sequence[Any], sources: Sequence[An
     batches = [_pairs(model, bases[i:i + batch_size], sources[i:i + batch_size],
                       targets[i:i + batch_size]) for i in range(0, len(bases), batch_size)]
     job = f"das:{uuid.uuid4().hex}"
-    probe = DasTrain(job, dim, lr, seed)
-    save = f"__learn__/{job}"
-    try:
-        for step in range(steps):  # each pass's probe takes the step of the pass before
-            inputs, target_ids = batches[step % len(batches)]
-            model.run(inputs, probes={point: probe}, backward=_Counterfactual(target_ids),
-                      save=save, return_logits=False, cancel=cancel, progress=False)
-        out = model.call(_finish, job, rank=owner)
-    except BaseException:
-        with contextlib.suppress(ClocheError):
-            model.call(_drop, job, rank=owner)
-        raise
-    finally:
-        model.save_context(save).clear()
+    out = live.optimise(model, point, job, DasTrain(job, dim, lr, seed),
+                        [(inputs, _Counterfactual(ids)) for inputs, ids in batches], steps,
+                        owner=owner, result=_weight_of, cancel=cancel)
     return DasRotation(point=point, weight=out["weight"], steps=out["steps"])

@@ -8,13 +8,16 @@ and gradients never cross the wire. Probes shipped with each run find it here by
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+import torch
 
 from cloche.errors import ClocheError
 
-__all__ = ["get_or_create", "pop", "running"]
+__all__ = ["get_or_create", "optimise", "pop", "running"]
 
 T = TypeVar("T")
 
@@ -45,3 +48,40 @@ def running() -> list[str]:
     """The jobs with a learner in this process (for tests and diagnostics)."""
     with _LOCK:
         return sorted(_LIVE)
+
+
+def optimise(model: Any, point: str, job: str, probe: Any, batches: Sequence[tuple[Any, Any]],
+             steps: int, *, owner: Any, result: Callable[[Any], T], cancel: Any = None) -> T:
+    """Train ``job``'s learner with ``steps`` forward + backward passes over ``batches``
+    (``(inputs, backward)`` pairs, cycled); ``probe`` at ``point`` feeds the learner, each pass's
+    probe applying the optimizer step of the pass before. Then, on the rank ``owner`` that
+    holds it, the last step is taken, the model's weight gradients are let go and
+    ``result(learner)`` is what comes back. On any failure the learner is dropped there."""
+    save = f"__learn__/{job}"
+    try:
+        for step in range(steps):
+            inputs, backward = batches[step % len(batches)]
+            model.run(inputs, probes={point: probe}, backward=backward, save=save,
+                      return_logits=False, cancel=cancel, progress=False)
+        return model.call(_finish, job, result, rank=owner)
+    except BaseException:
+        with contextlib.suppress(ClocheError):
+            model.call(_drop, job, rank=owner)
+        raise
+    finally:
+        model.save_context(save).clear()
+
+
+def _finish(model: Any, job: str, result: Callable[[Any], T]) -> T:
+    """Where the learner lives: its last step, the weights' gradients let go, its result."""
+    learner = pop(job)
+    learner.step()
+    hf_model = getattr(model, "hf_model", None)
+    if isinstance(hf_model, torch.nn.Module):
+        hf_model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return result(learner)
+
+
+def _drop(model: Any, job: str) -> None:
+    pop(job, required=False)

@@ -14,7 +14,6 @@ that adds it, ``vector.read()`` one that saves each token's projection on it.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cloche.errors import ClocheError, UsageError
+from cloche.errors import UsageError
 from cloche.learned import live
 from cloche.learned.linear_probe import _Add
 
@@ -90,18 +89,8 @@ class _TargetLoss:
         return -self.log_probs(outputs.logits).mean()
 
 
-def _finish(model: Any, job: str) -> dict[str, Any]:
-    """On the owning rank: the last step, the vector, and the weights' gradients let go."""
-    learner = live.pop(job)
-    learner.step()
-    hf_model = getattr(model, "hf_model", None)
-    if isinstance(hf_model, torch.nn.Module):
-        hf_model.zero_grad(set_to_none=True)
+def _vector_of(learner: Any) -> dict[str, Any]:
     return {"vector": learner.vector.detach().cpu(), "steps": learner.steps}
-
-
-def _drop(model: Any, job: str) -> None:
-    live.pop(job, required=False)
 
 
 def _ids(model: Any, text: Any, *, special: bool) -> list[int]:
@@ -195,18 +184,6 @@ def train_steering_vector(model: Any, point: str, prompts: Sequence[Any], target
     batches = [_batch(model, list(prompts[i:i + batch_size]), target_ids)
                for i in range(0, len(prompts), batch_size)]
     job = f"steer:{uuid.uuid4().hex}"
-    probe = SteerTrain(job, lr, max_norm)
-    save = f"__learn__/{job}"
-    try:
-        for step in range(steps):  # each pass's probe takes the step of the pass before
-            inputs, objective = batches[step % len(batches)]
-            model.run(inputs, probes={point: probe}, backward=objective, save=save,
-                      return_logits=False, cancel=cancel, progress=False)
-        out = model.call(_finish, job, rank=owner)
-    except BaseException:
-        with contextlib.suppress(ClocheError):
-            model.call(_drop, job, rank=owner)
-        raise
-    finally:
-        model.save_context(save).clear()
+    out = live.optimise(model, point, job, SteerTrain(job, lr, max_norm), batches, steps,
+                        owner=owner, result=_vector_of, cancel=cancel)
     return SteeringVector(point=point, vector=out["vector"], steps=out["steps"])
