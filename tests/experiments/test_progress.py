@@ -68,14 +68,10 @@ CALLS = {
 }
 
 KINDS = ["tiny-llama", "remote", "sharded"]
-#: calls that do not run on a sharded model yet (they read the whole hf_model in one process)
-SHARDED_LACKS: set[str] = set()
 
 
 @pytest.fixture(params=KINDS)
 def any_model(request, local_models, name):
-    if request.param == "sharded" and name in SHARDED_LACKS:
-        pytest.skip(f"{name} does not run on a sharded model")
     m = local_models(request.param)
     yield m
     m.save_context("progress-test").clear()
