@@ -14,15 +14,17 @@ gives every rank the snapshot path, so no rank downloads anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloche.errors import UsageError
 
-__all__ = ["ModelSource", "display_name", "resolve_model"]
+__all__ = ["ModelSource", "display_name", "hub_errors", "resolve_model"]
 
 #: files ``from_pretrained`` and the tokenizer read, besides the weights (top level only)
 _METADATA_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*"]
@@ -124,30 +126,18 @@ def _weight_files(snapshot: Path) -> list[list[str]]:
     return candidates
 
 
-def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    """``snapshot_download`` of the top-level files matching ``patterns``; clear errors."""
-    from huggingface_hub import constants, snapshot_download
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's refusals of ``repo_id`` into errors that say what to do (each
+    caller words a missing cache entry itself: what was looked for differs)."""
     from huggingface_hub.errors import (
         GatedRepoError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    at = f" at revision {revision!r}" if revision else ""
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                 ignore_patterns=["*/*"])
-    except LocalEntryNotFoundError as exc:
-        mode = ("offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
-                else "the hub could not be reached")
-        raise UsageError(
-            f"{repo_id!r} is not a local model directory, and the Hugging Face cache"
-            f" ({constants.HF_HUB_CACHE}) has no snapshot of it{at}; {mode}. Run once with"
-            f" network access (HF_HUB_OFFLINE unset) to download it, or fetch it with"
-            f" `hf download {repo_id}` (`huggingface-cli download {repo_id}`), or point"
-            f" HF_HUB_CACHE at a cache that has it, or pass a directory saved with"
-            f" save_pretrained") from exc
+        yield
     except GatedRepoError as exc:
         raise UsageError(f"the hub repository {repo_id!r} is gated: accept its terms on the"
                          " hub and log in (`hf auth login`, or set HF_TOKEN)") from exc
@@ -157,4 +147,26 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     except RevisionNotFoundError as exc:
         raise UsageError(f"the hub repository {repo_id!r} has no revision {revision!r}"
                          ) from exc
+
+
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """``snapshot_download`` of the top-level files matching ``patterns``; clear errors."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    at = f" at revision {revision!r}" if revision else ""
+    with hub_errors(repo_id, revision):
+        try:
+            path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                     ignore_patterns=["*/*"])
+        except LocalEntryNotFoundError as exc:
+            mode = ("offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+                    else "the hub could not be reached")
+            raise UsageError(
+                f"{repo_id!r} is not a local model directory, and the Hugging Face cache"
+                f" ({constants.HF_HUB_CACHE}) has no snapshot of it{at}; {mode}. Run once with"
+                f" network access (HF_HUB_OFFLINE unset) to download it, or fetch it with"
+                f" `hf download {repo_id}` (`huggingface-cli download {repo_id}`), or point"
+                f" HF_HUB_CACHE at a cache that has it, or pass a directory saved with"
+                f" save_pretrained") from exc
     return Path(path)

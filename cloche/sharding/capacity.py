@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from cloche.errors import UsageError
+from cloche.model.hub import hub_errors
 from cloche.sharding.plan import ShardPlan, balanced_plan
 from cloche.sharding.shard import Ownership, Skeleton, plan_weights, skeleton_from_config
 
@@ -152,36 +153,26 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
-        GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
     )
 
     at = f" at revision {revision!r}" if revision else ""
-    try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except HFValidationError as exc:
-        raise UsageError(f"{repo_id!r} is neither a model directory, a config.json file nor a"
-                         f" hub name like 'org/name' ({exc})") from exc
-    except LocalEntryNotFoundError as exc:
-        mode = ("offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
-                else "the hub could not be reached")
-        raise UsageError(f"the Hugging Face cache ({constants.HF_HUB_CACHE}) has no config.json"
-                         f" of {repo_id!r}{at}; {mode}. Run once with network access, or give"
-                         " a local config.json") from exc
-    except GatedRepoError as exc:
-        raise UsageError(f"the hub repository {repo_id!r} is gated: accept its terms on the hub"
-                         " and log in (`hf auth login`, or set HF_TOKEN)") from exc
-    except RepositoryNotFoundError as exc:
-        raise UsageError(f"no hub repository {repo_id!r} (or it is private: log in with"
-                         " `hf auth login`, or set HF_TOKEN)") from exc
-    except RevisionNotFoundError as exc:
-        raise UsageError(f"the hub repository {repo_id!r} has no revision {revision!r}") from exc
-    except EntryNotFoundError as exc:
-        raise UsageError(f"the hub repository {repo_id!r}{at} has no config.json: it is not a"
-                         " transformers model") from exc
+    with hub_errors(repo_id, revision):
+        try:
+            return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        except HFValidationError as exc:
+            raise UsageError(f"{repo_id!r} is neither a model directory, a config.json file"
+                             f" nor a hub name like 'org/name' ({exc})") from exc
+        except LocalEntryNotFoundError as exc:
+            mode = ("offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+                    else "the hub could not be reached")
+            raise UsageError(f"the Hugging Face cache ({constants.HF_HUB_CACHE}) has no"
+                             f" config.json of {repo_id!r}{at}; {mode}. Run once with network"
+                             " access, or give a local config.json") from exc
+        except EntryNotFoundError as exc:
+            raise UsageError(f"the hub repository {repo_id!r}{at} has no config.json: it is"
+                             " not a transformers model") from exc
 
 
 @dataclass(frozen=True)
