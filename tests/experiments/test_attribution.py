@@ -10,7 +10,6 @@ import torch
 from cloche import experiments as ex
 
 from tests.dictionaries.checks import make_dictionary
-from tests.experiments.conftest import default_available
 
 SEQ = 6
 
@@ -155,7 +154,6 @@ def test_dictionary_features(local_models):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not default_available(), reason="no default model weights")
 def test_tracks_real_activation_patching_on_the_default_model(default_model):
     """Corrupt the first half of repeated random tokens; the estimate per position of the last
     layer's resid_pre should rank like patching the corrupted activation into the clean run.
