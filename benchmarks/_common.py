@@ -10,6 +10,7 @@ time), which cancels slow drifts in background load.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import random
@@ -58,6 +59,17 @@ class Timing:
 
     def quantile(self, q: float, clock: str = "wall") -> float:
         return _quantile(getattr(self, clock), q)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The GPT-2-architecture model and batch that the probing benchmarks share (4×256, vocab
+    4096, batch 8×128 by default), so their figures are of the same model."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
 
 
 def fix_threads(n: int) -> int:

@@ -47,7 +47,15 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Case, Timing, fix_threads, load_average, markdown_table, measure
+from _common import (
+    Case,
+    Timing,
+    add_model_arguments,
+    fix_threads,
+    load_average,
+    markdown_table,
+    measure,
+)
 
 import cloche
 
@@ -421,12 +429,7 @@ def target_lines(timings: list[Timing]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    add_model_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for every case)")
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (each case once a round)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each case first")

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Case, Timing, fix_threads, load_average, measure
+from _common import Case, Timing, add_model_arguments, fix_threads, load_average, measure
 from probe_overhead import (
     build_model,
     canonical_points,
@@ -808,12 +808,7 @@ def profile(case: Case, calls: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    add_model_arguments(p)
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens for generation")
     p.add_argument("--patch-len", type=int, default=16, help="prompt tokens for patching")
     p.add_argument("--dataset-batches", type=int, default=4,
