@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from cloche.errors import ClocheError, UsageError
+from cloche.errors import Cancelled, ClocheError, UsageError
 from cloche.ui.backend import Backend
 from cloche.ui.export import unit_page_html
 from cloche.ui.jsonsafe import clean as _clean
@@ -312,6 +312,8 @@ async def _stream(backend: Backend, key: Any, job: str,
                 getter.cancel()
         try:
             yield _line({"type": "result", "data": task.result(), "cached": False})
+        except Cancelled as exc:
+            yield _line({"type": "cancelled", "error": str(exc)})
         except ClocheError as exc:
             yield _line({"type": "error", "error": str(exc), "kind": type(exc).__name__})
     finally:

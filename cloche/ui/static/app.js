@@ -37,7 +37,10 @@ async function stream(url, where) {
   const controller = new AbortController();
   const bar = el("progress", { max: 1, value: 0 });
   const label = el("span", { class: "muted" }, "starting…");
+  // Set at the click: the server may end the stream (a "cancelled" line) before the POST answers.
+  let cancelling = false;
   const cancel = el("button", { "data-testid": "cancel", onclick: async () => {
+    cancelling = true;
     label.textContent = "cancelling…";
     try { await post(`/api/jobs/${job}/cancel`); } finally { controller.abort(); }
   } }, "Cancel");
@@ -49,7 +52,7 @@ async function stream(url, where) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
-    for (;;) {
+    reading: for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
@@ -62,18 +65,17 @@ async function stream(url, where) {
           label.textContent = event.total
             ? `${event.stage}: ${event.done}/${event.total} batches` : (event.stage ?? "");
         } else if (event.type === "result") { box.remove(); return event.data; }
+        else if (event.type === "cancelled") { cancelling = true; break reading; }
         else if (event.type === "error") throw new Error(event.error);
       }
     }
-    throw new Error("the computation stopped before its result");
+    if (!cancelling) throw new Error("the computation stopped before its result");
   } catch (error) {
-    box.remove();
-    if (controller.signal.aborted) {
-      where.append(el("p", { class: "muted", "data-testid": "cancelled" }, "cancelled"));
-      return null;
-    }
-    throw error;
+    if (!cancelling && !controller.signal.aborted) { box.remove(); throw error; }
   }
+  box.remove();
+  where.append(el("p", { class: "muted", "data-testid": "cancelled" }, "cancelled"));
+  return null;
 }
 
 // ------------------------------------------------------------------------------------ Model
