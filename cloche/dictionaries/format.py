@@ -9,12 +9,20 @@ the block), so old and new readers find what they look for.
 
 Weights: ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in)
 and, for JumpReLU, ``threshold`` (d_sae) (``log_threshold`` is accepted too). A TopK
-dictionary's ``k`` is a config field (older files keep it in ``activation_fn_kwargs``).
+dictionary's ``k`` is a config field (older files keep it in ``activation_fn_kwargs``); with
+``rescale_acts_by_decoder_norm`` (SAELens 6's TopK training default) its pre-activations are
+multiplied by the decoder rows' norms before the top k are picked, and divided by them again
+before decoding.
 
-Transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``) read one point
+Transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder`` …) read one point
 (``hook_name``) and write another (``hook_name_out``, ``d_out``): ``W_dec`` is (d_sae, d_out),
-``b_dec`` (d_out), the input is not shifted by ``b_dec``, and a skip transcoder adds
-``W_skip`` (d_out, d_in) times its input.
+``b_dec`` (d_out), the input is not shifted by ``b_dec``, and a skip transcoder
+(``skip_transcoder``, ``jumprelu_skip_transcoder``) adds ``W_skip`` (d_out, d_in) times its
+input.
+
+Checked against SAELens 6.54 itself by ``tests/dictionaries/test_saelens.py`` (when it is
+installed): what cloche writes loads there with the same features and outputs, and what SAELens
+writes loads here the same way.
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ __all__ = ["ARCHITECTURES", "CFG_FILE", "NORMALIZATIONS", "TRANSCODERS", "WEIGHT
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "jumprelu", "topk", "transcoder", "skip_transcoder",
-                 "jumprelu_transcoder")
-TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
+                 "jumprelu_transcoder", "jumprelu_skip_transcoder")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder",
+               "jumprelu_skip_transcoder")
+SKIP_TRANSCODERS = ("skip_transcoder", "jumprelu_skip_transcoder")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 _REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -61,6 +71,8 @@ class DictionaryConfig:
     d_sae: int
     architecture: str = "standard"
     k: int | None = None
+    #: TopK only: pre-activations times the decoder rows' norms (SAELens' field of that name)
+    rescale_acts_by_decoder_norm: bool = False
     apply_b_dec_to_input: bool = True
     normalize_activations: str = "none"
     #: the constant ``expected_average_only_in`` multiplies inputs by (None: not stored)
@@ -117,9 +129,14 @@ class DictionaryConfig:
     @property
     def activation(self) -> str:
         """The encoder's nonlinearity: ``relu``, ``jumprelu`` or ``topk``."""
-        if self.architecture in ("jumprelu", "jumprelu_transcoder"):
+        if self.architecture.startswith("jumprelu"):
             return "jumprelu"
         return "topk" if self.architecture == "topk" else "relu"
+
+    @property
+    def skip(self) -> bool:
+        """Whether its output adds ``W_skip`` times its input (a skip transcoder)."""
+        return self.architecture in SKIP_TRANSCODERS
 
     # ----------------------------------------------------------------- cfg.json
     @classmethod
@@ -141,6 +158,10 @@ class DictionaryConfig:
         if missing:
             raise UsageError(f"cfg.json lacks {', '.join(missing)}")
         architecture = str(flat.get("architecture", "standard"))
+        if flat.get("reshape_activations") not in (None, "none"):
+            raise UsageError(f"cfg.json's reshape_activations={flat['reshape_activations']!r}"
+                             " (a dictionary over the attention heads concatenated) is not"
+                             " supported: cloche reads dictionaries of one point's last axis")
         kwargs = flat.get("activation_fn_kwargs") or {}
         if architecture == "standard" and flat.get("activation_fn_str") == "topk":
             architecture = "topk"  # older files: a standard SAE with a topk activation
@@ -149,11 +170,17 @@ class DictionaryConfig:
                 "hook_name_out", "hook_layer_out")
         known = {"d_in", "d_sae", "d_out", "architecture", "k", "apply_b_dec_to_input",
                  "normalize_activations", "norm_scaling_factor", "dtype", "device",
-                 "activation_fn_str", "activation_fn_kwargs", *read}
-        rest = {**{key: v for key, v in meta.items() if key not in read}, **flat}
+                 "activation_fn_str", "activation_fn_kwargs", "rescale_acts_by_decoder_norm",
+                 *read}
+        extra = {key: value for key, value in flat.items() if key not in known}
+        meta_extra = {key: value for key, value in meta.items() if key not in read}
+        if meta_extra:  # kept in the block it came in, so a save puts it back there
+            extra["metadata"] = meta_extra
         return cls(
             d_in=flat["d_in"], d_sae=flat["d_sae"], architecture=architecture,
             k=k if architecture == "topk" else None,
+            rescale_acts_by_decoder_norm=(architecture == "topk" and bool(
+                flat.get("rescale_acts_by_decoder_norm", False))),
             apply_b_dec_to_input=bool(flat.get("apply_b_dec_to_input", True)),
             normalize_activations=str(flat.get("normalize_activations") or "none"),
             norm_scaling_factor=flat.get("norm_scaling_factor"),
@@ -162,28 +189,32 @@ class DictionaryConfig:
             context_size=pick("context_size"), dtype=str(flat.get("dtype") or "float32"),
             d_out=flat.get("d_out") if architecture in TRANSCODERS else None,
             hook_name_out=pick("hook_name_out"), hook_layer_out=pick("hook_layer_out"),
-            extra={key: value for key, value in rest.items() if key not in known})
+            extra=extra)
 
     def to_cfg(self) -> dict[str, Any]:
         """``cfg.json`` with the flat fields and the ``metadata`` block both written."""
-        metadata = {"model_name": self.model_name, "hook_name": self.hook_name,
-                    "hook_layer": self.hook_layer, "prepend_bos": self.prepend_bos,
-                    "context_size": self.context_size}
+        extra = dict(self.extra)
+        flat = {"model_name": self.model_name, "hook_name": self.hook_name,
+                "hook_layer": self.hook_layer, "prepend_bos": self.prepend_bos,
+                "context_size": self.context_size}
+        metadata = {**(extra.pop("metadata", None) or {}), **flat}
         cfg: dict[str, Any] = {
-            **self.extra,
+            **extra,
             "architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
             "dtype": self.dtype, "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": self.normalize_activations,
             "activation_fn_str": "topk" if self.architecture == "topk" else "relu",
             "activation_fn_kwargs": {"k": self.k} if self.k is not None else {},
-            **metadata, "metadata": metadata,
+            **flat, "metadata": metadata,
         }
         if self.k is not None:
             cfg["k"] = self.k
+            cfg["rescale_acts_by_decoder_norm"] = self.rescale_acts_by_decoder_norm
         if self.transcoder:
-            cfg.update(d_out=self.width_out, hook_name_out=self.hook_name_out,
-                       hook_layer_out=self.hook_layer_out, apply_b_dec_to_input=False)
+            out = {"hook_name_out": self.hook_name_out, "hook_layer_out": self.hook_layer_out}
+            cfg.update(d_out=self.width_out, apply_b_dec_to_input=False, **out)
+            metadata.update(out)
         if self.norm_scaling_factor is not None:
             cfg["norm_scaling_factor"] = self.norm_scaling_factor
         return cfg
@@ -201,7 +232,7 @@ def weights_from(tensors: Mapping[str, Any], config: DictionaryConfig) -> dict[s
         if name not in tensors:
             raise UsageError(f"dictionary weights lack {name!r} (they hold {sorted(tensors)})")
     names = list(_REQUIRED)
-    if config.architecture == "skip_transcoder":
+    if config.skip:
         if "W_skip" not in tensors:
             raise UsageError("a skip transcoder needs 'W_skip'")
         names.append("W_skip")

@@ -46,7 +46,7 @@ class SparseDictionary(nn.Module):
         self.b_dec = nn.Parameter(tensors["b_dec"].to(dtype))
         if config.activation == "jumprelu":
             self.threshold = nn.Parameter(tensors["threshold"].to(dtype))
-        if config.architecture == "skip_transcoder":
+        if config.skip:
             self.W_skip = nn.Parameter(tensors["W_skip"].to(dtype))
 
     # ----------------------------------------------------------------- description
@@ -105,7 +105,7 @@ class SparseDictionary(nn.Module):
                                  " needs the input it encoded: decode(features, x)")
             x = x.to(y.dtype)
             if how == "constant_norm_rescale":
-                return y * (x.norm(dim=-1, keepdim=True) / math.sqrt(self.d_in))
+                return y / (math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True))
             mean = x.mean(dim=-1, keepdim=True)
             return y * (x - mean).std(dim=-1, keepdim=True) + mean
         if how == "expected_average_only_in" and self.config.norm_scaling_factor is not None:
@@ -118,7 +118,10 @@ class SparseDictionary(nn.Module):
         sae_in = self._normalize(x.to(self.W_enc.dtype))
         if self.config.apply_b_dec_to_input and not self.config.transcoder:
             sae_in = sae_in - self.b_dec
-        return sae_in @ self.W_enc + self.b_enc
+        pre = sae_in @ self.W_enc + self.b_enc
+        if self.config.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        return pre
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """The architecture's nonlinearity, applied to pre-activations."""
@@ -138,8 +141,11 @@ class SparseDictionary(nn.Module):
     def decode(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstruction ``(..., d_out)`` of ``features``; ``x`` (the encoded input) is
         needed only by the per-token input normalisations and a skip transcoder."""
-        y = features.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-        if self.config.architecture == "skip_transcoder":
+        features = features.to(self.W_dec.dtype)
+        if self.config.rescale_acts_by_decoder_norm:
+            features = features * (1 / self.W_dec.norm(dim=-1))
+        y = features @ self.W_dec + self.b_dec
+        if self.config.skip:
             if x is None:
                 raise UsageError("decoding a skip transcoder needs its input: decode(features,"
                                  " x)")
@@ -179,7 +185,7 @@ def _initial_weights(config: DictionaryConfig) -> dict[str, torch.Tensor]:
                "b_dec": torch.zeros(config.width_out)}
     if config.activation == "jumprelu":
         weights["threshold"] = torch.zeros(config.d_sae)
-    if config.architecture == "skip_transcoder":
+    if config.skip:
         weights["W_skip"] = torch.zeros(config.width_out, config.d_in)
     return weights
 
