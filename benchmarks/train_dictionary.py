@@ -1,4 +1,5 @@
-"""Train a TopK dictionary on the default model next to it, and measure it on held-out data.
+"""Train a dictionary or a transcoder on the default model next to it, and measure it on
+held-out data.
 
 The issue's figures: on the default model a TopK dictionary at ``layers.1.resid_post`` must
 explain >= 0.8 of the variance and recover >= 80 % of the next-token loss gap between zeroing
@@ -8,6 +9,14 @@ optimizer in the process that runs the point), saves it in the SAELens format, l
 checks that the loaded features are identical, then measures it with ``evaluate_dictionary``.
 
     python benchmarks/train_dictionary.py [--examples 800] [--reuse 4] [--where local|remote]
+    python benchmarks/train_dictionary.py --kind jumprelu --l0 1e-3
+    python benchmarks/train_dictionary.py --kind jumprelu --point layers.1.ln2 \
+        --target layers.1.mlp.out          # a transcoder (figures at the point it writes)
+
+``--kind`` picks TopK (``--k``), JumpReLU (``--l0``: the L0 penalty) or standard (``--l1``);
+with ``--target`` the dictionary is a transcoder from ``--point`` to the target (``--skip``: with
+a linear skip connection), measured where it writes (its FVE, and the loss with its output
+spliced in against zeroing that point).
 
 ``--where remote`` serves the default model from a ``cloche serve`` subprocess on 127.0.0.1 and
 trains through the connection (the dictionary lives in the server process); ``--where sharded``
@@ -57,6 +66,12 @@ def main() -> None:
     parser.add_argument("--reuse", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--where", choices=("local", "remote", "sharded"), default="local")
+    parser.add_argument("--kind", choices=("topk", "jumprelu", "standard"), default="topk")
+    parser.add_argument("--point", default=POINT)
+    parser.add_argument("--target", default=None, help="a transcoder's output point")
+    parser.add_argument("--skip", action="store_true", help="a skip transcoder")
+    parser.add_argument("--l0", type=float, default=1e-3, help="JumpReLU's L0 coefficient")
+    parser.add_argument("--l1", type=float, default=1e-3, help="standard's L1 coefficient")
     args = parser.parse_args()
 
     proc = None
@@ -81,15 +96,16 @@ def main() -> None:
                         seq_len=corpus.seq_len, pad_id=corpus.pad_id)
         heldout = default("heldout", tokenizer=model.tokenizer)
         started = time.monotonic()
-        result = train_dictionary(model, POINT, train, kind="topk", d_dict=args.d_dict, k=args.k,
-                                  batch_size=32, reuse=args.reuse,
-                                  lr=args.lr, progress=False)
+        result = train_dictionary(model, args.point, train, kind=args.kind, d_dict=args.d_dict,
+                                  k=args.k, target=args.target, skip=args.skip,
+                                  l0_coefficient=args.l0, l1_coefficient=args.l1,
+                                  batch_size=32, reuse=args.reuse, lr=args.lr, progress=False)
         trained_s = time.monotonic() - started
         with tempfile.TemporaryDirectory() as folder:
             result.dictionary.save(Path(folder) / "sae")
             loaded = SparseDictionary.load(Path(folder) / "sae")
             cfg = json.loads((Path(folder) / "sae" / "cfg.json").read_text())
-        probe = torch.randn(64, model.d_model)
+        probe = torch.randn(64, loaded.d_in)
         identical = torch.equal(loaded.encode(probe), result.dictionary.encode(probe))
         started = time.monotonic()
         metrics = evaluate_dictionary(model, loaded, heldout, limit=args.heldout, batch_size=32,
@@ -101,11 +117,15 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     owner = "rank 1" if args.where == "sharded" else "rank 0"
-    print(f"where={args.where} ({owner} trains) point={POINT} topk d_dict={args.d_dict} k={args.k}"
+    sparsity = {"topk": f"k={args.k}", "jumprelu": f"l0={args.l0}", "standard": f"l1={args.l1}"}
+    target = f" -> {args.target}{' (skip)' if args.skip else ''}" if args.target else ""
+    print(f"where={args.where} ({owner} trains) point={args.point}{target} {args.kind}"
+          f" ({cfg['architecture']}) d_dict={args.d_dict} {sparsity[args.kind]}"
           f" examples={args.examples} reuse={args.reuse} lr={args.lr}")
     print(f"trained: {result.steps} steps on {result.tokens} token-steps in {trained_s:.0f} s;"
           f" last batch fve {result.history[-1]['fve']:.3f}")
     print(f"SAELens round trip: architecture={cfg['architecture']} hook_name={cfg['hook_name']}"
+          f" hook_name_out={cfg.get('hook_name_out')}"
           f" features identical={identical}")
     print(f"held-out ({metrics['tokens']:.0f} tokens, {eval_s:.0f} s):")
     for key in ("mse", "fve", "l0", "dead_fraction", "ce_clean", "ce_spliced",
@@ -113,6 +133,10 @@ def main() -> None:
         print(f"  {key:17s} {metrics[key]:.4f}")
     ok = metrics["fve"] >= 0.8 and metrics["ce_recovered"] >= 0.8 and identical
     print("meets the issue's figures (fve >= 0.8, ce_recovered >= 0.8):", ok)
+    print(json.dumps({"kind": args.kind, "architecture": cfg["architecture"],
+                      "point": args.point, "target": args.target,
+                      **{key: round(metrics[key], 4) for key in ("fve", "l0", "dead_fraction",
+                                                                  "ce_recovered")}}))
 
 
 if __name__ == "__main__":

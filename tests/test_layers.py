@@ -22,7 +22,7 @@ ALLOWED = {
     "probes": {"errors", "model"},
     # what a sparse dictionary is (SAELens format, the module); training drives a model through
     # its public methods, which it receives
-    "dictionaries": {"errors", "probes"},
+    "dictionaries": {"errors", "probes", "learned"},  # trains by learned.live's loop
     # linear probes, steering vectors: trained like dictionaries, through the public methods
     "learned": {"errors"},
     "api": {"errors", "model", "probes", "data", "dictionaries"},  # a RunDataset checks its

@@ -1,17 +1,28 @@
-"""Train a sparse dictionary where its point lives, and measure it.
+"""Train a sparse dictionary or a transcoder where its points live, and measure it.
 
-:func:`train_dictionary` runs the model over a dataset with one probe at the point: the probe
-(a :class:`TrainStep`) hands each batch's activations straight to an optimizer in the process
-that runs that point — this process, the server, or the rank of a sharded model that owns the
-point — so activations never cross the wire. The dictionary being trained lives in that process
-(``_LIVE``, by job id) between batches and epochs; at the end one ``model.call`` on the owning
-rank fetches its weights. Progress and cancellation are ``run_dataset``'s. With a
-``checkpoint`` folder (on the machine of the owning rank) the trainer writes its state there
-each time it trains on its buffer of tokens and when stopped, and a later call with the same folder
-resumes where it stopped (batches already trained on are skipped).
+:func:`train_dictionary` runs the model over a dataset with a probe at the point (and, for a
+transcoder, one at the ``target`` point it learns to write): the probe (a :class:`TrainStep`)
+hands each batch's activations straight to an optimizer in the process that runs that point —
+this process, the server, or the rank of a sharded model that owns the point — so activations
+never cross the wire. The trainer lives in that process between batches and epochs (kept by job
+id in :mod:`cloche.learned.live`, whose :func:`~cloche.learned.live.train` is the loop every
+learned thing trains by); at the end one ``model.call`` on the owning rank fetches its weights.
+Progress and cancellation are ``run_dataset``'s. With a ``checkpoint`` folder (on the machine of
+the owning rank) the trainer writes its state there each time it trains on its buffer of tokens
+and when stopped, and a later call with the same folder resumes where it stopped (batches
+already trained on are skipped).
 
 TopK dictionaries (Gao et al. 2024) train with the MSE and the AuxK loss that revives dead
-latents; standard (ReLU) ones with the MSE plus an L1 penalty weighted by decoder norms.
+latents; standard (ReLU) ones with the MSE plus an L1 penalty weighted by decoder norms;
+JumpReLU ones (Rajamanoharan et al. 2024) with the MSE plus an L0 penalty, the thresholds
+learning through a straight-through estimator (:mod:`cloche.dictionaries.jumprelu`).
+Transcoders (``target=``) learn to write the target point from the input point: ``standard``
+and ``jumprelu`` kinds, as SAELens' ``transcoder`` and ``jumprelu_transcoder`` (``skip=True``:
+with a trained ``W_skip``). JumpReLU dictionaries and transcoders train on activations scaled to
+unit variance per dimension (a transcoder's input and output each by its own), so thresholds
+and widths are in those units and an MLP's small output is not dwarfed by its input; the scales
+are folded into the weights that come out, which read and write raw activations, as SAELens'
+files do.
 Decoder rows are kept at unit norm. :func:`evaluate_dictionary` reports what the issue asks of a
 dictionary: reconstruction MSE, fraction of variance explained, L0, dead-feature fraction, and
 the next-token loss with the reconstruction spliced in, against the clean model and a
@@ -23,11 +34,11 @@ This module drives the model only through its public methods (``run_dataset``, `
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,18 +47,18 @@ from typing import Any
 import torch
 
 from cloche.dictionaries.format import DictionaryConfig
+from cloche.dictionaries.jumprelu import JumpReLU, Step
 from cloche.dictionaries.modules import SparseDictionary
-from cloche.errors import ClocheError, UsageError
+from cloche.errors import UsageError
+from cloche.learned import live
 from cloche.probes import Mean, Variance
 
 __all__ = ["TrainStep", "TrainingResult", "TrainingSpec", "evaluate_dictionary",
            "train_dictionary"]
 
-#: the dictionaries being trained in this process, by job id
-_LIVE: dict[str, _Trainer] = {}
-_LIVE_LOCK = threading.Lock()
 _STATE_FILE = "trainer.pt"
 _SAELENS_DIR = "dictionary"
+_KINDS = ("topk", "standard", "jumprelu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +70,11 @@ class TrainingSpec:
     lr: float = 1e-3
     l1_coefficient: float = 1e-3
     aux_coefficient: float = 1 / 32
+    #: JumpReLU: the L0 penalty's weight (against the MSE as a share of the variance), the
+    #: estimator's kernel width and the thresholds' start, in units of the activations' std
+    l0_coefficient: float = 1e-3
+    bandwidth: float = 0.05
+    init_threshold: float = 0.01
     dead_after_tokens: int = 200_000
     checkpoint: str | None = None
     #: tokens gathered (and shuffled) before they are trained on, in steps of ``step_tokens``,
@@ -82,20 +98,32 @@ class _Trainer:
             self.module = SparseDictionary(config.replace(dtype="float32")).to(device)
         finally:
             torch.random.set_rng_state(generator_state)
+        module = self.module
         with torch.no_grad():  # unit-norm decoder rows, the encoder their transpose
-            self.module.W_dec.div_(self.module.W_dec.norm(dim=-1, keepdim=True))
-            self.module.W_enc.copy_(self.module.W_dec.T)
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=spec.lr)
+            module.W_dec.div_(module.W_dec.norm(dim=-1, keepdim=True))
+            if config.transcoder:  # unit-norm random encoder directions
+                module.W_enc.div_(module.W_enc.norm(dim=0, keepdim=True))
+            else:
+                module.W_enc.copy_(module.W_dec.T)
+            if config.activation == "jumprelu":
+                module.threshold.fill_(spec.init_threshold)
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=spec.lr)
         self.step_count = 0
         self.tokens = 0
         self.done = 0  # examples trained on, over all epochs (epoch * size + id + 1)
-        self.scale = 1.0  # the activations' variance per token, which the loss is divided by
+        self.scale = 1.0  # the target's variance per token, which the loss is divided by
+        #: what inputs and targets are divided by while training (JumpReLU and transcoders:
+        #: their std per dimension, 1 otherwise), folded into the weights that come out
+        self.unit_in = self.unit_out = 1.0
         self.since_fired = torch.zeros(config.d_sae, dtype=torch.long, device=device)
         self.history: list[dict[str, float]] = []
         self.lock = threading.Lock()
-        self.buffer: list[torch.Tensor] = []
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.buffered = 0
         self.buffer_position = 0
+        #: a transcoder's inputs waiting for their batch's target, by example ids
+        self.pending: dict[tuple[int, ...], torch.Tensor] = {}
+        self.pending_order: deque[torch.Tensor] = deque()
         self.shuffle = torch.Generator(device="cpu").manual_seed(spec.seed)
         if spec.checkpoint is not None and (Path(spec.checkpoint) / _STATE_FILE).is_file():
             self._load(Path(spec.checkpoint) / _STATE_FILE, device)
@@ -107,6 +135,8 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.tokens, self.done = state["step"], state["tokens"], state["done"]
         self.scale = state["scale"]
+        self.unit_in = state.get("unit_in", 1.0)
+        self.unit_out = state.get("unit_out", 1.0)
         self.since_fired = state["since_fired"].to(device)
         self.history = [dict(zip(("step", "mse", "fve"), row, strict=True))
                         for row in state["history"].tolist()]
@@ -120,18 +150,31 @@ class _Trainer:
                                dtype=torch.float64).reshape(-1, 3)
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "step": self.step_count, "tokens": self.tokens, "done": self.done,
-                 "scale": self.scale, "since_fired": self.since_fired.cpu(),
-                 "history": history}
+                 "scale": self.scale, "unit_in": self.unit_in, "unit_out": self.unit_out,
+                 "since_fired": self.since_fired.cpu(), "history": history}
         partial = folder / (_STATE_FILE + ".partial")
         torch.save(state, partial)
         os.replace(partial, folder / _STATE_FILE)  # a crash never leaves half a checkpoint
-        self.module.save(folder / _SAELENS_DIR)
+        self.dictionary().save(folder / _SAELENS_DIR)
+
+    def dictionary(self) -> SparseDictionary:
+        """The dictionary trained so far, reading and writing raw activations."""
+        weights = {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        if (self.unit_in, self.unit_out) != (1.0, 1.0):
+            weights["W_enc"] /= self.unit_in
+            weights["W_dec"] *= self.unit_out
+            weights["b_dec"] *= self.unit_out
+            if "W_skip" in weights:
+                weights["W_skip"] *= self.unit_out / self.unit_in
+        return SparseDictionary(self.module.config,
+                                {name: w.cpu() for name, w in weights.items()})
 
     # ----------------------------------------------------------------- the buffer
-    def add(self, x: torch.Tensor, position: int) -> None:
-        """Gather tokens ``x`` (n, d_in) of the examples up to ``position``; train when the
-        buffer is full."""
-        self.buffer.append(x.to(torch.float32).clone())
+    def add(self, x: torch.Tensor, y: torch.Tensor | None, position: int) -> None:
+        """Gather tokens ``x`` (n, d_in) — and a transcoder's targets ``y`` (n, d_out) — of the
+        examples up to ``position``; train when the buffer is full."""
+        self.buffer.append((x.to(torch.float32).clone(),
+                            None if y is None else y.to(torch.float32).clone()))
         self.buffered += x.shape[0]
         self.buffer_position = max(self.buffer_position, position)
         if self.buffered >= self.spec.buffer_tokens:
@@ -141,39 +184,61 @@ class _Trainer:
         """Train on the gathered tokens, shuffled, and empty the buffer."""
         if not self.buffer:
             return
-        tokens = torch.cat(self.buffer)
+        inputs = torch.cat([x for x, _ in self.buffer])
+        targets = (None if self.buffer[0][1] is None
+                   else torch.cat([y for _, y in self.buffer if y is not None]))
         self.buffer, self.buffered = [], 0
         step = self.spec.step_tokens
         for _ in range(self.spec.reuse):
-            order = torch.randperm(tokens.shape[0], generator=self.shuffle).to(tokens.device)
-            for start in range(0, tokens.shape[0], step):
-                chunk = tokens[order[start:start + step]]
-                if chunk.shape[0] >= max(1, step // 4):  # a ragged tail is too noisy a step
-                    self.train_on(chunk)
+            order = torch.randperm(inputs.shape[0], generator=self.shuffle).to(inputs.device)
+            for start in range(0, inputs.shape[0], step):
+                rows = order[start:start + step]
+                if rows.shape[0] >= max(1, step // 4):  # a ragged tail is too noisy a step
+                    self.train_on(inputs[rows], None if targets is None else targets[rows])
         self.done = max(self.done, self.buffer_position)
         if self.spec.checkpoint is not None:
             self.save()
 
     # ----------------------------------------------------------------- one step
-    def train_on(self, x: torch.Tensor) -> None:
-        """One optimizer step on tokens ``x`` (n, d_in)."""
+    def _start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Before the first step: the units, the decoder bias at the target's mean, the
+        target's variance (the loss's unit)."""
+        config = self.module.config
+        if config.activation == "jumprelu" or config.transcoder:
+            self.unit_in = _std_per_dim(x)
+            self.unit_out = self.unit_in if y is x else _std_per_dim(y)
+        y = y / self.unit_out
+        mean = y.mean(dim=0)
+        self.module.b_dec.copy_(mean)
+        self.scale = float((y - mean).pow(2).sum(-1).mean()) or 1.0
+
+    def train_on(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """One optimizer step on tokens ``x`` (n, d_in) (and a transcoder's targets ``y``)."""
         module = self.module
         config = module.config
         x = x.to(torch.float32)
-        if self.step_count == 0:  # start the decoder bias at the data's mean
+        y = x if y is None else y.to(torch.float32)
+        if self.step_count == 0:
             with torch.no_grad():
-                mean = x.mean(dim=0)
-                module.b_dec.copy_(mean)
-                self.scale = float((x - mean).pow(2).sum(-1).mean()) or 1.0
+                self._start(x, y)
+        x, y = x / self.unit_in, y / self.unit_out
         with torch.enable_grad():
             pre = module.pre_activation(x)
-            features = module.activate(pre)
+            if config.activation == "jumprelu":
+                features = JumpReLU.apply(pre, module.threshold, self.spec.bandwidth)
+            else:
+                features = module.activate(pre)
             reconstruction = features @ module.W_dec + module.b_dec
-            residual = x - reconstruction
+            if config.skip:
+                reconstruction = reconstruction + x @ module.W_skip.T
+            residual = y - reconstruction
             mse = residual.pow(2).sum(-1).mean()
             loss = mse / self.scale
-            if config.architecture == "topk":
+            if config.activation == "topk":
                 loss = loss + self.spec.aux_coefficient * self._aux_loss(pre, residual)
+            elif config.activation == "jumprelu":
+                l0 = Step.apply(pre, module.threshold, self.spec.bandwidth).sum(-1).mean()
+                loss = loss + self.spec.l0_coefficient * l0
             else:
                 l1 = (features * module.W_dec.norm(dim=-1)).sum(-1).mean()
                 loss = loss + self.spec.l1_coefficient * l1 / math.sqrt(self.scale)
@@ -185,14 +250,17 @@ class _Trainer:
                 grad.sub_((grad * w_dec).sum(-1, keepdim=True) * w_dec)
             self.optimizer.step()
             w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
+            if config.activation == "jumprelu":  # below zero the gate lets negatives through
+                module.threshold.clamp_(min=0.0)
             fired = (features > 0).any(dim=0)
             self.since_fired += x.shape[0]
             self.since_fired[fired] = 0
-            variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
+            variance = float((y - y.mean(0)).pow(2).sum(-1).mean())
         self.step_count += 1
         self.tokens += x.shape[0]
         error = float(mse.detach())
-        self.history.append({"step": float(self.step_count), "mse": error,
+        self.history.append({"step": float(self.step_count),
+                             "mse": error * self.unit_out ** 2,
                              "fve": 1.0 - error / variance if variance else 0.0})
 
     def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -208,26 +276,46 @@ class _Trainer:
         predicted = aux @ self.module.W_dec
         return (predicted - residual.detach()).pow(2).sum(-1).mean() / self.scale
 
+    # ----------------------------------------------------------------- a transcoder's pairs
+    def hold_input(self, key: tuple[int, ...] | None, x: torch.Tensor) -> None:
+        """A transcoder's input tokens, until its batch reaches the target point."""
+        if key is None:
+            self.pending_order.append(x)
+        else:
+            self.pending[key] = x
 
-def _trainer(spec: TrainingSpec, device: torch.device) -> _Trainer:
-    with _LIVE_LOCK:
-        trainer = _LIVE.get(spec.job)
-        if trainer is None:
-            trainer = _LIVE[spec.job] = _Trainer(spec, device)
-        return trainer
+    def take_input(self, key: tuple[int, ...] | None) -> torch.Tensor:
+        x = self.pending.pop(key, None) if key is not None else (
+            self.pending_order.popleft() if self.pending_order else None)
+        if x is None:
+            raise UsageError("a transcoder's target point ran before its input point: the input"
+                             " point must come first in the forward pass")
+        return x
+
+
+def _std_per_dim(x: torch.Tensor) -> float:
+    """The root-mean-square spread of ``x`` per dimension (its centred norm / sqrt(width))."""
+    spread = float((x - x.mean(0)).pow(2).sum(-1).mean())
+    return math.sqrt(spread / x.shape[-1]) or 1.0
 
 
 class TrainStep:
-    """The probe that trains: each batch's tokens (padding left out) go to the optimizer."""
+    """The probe that trains: each batch's tokens (padding left out) go to the optimizer.
 
-    def __init__(self, spec: TrainingSpec, dataset_size: int) -> None:
+    ``role``: ``"both"`` for a sparse autoencoder (its point is input and target),
+    ``"input"`` / ``"target"`` for a transcoder's two points.
+    """
+
+    def __init__(self, spec: TrainingSpec, dataset_size: int, role: str = "both") -> None:
         self.spec = spec
         self.dataset_size = dataset_size
+        self.role = role
 
     def __call__(self, ctx: Any, x: torch.Tensor) -> None:
-        trainer = _trainer(self.spec, x.device)
+        spec = self.spec
+        trainer = live.get_or_create(spec.job, lambda: _Trainer(spec, x.device))
         ids = ctx.example_ids
-        base = self.spec.epoch * self.dataset_size
+        base = spec.epoch * self.dataset_size
         position = base + (int(ids.max()) + 1 if ids is not None else 0)
         if position <= trainer.done:
             return None  # trained on before a resume
@@ -236,29 +324,32 @@ class TrainStep:
             tokens = x[mask.bool()]
         else:
             tokens = x.reshape(-1, x.shape[-1])
+        key = None if ids is None else tuple(int(i) for i in ids)
         with trainer.lock:
-            trainer.add(tokens.detach(), position)
+            if self.role == "input":
+                trainer.hold_input(key, tokens.detach())
+            elif self.role == "target":
+                trainer.add(trainer.take_input(key), tokens.detach(), position)
+            else:
+                trainer.add(tokens.detach(), None, position)
         return None
 
 
-def _finish(model: Any, job: str, keep: bool) -> dict[str, Any]:
+def _finish(model: Any, job: str) -> dict[str, Any]:
     """On the owning rank: the trained weights and history (and the trainer dropped)."""
-    with _LIVE_LOCK:
-        trainer = _LIVE.get(job) if keep else _LIVE.pop(job, None)
-    if trainer is None:
-        raise ClocheError(f"no dictionary is being trained under job {job!r} on this rank")
+    trainer = live.pop(job)
     with trainer.lock:
         trainer.flush()
         trainer.save()
-    return {"weights": trainer.module.weights(), "config": trainer.module.config.to_cfg(),
+    dictionary = trainer.dictionary()
+    return {"weights": dictionary.weights(), "config": dictionary.config.to_cfg(),
             "steps": trainer.step_count, "tokens": trainer.tokens,
             "history": list(trainer.history)}
 
 
 def _stop(model: Any, job: str) -> None:
     """On the owning rank, after a failure or cancel: checkpoint what there is and let go."""
-    with _LIVE_LOCK:
-        trainer = _LIVE.pop(job, None)
+    trainer = live.pop(job, required=False)
     if trainer is not None:
         with trainer.lock:  # what was gathered but not trained on is trained on after resuming
             trainer.save()
@@ -283,9 +374,27 @@ def _size(dataset: Any) -> int:
         return 0
 
 
+def _architecture(kind: str, target: str | None, skip: bool) -> str:
+    """The SAELens architecture of a ``kind`` dictionary (a transcoder when it has a target)."""
+    if kind not in _KINDS:
+        raise UsageError(f"train_dictionary trains kinds {_KINDS}, not {kind!r}")
+    if target is None:
+        if skip:
+            raise UsageError("skip=True is for transcoders: give target=...")
+        return kind
+    if kind == "topk":
+        raise UsageError("the SAELens format has no TopK transcoder: train a 'jumprelu' or"
+                         " 'standard' one")
+    prefix = "jumprelu_" if kind == "jumprelu" else ""
+    return f"{prefix}skip_transcoder" if skip else f"{prefix}transcoder"
+
+
 def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk",
-                     d_dict: int, k: int | None = None, epochs: int = 1, batch_size: int = 8,
+                     d_dict: int, k: int | None = None, target: str | None = None,
+                     skip: bool = False, epochs: int = 1, batch_size: int = 8,
                      limit: int | None = None, lr: float = 1e-3, l1_coefficient: float = 1e-3,
+                     l0_coefficient: float = 1e-3, bandwidth: float = 0.05,
+                     init_threshold: float = 0.01,
                      dead_after_tokens: int = 200_000, checkpoint: str | None = None,
                      buffer_tokens: int = 16384, step_tokens: int = 1024, reuse: int = 1,
                      seed: int = 0,
@@ -293,52 +402,72 @@ def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk"
                      save_to: str | os.PathLike[str] | None = None,
                      progress: bool | Callable[[dict[str, Any]], None] | None = True,
                      cancel: Any = None) -> TrainingResult:
-    """Train a ``kind`` dictionary (``"topk"`` with ``k``, or ``"standard"``) of ``d_dict``
-    features on the activations at ``point`` over ``dataset``, where the point lives.
+    """Train a ``kind`` dictionary (``"topk"`` with ``k``, ``"standard"``, or ``"jumprelu"``)
+    of ``d_dict`` features on the activations at ``point`` over ``dataset``, where the point
+    lives; with ``target``, a transcoder that reads ``point`` and learns to write ``target``
+    (e.g. ``layers.1.ln2`` → ``layers.1.mlp.out``; both on one rank), ``skip=True`` adding a
+    trained linear skip connection.
 
     ``dataset`` is what ``run_dataset`` takes (``"default:train"``, a ``cloche.data.Dataset``,
     texts); ``epochs`` passes over its first ``limit`` examples. Tokens are gathered in a
     buffer of ``buffer_tokens`` where the point lives, shuffled, and trained on in steps of
-    ``step_tokens``, each ``reuse`` times. ``checkpoint``: a folder on the machine of the
-    point's rank, written each time the buffer is trained on; training resumes from it when it
-    holds a checkpoint. With
-    ``heldout`` the result carries :func:`evaluate_dictionary`'s metrics on it; ``save_to``
-    writes the dictionary here as a SAELens folder.
+    ``step_tokens``, each ``reuse`` times. Sparsity: ``k`` (TopK), ``l1_coefficient``
+    (standard), ``l0_coefficient`` (JumpReLU, with the estimator's ``bandwidth`` and the
+    thresholds' ``init_threshold`` in units of the activations' std per dimension).
+    ``checkpoint``: a folder on the machine of the point's rank, written each time the buffer
+    is trained on; training resumes from it when it holds a checkpoint. With ``heldout`` the
+    result carries :func:`evaluate_dictionary`'s metrics on it; ``save_to`` writes the
+    dictionary here as a SAELens folder.
     """
-    if kind not in ("topk", "standard"):
-        raise UsageError(f"train_dictionary trains 'topk' or 'standard' dictionaries, not"
-                         f" {kind!r}")
+    architecture = _architecture(kind, target, skip)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UsageError(f"epochs must be a positive int, not {epochs!r}")
+    for name, value, least in (("l0_coefficient", l0_coefficient, 0.0),
+                               ("bandwidth", bandwidth, 1e-12),
+                               ("init_threshold", init_threshold, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
+            raise UsageError(f"{name} must be a number >= {least}, not {value!r}")
     point = model.resolve(point)
     owner = model.owner_of(point)
     d_in = _width(model, point)
-    config = DictionaryConfig(d_in=d_in, d_sae=d_dict, architecture=kind,
+    out: dict[str, Any] = {}
+    if target is not None:
+        target = model.resolve(target)
+        if target == point:
+            raise UsageError(f"a transcoder's target must differ from its point ({point!r})")
+        if model.owner_of(target) != owner:
+            raise UsageError(f"a transcoder's points {point!r} (rank {owner}) and {target!r}"
+                             f" (rank {model.owner_of(target)}): both must be on one rank")
+        out = {"d_out": _width(model, target), "hook_name_out": target,
+               "apply_b_dec_to_input": False}
+    config = DictionaryConfig(d_in=d_in, d_sae=d_dict, architecture=architecture,
                               k=k if kind == "topk" else None, hook_name=point,
-                              model_name=model.name, prepend_bos=_adds_bos(model))
+                              model_name=model.name, prepend_bos=_adds_bos(model), **out)
     job = f"checkpoint:{checkpoint}" if checkpoint else f"job:{uuid.uuid4().hex}"
     spec = TrainingSpec(job=job, config=config.to_cfg(), lr=lr, l1_coefficient=l1_coefficient,
+                        l0_coefficient=float(l0_coefficient), bandwidth=float(bandwidth),
+                        init_threshold=float(init_threshold),
                         dead_after_tokens=dead_after_tokens, checkpoint=checkpoint,
                         buffer_tokens=buffer_tokens, step_tokens=step_tokens, reuse=reuse,
                         seed=seed)
     size = limit if limit is not None else _size(dataset)
     if epochs > 1 and not size:
         raise UsageError("several epochs over a dataset named on the server need limit=...")
-    try:
-        for epoch in range(epochs):
-            model.run_dataset(dataset, probes={point: TrainStep(replace(spec, epoch=epoch),
-                                                                max(size, 1))},
-                              save=f"__train__/{job}", batch_size=batch_size, limit=limit,
-                              progress=progress, cancel=cancel)
-        out = model.call(_finish, job, False, rank=owner)
-    except BaseException:
-        # checkpoint what was trained; a lost connection must not hide the original error
-        with contextlib.suppress(ClocheError):
-            model.call(_stop, job, rank=owner)
-        raise
-    finally:
-        model.save_context(f"__train__/{job}").clear()
-    dictionary = SparseDictionary(DictionaryConfig.from_cfg(out["config"]), out["weights"])
+
+    def epoch_pass(epoch: int) -> Callable[[str], object]:
+        step_spec, n = replace(spec, epoch=epoch), max(size, 1)
+        probes = ({point: TrainStep(step_spec, n)} if target is None else
+                  {point: TrainStep(step_spec, n, "input"),
+                   target: TrainStep(step_spec, n, "target")})
+        return lambda save: model.run_dataset(dataset, probes=probes, save=save,
+                                              batch_size=batch_size, limit=limit,
+                                              progress=progress, cancel=cancel)
+
+    # a failure or cancel checkpoints what was trained (_stop) before it is raised
+    trained = live.train(model, job, (epoch_pass(e) for e in range(epochs)), owner=owner,
+                         finish=_finish, stop=_stop)
+    dictionary = SparseDictionary(DictionaryConfig.from_cfg(trained["config"]),
+                                  trained["weights"])
     if save_to is not None:
         dictionary.save(save_to)
     metrics = None
@@ -346,8 +475,9 @@ def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk"
         metrics = evaluate_dictionary(model, dictionary, heldout, point=point,
                                       batch_size=batch_size, limit=heldout_limit,
                                       progress=progress, cancel=cancel)
-    return TrainingResult(dictionary=dictionary, steps=out["steps"], tokens=out["tokens"],
-                          history=out["history"], metrics=metrics, checkpoint=checkpoint)
+    return TrainingResult(dictionary=dictionary, steps=trained["steps"],
+                          tokens=trained["tokens"], history=trained["history"],
+                          metrics=metrics, checkpoint=checkpoint)
 
 
 def _width(model: Any, point: str) -> int:
@@ -409,7 +539,8 @@ def evaluate_dictionary(model: Any, dictionary: Any, dataset: Any, *, point: str
     next-token loss clean / with the reconstruction spliced in / with the point zeroed.
 
     ``dictionary``: the name of an attached dictionary, or one to attach for the measurement
-    (at ``point``, or its ``hook_name``) and detach after.
+    (at ``point``, or its ``hook_name``) and detach after. A transcoder is measured at the
+    point it writes: its variance, its error, and the zero-ablation of that point.
     """
     if isinstance(dictionary, str):
         name = dictionary
@@ -419,7 +550,8 @@ def evaluate_dictionary(model: Any, dictionary: Any, dataset: Any, *, point: str
         model.attach_dictionary(name, dictionary, point=point)
         attached = True
     try:
-        base = model.dictionaries()[name]["point"]
+        summary = model.dictionaries()[name]
+        base = summary.get("out_point") or summary["point"]  # the point it writes
         save = f"__eval__/{name}"
 
         def run(probes: dict[str, Any]) -> dict[str, Any]:

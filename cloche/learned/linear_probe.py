@@ -16,7 +16,6 @@ token). ``ctx.tokens`` gives the token ids, so "is this token in a set" is one l
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cloche.errors import ClocheError, UsageError
+from cloche.errors import UsageError
 from cloche.learned import live
 
 __all__ = ["Collect", "LinearProbe", "train_linear_probe"]
@@ -152,10 +151,6 @@ def _fit(model: Any, job: str, steps: int, l2: float, seed: int) -> dict[str, An
     return out
 
 
-def _drop(model: Any, job: str) -> None:
-    live.pop(job, required=False)
-
-
 @dataclass(frozen=True)
 class _Read:
     weight: torch.Tensor
@@ -240,25 +235,19 @@ def train_linear_probe(model: Any, point: str, data: Any,
     point = model.resolve(point)
     owner = model.owner_of(point)
     job = f"probe:{uuid.uuid4().hex}"
-    save = f"__learn__/{job}"
 
-    def gather(dataset: Any, split: str | None, labels: Any) -> None:
+    def gather(dataset: Any, split: str | None, labels: Any) -> Callable[[str], object]:
         probe = Collect(job, labels if callable(labels) else tuple(labels), split,
                         float(heldout) if split_fraction else 0.0, max_tokens)
-        model.run_dataset(dataset, probes={point: probe}, save=save, batch_size=batch_size,
-                          limit=limit, progress=progress, cancel=cancel)
+        return lambda save: model.run_dataset(dataset, probes={point: probe}, save=save,
+                                              batch_size=batch_size, limit=limit,
+                                              progress=progress, cancel=cancel)
 
-    try:
-        gather(data, None if split_fraction else "train", labels)
-        if not split_fraction:
-            gather(heldout, "heldout", labels if heldout_labels is None else heldout_labels)
-        out = model.call(_fit, job, steps, l2, seed, rank=owner)
-    except BaseException:
-        with contextlib.suppress(ClocheError):
-            model.call(_drop, job, rank=owner)
-        raise
-    finally:
-        model.save_context(save).clear()
+    passes = [gather(data, None if split_fraction else "train", labels)]
+    if not split_fraction:
+        passes.append(gather(heldout, "heldout",
+                             labels if heldout_labels is None else heldout_labels))
+    out = live.train(model, job, passes, owner=owner, finish=_fit, args=(steps, l2, seed))
     return LinearProbe(point=point, weight=out["weight"], bias=out["bias"],
                        accuracy=out["accuracy"], train_accuracy=out["train_accuracy"],
                        chance=out["chance"], n_train=out["n_train"],

@@ -4,20 +4,21 @@ A learner (a probe's data, a steering vector and its optimizer) lives where its 
 this process, the server, or the rank of a sharded model that owns the point — so activations
 and gradients never cross the wire. Probes shipped with each run find it here by job id; one
 ``model.call(..., rank=owner)`` at the end takes it out and returns what the client needs.
+:func:`train` is that loop, written once for every learner here and for dictionary training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from cloche.errors import ClocheError
 
-__all__ = ["get_or_create", "optimise", "pop", "running"]
+__all__ = ["drop", "get_or_create", "optimise", "pop", "running", "train"]
 
 T = TypeVar("T")
 
@@ -50,6 +51,32 @@ def running() -> list[str]:
         return sorted(_LIVE)
 
 
+def train(model: Any, job: str, passes: Iterable[Callable[[str], object]], *, owner: Any,
+          finish: Callable[..., T], args: tuple[Any, ...] = (),
+          stop: Callable[[Any, str], None] | None = None) -> T:
+    """The one loop every learner trains by (probes, steering vectors, DAS, dictionaries).
+
+    Each of ``passes`` is called with the name of the save context to run under (its forward
+    passes carry the probes that feed ``job``'s learner; progress and cancel are theirs); then
+    ``finish(model, job, *args)`` runs on the rank ``owner`` that holds the learner and its
+    value comes back. On any failure or cancel, ``stop(model, job)`` runs there instead
+    (default: drop the learner; a trainer with checkpoints writes one) — a lost connection
+    there must not hide the original error, which is raised. The save context is cleared
+    whatever happens.
+    """
+    save = f"__learn__/{job}"
+    try:
+        for run_pass in passes:
+            run_pass(save)
+        return model.call(finish, job, *args, rank=owner)
+    except BaseException:
+        with contextlib.suppress(ClocheError):
+            model.call(stop if stop is not None else drop, job, rank=owner)
+        raise
+    finally:
+        model.save_context(save).clear()
+
+
 def optimise(model: Any, point: str, job: str, probe: Any, batches: Sequence[tuple[Any, Any]],
              steps: int, *, owner: Any, result: Callable[[Any], T], cancel: Any = None) -> T:
     """Train ``job``'s learner with ``steps`` forward + backward passes over ``batches``
@@ -57,19 +84,15 @@ def optimise(model: Any, point: str, job: str, probe: Any, batches: Sequence[tup
     probe applying the optimizer step of the pass before. Then, on the rank ``owner`` that
     holds it, the last step is taken, the model's weight gradients are let go and
     ``result(learner)`` is what comes back. On any failure the learner is dropped there."""
-    save = f"__learn__/{job}"
-    try:
-        for step in range(steps):
-            inputs, backward = batches[step % len(batches)]
-            model.run(inputs, probes={point: probe}, backward=backward, save=save,
-                      return_logits=False, cancel=cancel, progress=False)
-        return model.call(_finish, job, result, rank=owner)
-    except BaseException:
-        with contextlib.suppress(ClocheError):
-            model.call(_drop, job, rank=owner)
-        raise
-    finally:
-        model.save_context(save).clear()
+
+    def step(index: int) -> Callable[[str], object]:
+        inputs, backward = batches[index % len(batches)]
+        return lambda save: model.run(inputs, probes={point: probe}, backward=backward,
+                                      save=save, return_logits=False, cancel=cancel,
+                                      progress=False)
+
+    return train(model, job, (step(i) for i in range(steps)), owner=owner, finish=_finish,
+                 args=(result,))
 
 
 def _finish(model: Any, job: str, result: Callable[[Any], T]) -> T:
@@ -83,5 +106,6 @@ def _finish(model: Any, job: str, result: Callable[[Any], T]) -> T:
         return result(learner)
 
 
-def _drop(model: Any, job: str) -> None:
+def drop(model: Any, job: str) -> None:
+    """Where the learner lives, after a failure: let it go."""
     pop(job, required=False)

@@ -125,8 +125,76 @@ def test_training_on_the_rank_of_the_point(tiny4_dir):
                                   batch_size=4, progress=False, **SMALL)
         assert _falls(result.history)
         # the trainer lived on rank 1 and was let go there
-        from cloche.dictionaries import training
+        from cloche.learned import live
 
-        assert model.call(lambda m: len(training._LIVE), rank="all") == {0: 0, 1: 0}
+        assert model.call(lambda m: live.running(), rank="all") == {0: [], 1: []}
     finally:
         model.close()
+
+
+def test_a_jumprelu_dictionary_learns_its_thresholds(local_model, tmp_path):
+    result = train_dictionary(local_model, "layers.1.resid_pre", TEXTS, kind="jumprelu",
+                              d_dict=64, epochs=2, batch_size=4, l0_coefficient=3e-3,
+                              progress=False, save_to=tmp_path / "jr", heldout=TEXTS[:6],
+                              **SMALL)
+    assert _falls(result.history)
+    loaded = SparseDictionary.load(tmp_path / "jr")
+    assert loaded.config.architecture == "jumprelu"
+    threshold = loaded.threshold.detach()
+    assert bool((threshold >= 0).all()) and threshold.max() > threshold.min()  # they moved
+    metrics = result.metrics
+    assert metrics is not None and metrics["fve"] > 0 and metrics["l0"] < 64
+    # the weights read raw activations: the features the evaluation saw are the loaded ones'
+    x = torch.randn(5, local_model.d_model)
+    assert torch.equal(loaded.encode(x), result.dictionary.encode(x))
+
+
+def test_the_l0_penalty_buys_sparsity(local_model):
+    def l0(coefficient: float) -> float:
+        result = train_dictionary(local_model, "layers.1.resid_pre", TEXTS, kind="jumprelu",
+                                  d_dict=64, batch_size=4, l0_coefficient=coefficient,
+                                  progress=False, heldout=TEXTS[:6], **SMALL)
+        assert result.metrics is not None
+        return result.metrics["l0"]
+
+    assert l0(0.05) < l0(0.0)
+
+
+@pytest.mark.parametrize(("kind", "skip"), [("standard", False), ("jumprelu", True)])
+def test_a_transcoder_learns_to_write_its_target(local_model, tmp_path, kind, skip):
+    result = train_dictionary(local_model, "layers.1.ln2", TEXTS, kind=kind,
+                              target="layers.1.mlp.out", skip=skip, d_dict=64, epochs=2,
+                              batch_size=4, progress=False, save_to=tmp_path / "tc",
+                              heldout=TEXTS[:6], **SMALL)
+    assert _falls(result.history)
+    loaded = SparseDictionary.load(tmp_path / "tc")
+    assert loaded.config.architecture == ("jumprelu_skip_transcoder" if skip else "transcoder")
+    assert loaded.hook_name == "layers.1.ln2" and loaded.hook_name_out == "layers.1.mlp.out"
+    if skip:
+        assert loaded.W_skip.abs().sum() > 0  # the skip connection trained too
+    metrics = result.metrics
+    assert metrics is not None and metrics["fve"] > 0.2
+    # this untrained model hardly needs its MLP (zeroing it costs little), so the splice is
+    # checked against the clean loss rather than as a share of that small gap
+    assert metrics["ce_spliced"] == pytest.approx(metrics["ce_clean"], abs=0.05)
+    # it attaches where it was trained, from its file
+    summary = local_model.attach_dictionary("tc", tmp_path / "tc")
+    try:
+        assert (summary["point"], summary["out_point"]) == ("layers.1.ln2", "layers.1.mlp.out")
+    finally:
+        local_model.detach_dictionary("tc")
+
+
+def test_bad_training_requests_are_refused(local_model):
+    with pytest.raises(cloche.UsageError, match="no TopK transcoder"):
+        train_dictionary(local_model, "layers.1.ln2", TEXTS, target="layers.1.mlp.out",
+                         d_dict=8, k=2, progress=False)
+    with pytest.raises(cloche.UsageError, match="skip=True is for transcoders"):
+        train_dictionary(local_model, "layers.1.ln2", TEXTS, kind="standard", skip=True,
+                         d_dict=8, progress=False)
+    with pytest.raises(cloche.UsageError, match="kinds"):
+        train_dictionary(local_model, "layers.1.ln2", TEXTS, kind="gated", d_dict=8,
+                         progress=False)
+    with pytest.raises(cloche.UsageError, match="bandwidth"):
+        train_dictionary(local_model, "layers.1.ln2", TEXTS, kind="jumprelu", bandwidth=0,
+                         d_dict=8, progress=False)
