@@ -62,9 +62,12 @@ class _Rotation:
         torch.manual_seed(seed)
         try:
             linear = torch.nn.Linear(width, dim, bias=False, device=device)
+            # the parametrization completes the rows into a square orthogonal base with random
+            # columns, which steer every step after: they are seeded too, or the same seed
+            # trains a different rotation in each process
+            self.module = torch.nn.utils.parametrizations.orthogonal(linear)
         finally:
             torch.random.set_rng_state(generator_state)
-        self.module = torch.nn.utils.parametrizations.orthogonal(linear)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
         self.steps = 0
         self.pending = False

@@ -82,8 +82,9 @@ def optimise(model: Any, point: str, job: str, probe: Any, batches: Sequence[tup
     """Train ``job``'s learner with ``steps`` forward + backward passes over ``batches``
     (``(inputs, backward)`` pairs, cycled); ``probe`` at ``point`` feeds the learner, each pass's
     probe applying the optimizer step of the pass before. Then, on the rank ``owner`` that
-    holds it, the last step is taken, the model's weight gradients are let go and
-    ``result(learner)`` is what comes back. On any failure the learner is dropped there."""
+    holds it, the last step is taken and ``result(learner)`` is what comes back; every rank
+    lets go of the weight gradients the backward passes left. On any failure the learner is
+    dropped there."""
 
     def step(index: int) -> Callable[[str], object]:
         inputs, backward = batches[index % len(batches)]
@@ -91,19 +92,31 @@ def optimise(model: Any, point: str, job: str, probe: Any, batches: Sequence[tup
                                       save=save, return_logits=False, cancel=cancel,
                                       progress=False)
 
-    return train(model, job, (step(i) for i in range(steps)), owner=owner, finish=_finish,
-                 args=(result,))
+    try:
+        out = train(model, job, (step(i) for i in range(steps)), owner=owner, finish=_finish,
+                    args=(result,))
+    except BaseException:
+        with contextlib.suppress(ClocheError):
+            model.call(_let_go_of_gradients, rank="all")
+        raise
+    # the backward passes left gradients in the weights of every rank the loss went through
+    model.call(_let_go_of_gradients, rank="all")
+    return out
 
 
 def _finish(model: Any, job: str, result: Callable[[Any], T]) -> T:
-    """Where the learner lives: its last step, the weights' gradients let go, its result."""
+    """Where the learner lives: its last step and its result."""
     learner = pop(job)
     learner.step()
+    with torch.no_grad():
+        return result(learner)
+
+
+def _let_go_of_gradients(model: Any) -> None:
+    """On each rank: the weights' gradients that the backward passes left, let go."""
     hf_model = getattr(model, "hf_model", None)
     if isinstance(hf_model, torch.nn.Module):
         hf_model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        return result(learner)
 
 
 def drop(model: Any, job: str) -> None:

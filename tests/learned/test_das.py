@@ -73,3 +73,12 @@ def test_training_on_a_server(served):
             assert model.save_context("das-read").fetch("das").shape[-1] == 4
         finally:
             model.save_context("das-read").clear()
+
+
+def test_the_same_seed_trains_the_same_rotation():
+    """The orthogonal parametrization completes its base with random columns: seeded too."""
+    model = cloche.load(weights_dir())
+    train, _ = _task(model, n_prompts=12, n_pairs=40)
+    first, second = (train_das(model, POINT, *train, dim=4, steps=2, batch_size=8, seed=3)
+                     for _ in range(2))
+    assert torch.equal(first.weight, second.weight)
