@@ -198,3 +198,18 @@ def test_bad_training_requests_are_refused(local_model):
     with pytest.raises(cloche.UsageError, match="bandwidth"):
         train_dictionary(local_model, "layers.1.ln2", TEXTS, kind="jumprelu", bandwidth=0,
                          d_dict=8, progress=False)
+
+
+def test_a_transcoder_resumes_from_its_checkpoint_in_raw_units(local_model, tmp_path):
+    """The scales a JumpReLU transcoder trains in are checkpointed: a resumed run goes on
+    from the same state, and the checkpoint's SAELens copy reads raw activations."""
+    folder = str(tmp_path / "ckpt")
+    kwargs = {"kind": "jumprelu", "target": "layers.1.mlp.out", "d_dict": 32, "batch_size": 4,
+              "checkpoint": folder, "progress": False, **SMALL}
+    first = train_dictionary(local_model, "layers.1.ln2", TEXTS, limit=8, **kwargs)
+    resumed = train_dictionary(local_model, "layers.1.ln2", TEXTS, limit=20, **kwargs)
+    assert resumed.steps > first.steps
+    assert resumed.history[:first.steps] == first.history
+    copy = SparseDictionary.load(tmp_path / "ckpt" / "dictionary")
+    x = torch.randn(6, local_model.d_model)
+    assert torch.equal(copy(x), resumed.dictionary(x))
