@@ -128,6 +128,16 @@ def test_training_on_the_rank_of_the_point(tiny4_dir):
         from cloche.learned import live
 
         assert model.call(lambda m: live.running(), rank="all") == {0: [], 1: []}
+        # a JumpReLU transcoder of the rank-1 MLP trains there as it does in one process
+        kwargs = {"kind": "jumprelu", "target": "layers.3.mlp.out", "d_dict": 32,
+                  "batch_size": 4, "progress": False, **SMALL}
+        sharded = train_dictionary(model, "layers.3.ln2", data, **kwargs)
+        local = train_dictionary(cloche.load(directory), "layers.3.ln2", data, **kwargs)
+        assert sharded.steps == local.steps and _falls(sharded.history)
+        for name, weight in local.dictionary.weights().items():
+            torch.testing.assert_close(sharded.dictionary.weights()[name], weight, atol=1e-4,
+                                       rtol=1e-3)
+        assert model.call(lambda m: live.running(), rank="all") == {0: [], 1: []}
     finally:
         model.close()
 
