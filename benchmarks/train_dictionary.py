@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--skip", action="store_true", help="a skip transcoder")
     parser.add_argument("--l0", type=float, default=1e-3, help="JumpReLU's L0 coefficient")
     parser.add_argument("--l1", type=float, default=1e-3, help="standard's L1 coefficient")
+    parser.add_argument("--pre-act", type=float, default=0.0,
+                        help="JumpReLU: the pre-activation loss on dead latents")
     args = parser.parse_args()
 
     proc = None
@@ -99,6 +101,7 @@ def main() -> None:
         result = train_dictionary(model, args.point, train, kind=args.kind, d_dict=args.d_dict,
                                   k=args.k, target=args.target, skip=args.skip,
                                   l0_coefficient=args.l0, l1_coefficient=args.l1,
+                                  pre_act_coefficient=args.pre_act,
                                   batch_size=32, reuse=args.reuse, lr=args.lr, progress=False)
         trained_s = time.monotonic() - started
         with tempfile.TemporaryDirectory() as folder:

@@ -75,6 +75,8 @@ class TrainingSpec:
     l0_coefficient: float = 1e-3
     bandwidth: float = 0.05
     init_threshold: float = 0.01
+    #: JumpReLU: the weight of the pre-activation loss on dead latents (0: none)
+    pre_act_coefficient: float = 0.0
     dead_after_tokens: int = 200_000
     checkpoint: str | None = None
     #: tokens gathered (and shuffled) before they are trained on, in steps of ``step_tokens``,
@@ -239,6 +241,8 @@ class _Trainer:
             elif config.activation == "jumprelu":
                 l0 = Step.apply(pre, module.threshold, self.spec.bandwidth).sum(-1).mean()
                 loss = loss + self.spec.l0_coefficient * l0
+                if self.spec.pre_act_coefficient:
+                    loss = loss + self.spec.pre_act_coefficient * self._pre_act_loss(pre)
             else:
                 l1 = (features * module.W_dec.norm(dim=-1)).sum(-1).mean()
                 loss = loss + self.spec.l1_coefficient * l1 / math.sqrt(self.scale)
@@ -262,6 +266,16 @@ class _Trainer:
         self.history.append({"step": float(self.step_count),
                              "mse": error * self.unit_out ** 2,
                              "fve": 1.0 - error / variance if variance else 0.0})
+
+    def _pre_act_loss(self, pre: torch.Tensor) -> torch.Tensor:
+        """JumpReLU's dead latents: their pre-activations pulled up to their thresholds
+        (Anthropic's pre-activation loss, on dead latents only, as SAELens does it)."""
+        dead = self.since_fired >= self.spec.dead_after_tokens
+        if not bool(dead.any()):
+            return pre.new_zeros(())
+        module = self.module
+        gap = torch.relu(module.threshold - pre) * dead * module.W_dec.norm(dim=-1)
+        return gap.sum(-1).mean()
 
     def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK: the dead latents' top activations reconstruct what the live ones missed."""
@@ -394,7 +408,7 @@ def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk"
                      skip: bool = False, epochs: int = 1, batch_size: int = 8,
                      limit: int | None = None, lr: float = 1e-3, l1_coefficient: float = 1e-3,
                      l0_coefficient: float = 1e-3, bandwidth: float = 0.05,
-                     init_threshold: float = 0.01,
+                     init_threshold: float = 0.01, pre_act_coefficient: float = 0.0,
                      dead_after_tokens: int = 200_000, checkpoint: str | None = None,
                      buffer_tokens: int = 16384, step_tokens: int = 1024, reuse: int = 1,
                      seed: int = 0,
@@ -413,7 +427,8 @@ def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk"
     buffer of ``buffer_tokens`` where the point lives, shuffled, and trained on in steps of
     ``step_tokens``, each ``reuse`` times. Sparsity: ``k`` (TopK), ``l1_coefficient``
     (standard), ``l0_coefficient`` (JumpReLU, with the estimator's ``bandwidth`` and the
-    thresholds' ``init_threshold`` in units of the activations' std per dimension).
+    thresholds' ``init_threshold`` in units of the activations' std per dimension;
+    ``pre_act_coefficient`` > 0 pulls dead latents' pre-activations up to their thresholds).
     ``checkpoint``: a folder on the machine of the point's rank, written each time the buffer
     is trained on; training resumes from it when it holds a checkpoint. With ``heldout`` the
     result carries :func:`evaluate_dictionary`'s metrics on it; ``save_to`` writes the
@@ -424,7 +439,8 @@ def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk"
         raise UsageError(f"epochs must be a positive int, not {epochs!r}")
     for name, value, least in (("l0_coefficient", l0_coefficient, 0.0),
                                ("bandwidth", bandwidth, 1e-12),
-                               ("init_threshold", init_threshold, 0.0)):
+                               ("init_threshold", init_threshold, 0.0),
+                               ("pre_act_coefficient", pre_act_coefficient, 0.0)):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
             raise UsageError(f"{name} must be a number >= {least}, not {value!r}")
     point = model.resolve(point)
@@ -447,6 +463,7 @@ def train_dictionary(model: Any, point: str, dataset: Any, *, kind: str = "topk"
     spec = TrainingSpec(job=job, config=config.to_cfg(), lr=lr, l1_coefficient=l1_coefficient,
                         l0_coefficient=float(l0_coefficient), bandwidth=float(bandwidth),
                         init_threshold=float(init_threshold),
+                        pre_act_coefficient=float(pre_act_coefficient),
                         dead_after_tokens=dead_after_tokens, checkpoint=checkpoint,
                         buffer_tokens=buffer_tokens, step_tokens=step_tokens, reuse=reuse,
                         seed=seed)

@@ -170,6 +170,24 @@ def test_the_l0_penalty_buys_sparsity(local_model):
     assert l0(0.05) < l0(0.0)
 
 
+def test_the_pre_activation_loss_revives_dead_latents(local_model):
+    """Thresholds started far above the activations leave nearly every latent dead; the
+    pre-activation loss on dead latents pulls their pre-activations up until they fire."""
+    def trained(coefficient: float) -> dict[str, float]:
+        result = train_dictionary(local_model, "layers.1.resid_pre", TEXTS, kind="jumprelu",
+                                  d_dict=64, batch_size=4, l0_coefficient=0.0,
+                                  init_threshold=3.0, pre_act_coefficient=coefficient,
+                                  dead_after_tokens=1, progress=False, heldout=TEXTS[:6],
+                                  **SMALL)
+        assert result.metrics is not None
+        return result.metrics
+
+    without, with_loss = trained(0.0), trained(1.0)
+    assert without["dead_fraction"] > 0.5  # measured 0.86
+    assert with_loss["dead_fraction"] < without["dead_fraction"] / 2  # measured 0.0
+    assert with_loss["l0"] > without["l0"]
+
+
 @pytest.mark.parametrize(("kind", "skip"), [("standard", False), ("jumprelu", True)])
 def test_a_transcoder_learns_to_write_its_target(local_model, tmp_path, kind, skip):
     result = train_dictionary(local_model, "layers.1.ln2", TEXTS, kind=kind,
