@@ -4,8 +4,9 @@
 dictionary's features, reconstruction and error probe points (``dict:res3:features`` …), so
 every tool works on features. This package holds what a dictionary *is* — the SAELens format
 (:mod:`~cloche.dictionaries.format`), the module that encodes and decodes
-(:mod:`~cloche.dictionaries.modules`) — and training one where its point lives
-(:mod:`~cloche.dictionaries.training`), which drives the model only through its public methods.
+(:mod:`~cloche.dictionaries.modules`) — and training one (TopK, standard, JumpReLU, or a
+transcoder between two points) where its point lives (:mod:`~cloche.dictionaries.training`),
+which drives the model only through its public methods.
 """
 
 from cloche.dictionaries.format import DictionaryConfig, load_folder, save_folder
