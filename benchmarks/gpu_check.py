@@ -28,6 +28,8 @@ What it does, in order (every step prints one line; nothing is asserted on timin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import secrets
 import statistics
 import sys
 import tempfile
@@ -63,6 +65,51 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def parity(cloche, device: str) -> None:
+    """0. The shipped default model in float32 on ``device`` against the CPU: every canonical
+    point, the logits and a gradient probe (max |delta|), so a CUDA-only bug shows at once."""
+    points = [p.name for p in cloche.load().probe_points() if not p.name.startswith("module:")]
+    text = ["The quick brown fox jumps over the lazy dog. " * 4]
+
+    def saver(ctx, x):
+        ctx.save(ctx.point, x.float().cpu())
+
+    seen = {}
+    for where in ("cpu", device):
+        model = cloche.load(device=where)
+        out = model.run(text, probes=dict.fromkeys(points, saver), save="parity",
+                        grad_probes={"layers.0.resid_pre": saver}, backward=True)
+        saved = model.save_context("parity")
+        seen[where] = ({name: saved[name].fetch() for name in points},
+                       saved["layers.0.resid_pre"].fetch(),
+                       out.logits.float().cpu())
+    (acts, grad, logits), (acts_d, grad_d, logits_d) = seen["cpu"], seen[device]
+    worst = max(acts, key=lambda n: (acts[n] - acts_d[n]).abs().max().item())
+    print(f"0. default model, {device} vs cpu (float32): {len(points)} points, worst"
+          f" {worst} max |delta| {(acts[worst] - acts_d[worst]).abs().max().item():.3g};"
+          f" logits {(logits - logits_d).abs().max().item():.3g}; resid_pre gradient"
+          f" {(grad - grad_d).abs().max().item():.3g}", flush=True)
+
+
+@contextlib.contextmanager
+def serving(cloche, model):
+    """A ``cloche.server.Server`` on 127.0.0.1 (this process) serving ``model``; yields a
+    connected client."""
+    from cloche.server import Server, ServerConfig
+
+    token = secrets.token_hex(16)
+    server = Server(model, ServerConfig(token=token, port=0))
+    host, port = server.start()
+    try:
+        remote = cloche.connect(f"{host}:{port}", token=token)
+        try:
+            yield remote
+        finally:
+            remote.close()
+    finally:
+        server.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
@@ -91,6 +138,7 @@ def main() -> int:
           f" {torch.cuda.device_count() if cuda else 0} GPUs, dtype {dtype},"
           f" torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 
+    parity(cloche, device)
     vocab = 512 if args.tiny else (128256 if args.size == "8b" else 32000)
     config = transformers.LlamaConfig(vocab_size=vocab,
                                       max_position_embeddings=max(2048, args.seq),
@@ -174,6 +222,10 @@ def main() -> int:
         local = cloche.load(directory, device=device, dtype=dtype)
         every = [p.name for p in local.probe_points() if not p.name.startswith("module:")]
         report("3. cloche ws1:", local, every)
+        with serving(cloche, local) as remote:
+            print(f"3b. remote (a server on 127.0.0.1 serving the {device} model, a client in"
+                  " this process):", flush=True)
+            report("   ", remote, [f"layers.{i}.resid_post" for i in blocks])
         reference = local.run(ids[:2, :64]).logits.float()
         local = None
         if cuda:
