@@ -174,6 +174,10 @@ def main() -> int:
         base_bw = timed(plain_backward, device, args.repeats)
         print(f"2. plain HF forward: {tokens / base:,.0f} tokens/s; forward + backward:"
               f" {tokens / base_bw:,.0f} tokens/s ({base / base_bw:.2f}x the forward)", flush=True)
+        hf.set_attn_implementation("eager")  # what any tool that reads attention patterns runs
+        base_eager = timed(plain, device, args.repeats)
+        print(f"   plain HF forward, eager attention: {tokens / base_eager:,.0f} tokens/s"
+              f" ({base / base_eager:.2f}x the default forward)", flush=True)
         hf = None  # free the baseline's memory before loading cloche's copy
         if cuda:
             torch.cuda.empty_cache()
@@ -212,7 +216,14 @@ def main() -> int:
             print(f"{step} run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain forward)",
                   flush=True)
             print(f"   capture {len(points)} points {tokens / t_cap:,.0f} tokens/s"
-                  f" ({base / t_cap:.2f}x plain forward)", flush=True)
+                  f" ({base / t_cap:.2f}x plain forward, {base_eager / t_cap:.2f}x plain eager"
+                  " forward)", flush=True)
+            unpatterned = [p for p in points if not p.endswith((".pattern", ".scores"))]
+            if len(unpatterned) < len(points):
+                t_some = timed(lambda: capture(model, unpatterned), device, args.repeats)
+                print(f"   capture {len(unpatterned)} points (no attention patterns or scores:"
+                      f" the fused attention stays) {tokens / t_some:,.0f} tokens/s"
+                      f" ({base / t_some:.2f}x plain forward)", flush=True)
             print(f"   run_dataset, Mean at {config.num_hidden_layers} points:"
                   f" {tokens / per_batch:,.0f} tokens/s ({base / per_batch:.2f}x plain forward)",
                   flush=True)
