@@ -254,7 +254,7 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
         return StreamingResponse(_stream(backend, key, job, lambda cancel, progress:
                                          head_view.head_ablation(
                                              backend.model, layer, head, dataset, limit,
-                                             progress=_passes(progress, 2))),
+                                             progress=_passes(progress, 2), cancel=cancel)),
                                  media_type="application/x-ndjson",
                                  headers={"cache-control": "no-store"})
 
