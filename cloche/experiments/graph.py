@@ -3,8 +3,9 @@
 :func:`cloche.experiments.attribution_graph` computes one (``graph_attribution.py``); this
 module only holds and transforms it, so a graph loaded from JSON works without a model.
 
-Nodes, in the adjacency's order (circuit-tracer's): the dictionary features computed as targets
-(``feature:<dict>:<pos>:<index>``), one error node per dictionary and position
+Nodes, in the adjacency's order (circuit-tracer's): the active dictionary features
+(``feature:<dict>:<pos>:<index>``; those not computed as targets, beyond ``max_nodes``, are
+sources only: no ``value``, an empty row), one error node per dictionary and position
 (``error:<dict>:<pos>``), one embedding node per token (``token:<pos>``), and the output logit
 (``logit:<token id>``). ``adjacency[t, s]`` is the direct effect of source ``s`` on target ``t``
 in the frozen model: for a feature source its activation times the gradient of the target
@@ -214,7 +215,13 @@ class AttributionGraph:
     def prune(self, keep: float | None = None, edge_keep: float | None = None
               ) -> AttributionGraph:
         """The subgraph carrying ``keep`` of the influence on the logit (nodes) and
-        ``edge_keep`` of the edge scores among them (circuit-tracer's two thresholds)."""
+        ``edge_keep`` of the edge scores among them (circuit-tracer's two thresholds).
+
+        ``pruning`` then says what was kept: ``node_fraction`` (the influence of the nodes
+        the threshold chose, at least ``keep``), ``edge_fraction`` (of the edge scores, at
+        least ``edge_keep``) and ``retained_fraction`` (the influence of the nodes left in
+        the end, tokens included, after nodes without edges were dropped).
+        """
         keep = _check_fraction(self.keep if keep is None else keep, "keep")
         edge_keep = _check_fraction(self.edge_keep if edge_keep is None else edge_keep,
                                     "edge_keep")
@@ -224,7 +231,8 @@ class AttributionGraph:
         kinds = np.array([n.kind for n in self.nodes])
         always = (kinds == "token") | (kinds == "logit")
         chosen = influence >= _threshold(influence, keep)
-        node_fraction = float(influence[chosen].sum() / influence.sum()) if influence.sum() else 1.0
+        total = influence.sum()
+        node_fraction = float(influence[chosen].sum() / total) if total else 1.0
         node_mask = chosen | always
         pruned = a.copy()
         pruned[~node_mask] = 0
@@ -246,7 +254,7 @@ class AttributionGraph:
         keep_idx = np.flatnonzero(node_mask)
         kept = np.where(edge_mask, a, 0.0)[np.ix_(keep_idx, keep_idx)]
         nodes = [replace(self.nodes[i], influence=float(influence[i])) for i in keep_idx]
-        retained = float(influence[node_mask].sum() / influence.sum()) if influence.sum() else 1.0
+        retained = float(influence[node_mask].sum() / total) if total else 1.0
         pruning = {"keep": keep, "edge_keep": edge_keep, "node_fraction": node_fraction,
                    "edge_fraction": edge_fraction, "retained_fraction": retained,
                    "nodes_before": len(self.nodes), "edges_before": self.n_edges,

@@ -11,7 +11,9 @@ sharded models; only the compact rows of the adjacency cross the network.
 
 With more active features than ``max_nodes``, targets are chosen as circuit-tracer chooses them:
 the logit first, then, batch by batch, the not yet computed features with the largest influence
-on the logit through the rows computed so far; features never computed are left out.
+on the logit through the rows computed so far. Features never computed stay in the graph as
+sources only (their ``value`` is None and their row empty), so every computed row stays
+complete; pruning drops them, as they have no incoming edges.
 
 ``AttributionGraph.verify_edge`` checks an edge by an explicit intervention: one forward pass of
 two rows through the frozen model, the second with the source scaled.
@@ -433,7 +435,7 @@ def attribution_graph(model: Any, prompt: Any, target: Any = None, *,
         progress.step()
     tokens = str_tokens(model, ids.tolist())
     token_str = str_tokens(model, [token])[0]
-    keep_idx = [*computed, *range(layout.n_features, layout.size)]
+    keep_idx = list(range(layout.size))  # features not computed stay, as sources only
     probabilities = recorded.logits.double().softmax(-1)
     logit = float(recorded.logits[token])
     nodes = _nodes(layout, tokens, token_str, keep_idx, values, biases, constants, logit)
@@ -449,7 +451,7 @@ def attribution_graph(model: Any, prompt: Any, target: Any = None, *,
     described = {d.name: {"point": d.point, "out_point": d.out_point, "layer": d.layer,
                           "row": k + 1} for k, d in enumerate(chosen)}
     return AttributionGraph(prompt if isinstance(prompt, str) else None, ids.tolist(), tokens,
-                            target_info, described, nodes, a[np.ix_(keep_idx, keep_idx)],
+                            target_info, described, nodes, a,
                             keep, edge_keep, None, info)
 
 
