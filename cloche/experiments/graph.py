@@ -31,7 +31,8 @@ import numpy as np
 
 from cloche.errors import UsageError
 
-__all__ = ["FORMAT", "AttributionGraph", "EdgeCheck", "GraphNode", "node_influence"]
+__all__ = ["FORMAT", "AttributionGraph", "EdgeCheck", "GraphNode", "check_fraction",
+           "node_influence"]
 
 FORMAT = "cloche-attribution-graph"
 VERSION = 1
@@ -115,13 +116,13 @@ def _threshold(scores: np.ndarray, keep: float) -> float:
     return float(ordered[index])
 
 
-def _check_fraction(value: Any, what: str) -> float:
+def check_fraction(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise UsageError(f"{what} must be a fraction in [0, 1], not {value!r}")
     return float(value)
 
 
-@dataclass
+@dataclass(eq=False)  # (an adjacency matrix has no single truth value: compare to_json())
 class AttributionGraph:
     """A feature-to-feature attribution graph for one prompt (see the module docstring).
 
@@ -222,8 +223,8 @@ class AttributionGraph:
         least ``edge_keep``) and ``retained_fraction`` (the influence of the nodes left in
         the end, tokens included, after nodes without edges were dropped).
         """
-        keep = _check_fraction(self.keep if keep is None else keep, "keep")
-        edge_keep = _check_fraction(self.edge_keep if edge_keep is None else edge_keep,
+        keep = check_fraction(self.keep if keep is None else keep, "keep")
+        edge_keep = check_fraction(self.edge_keep if edge_keep is None else edge_keep,
                                     "edge_keep")
         a = self.adjacency
         weights = self._logit_weights()

@@ -33,7 +33,7 @@ import torch
 from cloche.errors import UsageError
 from cloche.experiments import graph_linear as gl
 from cloche.experiments._common import layer_of, reports, scratch, str_tokens
-from cloche.experiments.graph import AttributionGraph, EdgeCheck, GraphNode
+from cloche.experiments.graph import AttributionGraph, EdgeCheck, GraphNode, check_fraction
 
 __all__ = ["attribution_graph", "verify_edge"]
 
@@ -199,6 +199,8 @@ def _target_token(model: Any, target: Any, logits: torch.Tensor) -> int:
     if target is None:
         return int(logits.argmax())
     if isinstance(target, str):
+        if model.tokenizer is None:
+            raise UsageError("a target string needs a tokenizer: pass a token id")
         ids = model.tokenizer.encode(target, add_special_tokens=False)
         if len(ids) != 1:
             raise UsageError(f"target {target!r} is {len(ids)} tokens, not one: pass a token id")
@@ -396,6 +398,7 @@ def attribution_graph(model: Any, prompt: Any, target: Any = None, *,
         raise UsageError(f"max_nodes must be an int >= 0, not {max_nodes!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a positive int, not {batch_size!r}")
+    keep, edge_keep = check_fraction(keep, "keep"), check_fraction(edge_keep, "edge_keep")
     started = time.perf_counter()
     ids = _prompt_ids(model, prompt)
     chosen = _chosen(model, dictionaries)

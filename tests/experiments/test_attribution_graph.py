@@ -257,6 +257,8 @@ def test_bad_requests_are_clear_errors(attached, graph, local_models):
         attribution_graph(model, PROMPT, dictionaries=["nope"], progress=False)
     with pytest.raises(UsageError, match="batch_size"):
         attribution_graph(model, PROMPT, batch_size=0, progress=False)
+    with pytest.raises(UsageError, match="keep must be a fraction"):
+        attribution_graph(model, PROMPT, keep=2, progress=False)
     with pytest.raises(UsageError, match="needs dictionaries"):
         attribution_graph(local_models("tiny-gpt2"), [3, 4, 5], progress=False)
     with pytest.raises(UsageError, match="no node"):
