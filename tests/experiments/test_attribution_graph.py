@@ -224,6 +224,32 @@ def test_transcoders_with_a_node_budget(attached):
     assert _scratch(model) == []
 
 
+def test_layer_norms_biases_and_an_ungated_mlp(local_models):
+    """The tiny GPT-2: centred LayerNorms, position embeddings and biases (the targets'
+    constants) and a GELU MLP, frozen as act(pre)/pre."""
+    model = local_models("tiny-gpt2")
+    dictionaries = {f"b{i}": make_dictionary(int(model.d_model), seed=i, hook_name=point)
+                    for i, point in enumerate(("layers.0.resid_post", "layers.1.resid_post"))}
+    _attach(model, dictionaries)
+    try:
+        g = attribution_graph(model, torch.arange(3, 15), progress=False)
+        assert g.info["frozen"] == {"patterns": 2, "scales": 5, "mlps": 2}
+        # the position embeddings are constants of the linear model, not input nodes
+        assert any(abs(n.bias) > 1e-3 for n in g.features() if n.dictionary == "b0")
+        assert g.logit.value == pytest.approx(g.target["logit"], rel=1e-5, abs=1e-5)
+        for node_id, residual in g.completeness().items():
+            i = g.index(node_id)
+            scale = float(np.abs(g.adjacency[i]).sum()) + abs(g.nodes[i].bias) \
+                + abs(g.nodes[i].value)
+            assert abs(residual) <= 1e-5 * scale, node_id
+        source, target, weight = _first(g.edges(), "feature", "feature")
+        check = g.verify_edge(model, source, target, factor=1.0 / abs(weight))
+        assert check.error <= TOLERANCE, check
+    finally:
+        _detach(model, dictionaries)
+    assert _scratch(model) == []
+
+
 @pytest.mark.slow
 def test_a_sharded_model_gives_the_same_graph(local_models):
     """The tiny Llama over two ranks (one layer each), a dictionary on each rank."""
