@@ -1,6 +1,7 @@
 """The Graph page in headless Chromium: the pruned attribution graph of a prompt through two
-dictionaries attached to the default model, checked against the graph computed here through the
-Python API; a feature links to its unit page; the JSON download reads back as the same graph."""
+dictionaries attached to the default model (here, and on a server), checked against the graph
+computed through the Python API on the same model; a feature links to its unit page; the JSON
+download reads back as the same graph."""
 
 from __future__ import annotations
 
@@ -16,21 +17,22 @@ PROMPT = "Once upon a time, there was a"
 NAMES = ("g0", "g1")
 
 
-@pytest.fixture(scope="module")
-def backend(local_default, tmp_path_factory):
+@pytest.fixture(scope="module", params=["local", pytest.param("remote", marks=pytest.mark.slow)])
+def backend(request, local_default, tmp_path_factory):
+    b = start_backend(request.param, local_default, tmp_path_factory.mktemp(request.param))
     for i, name in enumerate(NAMES):
-        local_default.attach_dictionary(name, pca_dictionary(local_default,
-                                                             f"layers.{i}.resid_post"))
-    b = start_backend("local", local_default, tmp_path_factory.mktemp("graph"))
+        b.model.attach_dictionary(name, pca_dictionary(b.model, f"layers.{i}.resid_post"))
     yield b
-    b.close()
     for name in NAMES:
-        local_default.detach_dictionary(name)
+        b.model.detach_dictionary(name)
+    b.close()
 
 
 @pytest.fixture(scope="module")
-def truth(backend, local_default):
-    return attribution_graph(local_default, PROMPT, max_nodes=200, progress=False).prune()
+def truth(backend):
+    """The graph through the Python API, computed where the page's is (no cross-process
+    comparison)."""
+    return attribution_graph(backend.model, PROMPT, max_nodes=200, progress=False).prune()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def page(browser, backend):
 
 
 def test_graph_page_draws_the_pruned_graph(page, backend, truth, tmp_path):
-    show(page, backend.web.url("graph", token=False, prompt=PROMPT), "local-graph")
+    show(page, backend.web.url("graph", token=False, prompt=PROMPT), f"{backend.kind}-graph")
     nodes = page.eval_on_selector_all("[data-testid=graph] .node",
                                       "ns => ns.map(n => [n.dataset.id, n.dataset.kind])")
     assert sorted(map(tuple, nodes)) == sorted((n.id, n.kind) for n in truth)
