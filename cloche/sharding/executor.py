@@ -568,8 +568,11 @@ class ShardedExecutor:
 
     def _param(self, req: rq.Param, cancel: Any, on_event: Any) -> torch.Tensor:
         """A weight (or its gradient) from the rank that holds it."""
-        raw, _ = self._catalog().resolve(req.name)
-        owner = self._stage.ownership.param_owner(raw)
+        if is_derived(req.name):  # a dictionary's weight: on the rank of its point
+            owner = self.owner_of(self._derived.named(req.name).point("features"))
+        else:
+            raw, _ = self._catalog().resolve(req.name)
+            owner = self._stage.ownership.param_owner(raw)
         if owner == 0:
             return self._local.param(req.name, req.grad, req.index)
         return self._light("param", {"name": req.name, "grad": req.grad, "index": req.index,
