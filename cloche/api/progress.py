@@ -137,6 +137,17 @@ class Progress:
             self._token = None
         self.close(ok=exc_type is None)
 
+    @property
+    def wanted_events(self) -> str:
+        """Which of a server's events this reporter shows: ``"all"`` (a callback gets every
+        one), ``"shown"`` (a bar: queue positions behind others, progress counts) or
+        ``"none"``. A remote executor asks the server for only these (fewer frames)."""
+        if self._parent is not None:
+            return self._parent.wanted_events
+        if self._callback is not None:
+            return "all"
+        return "shown" if self._want_bar else "none"
+
     # ----------------------------------------------------------------- events in
     def begin(self) -> None:
         """The call started working (for work in this process, which never queues)."""
