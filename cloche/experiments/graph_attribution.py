@@ -412,12 +412,15 @@ def attribution_graph(model: Any, prompt: Any, target: Any = None, *,
             features = recorded.active[d.name][1].tolist()
             directions[d.name], constants[d.name] = _directions(model, d, features)
         budget = min(layout.n_features, max_nodes)
-        progress.expect(2 + math.ceil((budget + 1) / batch_size), "pass")
+        everything = layout.n_features <= max_nodes  # one queue; else the logit's row first
+        target_passes = (math.ceil((budget + 1) / batch_size) if everything
+                         else 1 + math.ceil(budget / batch_size))
+        progress.expect(2 + target_passes, "pass")
         progress.step()
         a = np.zeros((layout.size, layout.size))
         values: dict[int, float] = {}
         done: set[int] = set()
-        if layout.n_features <= max_nodes:
+        if everything:
             queue = [layout.logit, *range(layout.n_features)]
             batches = [queue[i:i + batch_size] for i in range(0, len(queue), batch_size)]
         else:
