@@ -89,6 +89,39 @@ def parity(cloche, device: str) -> None:
           f" {worst} max |delta| {(acts[worst] - acts_d[worst]).abs().max().item():.3g};"
           f" logits {(logits - logits_d).abs().max().item():.3g}; resid_pre gradient"
           f" {(grad - grad_d).abs().max().item():.3g}", flush=True)
+    features(cloche, device, text)
+
+
+def features(cloche, device: str, text: list[str]) -> None:
+    """0b. A TopK dictionary attached to the default model: its features, attribution patching
+    and the attribution graph on ``device`` against the CPU (the same weights on both)."""
+    from cloche import experiments as ex
+
+    g = torch.Generator().manual_seed(0)
+    d = cloche.load().d_model
+    weights = {"W_enc": torch.randn(d, 4 * d, generator=g) * 0.3,
+               "b_enc": torch.zeros(4 * d), "W_dec": torch.randn(4 * d, d, generator=g) * 0.05,
+               "b_dec": torch.zeros(d)}
+    seen = {}
+    for where in ("cpu", device):
+        model = cloche.load(device=where)
+        model.attach_dictionary("gpu", weights, point="layers.1.resid_post",
+                                architecture="topk", k=16)
+        model.run(text, probes={"dict:gpu:features": lambda c, x: c.save("f", x.float().cpu())},
+                  save="feat")
+        scores = ex.attribution_patching(model, "The cat sat on the mat", "The dog sat on the mat",
+                                         ex.patching.logit_diff(5, 6), progress=False)
+        graph = ex.attribution_graph(model, text[0][:60], max_nodes=64, progress=False)
+        seen[where] = (model.save_context("feat")["f"].fetch(),
+                       scores["layers.1.resid_post"], graph)
+    (f, s, gr), (f_d, s_d, gr_d) = seen["cpu"], seen[device]
+    same = [n.id for n in gr.nodes] == [n.id for n in gr_d.nodes]
+    print(f"0b. TopK dictionary at layers.1.resid_post, {device} vs cpu: features max |delta|"
+          f" {(f - f_d).abs().max().item():.3g}; attribution patching at resid_post max |delta|"
+          f" {abs(torch.as_tensor(s) - torch.as_tensor(s_d)).max().item():.3g}; attribution"
+          f" graph {len(gr.nodes)} nodes, same nodes {same}, adjacency max |delta|"
+          f" {abs(gr.adjacency - gr_d.adjacency).max() if same else float('nan'):.3g}"
+          f" (largest entry {abs(gr.adjacency).max():.3g})", flush=True)
 
 
 @contextlib.contextmanager
