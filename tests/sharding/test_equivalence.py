@@ -266,6 +266,24 @@ def test_a_probe_failing_mid_generation_is_reported_and_rolled_back(pair):
     assert torch.equal(dist.generate(prompt, 6).tokens, local.generate(prompt, 6).tokens)
 
 
+def test_reads_follow_every_change_of_a_context(pair):
+    """Rank 0 keeps where each key lives between commands; every command makes it ask again."""
+    local, dist = pair
+    last = f"layers.{local.n_layers - 1}.mlp.out"
+    handle = dist.save_context("seen")
+    handle.clear()
+    dist.run(ids_batch(), probes={last: saver}, save="seen", return_logits=False)
+    assert handle.keys() == [last] and handle.fetch(last).shape[0] == 1
+    dist.run(ids_batch(), probes={last: saver, "embed": saver}, save="seen",
+             return_logits=False)
+    assert handle.keys() == sorted(["embed", last]) and handle.fetch(last).shape[0] == 2
+    assert handle.num_runs == 2
+    handle.clear()
+    assert handle.keys() == []
+    with pytest.raises(cloche.UsageError, match="has no key"):
+        handle.fetch(last)
+
+
 def test_call_and_params_by_rank(pair):
     local, dist = pair
 
