@@ -10,7 +10,9 @@ one new token's hidden state crosses each hop per step, and the prefix is never 
 A KV cache is the one argument that cannot travel: each rank keeps its own. When rank 0's
 ``generate`` hands its forward a cache that has seen no token yet, the step carries an empty
 copy of it (so a follower's cache has the same class and per-layer configuration); later steps
-say only "the cache you returned last step".
+say only "the cache you returned last step". Decoding that rearranges a cache between steps
+(beam search reorders it) would need that step sent too; the generate options a request may
+carry (``cloche.api.requests``) do not include it.
 """
 
 from __future__ import annotations
