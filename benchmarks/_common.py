@@ -11,8 +11,11 @@ time), which cancels slow drifts in background load.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import os
+import pstats
 import random
 import resource
 import statistics
@@ -152,3 +155,31 @@ def markdown_table(timings: list[Timing], baseline: Timing, skipped: dict[str, s
     for name, why in (skipped or {}).items():
         lines.append(f"| {name} | — | — | — | — | — | not run: {why} |")
     return "\n".join(lines)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser, calls: int) -> None:
+    """``--profile CASE`` and ``--profile-calls N``: see :func:`profile_named`."""
+    parser.add_argument("--profile", metavar="CASE", help="cProfile this case instead of timing")
+    parser.add_argument("--profile-calls", type=int, default=calls)
+
+
+def profile_named(cases: list[Case], name: str, calls: int) -> int:
+    """Print a cProfile of ``calls`` calls of the case ``name`` (after two warm-up calls),
+    sorted by own time; the exit status (2 when there is no such case)."""
+    chosen = [c for c in cases if c.name == name]
+    if not chosen:
+        print(f"no case {name!r}; cases: {[c.name for c in cases]}")
+        return 2
+    case = chosen[0]
+    for _ in range(2):
+        case.fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        case.fn()
+    profiler.disable()
+    out = io.StringIO()
+    out.write(f"cProfile of {case.name!r}, {calls} calls, sorted by own time\n")
+    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(30)
+    print(out.getvalue())
+    return 0

@@ -28,6 +28,8 @@ What it does, in order (every step prints one line; nothing is asserted on timin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import secrets
 import statistics
 import sys
 import tempfile
@@ -63,6 +65,84 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def parity(cloche, device: str) -> None:
+    """0. The shipped default model in float32 on ``device`` against the CPU: every canonical
+    point, the logits and a gradient probe (max |delta|), so a CUDA-only bug shows at once."""
+    points = [p.name for p in cloche.load().probe_points() if not p.name.startswith("module:")]
+    text = ["The quick brown fox jumps over the lazy dog. " * 4]
+
+    def saver(ctx, x):
+        ctx.save(ctx.point, x.float().cpu())
+
+    seen = {}
+    for where in ("cpu", device):
+        model = cloche.load(device=where)
+        out = model.run(text, probes=dict.fromkeys(points, saver), save="parity",
+                        grad_probes={"layers.0.resid_pre": saver}, backward=True)
+        saved = model.save_context("parity")
+        seen[where] = ({name: saved[name].fetch() for name in points},
+                       saved["layers.0.resid_pre"].fetch(),
+                       out.logits.float().cpu())
+    (acts, grad, logits), (acts_d, grad_d, logits_d) = seen["cpu"], seen[device]
+    worst = max(acts, key=lambda n: (acts[n] - acts_d[n]).abs().max().item())
+    print(f"0. default model, {device} vs cpu (float32): {len(points)} points, worst"
+          f" {worst} max |delta| {(acts[worst] - acts_d[worst]).abs().max().item():.3g};"
+          f" logits {(logits - logits_d).abs().max().item():.3g}; resid_pre gradient"
+          f" {(grad - grad_d).abs().max().item():.3g}", flush=True)
+    features(cloche, device, text)
+
+
+def features(cloche, device: str, text: list[str]) -> None:
+    """0b. A TopK dictionary attached to the default model: its features, attribution patching
+    and the attribution graph on ``device`` against the CPU (the same weights on both)."""
+    from cloche import experiments as ex
+
+    g = torch.Generator().manual_seed(0)
+    d = cloche.load().d_model
+    weights = {"W_enc": torch.randn(d, 4 * d, generator=g) * 0.3,
+               "b_enc": torch.zeros(4 * d), "W_dec": torch.randn(4 * d, d, generator=g) * 0.05,
+               "b_dec": torch.zeros(d)}
+    seen = {}
+    for where in ("cpu", device):
+        model = cloche.load(device=where)
+        model.attach_dictionary("gpu", weights, point="layers.1.resid_post",
+                                architecture="topk", k=16)
+        model.run(text, probes={"dict:gpu:features": lambda c, x: c.save("f", x.float().cpu())},
+                  save="feat")
+        scores = ex.attribution_patching(model, "The cat sat on the mat", "The dog sat on the mat",
+                                         ex.patching.logit_diff(5, 6), progress=False)
+        graph = ex.attribution_graph(model, text[0][:60], max_nodes=64, progress=False)
+        seen[where] = (model.save_context("feat")["f"].fetch(),
+                       scores["layers.1.resid_post"], graph)
+    (f, s, gr), (f_d, s_d, gr_d) = seen["cpu"], seen[device]
+    same = [n.id for n in gr.nodes] == [n.id for n in gr_d.nodes]
+    print(f"0b. TopK dictionary at layers.1.resid_post, {device} vs cpu: features max |delta|"
+          f" {(f - f_d).abs().max().item():.3g}; attribution patching at resid_post max |delta|"
+          f" {abs(torch.as_tensor(s) - torch.as_tensor(s_d)).max().item():.3g}; attribution"
+          f" graph {len(gr.nodes)} nodes, same nodes {same}, adjacency max |delta|"
+          f" {abs(gr.adjacency - gr_d.adjacency).max() if same else float('nan'):.3g}"
+          f" (largest entry {abs(gr.adjacency).max():.3g})", flush=True)
+
+
+@contextlib.contextmanager
+def serving(cloche, model):
+    """A ``cloche.server.Server`` on 127.0.0.1 (this process) serving ``model``; yields a
+    connected client."""
+    from cloche.server import Server, ServerConfig
+
+    token = secrets.token_hex(16)
+    server = Server(model, ServerConfig(token=token, port=0))
+    host, port = server.start()
+    try:
+        remote = cloche.connect(f"{host}:{port}", token=token)
+        try:
+            yield remote
+        finally:
+            remote.close()
+    finally:
+        server.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
@@ -91,6 +171,7 @@ def main() -> int:
           f" {torch.cuda.device_count() if cuda else 0} GPUs, dtype {dtype},"
           f" torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 
+    parity(cloche, device)
     vocab = 512 if args.tiny else (128256 if args.size == "8b" else 32000)
     config = transformers.LlamaConfig(vocab_size=vocab,
                                       max_position_embeddings=max(2048, args.seq),
@@ -126,6 +207,10 @@ def main() -> int:
         base_bw = timed(plain_backward, device, args.repeats)
         print(f"2. plain HF forward: {tokens / base:,.0f} tokens/s; forward + backward:"
               f" {tokens / base_bw:,.0f} tokens/s ({base / base_bw:.2f}x the forward)", flush=True)
+        hf.set_attn_implementation("eager")  # what any tool that reads attention patterns runs
+        base_eager = timed(plain, device, args.repeats)
+        print(f"   plain HF forward, eager attention: {tokens / base_eager:,.0f} tokens/s"
+              f" ({base / base_eager:.2f}x the default forward)", flush=True)
         hf = None  # free the baseline's memory before loading cloche's copy
         if cuda:
             torch.cuda.empty_cache()
@@ -164,7 +249,14 @@ def main() -> int:
             print(f"{step} run {tokens / t_run:,.0f} tokens/s ({base / t_run:.2f}x plain forward)",
                   flush=True)
             print(f"   capture {len(points)} points {tokens / t_cap:,.0f} tokens/s"
-                  f" ({base / t_cap:.2f}x plain forward)", flush=True)
+                  f" ({base / t_cap:.2f}x plain forward, {base_eager / t_cap:.2f}x plain eager"
+                  " forward)", flush=True)
+            unpatterned = [p for p in points if not p.endswith((".pattern", ".scores"))]
+            if len(unpatterned) < len(points):
+                t_some = timed(lambda: capture(model, unpatterned), device, args.repeats)
+                print(f"   capture {len(unpatterned)} points (no attention patterns or scores:"
+                      f" the fused attention stays) {tokens / t_some:,.0f} tokens/s"
+                      f" ({base / t_some:.2f}x plain forward)", flush=True)
             print(f"   run_dataset, Mean at {config.num_hidden_layers} points:"
                   f" {tokens / per_batch:,.0f} tokens/s ({base / per_batch:.2f}x plain forward)",
                   flush=True)
@@ -174,6 +266,10 @@ def main() -> int:
         local = cloche.load(directory, device=device, dtype=dtype)
         every = [p.name for p in local.probe_points() if not p.name.startswith("module:")]
         report("3. cloche ws1:", local, every)
+        with serving(cloche, local) as remote:
+            print(f"3b. remote (a server on 127.0.0.1 serving the {device} model, a client in"
+                  " this process):", flush=True)
+            report("   ", remote, [f"layers.{i}.resid_post" for i in blocks])
         reference = local.run(ids[:2, :64]).logits.float()
         local = None
         if cuda:

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import io
 import platform
-import pstats
 import sys
 import tempfile
 import warnings
@@ -51,10 +49,12 @@ from _common import (
     Case,
     Timing,
     add_model_arguments,
+    add_profile_arguments,
     fix_threads,
     load_average,
     markdown_table,
     measure,
+    profile_named,
 )
 
 import cloche
@@ -434,26 +434,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (each case once a round)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each case first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", metavar="CASE", help="cProfile this case instead of timing")
-    p.add_argument("--profile-calls", type=int, default=10)
+    add_profile_arguments(p, calls=10)
     p.add_argument("--no-hook-costs", action="store_true",
                    help="skip the per-hook cost measurement on a tiny model")
     return p.parse_args(argv)
 
 
-def profile(case: Case, calls: int) -> str:
-    for _ in range(2):
-        case.fn()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        case.fn()
-    profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime")
-    out.write(f"cProfile of {case.name!r}, {calls} calls, sorted by own time\n")
-    stats.print_stats(30)
-    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,12 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stderr(io.StringIO()):
             cases, skipped, versions = build_cases(args, directory)
         if args.profile:
-            chosen = [c for c in cases if c.name == args.profile]
-            if not chosen:
-                print(f"no case {args.profile!r}; cases: {[c.name for c in cases]}")
-                return 2
-            print(profile(chosen[0], args.profile_calls))
-            return 0
+            return profile_named(cases, args.profile, args.profile_calls)
         load_before = load_average()
         timings: list[Timing] = measure(cases, rounds=args.rounds, warmup=args.warmup,
                                         seed=args.seed,

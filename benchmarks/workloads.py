@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import io
 import platform
-import pstats
 import statistics
 import sys
 import tempfile
@@ -54,7 +52,16 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Case, Timing, add_model_arguments, fix_threads, load_average, measure
+from _common import (
+    Case,
+    Timing,
+    add_model_arguments,
+    add_profile_arguments,
+    fix_threads,
+    load_average,
+    measure,
+    profile_named,
+)
 from probe_overhead import (
     build_model,
     canonical_points,
@@ -795,15 +802,6 @@ def table(timings: list[Timing], skipped: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def profile(case: Case, calls: int) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        case.fn()
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(30)
-    return out.getvalue()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -820,8 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", action="append", help="a workload to run (repeatable)")
     p.add_argument("--cloche", nargs="*", default=["local", "remote", "sharded"])
     p.add_argument("--peers", nargs="*", default=["nnsight", "transformer-lens"])
-    p.add_argument("--profile", metavar="CASE", help="cProfile this case instead of timing")
-    p.add_argument("--profile-calls", type=int, default=5)
+    add_profile_arguments(p, calls=5)
     return p.parse_args(argv)
 
 
@@ -839,12 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             setup = build_setup(args, directory, stack)
             cases = build_cases(setup, args.only)
         if args.profile:
-            chosen = [c for c in cases if c.name == args.profile]
-            if not chosen:
-                print(f"no case {args.profile!r}; cases: {[c.name for c in cases]}")
-                return 2
-            print(profile(chosen[0], args.profile_calls))
-            return 0
+            return profile_named(cases, args.profile, args.profile_calls)
         load_before = load_average()
         timings = measure(cases, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                           progress=lambda m: print(m, file=sys.stderr))

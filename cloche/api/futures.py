@@ -100,10 +100,16 @@ def run_in_thread(method: str, work: Callable[[threading.Event], T]) -> RequestF
 
 
 def wait(future: RequestFuture[T], cancel: Any = None, *, poll_s: float = 0.05) -> T:
-    """``future.result()``, cancelling the request on Ctrl-C or when ``cancel`` is set."""
+    """``future.result()``, cancelling the request on Ctrl-C or when ``cancel`` is set.
+
+    An event already set when the wait begins cancels the request even if its answer would come
+    within the first poll: as in a local run, which checks the event before its first batch."""
     try:
         if cancel is None:
             return future.result()
+        if cancel.is_set():
+            future.cancel()
+            raise Cancelled("the request was cancelled", request_id=future.request_id)
         while True:
             try:
                 return future.result(timeout=poll_s)

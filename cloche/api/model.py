@@ -489,7 +489,8 @@ class Model:
         Canonical layouts follow TransformerLens (see ``cloche.model.weights``), and so do
         TransformerLens' own names (``blocks.0.attn.W_Q``, ``W_E``). ``index`` (an int, a
         slice or a tuple of them, e.g. ``index=3`` for head 3 of ``W_Q``) is applied to the
-        canonical tensor where the weight lives: only that part is copied and sent.
+        canonical tensor where the weight lives: only that part is copied and sent. An
+        attached dictionary's weights are ``dict:<name>:W_enc`` (``b_enc``, ``W_dec``, ...).
         """
         return self._execute(self._prepare_param(name, grad=grad, index=index))
 

@@ -10,7 +10,8 @@ take ``progress=``, and all of them use :class:`Progress`:
     calls stays silent;
   * a request waiting behind others in a server's queue shows at once (``run (queued: 2
     ahead)``), since waiting for other people's work is worth knowing about (with nothing
-    ahead it is next, and the delay rule applies: ``run (queued: next)`` if it lasts);
+    ahead it starts at once: a bar asks the server only for what it shows, see
+    :attr:`Progress.wanted_events`, so such a request costs no event at all);
   * past :data:`DELAY_S` the bar appears, with counts where the work has them (dataset
     examples, experiment steps) and the elapsed time otherwise;
   * when the call ends, a bar that was up for less than :data:`KEEP_S` (10 s) disappears; a
@@ -136,6 +137,17 @@ class Progress:
             _CURRENT.reset(self._token)
             self._token = None
         self.close(ok=exc_type is None)
+
+    @property
+    def wanted_events(self) -> str:
+        """Which of a server's events this reporter shows: ``"all"`` (a callback gets every
+        one), ``"shown"`` (a bar: queue positions behind others, progress counts) or
+        ``"none"``. A remote executor asks the server for only these (fewer frames)."""
+        if self._parent is not None:
+            return self._parent.wanted_events
+        if self._callback is not None:
+            return "all"
+        return "shown" if self._want_bar else "none"
 
     # ----------------------------------------------------------------- events in
     def begin(self) -> None:

@@ -106,7 +106,9 @@ class ClientConnection:
         with self._lock:
             self._calls[rid] = (future, on_event)
         ship_local_modules()  # the user's own helper modules travel by value (see shipping)
-        message = messages.request(rid, op)
+        # a progress reporter says which events it shows (a plain callable gets them all)
+        events = "none" if on_event is None else getattr(on_event, "wanted_events", "all")
+        message = messages.request(rid, op, events)
         try:
             self._framed.send(message)
         except errors.ConnectionError as exc:

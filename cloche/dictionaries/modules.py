@@ -75,9 +75,12 @@ class SparseDictionary(nn.Module):
     def summary(self) -> dict[str, Any]:
         """What the dictionary is and the conventions it was trained with."""
         c = self.config
-        return {"architecture": c.architecture, "k": c.k, "hook_name": c.hook_name,
+        return {"architecture": c.architecture, "k": c.k,
+                "rescale_acts_by_decoder_norm": c.rescale_acts_by_decoder_norm,
+                "hook_name": c.hook_name,
                 "hook_name_out": self.hook_name_out, "d_out": self.d_out,
                 "normalize_activations": c.normalize_activations,
+                "norm_scaling_factor": c.norm_scaling_factor,
                 "apply_b_dec_to_input": c.apply_b_dec_to_input, "prepend_bos": c.prepend_bos,
                 "context_size": c.context_size, "model_name": c.model_name, "dtype": c.dtype}
 

@@ -8,8 +8,9 @@ a function shipped with ``model.call``; only results cross the network.
 
 Families (one module each): ``units`` (single units), ``examples`` (dataset examples),
 ``ablation``, ``patching``, ``attribution`` (attribution patching), ``activations`` (mean /
-covariance / PCA / UMAP), ``connectivity`` (weights only), ``heads`` (head scores, attention
-patterns, logit lens) and ``plots`` (matplotlib helpers). Wherever a ``dataset`` is taken it may
+covariance / PCA / UMAP), ``graph`` (feature attribution graphs), ``connectivity`` (weights
+only), ``heads`` (head scores, attention patterns, logit lens) and ``plots`` (matplotlib
+helpers). Wherever a ``dataset`` is taken it may
 be a ``cloche.data.Dataset``, the name of a server-side dataset or a list of strings.
 """
 
@@ -19,6 +20,7 @@ from cloche.experiments import (
     attribution,
     connectivity,
     examples,
+    graph,
     heads,
     patching,
     plots,
@@ -45,6 +47,8 @@ from cloche.experiments.examples import (
     top_activations,
     top_examples,
 )
+from cloche.experiments.graph import AttributionGraph, EdgeCheck, GraphNode
+from cloche.experiments.graph_attribution import attribution_graph
 from cloche.experiments.heads import (
     LogitLens,
     attention_patterns,
@@ -61,10 +65,13 @@ from cloche.experiments.units import TokenValues, UnitStats
 __all__ = [
     "PCA",
     "AblationResult",
+    "AttributionGraph",
     "AttributionResult",
+    "EdgeCheck",
     "Example",
     "Examples",
     "Factored",
+    "GraphNode",
     "LogitLens",
     "PatchResult",
     "Sample",
@@ -76,6 +83,7 @@ __all__ = [
     "activations",
     "attention_patterns",
     "attribution",
+    "attribution_graph",
     "attribution_patching",
     "composition_scores",
     "connectivity",
@@ -84,6 +92,7 @@ __all__ = [
     "covariance",
     "detect_heads",
     "examples",
+    "graph",
     "head_logit_attribution",
     "head_scores",
     "heads",

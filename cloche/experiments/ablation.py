@@ -179,7 +179,7 @@ def _ablation_probe(target: Target, method: str, mean: torch.Tensor | None) -> A
 
 
 def _means(model: Any, targets: list[Target], dataset: Any, batch_size: int,
-           limit: int | None) -> dict[str, torch.Tensor]:
+           limit: int | None, cancel: Any = None) -> dict[str, torch.Tensor]:
     """Mean activation (flattened trailing dims) of each target point over ``dataset``."""
     points = sorted({t.point for t in targets})
 
@@ -190,7 +190,7 @@ def _means(model: Any, targets: list[Target], dataset: Any, batch_size: int,
 
     with scratch(model, "mean") as name:
         out = model.run_dataset(dataset, probes=dict.fromkeys(points, mean_probe), save=name,
-                                batch_size=batch_size, limit=limit)
+                                batch_size=batch_size, limit=limit, cancel=cancel)
     return {p: torch.as_tensor(out["reducers"][p]["mean"]).float() for p in points}
 
 
@@ -232,7 +232,8 @@ def loss(model: Any, inputs: Any = None, *, dataset: Any = None,
 
 def _loss(model: Any, dataset: Any, *, probes: dict[str, Any] | None = None,
           loss_on: Any = None, metric: Any = None, batch_size: int = 8,
-          limit: int | None = None, progress: Any = True) -> tuple[float, int]:
+          limit: int | None = None, progress: Any = True, cancel: Any = None
+          ) -> tuple[float, int]:
     """:func:`loss` on what ``run_dataset`` takes (already resolved)."""
     all_probes: dict[str, list[Any]] = {p: list(v) if isinstance(v, list) else [v]
                                         for p, v in (probes or {}).items()}
@@ -241,7 +242,7 @@ def _loss(model: Any, dataset: Any, *, probes: dict[str, Any] | None = None,
     all_probes.setdefault("logits", []).append(reader)
     with scratch(model, "loss") as name:
         out = model.run_dataset(dataset, probes=all_probes, save=name, batch_size=batch_size,
-                                limit=limit, progress=progress)
+                                limit=limit, progress=progress, cancel=cancel)
     result = out["reducers"]["loss"]
     return float(result["mean"][0]), int(result["count"])
 
@@ -255,8 +256,8 @@ def _positions(loss_on: Any) -> Any:
 @reports
 def ablate(model: Any, targets: Any, inputs: Any = None, method: str = "zero", *,
            dataset: Any = None, mean_over: Any = None, loss_on: Any = None, metric: Any = None,
-           batch_size: int = 8, limit: int | None = None, progress: Any = True
-           ) -> AblationResult:
+           batch_size: int = 8, limit: int | None = None, progress: Any = True,
+           cancel: Any = None) -> AblationResult:
     """Loss on ``inputs`` with and without ablating ``targets`` (see the module docstring).
 
     ``inputs``: a text (a ``str`` is always text), a list of texts or token ids; or instead
@@ -268,6 +269,8 @@ def ablate(model: Any, targets: Any, inputs: Any = None, method: str = "zero", *
     ``logit_diff(correct, wrong)``), with and without: ``result.extra["metric_clean"]`` and
     ``result.extra["metric_ablated"]`` (means over the rows). ``progress``: a bar over the
     dataset passes (2, 3 with ``method="mean"``, 2 more with ``metric``); ``False``: none.
+    ``cancel``: an event (e.g. ``threading.Event``) whose ``set()`` stops the dataset passes
+    where they run, raising :class:`cloche.errors.Cancelled`.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, not {method!r}")
@@ -277,23 +280,23 @@ def ablate(model: Any, targets: Any, inputs: Any = None, method: str = "zero", *
     means = None
     if method == "mean":
         source = dataset if mean_over is None else as_dataset_arg(mean_over)
-        means = _means(model, parsed, source, batch_size, limit)
+        means = _means(model, parsed, source, batch_size, limit, cancel)
         progress.step()
     identity = {t.point: [_identity] for t in parsed}
     clean, n = _loss(model, dataset, probes=identity, loss_on=loss_on, batch_size=batch_size,
-                     limit=limit, progress=progress)
+                     limit=limit, progress=progress, cancel=cancel)
     progress.step()
     ablation = _probes_for(parsed, method, means)
     ablated, _ = _loss(model, dataset, probes=ablation, loss_on=loss_on, batch_size=batch_size,
-                       limit=limit, progress=progress)
+                       limit=limit, progress=progress, cancel=cancel)
     progress.step()
     extra: dict[str, Any] = {}
     if metric is not None:
         extra["metric_clean"], _ = _loss(model, dataset, probes=identity, metric=metric,
-                                         batch_size=batch_size, limit=limit)
+                                         batch_size=batch_size, limit=limit, cancel=cancel)
         progress.step()
         extra["metric_ablated"], _ = _loss(model, dataset, probes=ablation, metric=metric,
-                                           batch_size=batch_size, limit=limit)
+                                           batch_size=batch_size, limit=limit, cancel=cancel)
         progress.step()
     return AblationResult(clean, ablated, method, [t.label for t in parsed], n, extra)
 

@@ -161,22 +161,31 @@ class TopK(Reducer):
         return torch.topk(torch.where(chosen, rank, 0), kk, dim=1, sorted=False).indices
 
     def _fold(self, values: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> None:
-        """Merge candidate rows (m, d) into the kept rows: sort lexicographically, keep k."""
+        """Merge candidate rows (m, d) into the kept rows: sort lexicographically, keep k.
+
+        Worked on unit-major (d, m) copies, where the sorts run along contiguous rows. When
+        no two of a unit's values tie, the value sort alone is the lexicographic order; only
+        otherwise are the example ids and positions sorted too.
+        """
         if self._state["values"].shape[0]:
             values = torch.cat([self._state["values"], values])
             ids = torch.cat([self._state["example_ids"], ids])
             pos = torch.cat([self._state["positions"], pos])
-        # Least significant key first; stable sorts keep the earlier keys' order on ties.
-        order = torch.argsort(pos, dim=0, stable=True)
-        order = order.gather(0, torch.argsort(ids.gather(0, order), dim=0, stable=True))
-        key = values.gather(0, order)
-        order = order.gather(0, torch.argsort(key, dim=0, descending=self.largest, stable=True))[
-            : self.k
-        ]
+        values, ids, pos = values.T.contiguous(), ids.T.contiguous(), pos.T.contiguous()
+        order = torch.argsort(values, dim=1, descending=self.largest, stable=True)
+        ordered = values.gather(1, order)
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            # Least significant key first; stable sorts keep the earlier keys' order on ties.
+            order = torch.argsort(pos, dim=1, stable=True)
+            order = order.gather(1, torch.argsort(ids.gather(1, order), dim=1, stable=True))
+            order = order.gather(1, torch.argsort(values.gather(1, order), dim=1,
+                                                  descending=self.largest, stable=True))
+            ordered = values.gather(1, order)
+        order = order[:, : self.k]
         self._state = {
-            "values": values.gather(0, order),
-            "example_ids": ids.gather(0, order),
-            "positions": pos.gather(0, order),
+            "values": ordered[:, : self.k].T.contiguous(),
+            "example_ids": ids.gather(1, order).T.contiguous(),
+            "positions": pos.gather(1, order).T.contiguous(),
         }
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:  # pragma: no cover

@@ -125,6 +125,27 @@ class DerivedPoints:
             raise UnknownProbePoint(f"unknown probe point {point!r}{hint}")
         return derived, part
 
+    def named(self, name: str) -> Derived:
+        """The module that ``dict:<name>:...`` (a point or a weight name) belongs to."""
+        module = name.split(":", 2)[1] if is_derived(name) and name.count(":") >= 2 else ""
+        derived = self._by_name.get(module)
+        if derived is None:
+            raise UsageError(f"no dictionary named {module!r} is attached"
+                             f" (attached: {sorted(self._by_name) or 'none'})")
+        return derived
+
+    def weight(self, name: str) -> torch.Tensor:
+        """An attached module's weight by ``dict:<name>:<weight>`` (``W_enc``, ``b_dec``, ...),
+        read where the module lives: what an attribution graph needs of its encoder."""
+        derived = self.named(name)
+        attr = name.split(":", 2)[2]
+        value = getattr(derived.module, attr, None) if derived.module is not None else None
+        if derived.module is None:
+            raise ClocheError(f"dictionary {derived.name!r} does not live on this rank")
+        if not isinstance(value, torch.Tensor) or attr.startswith("_"):
+            raise UsageError(f"dictionary {derived.name!r} has no weight {attr!r}")
+        return value.detach()
+
     def base_of(self, point: str) -> str:
         """The point whose value a derived point is computed from."""
         return self.split(point)[0].base

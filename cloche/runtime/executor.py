@@ -379,7 +379,14 @@ class LocalExecutor:
     def param(self, name: str, grad: bool = False, index: list[Any] | None = None
               ) -> torch.Tensor:
         """A weight in its canonical layout; ``index`` (encoded index items, see
-        ``Param``) cuts a part of it here, so only that part is copied."""
+        ``Param``) cuts a part of it here, so only that part is copied. An attached
+        dictionary's weights are ``dict:<name>:W_enc`` etc."""
+        if is_derived(name):
+            if grad:
+                raise UsageError(f"dictionary weights have no gradients: {name!r}")
+            weight = self.derived.weight(name)
+            return weight.clone() if index is None else apply_ops(weight, [["index",
+                                                                             list(index)]]).clone()
         raw, rule = self._weights.resolve(name)
         tensor = read_weight(self._params[raw], rule, head_shape(self._config), grad=grad,
                              name=name)

@@ -264,6 +264,7 @@ class Server:
         job.started = time.monotonic()
         self._announce_positions()  # the others moved up, behind this one
         timer = self._start_deadline(job)
+        outcome: dict[str, Any] = {}
         try:
             job.emit({"type": "started"})
             executor = SessionExecutor(self.executor, job.session, job.cancel)
@@ -279,13 +280,16 @@ class Server:
                     f"the request ran longer than the server's --request-timeout"
                     f" ({self.config.request_timeout:g} s) and was stopped (rolled back)",
                     request_id=job.request.id)
-            self._complete(job, error=exc)
+            outcome = {"error": exc}
         else:
-            self._complete(job, value=value)
+            outcome = {"value": value}
         finally:
             if timer is not None:
                 timer.cancel()
             self._running = outer
+        # answered once the worker is free: the client's next request, which may arrive
+        # before this method returns, then finds nothing running ahead of it
+        self._complete(job, **outcome)
 
     def _yielding(self, job: Job, emit: EventSink) -> EventSink:
         """Between two batches of ``job`` (a dataset run), serve what other sessions wait for.

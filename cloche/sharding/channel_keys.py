@@ -11,6 +11,11 @@ class _Keys:
         return f"{seq}/{n}/act/{src}>{dst}"
 
     @staticmethod
+    def step(seq: int, n: int, src: int, dst: int) -> str:
+        """One decode step of a sharded generation: its inputs and the hidden state (or stop)."""
+        return f"{seq}/{n}/step/{src}>{dst}"
+
+    @staticmethod
     def grad(seq: int, n: int, src: int, dst: int) -> str:
         return f"{seq}/{n}/grad/{src}>{dst}"
 

@@ -17,10 +17,11 @@ name are merged across ranks with the same ``merge`` that merges batches.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import cloudpickle
@@ -84,6 +85,10 @@ class ShardedExecutor:
         self._seq = 0
         self._light_lock = threading.Lock()
         self._light_seq = [0] * rank.layout.world_size
+        # which keys each rank holds, per save context: asked once per context between commands
+        self._summary_lock = threading.Lock()
+        self._summary_cache: dict[str, list[dict[str, Any] | None]] = {}
+        self._summary_generation = 0
         light_control = Control(rank.layout.new_store_client(), None, 0,
                                 rank.layout.world_size, rank.config.timeout_s,
                                 rank.config.heartbeat_s)
@@ -186,7 +191,7 @@ class ShardedExecutor:
 
     def _command(self, op: str, *, cancel: Any = None, local: dict | None = None,
                  after: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        with self._lock:
+        with self._lock, self._changing_contexts():
             if self._broken is not None:
                 raise WorkerLost(f"this sharded model is unusable: {self._broken.message}",
                                  rank=self._broken.rank)
@@ -429,7 +434,32 @@ class ShardedExecutor:
         return sorted(names)
 
     def _summaries(self, name: str) -> list[dict[str, Any] | None]:
-        return self._ctx(name, "summary")
+        """Every rank's summary of save context ``name`` (its keys, runs, bytes).
+
+        Kept until the next command ends: only commands change committed data, so fetching
+        each of a context's keys costs one read on the rank that holds it, not one more on
+        every rank to find it. A summary read while a command runs is not kept.
+        """
+        with self._summary_lock:
+            cached = self._summary_cache.get(name)
+            generation = self._summary_generation
+        if cached is not None:
+            return cached
+        found = self._ctx(name, "summary")
+        with self._summary_lock:
+            if generation == self._summary_generation:
+                self._summary_cache[name] = found
+        return found
+
+    @contextlib.contextmanager
+    def _changing_contexts(self) -> Iterator[None]:
+        """Around a command: summaries kept before it, or read while it runs, are dropped."""
+        try:
+            yield
+        finally:
+            with self._summary_lock:
+                self._summary_generation += 1
+                self._summary_cache.clear()
 
     def _context_keys(self, name: str) -> list[str]:
         found: set[str] = set()
@@ -568,8 +598,11 @@ class ShardedExecutor:
 
     def _param(self, req: rq.Param, cancel: Any, on_event: Any) -> torch.Tensor:
         """A weight (or its gradient) from the rank that holds it."""
-        raw, _ = self._catalog().resolve(req.name)
-        owner = self._stage.ownership.param_owner(raw)
+        if is_derived(req.name):  # a dictionary's weight: on the rank of its point
+            owner = self.owner_of(self._derived.named(req.name).point("features"))
+        else:
+            raw, _ = self._catalog().resolve(req.name)
+            owner = self._stage.ownership.param_owner(raw)
         if owner == 0:
             return self._local.param(req.name, req.grad, req.index)
         return self._light("param", {"name": req.name, "grad": req.grad, "index": req.index,

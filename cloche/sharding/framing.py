@@ -69,7 +69,10 @@ def _aligned(n: int) -> int:
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
+    flat = tensor.reshape(-1)
+    if flat.numel() and flat.stride(-1) != 1:  # a one-element view keeps any stride
+        flat = flat.clone(memory_format=torch.contiguous_format)  # (is_contiguous() says yes)
+    return flat.view(torch.uint8)
 
 
 def frame(key: bytes, name: str, value: Any) -> torch.Tensor:

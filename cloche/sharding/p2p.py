@@ -83,10 +83,11 @@ class Channel:
                 f"ann/{self.command}/{dst}", f"{self.rank}|{key}\n")
         queue.append((key, work, tensor))
 
-    def send_object(self, dst: int, key: str, value: Any) -> None:
+    def send_object(self, dst: int, key: str, value: Any, *, stream: str | None = None
+                    ) -> None:
         """Send a picklable ``value``, sealed (``sharding.sealing``): raises if it cannot pickle."""
         sealed = frame(self.key, f"obj/{key}", value)
-        self.send(dst, key, sealed, objects=True)
+        self.send(dst, key, sealed, objects=True, stream=stream)
 
     def _settle(self, item: tuple[str, Any, torch.Tensor], *, abortable: bool = True) -> None:
         key, work, tensor = item

@@ -7,7 +7,8 @@ are attached only at the points this rank owns. A backward pass runs rank by ran
 last: each rank backprops the gradient it received into its shard and sends the gradient of its
 input on. Writes to save contexts are staged in a transaction that is committed (or rolled
 back) only when rank 0 has heard from every rank — so a run that fails or is cancelled on any
-rank leaves every rank's contexts as they were.
+rank leaves every rank's contexts as they were. A generation is driven by rank 0 alone: the
+other ranks run their shard once per decode step (``sharding.decode``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from cloche.runtime.shapes import probe_ids, shape_reader
 from cloche.runtime.usercode import backward_objective, run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
+from cloche.sharding.decode import Follower, Step, StepRecorder
 from cloche.sharding.p2p import Channel
 from cloche.sharding.plan import ShardPlan
 from cloche.sharding.shard import Ownership, Skeleton, build_shard
@@ -179,6 +181,9 @@ class Stage:
         self._received: list[torch.Tensor] = []
         self._sent: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
+        #: generation: the decode step being run (rank 0 records it, the others receive it)
+        self._step: Step | None = None
+        self._inbox: torch.Tensor | None = None  # the hidden state that came with the step
         self.hf.register_forward_pre_hook(self._begin_pass)
         self.hf.register_forward_hook(self._end_pass)
 
@@ -195,14 +200,16 @@ class Stage:
         logits = getattr(output, "logits", None)  # None: a base model without a head
         if logits is None:
             return
-        if self._mode == "generate":
-            for dst in range(self.last):
-                self.channel.send(dst, keys.logits(self._seq, self._pass, dst), logits,
-                                  stream="logits")
+        if self._mode == "generate":  # only rank 0 runs the decode loop
+            self.channel.send(0, keys.logits(self._seq, self._pass, 0), logits, stream="logits")
         elif self._mode == "run":
             self._logits.append(logits)
 
     def receive_activation(self, like: torch.Tensor) -> torch.Tensor:
+        if self._mode == "generate":  # received with the step, before this forward began
+            hidden, self._inbox = self._inbox, None
+            assert hidden is not None, "a decode step without its hidden state"
+            return hidden.to(self.device, dtype=like.dtype)
         key = keys.act(self._seq, self._pass, self.rank - 1, self.rank)
         hidden = self.channel.recv(self.rank - 1, key).to(dtype=like.dtype)
         if torch.is_grad_enabled():
@@ -212,13 +219,18 @@ class Stage:
         return hidden
 
     def send_activation(self, hidden: torch.Tensor) -> None:
+        if self._mode == "generate":  # the step's arguments travel with its hidden state
+            self.channel.send_object(
+                self.rank + 1, keys.step(self._seq, self._pass, self.rank, self.rank + 1),
+                {"step": self._step, "hidden": hidden.detach().cpu()}, stream="act")
+            return
         key = keys.act(self._seq, self._pass, self.rank, self.rank + 1)
         self.channel.send(self.rank + 1, key, hidden, stream="act")
         if torch.is_grad_enabled() and hidden.requires_grad:
             self._sent.append(hidden)
 
     def logits_for(self, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
-        if self._mode == "generate":
+        if self._mode == "generate" and self.rank == 0:
             key = keys.logits(self._seq, self._pass, self.rank)
             return self.channel.recv(self.last, key).to(dtype=hidden.dtype)
         return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
@@ -254,6 +266,7 @@ class Stage:
                                   rank=self.rank)
         finally:
             self._received, self._sent, self._logits = [], [], []
+            self._step, self._inbox = None, None
             self._mode = "run"
         try:
             self.channel.flush()
@@ -406,21 +419,73 @@ class Stage:
 
     def op_generate(self, ids: torch.Tensor, mask: torch.Tensor, forward: dict, save: str,
                     options: dict, seed: int) -> torch.Tensor | None:
+        """Rank 0 runs ``generate``; every other rank runs its shard once per decode step."""
         plan = self._owned_plan(forward, {})
         txn, writes = self._begin(save)
         self._mode = "generate"
+        out = None
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                out = self.local.generate_with(
-                    plan, writes, ids, mask, options, self.control.abort_event,
-                    attachment_for=lambda info: self._attachment(plan, info))
+                if self.rank == 0:
+                    out = self._drive_generation(plan, writes, ids, mask, options)
+                else:
+                    self._follow_generation(plan, writes, ids, mask)
             writes.runs += 1
         except BaseException:
             txn.rollback()
             raise
         self._hold(txn, writes, save)
-        return out.cpu() if self.rank == 0 else None
+        return None if out is None else out.cpu()
+
+    def _drive_generation(self, plan: ProbePlan, writes: Any, ids: torch.Tensor,
+                          mask: torch.Tensor, options: dict) -> torch.Tensor:
+        recorder = StepRecorder()
+
+        def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            recorder(module, args, kwargs)
+            self._step = recorder.step
+
+        handle = self.hf.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            out = self.local.generate_with(
+                plan, writes, ids, mask, options, self.control.abort_event,
+                attachment_for=lambda info: self._attachment(plan, info))
+        finally:
+            handle.remove()
+        # the followers wait for a next step: there is none
+        self.channel.send_object(1, keys.step(self._seq, self._pass + 1, 0, 1), None,
+                                 stream="act")
+        return out
+
+    def _follow_generation(self, plan: ProbePlan, writes: Any, ids: torch.Tensor,
+                           mask: torch.Tensor) -> None:
+        """Run this shard for each step the previous rank passes on, until it says stop.
+
+        Probes see each step's tokens and mask as they do in a local ``generate``.
+        """
+        info = RunInfo(writes=writes, tokens=ids, attention_mask=mask, example_ids=None,
+                       model=self.local.facade, rank=self.rank, cancel=self.control.abort_event)
+        follower = Follower(self.device)
+        attachment = self._attachment(plan, info)
+        with attachment.attached(), torch.no_grad():
+            while True:
+                key = keys.step(self._seq, self._pass + 1, self.rank - 1, self.rank)
+                message = self.channel.recv_object(self.rank - 1, key)
+                if message is None:
+                    if self.rank != self.last:
+                        self.channel.send_object(
+                            self.rank + 1,
+                            keys.step(self._seq, self._pass + 1, self.rank, self.rank + 1),
+                            None, stream="act")
+                    return
+                self._step, self._inbox = message["step"], message["hidden"]
+                kwargs = follower.kwargs(message["step"])
+                if isinstance(kwargs.get("input_ids"), torch.Tensor):
+                    info.tokens = kwargs["input_ids"]
+                if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                    info.attention_mask = kwargs["attention_mask"]
+                follower.returned(self.hf(**kwargs))
 
     def op_dataset(self, dataset: Any, batch_size: int, limit: int | None, forward: dict,
                    save: str, micro_batches: int, progress: Any = None,

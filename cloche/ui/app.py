@@ -31,6 +31,7 @@ from cloche.ui.export import unit_page_html
 from cloche.ui.jsonsafe import clean as _clean
 from cloche.ui.security import Guard
 from cloche.ui.views import contexts as contexts_view
+from cloche.ui.views import graph as graph_view
 from cloche.ui.views import head as head_view
 from cloche.ui.views import intervene as intervene_view
 from cloche.ui.views import model as model_view
@@ -40,7 +41,7 @@ from cloche.ui.views._units import parse_unit
 
 __all__ = ["PAGES", "build_app"]
 
-PAGES = ("model", "unit", "text", "intervene", "contexts", "head")
+PAGES = ("model", "unit", "text", "intervene", "contexts", "head", "graph")
 STATIC = resources.files("cloche.ui") / "static"
 
 
@@ -254,9 +255,35 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
         return StreamingResponse(_stream(backend, key, job, lambda cancel, progress:
                                          head_view.head_ablation(
                                              backend.model, layer, head, dataset, limit,
-                                             progress=_passes(progress, 2))),
+                                             progress=_passes(progress, 2), cancel=cancel)),
                                  media_type="application/x-ndjson",
                                  headers={"cache-control": "no-store"})
+
+    def graph_data(request: Request) -> Any:
+        """The pruned graph of the query's prompt (the full one computed once, cached)."""
+        q = request.query_params
+        prompt, target = q.get("prompt") or "", q.get("target") or None
+        keep, edge_keep = _float(request, "keep", 0.8), _float(request, "edge_keep", 0.98)
+        max_nodes = _int(request, "max_nodes", 200, high=100_000)
+        dictionaries = tuple(sorted(backend.model.dictionaries()))
+        full = backend.compute(("graph", dictionaries, prompt, target, max_nodes),
+                               graph_view.full_graph, prompt, target, max_nodes)
+        return backend.compute(("graph_pruned", dictionaries, prompt, target, max_nodes, keep,
+                                edge_keep), lambda _model: graph_view.graph_page(
+                                    full, keep, edge_keep))
+
+    async def api_graph(request: Request) -> Response:
+        return await blocking(lambda: graph_data(request))
+
+    async def api_graph_json(request: Request) -> Response:
+        """The pruned graph as a JSON file (``AttributionGraph.from_json`` reads it)."""
+        try:
+            data = await anyio.to_thread.run_sync(lambda: graph_data(request))
+        except ClocheError as exc:
+            return _error(exc)
+        return Response(json.dumps(data["graph"]), media_type="application/json", headers={
+            "cache-control": "no-store",
+            "content-disposition": 'attachment; filename="attribution-graph.json"'})
 
     async def api_cancel(request: Request) -> Response:
         return _json({"cancelled": backend.cancel_job(request.path_params["job"])})
@@ -271,6 +298,7 @@ def build_app(backend: Backend, token: str, host: str = "127.0.0.1") -> Guard:
               Route("/api/head/pattern", api_head_pattern),
               Route("/api/head/circuits", api_head_circuits),
               Route("/api/head/ablation", api_head_ablation),
+              Route("/api/graph", api_graph), Route("/api/graph/json", api_graph_json),
               Route("/api/jobs/{job}/cancel", api_cancel, methods=["POST"]),
               Mount("/static", StaticFiles(directory=str(STATIC)), name="static")]
     return Guard(Starlette(routes=routes), token, host)

@@ -21,6 +21,7 @@ __all__ = [
     "CHALLENGE",
     "ERROR",
     "EVENT",
+    "EVENTS",
     "HELLO",
     "REFUSED",
     "REQUEST",
@@ -49,17 +50,27 @@ EVENT = "event"
 
 _MAX_ID = (1 << 63) - 1
 
+#: what a request's ``events`` field may ask for (absent: ``"all"``). ``"all"``: every event;
+#: ``"shown"``: only what a progress bar shows (queue positions while others run ahead,
+#: ``started`` after such a position, progress counts); ``"none"``: no events (nobody listens).
+EVENTS = ("all", "shown", "none")
+
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request: ``op`` is the request record (None for a cancel of request ``id``)."""
+    """A validated request: ``op`` is the request record (None for a cancel of request ``id``);
+    ``events``: which of its events the client wants (one of :data:`EVENTS`)."""
 
     id: int
     op: Any
+    events: str = "all"
 
 
-def request(rid: int, op: Any) -> dict:
-    return {"kind": REQUEST, "id": rid, "op": op}
+def request(rid: int, op: Any, events: str = "all") -> dict:
+    """A request message; ``events`` other than ``"all"`` travels (fewer frames back)."""
+    if events == "all":
+        return {"kind": REQUEST, "id": rid, "op": op}
+    return {"kind": REQUEST, "id": rid, "op": op, "events": events}
 
 
 def cancel(rid: int) -> dict:
@@ -102,7 +113,10 @@ def parse_request_or_cancel(msg: Any) -> Request:
     op = msg.get("op")
     if op is None or not dataclasses.is_dataclass(op) or isinstance(op, type):
         raise ProtocolError("a request needs an 'op' record")
-    return Request(rid, op)
+    events = msg.get("events", "all")
+    if events not in EVENTS:
+        raise ProtocolError(f"a request's 'events' is one of {list(EVENTS)}, not {events!r}"[:100])
+    return Request(rid, op, events)
 
 
 def parse_response(msg: Any) -> tuple[str, int | None, Any]:

@@ -28,6 +28,7 @@ __all__ = [
 
 _CHUNK = 64 * 1024 * 1024
 _SMALL = 64 * 1024
+_DONTWAIT: int | None = getattr(socket, "MSG_DONTWAIT", None)
 #: OpenSSL's reasons when the peer's first bytes are not a TLS record (a plain server's reply)
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
                       "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNEXPECTED_RECORD"})
@@ -77,6 +78,45 @@ class FramedSocket:
                     for start in range(0, buf.nbytes, _CHUNK):
                         self.sock.sendall(buf[start : start + _CHUNK])
         except (OSError, ValueError) as exc:  # ValueError: a closed SSL socket
+            raise errors.ConnectionError(f"connection lost while sending: {exc}") from exc
+
+    def send_nowait(self, encoded: codec.Encoded) -> codec.Encoded | bytes | None:
+        """Send a small frame only as far as the socket takes it without waiting.
+
+        Returns None when the whole frame went out; ``encoded`` itself when nothing went (a TLS
+        socket, a frame over 64 KiB, a platform without ``MSG_DONTWAIT``, another send under
+        way, or a full socket buffer); else the bytes still to send, which must go next, with
+        :meth:`send_raw`, to keep the stream in sync. For a sender that must never block on
+        the peer (the server's worker) but need not hand its reply to a writer thread when the
+        socket has room, which is nearly always.
+        """
+        if (_DONTWAIT is None or len(encoded.header) + encoded.body_len > _SMALL
+                or isinstance(self.sock, ssl.SSLSocket)
+                or not self._send_lock.acquire(blocking=False)):
+            return encoded
+        try:
+            if self._closed:
+                raise OSError("the connection is closed")
+            data = b"".join([frames.encode_preamble(len(encoded.header), encoded.body_len),
+                             encoded.header, *encoded.buffers])
+            sent = self.sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            return encoded
+        except (OSError, ValueError) as exc:
+            raise errors.ConnectionError(f"connection lost while sending: {exc}") from exc
+        finally:
+            self._send_lock.release()
+        return None if sent == len(data) else data[sent:]
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes that complete a frame begun by :meth:`send_nowait`."""
+        try:
+            with self._send_lock:
+                if self._closed:
+                    raise OSError("the connection is closed")
+                self._arm()
+                self.sock.sendall(data)
+        except (OSError, ValueError) as exc:
             raise errors.ConnectionError(f"connection lost while sending: {exc}") from exc
 
     # ---------------------------------------------------------------- receiving

@@ -8,8 +8,12 @@ import threading
 import cloche
 import cloche.api.progress as progress_module
 import pytest
+import torch
 from cloche.api.progress import Progress
+from cloche.api.requests import Run
 from cloche.client import connect
+from cloche.client.connection import ClientConnection
+from cloche.client.executor import parse_address
 
 TEXTS = ["def f(x):\n    return x\n", "for i in range(3): pass"] * 10
 
@@ -175,3 +179,50 @@ def test_a_submit_with_bad_arguments_leaves_no_bar_behind(tiny_model, monkeypatc
     assert len(progress_module._TICKER._active) == 0
     model.submit("run", [[5, 6]], progress=True).result()
     assert len(progress_module._TICKER._active) == 0
+
+
+def test_reporters_ask_for_only_the_events_they_show():
+    assert Progress(lambda e: None, "x").wanted_events == "all"
+    assert Progress(False, "x").wanted_events == "none"
+    with Progress(lambda e: None, "outer"):
+        assert Progress(True, "inner").wanted_events == "all"  # reports to the outer callback
+    assert Progress(True, "x").wanted_events == "shown"
+
+
+class _Sink(list):
+    """An event callback that asks the server for a chosen level of events."""
+
+    def __init__(self, wanted: str) -> None:
+        super().__init__()
+        self.wanted_events = wanted
+
+    def __call__(self, event: dict) -> None:
+        self.append(event)
+
+
+def test_the_server_sends_a_request_only_the_events_asked_for(served):
+    host, port = parse_address(served.address)
+    conn = ClientConnection(host, port, token=served.token)
+    try:
+        ids = torch.tensor([[1, 2, 3]])
+        run = Run(ids=ids, mask=torch.ones_like(ids), return_logits=False)
+        sinks = {level: _Sink(level) for level in ("all", "shown", "none")}
+        for _ in range(3):
+            for sink in sinks.values():
+                conn.submit(run, on_event=sink).result(timeout=60)
+    finally:
+        conn.close()
+    assert [e["type"] for e in sinks["all"] if e["type"] != "queued"] == ["started"] * 3
+    # nothing ran ahead of these requests: a bar shows nothing of their queueing
+    assert list(sinks["shown"]) == [] and list(sinks["none"]) == []
+
+
+def test_back_to_back_runs_never_see_the_previous_one_ahead_of_them(served):
+    """The reply leaves once the worker is free, so the next request, sent the moment the
+    reply arrives, never finds the finished run still ahead of it in the queue."""
+    with connect(served.address, token=served.token) as model:
+        events: list[dict] = []
+        for _ in range(30):
+            model.run([1, 2, 3], return_logits=False, progress=events.append)
+        assert [e["type"] for e in events].count("started") == 30
+        assert all(e["ahead"] == 0 for e in events if e["type"] == "queued")

@@ -68,6 +68,20 @@ def test_reducers_and_top_examples_on_features(where):
     assert top is not None
 
 
+def test_dictionary_weights_are_read_by_name(where):
+    model, name, sae = where
+    torch.testing.assert_close(model.param(f"dict:{name}:W_enc"), sae.W_enc.detach())
+    torch.testing.assert_close(model.param(f"dict:{name}:W_enc", index=(slice(None), [3, 1])),
+                               sae.W_enc.detach()[:, [3, 1]])
+    torch.testing.assert_close(model.param(f"dict:{name}:b_dec"), sae.b_dec.detach())
+    with pytest.raises(cloche.UsageError, match="no weight 'nope'"):
+        model.param(f"dict:{name}:nope")
+    with pytest.raises(cloche.UsageError, match="no dictionary named 'absent'"):
+        model.param("dict:absent:W_enc")
+    with pytest.raises(cloche.UsageError, match="no gradients"):
+        model.param(f"dict:{name}:W_enc", grad=True)
+
+
 def test_detached_dictionary_points_are_gone(local_model):
     sae = checks.make_dictionary(local_model.d_model)
     local_model.attach_dictionary("gone", sae, point="layers.0.resid_post")

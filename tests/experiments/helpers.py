@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import torch
 
+SEQ = 6  # the length of :func:`pair`'s sequences
+
+
+def pair(model, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clean batch of random tokens and a corrupted copy (positions 1 and 3 resampled): the
+    pair the patching and attribution tests compare."""
+    gen = torch.Generator().manual_seed(21)
+    clean = torch.randint(3, model.d_vocab, (batch, SEQ), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 1] = torch.randint(3, model.d_vocab, (batch,), generator=gen)
+    corrupted[:, 3] = torch.randint(3, model.d_vocab, (batch,), generator=gen)
+    return clean, corrupted
+
 
 def random_dataset(model, n: int = 12, seed: int = 0, min_len: int = 6, max_len: int = 20):
     """A dataset of random token ids with varied lengths (so batches carry padding)."""

@@ -10,17 +10,7 @@ import torch
 from cloche import experiments as ex
 
 from tests.dictionaries.checks import make_dictionary
-
-SEQ = 6
-
-
-def pair(model, batch: int = 2):
-    gen = torch.Generator().manual_seed(21)
-    clean = torch.randint(3, model.d_vocab, (batch, SEQ), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 1] = torch.randint(3, model.d_vocab, (batch,), generator=gen)
-    corrupted[:, 3] = torch.randint(3, model.d_vocab, (batch,), generator=gen)
-    return clean, corrupted
+from tests.experiments.helpers import SEQ, pair
 
 
 def hand_attribution(model, clean, corrupted, point: str, correct, wrong) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import cloche
 import numpy as np
 import pytest
@@ -177,3 +179,21 @@ def test_direct_logit_attribution_sharded_equals_local(local_models):
     want = ex.head_logit_attribution(local, ids, [5, 9], progress=False)
     got = ex.head_logit_attribution(sharded, ids, [5, 9], progress=False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_an_ablation_over_a_dataset_stops_when_cancelled(model):
+    """``cancel`` set during the first pass stops the ablation where it runs (Cancelled), leaves
+    no scratch context behind (the fixture checks) and the model serves the next call."""
+    cancel = threading.Event()
+
+    def on_event(event):
+        if event.get("done", 0) >= 1:
+            cancel.set()
+
+    tokens = ex.repeated_tokens(model, batch=32, half=8, seed=2)
+    with pytest.raises(cloche.errors.Cancelled):
+        ex.ablate(model, "layers.1.attn.head.0", tokens, batch_size=2, progress=on_event,
+                  cancel=cancel)
+    assert cancel.is_set()
+    after = ex.ablate(model, "layers.1.attn.head.0", tokens[:2])
+    assert after.tokens > 0

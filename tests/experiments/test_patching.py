@@ -7,16 +7,7 @@ import pytest
 import torch
 from cloche import experiments as ex
 
-SEQ = 6
-
-
-def pair(model, batch: int = 2):
-    gen = torch.Generator().manual_seed(21)
-    clean = torch.randint(3, model.d_vocab, (batch, SEQ), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 1] = torch.randint(3, model.d_vocab, (batch,), generator=gen)
-    corrupted[:, 3] = torch.randint(3, model.d_vocab, (batch,), generator=gen)
-    return clean, corrupted
+from tests.experiments.helpers import SEQ, pair
 
 
 def by_hand(model, clean, corrupted, point, metric_of, *, position=None, head=None) -> float:

@@ -10,6 +10,8 @@ import cloche.experiments as ex
 import pytest
 from cloche.experiments.patching import logit_diff
 
+from tests.dictionaries.checks import make_dictionary
+
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five"] * 2
 POINT = "layers.0.mlp.post"
 
@@ -19,6 +21,15 @@ def _pca(m):
 
 
 #: name -> (call(model, progress), whether it reports counted progress)
+def _graph(m, p):
+    """The attribution graph needs a dictionary: one attached for the call."""
+    m.attach_dictionary("progress-sae", make_dictionary(m.d_model), point="layers.0.resid_post")
+    try:
+        return ex.attribution_graph(m, "hello there", max_nodes=8, progress=p)
+    finally:
+        m.detach_dictionary("progress-sae")
+
+
 CALLS = {
     "run": (lambda m, p: m.run("hello there", progress=p), False),
     "generate": (lambda m, p: m.generate("hello", 2, progress=p), False),
@@ -49,6 +60,7 @@ CALLS = {
     "attribution_patching": (lambda m, p: ex.attribution_patching(m, "abcd", "abce",
                                                                   logit_diff(5, 6), progress=p),
                              True),
+    "attribution_graph": (_graph, True),
     "head_scores": (lambda m, p: ex.head_scores(m, "induction", batch=2, half=4, progress=p),
                     False),
     "detect_heads": (lambda m, p: ex.detect_heads(m, [[5, 6, 7, 5, 6, 7]], "induction",

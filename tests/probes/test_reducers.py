@@ -279,11 +279,17 @@ def brute_force_topk(values, ids, positions, k: int, largest: bool):
 
 
 @st.composite
-def topk_data(draw):
-    """(x (B, S, d) or (B, d) numpy, example ids (B,), mask or None, batch cuts, rng)."""
+def topk_data(draw, *, long: bool = False):
+    """(x (B, S, d) or (B, d) numpy, example ids (B,), mask or None, batch cuts, rng).
+
+    ``long``: batches of hundreds of rows (the fast topk path and the tie path both run, and
+    the merge sorts long candidate lists), some with infinities."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    batch, seq, d = draw(st.integers(0, 8)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
-    three_d = draw(st.booleans())
+    if long:
+        batch, seq, d = draw(st.integers(1, 6)), draw(st.integers(20, 70)), draw(st.integers(1, 5))
+    else:
+        batch, seq, d = draw(st.integers(0, 8)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    three_d = long or draw(st.booleans())
     shape = (batch, seq, d) if three_d else (batch, d)
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     if draw(st.booleans()):  # many ties
@@ -291,6 +297,9 @@ def topk_data(draw):
     else:
         x = rng.standard_normal(shape).astype(dtype)
     # Ids usually distinct, sometimes repeated, never in order.
+    if long and draw(st.booleans()):  # infinities, some of them among the best
+        x.reshape(-1)[rng.choice(x.size, size=min(x.size, 5), replace=False)] = rng.choice(
+            [np.inf, -np.inf], size=min(x.size, 5))
     ids = rng.permutation(1000)[:batch] if draw(st.booleans()) else rng.integers(0, 3, batch)
     mask = (rng.random(shape[:-1]) < 0.7) if draw(st.booleans()) else None
     cuts = sorted(draw(st.lists(st.integers(0, batch), max_size=4)))
@@ -339,6 +348,14 @@ def test_topk_equals_brute_force_for_any_split(case, k, largest):
         np.testing.assert_array_equal(res["values"].numpy(), values)
         np.testing.assert_array_equal(res["example_ids"].numpy(), example_ids)
         np.testing.assert_array_equal(res["positions"].numpy(), positions)
+
+
+@PROPERTY
+@given(topk_data(long=True), st.integers(1, 6), st.booleans())
+def test_topk_of_long_batches_equals_brute_force_for_any_split(case, k, largest):
+    """Batches of hundreds of rows give exactly the brute-force answer, ties, infinities
+    and padding included, however they are split and merged."""
+    test_topk_equals_brute_force_for_any_split.hypothesis.inner_test(case, k, largest)
 
 
 def test_topk_breaks_ties_by_example_id_then_position():

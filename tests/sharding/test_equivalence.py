@@ -135,6 +135,47 @@ def test_generate(pair):
     close(dist.save_context("gen").fetch("last"), local.save_context("gen").fetch("last"))
 
 
+def steer_first_block(ctx, x):
+    return x + torch.linspace(-1.0, 1.0, x.shape[-1])
+
+
+def save_step(ctx, x):
+    """Every decode step: the activation, the step's tokens and mask as the probe sees them."""
+    ctx.save(ctx.point, x[:, -1])
+    ctx.save(f"tokens@{ctx.point}", ctx.tokens.clone())
+    ctx.save(f"mask@{ctx.point}", ctx.attention_mask.clone())
+
+
+def test_generate_with_probes_on_every_rank(pair):
+    """Only rank 0 runs the decode loop; the other ranks' probes fire at every step as locally."""
+    local, dist = pair
+    names = [f"layers.{i}.resid_post" for i in range(local.n_layers)]
+    assert {dist.owner_of(n) for n in names} == set(range(dist.world_size))
+    probes = {"layers.0.resid_pre": steer_first_block, **dict.fromkeys(names, save_step)}
+    batch = {"input_ids": torch.tensor([[2, 5, 17, 42], [8, 17, 42, 9]]),
+             "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])}
+    plain = local.generate(batch, 5).tokens
+    outs = []
+    for model in (local, dist):
+        model.save_context("steps").clear()
+        outs.append(model.generate(batch, 5, probes=probes, save="steps").tokens)
+    assert torch.equal(outs[1], outs[0]) and not torch.equal(outs[0], plain)  # it steered
+    want, got = local.save_context("steps"), dist.save_context("steps")
+    keys = want.keys()
+    assert got.keys() == keys and len(keys) == 3 * local.n_layers
+    for key in keys:
+        a, b = want.fetch(key, "list"), got.fetch(key, "list")
+        assert len(a) == len(b) == 5  # the prompt, then one step per new token but the last
+        for x, y in zip(a, b, strict=True):
+            if x.is_floating_point():
+                close(y, x)
+            else:
+                assert torch.equal(y, x)
+    assert got.num_runs == want.num_runs == 1
+    for model in (local, dist):
+        model.save_context("steps").clear()
+
+
 def _dataset():
     g = torch.Generator().manual_seed(5)
     examples = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist()
@@ -203,6 +244,44 @@ def test_probe_error_names_point_and_rank_and_rolls_back(pair):
     assert "boom" in str(info.value)
     assert dist.save_context("e").keys() == []
     close(dist.run(ids_batch()).logits, local.run(ids_batch()).logits)
+
+
+def fail_at_third_step(ctx, x):
+    """Fails on the rank that follows rank 0's decode loop, two steps into the generation."""
+    if ctx.tokens.shape[1] == 1 and ctx.state.setdefault("steps", 0) >= 1:
+        raise RuntimeError("boom at a decode step")
+    ctx.state["steps"] = ctx.state.get("steps", 0) + int(ctx.tokens.shape[1] == 1)
+
+
+def test_a_probe_failing_mid_generation_is_reported_and_rolled_back(pair):
+    local, dist = pair
+    point = f"layers.{local.n_layers - 1}.mlp.out"
+    prompt = torch.tensor([5, 17, 42, 9])
+    dist.save_context("eg").clear()
+    with pytest.raises(cloche.ProbeError) as info:
+        dist.generate(prompt, 6, probes={"embed": saver, point: fail_at_third_step}, save="eg")
+    assert info.value.point == point and info.value.rank == dist.world_size - 1
+    assert "boom at a decode step" in str(info.value)
+    assert dist.save_context("eg").keys() == [] and dist.save_context("eg").state == {}
+    assert torch.equal(dist.generate(prompt, 6).tokens, local.generate(prompt, 6).tokens)
+
+
+def test_reads_follow_every_change_of_a_context(pair):
+    """Rank 0 keeps where each key lives between commands; every command makes it ask again."""
+    local, dist = pair
+    last = f"layers.{local.n_layers - 1}.mlp.out"
+    handle = dist.save_context("seen")
+    handle.clear()
+    dist.run(ids_batch(), probes={last: saver}, save="seen", return_logits=False)
+    assert handle.keys() == [last] and handle.fetch(last).shape[0] == 1
+    dist.run(ids_batch(), probes={last: saver, "embed": saver}, save="seen",
+             return_logits=False)
+    assert handle.keys() == sorted(["embed", last]) and handle.fetch(last).shape[0] == 2
+    assert handle.num_runs == 2
+    handle.clear()
+    assert handle.keys() == []
+    with pytest.raises(cloche.UsageError, match="has no key"):
+        handle.fetch(last)
 
 
 def test_call_and_params_by_rank(pair):

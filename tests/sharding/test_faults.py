@@ -171,6 +171,25 @@ def test_cancel_mid_run_reaches_every_rank(group2):
         model.save_context("mid").clear()
 
 
+def test_cancel_mid_generation_reaches_every_rank(group2):
+    """Rank 1 follows rank 0's decode loop step by step; a cancel stops both, keeps nothing."""
+    local, model = group2
+    prompt = torch.tensor([5, 17, 42, 9])
+    try:
+        cancel = SeenCancel()
+        _MID_RUN_CANCEL.append(cancel)
+        with pytest.raises(cloche.Cancelled):
+            model.generate(prompt, 8, probes={"layers.0.mlp.out": save_then_cancel,
+                                              "layers.3.mlp.out": _stats},
+                           save="midgen", cancel=cancel)
+        assert model.save_context("midgen").keys() == []
+        assert model.save_context("midgen").reducers() == {}
+        assert model.executor.ping_ranks() == [0, 1]
+        assert torch.equal(model.generate(prompt, 8).tokens, local.generate(prompt, 8).tokens)
+    finally:
+        model.save_context("midgen").clear()
+
+
 def test_reads_are_answered_while_a_dataset_run_is_in_progress(group2):
     local, model = group2
     model.save_context("before").clear()

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from cloche.errors import ConnectionError, FrameTooLarge, ProtocolError
-from cloche.wire import frames
+from cloche.wire import codec, frames
 from cloche.wire.transport import FramedSocket
 
 
@@ -89,3 +89,40 @@ def test_a_deadline_bounds_a_whole_exchange_not_each_read(pair):
         right.recv()
     right.deadline = None
     right.sock.settimeout(None)
+
+
+def test_send_nowait_sends_a_small_frame_whole(pair):
+    left, right = pair
+    assert left.send_nowait(codec.encode({"a": torch.arange(4)})) is None
+    assert torch.equal(right.recv()["a"], torch.arange(4))
+
+
+def test_send_nowait_on_a_full_socket_returns_what_is_left_and_send_raw_completes_it(pair):
+    left, right = pair
+    left.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    right.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    first = codec.encode({"n": 0, "t": torch.arange(8000, dtype=torch.int32)})  # 32 KB
+    rests = []
+    for n in range(16):  # nobody reads: the socket fills up
+        rest = left.send_nowait(first if n == 0 else codec.encode({"n": n}))
+        rests.append(rest)
+        if rest is not None:
+            break
+    rest = rests[-1]
+    assert rest is not None, "a 4 KiB socket buffer took 16 frames without reading"
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(right.recv() for _ in rests))
+    reader.start()
+    if isinstance(rest, bytes):  # the frame went out in part: the rest must follow at once
+        left.send_raw(rest)
+    else:  # nothing went: the frame is still whole
+        left.send_encoded(rest)
+    reader.join(timeout=60)
+    assert [m["n"] for m in received] == list(range(len(rests)))
+    assert torch.equal(received[0]["t"], torch.arange(8000, dtype=torch.int32))
+
+
+def test_send_nowait_leaves_big_frames_to_the_blocking_path(pair):
+    left, _ = pair
+    big = codec.encode({"t": torch.zeros(1 << 16)})  # 256 KiB
+    assert left.send_nowait(big) is big

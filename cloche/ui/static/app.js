@@ -2,6 +2,7 @@
 import { fmt, heatmap, tokens, blue, svg, thumbnail } from "./plots.js";
 import { el, link } from "./dom.js";
 import { renderUnit, unitTitle } from "./unit_view.js";
+import { graphPage } from "./graph.js";
 
 const main = document.getElementById("main");
 const params = new URLSearchParams(location.search);
@@ -428,5 +429,5 @@ async function headPage() {
 }
 
 const PAGES = { model: modelPage, unit: unitPage, text: textPage, intervene: intervenePage,
-  contexts: contextsPage, head: headPage };
+  contexts: contextsPage, head: headPage, graph: () => graphPage(main, params, { getJSON, ready }) };
 (PAGES[page] ?? notYet)().catch((error) => { showError(main, error); ready(); });

@@ -88,13 +88,13 @@ def head_circuits(model: Any, layer: int, head: int, k: int = 12) -> dict[str, A
 
 
 def head_ablation(model: Any, layer: int, head: int, dataset: str, limit: int,
-                  half: int = 32, progress: Any = None) -> dict[str, Any]:
+                  half: int = 32, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
     """Loss with and without zeroing the head: held-out text, and the second copy of repeated
-    random tokens."""
+    random tokens. ``cancel`` (an event) stops the held-out passes where they run."""
     _check(model, layer, head)
     target = f"layers.{layer}.attn.head.{head}"
     heldout = cloche.experiments.ablate(model, target, dataset=dataset, limit=limit,
-                                        progress=progress)
+                                        progress=progress, cancel=cancel)
     tokens = cloche.experiments.repeated_tokens(model, half=half)
     repeated = cloche.experiments.ablate(model, target, tokens, loss_on=slice(half + 1, None))
     return {"heldout": {"clean": heldout.loss_clean, "ablated": heldout.loss_ablated,
