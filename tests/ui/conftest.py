@@ -8,6 +8,7 @@ missing browser fails them instead, so CI cannot pass without running them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pathlib
 import secrets
@@ -73,6 +74,21 @@ class Backend:
         if self.server is not None:
             self.model.close()
             self.server.stop()
+
+
+@contextlib.contextmanager
+def logged_in_page(browser, backend: Backend, *, width: int = 1300, downloads: bool = False):
+    """A browser page that opened the UI's launch URL (which sets the cookie); on leaving, no
+    script error may have happened on it."""
+    context = browser.new_context(viewport={"width": width, "height": 900},
+                                  accept_downloads=downloads)
+    p = context.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda exc: errors.append(str(exc)))
+    p.goto(backend.web.url())
+    yield p
+    context.close()
+    assert errors == []
 
 
 def start_backend(kind: str, local: cloche.Model, tmp: pathlib.Path) -> Backend:

@@ -16,7 +16,7 @@ from cloche.errors import UsageError
 from cloche.ui import export_unit_page
 
 from tests.ui import expected
-from tests.ui.conftest import ARTIFACTS, LIMIT, start_backend
+from tests.ui.conftest import ARTIFACTS, LIMIT, logged_in_page, start_backend
 from tests.ui.test_pages import TIMEOUT_MS, show
 
 NAME, BASE, D_SAE, FEATURE = "res1", "layers.1.resid_post", 64, 7
@@ -42,14 +42,8 @@ def backend(request, local_default, weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(browser, backend):
-    context = browser.new_context(viewport={"width": 1300, "height": 900}, accept_downloads=True)
-    p = context.new_page()
-    errors: list[str] = []
-    p.on("pageerror", lambda exc: errors.append(str(exc)))
-    p.goto(backend.web.url())
-    yield p
-    context.close()
-    assert errors == []
+    with logged_in_page(browser, backend, downloads=True) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")

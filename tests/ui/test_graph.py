@@ -10,7 +10,7 @@ import pytest
 from cloche.experiments import AttributionGraph, attribution_graph
 
 from tests.experiments.graph_dictionaries import pca_dictionary
-from tests.ui.conftest import start_backend
+from tests.ui.conftest import logged_in_page, start_backend
 from tests.ui.test_pages import TIMEOUT_MS, show
 
 PROMPT = "Once upon a time, there was a"
@@ -37,14 +37,8 @@ def truth(backend):
 
 @pytest.fixture(scope="module")
 def page(browser, backend):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-    p = context.new_page()
-    errors: list[str] = []
-    p.on("pageerror", lambda exc: errors.append(str(exc)))
-    p.goto(backend.web.url())
-    yield p
-    context.close()
-    assert errors == []
+    with logged_in_page(browser, backend, width=1400, downloads=True) as p:
+        yield p
 
 
 def test_graph_page_draws_the_pruned_graph(page, backend, truth, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.ui import expected
-from tests.ui.conftest import ARTIFACTS, LIMIT, start_backend
+from tests.ui.conftest import ARTIFACTS, LIMIT, logged_in_page, start_backend
 
 POINT, UNIT = "layers.1.mlp.post", 5
 TEXT = "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i))\n"
@@ -25,14 +25,8 @@ def backend(request, local_default, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(browser, backend):
-    context = browser.new_context(viewport={"width": 1300, "height": 900})
-    p = context.new_page()
-    errors: list[str] = []
-    p.on("pageerror", lambda exc: errors.append(str(exc)))
-    p.goto(backend.web.url())  # the launch URL: sets the cookie
-    yield p
-    context.close()
-    assert errors == []
+    with logged_in_page(browser, backend) as p:
+        yield p
 
 
 def show(page, url: str, shot: str) -> None:
