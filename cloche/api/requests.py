@@ -181,6 +181,21 @@ def _tokens(record: Any, model: ModelInfo | None) -> None:
         _fail(record, "mask", "must hold only 0 and 1", mask)
 
 
+_last_points: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
+
+
+def _point_set(names: tuple[str, ...]) -> frozenset[str]:
+    """``frozenset(names)``, kept for the last tuple seen: a server checks every request
+    against the same description (hundreds of names)."""
+    global _last_points
+    seen, points = _last_points
+    if seen is not names:
+        points = frozenset(names)
+        if type(names) is tuple:  # (a list could change in place)
+            _last_points = (names, points)
+    return points
+
+
 def _plan(record: object, name: str, model: ModelInfo | None) -> None:
     """A probe plan: canonical point name -> list of callables."""
     plan = getattr(record, name)
@@ -188,7 +203,7 @@ def _plan(record: object, name: str, model: ModelInfo | None) -> None:
         _fail(record, name, "must map probe point names to lists of functions", plan)
     if not plan:
         return
-    points = frozenset(model.point_names) if model is not None else frozenset()
+    points = _point_set(model.point_names) if model is not None else frozenset()
     for point, fns in plan.items():
         if not isinstance(point, str):
             _fail(record, name, "must map probe point names (strings) to functions", point)
