@@ -282,6 +282,9 @@ class _Encoder:
         return msgpack.ExtType(EXT_PICKLE, self.pack([stream.getvalue(), pickler.refs]))
 
 
+_BUFFER_KINDS = frozenset({torch.Tensor, np.ndarray})
+
+
 class _BufferPickler(cloudpickle.Pickler):
     """cloudpickle, except that tensors and arrays leave the pickle as raw buffers."""
 
@@ -293,6 +296,8 @@ class _BufferPickler(cloudpickle.Pickler):
 
     def persistent_id(self, obj: Any) -> int | None:
         kind = type(obj)
+        if kind not in _BUFFER_KINDS:  # called for every object pickled: leave at once
+            return None
         make: Any
         if kind is torch.Tensor and obj.layout == torch.strided and obj.dtype in _TORCH_NAMES:
             make = self.encoder.tensor
