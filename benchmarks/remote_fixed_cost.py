@@ -9,6 +9,9 @@ cancels. This process runs client and server, so its CPU time counts both sides.
     PYTHONPATH=$PWD python benchmarks/remote_fixed_cost.py [--rounds 20 --calls 50]
 
 With ``PYTHONPATH`` set to another checkout the same script times that checkout (before/after).
+``--per-thread N`` instead runs each request N times remotely and N times locally and prints
+the CPU time per call of every thread (client, connection, worker, ...), from the threads' own
+CPU clocks: where the remote − local difference is spent.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--per-thread", type=int, default=0, metavar="N",
+                        help="print each thread's CPU per call over N calls instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
@@ -67,6 +73,9 @@ def main() -> None:
             "fetch a saved (1, 8, 1024) tensor": lambda m: m.save_context("small").fetch("x"),
             "ping": lambda m: m.ping(),
         }
+        if args.per_thread:
+            per_thread(work, models, args.per_thread)
+            return
         diffs: dict[str, list[float]] = {label: [] for label in work}
         local_ms: dict[str, list[float]] = {label: [] for label in work}
         for fn in work.values():
@@ -90,6 +99,37 @@ def main() -> None:
         q = statistics.quantiles(values, n=4)
         print(f"| {label} | {statistics.median(local_ms[label]):.3f} |"
               f" {statistics.median(values):+.3f} | {q[0]:+.3f} – {q[2]:+.3f} |")
+
+
+def _thread_clocks() -> dict[str, float]:
+    """Each live thread's CPU time (s), by name without its peer (``cloche-conn``, ...)."""
+    clocks = {}
+    for thread in threading.enumerate():
+        if thread.ident is None:
+            continue
+        try:
+            clock = time.pthread_getcpuclockid(thread.ident)
+            clocks["-".join(thread.name.split("-")[:2])] = time.clock_gettime(clock)
+        except OSError:  # it ended meanwhile
+            continue
+    return clocks
+
+
+def per_thread(work: dict[str, Callable[[cloche.Model], Any]],
+               models: dict[str, cloche.Model], calls: int) -> None:
+    print(f"cloche from {cloche.__file__}; CPU ms per call by thread, {calls} calls each")
+    print("| request | where | thread | ms per call |")
+    print("| --- | --- | --- | ---: |")
+    for label, fn in work.items():
+        for place, model in models.items():
+            before = _thread_clocks()
+            for _ in range(calls):
+                fn(model)
+            after = _thread_clocks()
+            for name, end in after.items():
+                spent = (end - before.get(name, end)) / calls * 1e3
+                if spent >= 0.001:
+                    print(f"| {label} | {place} | {name} | {spent:.3f} |")
 
 
 if __name__ == "__main__":

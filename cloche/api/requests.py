@@ -83,6 +83,8 @@ _FETCH_MODES = ("stack", "cat", "list")
 #: how the names of points derived by an attached dictionary begin (``dict:res3:features``)
 DERIVED_PREFIX = "dict:"
 _ID_DTYPES = (torch.int64, torch.int32)
+#: up to this many token ids (or mask values), checks go through Python lists, not tensor ops
+_FEW = 256
 _MASK_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
                 torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -155,7 +157,11 @@ def _tokens(record: Any, model: ModelInfo | None) -> None:
         _fail(record, "ids", "must be a 2-D int64 tensor of token ids (batch, seq)", ids)
     if ids.numel() == 0:
         _fail(record, "ids", "must hold at least one token", ids)
-    low, high = int(ids.min()), int(ids.max())
+    if ids.numel() <= _FEW:  # a few values: Python is faster than three tensor ops
+        values = ids.reshape(-1).tolist()
+        low, high = min(values), max(values)
+    else:
+        low, high = int(ids.min()), int(ids.max())
     if low < 0 or (model is not None and model.d_vocab > 0 and high >= model.d_vocab):
         vocab = f" [0, {model.d_vocab})" if model is not None and model.d_vocab else ""
         _fail(record, "ids", f"must be token ids in the vocabulary{vocab}",
@@ -167,8 +173,27 @@ def _tokens(record: Any, model: ModelInfo | None) -> None:
             or mask.shape != ids.shape):
         _fail(record, "mask", f"must be a 0/1 tensor of the shape of ids {tuple(ids.shape)}",
               mask)
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.numel() <= _FEW:
+        binary = set(mask.reshape(-1).tolist()) <= {0, 1}  # True == 1, 0.0 == 0; NaN is neither
+    else:
+        binary = bool(((mask == 0) | (mask == 1)).all())
+    if not binary:
         _fail(record, "mask", "must hold only 0 and 1", mask)
+
+
+_last_points: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
+
+
+def _point_set(names: tuple[str, ...]) -> frozenset[str]:
+    """``frozenset(names)``, kept for the last tuple seen: a server checks every request
+    against the same description (hundreds of names)."""
+    global _last_points
+    seen, points = _last_points
+    if seen is not names:
+        points = frozenset(names)
+        if type(names) is tuple:  # (a list could change in place)
+            _last_points = (names, points)
+    return points
 
 
 def _plan(record: object, name: str, model: ModelInfo | None) -> None:
@@ -176,7 +201,9 @@ def _plan(record: object, name: str, model: ModelInfo | None) -> None:
     plan = getattr(record, name)
     if not isinstance(plan, dict):
         _fail(record, name, "must map probe point names to lists of functions", plan)
-    points = frozenset(model.point_names) if model is not None else frozenset()
+    if not plan:
+        return
+    points = _point_set(model.point_names) if model is not None else frozenset()
     for point, fns in plan.items():
         if not isinstance(point, str):
             _fail(record, name, "must map probe point names (strings) to functions", point)

@@ -42,6 +42,9 @@ __all__ = ["GRACE_S", "UserCodeInterrupted", "interruptible", "paused"]
 #: how long a cancelled run may take to reach its next layer boundary before it is interrupted
 GRACE_S = 0.5
 _POLL_S = 0.02
+#: how long the watchdog keeps polling after its last block ended before it sleeps until the
+#: next one: back-to-back requests (a loop of short runs) then do not wake it one by one
+_LINGER_S = 0.5
 
 
 class UserCodeInterrupted(Cancelled):
@@ -104,6 +107,7 @@ class _Watchdog:
         self.watches: set[_Watch] = set()
         self.wake = threading.Condition(self.lock)
         self.thread: threading.Thread | None = None
+        self.asleep = False  # waiting for a block without a timeout: add() must wake it
 
     def add(self, watch: _Watch) -> None:
         with self.lock:
@@ -112,7 +116,8 @@ class _Watchdog:
                 self.thread = threading.Thread(target=self._run, name="cloche-interrupt",
                                                daemon=True)
                 self.thread.start()
-            self.wake.notify()
+            if self.asleep:  # else it polls anyway: waking it per block costs a thread switch
+                self.wake.notify()
 
     def remove(self, watch: _Watch) -> None:
         """Disarm ``watch``: after this, nothing is raised for it (and nothing pending stays)."""
@@ -124,13 +129,21 @@ class _Watchdog:
 
     def _run(self) -> None:
         with self.lock:
+            idle_since: float | None = None
             while True:
-                if not self.watches:
-                    self.wake.wait()
-                    continue
                 now = time.monotonic()
-                for watch in list(self.watches):
-                    watch.step(now)
+                if self.watches:
+                    idle_since = None
+                    for watch in list(self.watches):
+                        watch.step(now)
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= _LINGER_S:
+                    self.asleep = True
+                    self.wake.wait()
+                    self.asleep = False
+                    idle_since = None
+                    continue
                 self.wake.wait(_POLL_S)
 
 

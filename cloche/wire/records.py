@@ -32,11 +32,18 @@ RECORD_TYPES: frozenset[str] = frozenset({
 _resolved: dict[str, type] = {}
 
 
+_names: dict[type, str] = {}  # record types met so far (a few dozen at most)
+
+
 def wire_name(obj: Any) -> str | None:
     """The wire name of ``obj``'s type if it travels as a record, else None."""
     kind = type(obj)
+    name = _names.get(kind)
+    if name is not None:
+        return name
     name = f"{kind.__module__}:{kind.__qualname__}"
     if name in RECORD_TYPES and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        _names[kind] = name
         return name
     return None
 

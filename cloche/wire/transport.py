@@ -2,7 +2,9 @@
 
 Everything protocol-shaped lives in :mod:`frames`, :mod:`codec` and :mod:`handshake`; this module
 only moves bytes. Bodies are sent in chunks straight from the tensors' memory and received with
-``recv_into`` straight into the tensors the codec allocated (no intermediate copies). OS-level
+``recv_into`` straight into the tensors the codec allocated (no intermediate copies). Small
+reads go through a 64 KiB read-ahead buffer instead, so that a small frame — preamble, header
+and body, most requests and replies — costs one ``recv`` rather than one per part. OS-level
 failures become :class:`cloche.errors.ConnectionError` here, once.
 """
 
@@ -49,6 +51,11 @@ class FramedSocket:
         self.deadline: float | None = None
         self._send_lock = threading.Lock()
         self._closed = False
+        # read-ahead for small reads: bytes [_ahead_start, _ahead_end) of _ahead are received
+        # but not yet handed out (allocated on the first small read)
+        self._ahead: memoryview | None = None
+        self._ahead_start = 0
+        self._ahead_end = 0
 
     def _arm(self) -> None:
         """Before each socket call under a deadline: time out when the deadline does."""
@@ -164,17 +171,38 @@ class FramedSocket:
         return b"".join(chunks)
 
     def _fill(self, view: memoryview, *, at_boundary: bool = False) -> bool:
+        """Fill ``view`` from the read-ahead buffer, then from the socket.
+
+        What is still missing is read straight into ``view`` when it is 64 KiB or more (a
+        tensor's bytes: zero-copy), else into the read-ahead buffer, which takes whatever has
+        arrived (up to 64 KiB: the rest of a small frame, often the next ones too).
+        """
         total = view.nbytes
-        got = 0
+        got = min(self._ahead_end - self._ahead_start, total)
+        if got:
+            start = self._ahead_start
+            assert self._ahead is not None
+            view[:got] = self._ahead[start : start + got]
+            self._ahead_start = start + got
         try:
             while got < total:
                 self._arm()
-                n = self.sock.recv_into(view[got:], min(total - got, _CHUNK))
+                need = total - got
+                if need < _SMALL:
+                    ahead = self._ahead
+                    if ahead is None:
+                        ahead = self._ahead = memoryview(bytearray(_SMALL))
+                    n = self.sock.recv_into(ahead, _SMALL)
+                    take = min(n, need)
+                    view[got : got + take] = ahead[:take]
+                    self._ahead_start, self._ahead_end = take, n
+                else:
+                    n = take = self.sock.recv_into(view[got:], min(need, _CHUNK))
                 if n == 0:
                     if at_boundary and got == 0:
                         return False
                     raise errors.ConnectionError("connection closed in the middle of a frame")
-                got += n
+                got += take
         except TimeoutError as exc:
             raise errors.ConnectionError("timed out waiting for the peer") from exc
         except (OSError, ValueError) as exc:

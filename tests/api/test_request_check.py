@@ -3,6 +3,8 @@ running a request from a peer that may not have used the facade)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from cloche.api import requests as rq
@@ -95,3 +97,21 @@ def test_what_the_facade_builds_passes():
         rq.Param(name="embed.W_E", grad=True), rq.Owner(point="embed"), rq.Ping(value=[1]),
     ]:
         op.check(MODEL)
+
+
+@pytest.mark.parametrize("n", [3, 300])  # a few values (checked in Python) and many (tensor ops)
+def test_token_and_mask_checks_agree_for_short_and_long_inputs(n):
+    good = torch.arange(n).reshape(1, n) % 300
+    for ok_mask in (torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n),
+                    torch.ones(1, n, dtype=torch.bfloat16), torch.ones(1, n, dtype=torch.uint8)):
+        rq.Run(ids=good, mask=ok_mask).check(MODEL if n <= 64 else None)
+    for bad_mask in (torch.full((1, n), float("nan")), torch.full((1, n), 0.5),
+                     torch.full((1, n), -1, dtype=torch.int8)):
+        with pytest.raises(UsageError, match="only 0 and 1"):
+            rq.Run(ids=good, mask=bad_mask).check()
+    with pytest.raises(UsageError, match=r"ids from -1 to"):
+        rq.Run(ids=good - 1, mask=torch.ones(1, n)).check()
+    high = good.clone()
+    high[0, -1] = 300
+    with pytest.raises(UsageError, match=r"ids from \d+ to 300"):
+        rq.Run(ids=high, mask=torch.ones(1, n)).check(dataclasses.replace(MODEL, max_positions=0))

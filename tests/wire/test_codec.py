@@ -206,3 +206,12 @@ def test_one_element_views_with_odd_strides_round_trip():
     for view in (base[:, 2:3][0:1], base.T[1:2, 0:1], base[1, 3:4]):
         out = roundtrip({"t": view})["t"]
         assert torch.equal(out, view)
+
+
+def test_views_with_a_negative_bit_or_a_grad_travel_as_their_values():
+    imag = torch.tensor([1 + 2j, 3 - 4j]).conj().imag  # a real view with the negative bit
+    assert imag.is_neg()
+    weight = torch.randn(2, 3, requires_grad=True)
+    out = roundtrip({"imag": imag, "weight": weight})
+    assert torch.equal(out["imag"], torch.tensor([-2.0, 4.0]))
+    assert torch.equal(out["weight"], weight.detach()) and not out["weight"].requires_grad

@@ -126,3 +126,62 @@ def test_send_nowait_leaves_big_frames_to_the_blocking_path(pair):
     left, _ = pair
     big = codec.encode({"t": torch.zeros(1 << 16)})  # 256 KiB
     assert left.send_nowait(big) is big
+
+
+class _CountingSocket(socket.socket):
+    """A socket that records each ``recv_into``: whether it read into a plain bytearray (the
+    read-ahead buffer, the preamble and header) or into a tensor's memory, and how much."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(fileno=sock.detach())
+        self.reads: list[tuple[bool, int]] = []
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:  # type: ignore[override]
+        got = super().recv_into(buffer, nbytes, flags)
+        self.reads.append((isinstance(memoryview(buffer).obj, bytearray), got))
+        return got
+
+
+def test_small_frames_already_sent_arrive_in_one_read_and_in_order():
+    a, b = socket.socketpair()
+    counting = _CountingSocket(b)
+    left, right = FramedSocket(a), FramedSocket(counting)
+    try:
+        messages = [{"n": i, "t": torch.arange(i + 3)} for i in range(3)]
+        for message in messages:
+            left.send(message)
+        for message in messages:
+            out = right.recv()
+            assert out["n"] == message["n"] and torch.equal(out["t"], message["t"])
+        assert len(counting.reads) == 1  # three frames, preamble + header + body each
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_big_body_after_a_small_frame_is_read_straight_into_the_tensor():
+    a, b = socket.socketpair()
+    counting = _CountingSocket(b)
+    left, right = FramedSocket(a), FramedSocket(counting)
+    try:
+        tensor = torch.randn(3, 1 << 18)  # 3 MiB
+        after = torch.arange(5)
+
+        def send() -> None:
+            left.send({"small": 1})
+            left.send({"t": tensor})
+            left.send({"after": after})
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert right.recv() == {"small": 1}
+        assert torch.equal(right.recv()["t"], tensor)
+        assert torch.equal(right.recv()["after"], after)
+        sender.join()
+        through_buffer = sum(n for plain, n in counting.reads if plain)
+        straight = sum(n for plain, n in counting.reads if not plain)
+        assert straight >= tensor.nbytes - 2 * 64 * 1024  # at most the ends were copied
+        assert through_buffer <= 3 * 64 * 1024
+    finally:
+        left.close()
+        right.close()
