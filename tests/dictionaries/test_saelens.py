@@ -10,7 +10,6 @@ see tests/dictionaries/saelens.py for how it is imported next to TransformerLens
 from __future__ import annotations
 
 import json
-import os
 
 import cloche
 import pytest
@@ -18,6 +17,7 @@ import torch
 from cloche.dictionaries import DictionaryConfig, SparseDictionary
 
 from tests.dictionaries import saelens
+from tests.needs import missing
 
 saes = saelens.saes
 
@@ -27,10 +27,7 @@ def _need_saelens() -> None:
     """Skip without SAELens (and say why); under CI (``CI=true``), whose test command installs
     it, fail instead, so CI cannot pass without running these checks."""
     if saes is None:
-        reason = saelens.REASON or "sae_lens is missing"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}: the README's test command installs it under CI")
-        pytest.skip(reason)
+        missing(saelens.REASON or "sae_lens is missing (pip install --no-deps sae-lens)")
 
 D_IN, D_SAE, D_OUT = 16, 48, 12
 HOOK = "blocks.1.hook_resid_post"

@@ -45,21 +45,21 @@ def point_activations(model: Any, point: str, limit: int) -> np.ndarray:
     return torch.cat(list(acts)).numpy()
 
 
-def unit_expectations(model: Any, point: str, unit: int, limit: int, k: int = 12
-                      ) -> dict[str, Any]:
-    acts = point_activations(model, point, limit)
-    v = acts[..., unit]
+def _page_numbers(model: Any, acts: np.ndarray, index: int, effect: torch.Tensor, k: int
+                  ) -> dict[str, Any]:
+    """A unit or feature page's numbers from the activations ``acts`` (examples, positions,
+    units) of the page's unit ``index`` and its direct effect on the logits."""
+    v = acts[..., index]
     masked = v.copy()
     masked[:, :SKIP_FIRST] = -np.inf
     best_pos = masked.argmax(1)
     best = masked[np.arange(len(v)), best_pos]
     order = np.argsort(-best, kind="stable")[:k]
     flat = acts.reshape(-1, acts.shape[-1])
-    r = np.corrcoef(flat.T)[unit]
-    r[unit] = np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):  # features that never fire
+        r = np.corrcoef(flat.T)[index]
+    r[index] = np.nan
     top_corr = int(np.nanargmax(r))
-    w_out = model.param(f"layers.{point.split('.')[1]}.mlp.W_out")[unit].double()
-    effect = w_out @ model.param("unembed.W_U").double()
     return {
         "count": v.size, "max": float(v.max()), "min": float(v.min()),
         "mean": float(v.mean()), "density": float((v > 0).mean()),
@@ -68,6 +68,13 @@ def unit_expectations(model: Any, point: str, unit: int, limit: int, k: int = 12
         "promotes": model.to_str_tokens(effect.topk(5).indices),
         "promotes_values": effect.topk(5).values.tolist(),
     }
+
+
+def unit_expectations(model: Any, point: str, unit: int, limit: int, k: int = 12
+                      ) -> dict[str, Any]:
+    w_out = model.param(f"layers.{point.split('.')[1]}.mlp.W_out")[unit].double()
+    effect = w_out @ model.param("unembed.W_U").double()
+    return _page_numbers(model, point_activations(model, point, limit), unit, effect, k)
 
 
 def text_expectations(model: Any, text: str) -> dict[str, Any]:
@@ -160,24 +167,5 @@ def feature_expectations(model: Any, point: str, feature: int, w_dec: torch.Tens
                          k: int = 12) -> dict[str, Any]:
     """The feature page's numbers from the feature activations (a probe that saves them) and
     the dictionary's own ``W_dec`` row times ``W_U``."""
-    acts = point_activations(model, point, limit)
-    v = acts[..., feature]
-    masked = v.copy()
-    masked[:, :SKIP_FIRST] = -np.inf
-    best_pos = masked.argmax(1)
-    best = masked[np.arange(len(v)), best_pos]
-    order = np.argsort(-best, kind="stable")[:k]
-    flat = acts.reshape(-1, acts.shape[-1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.corrcoef(flat.T)[feature]
-    r[feature] = np.nan
-    top_corr = int(np.nanargmax(r))
     effect = w_dec[feature].double() @ model.param("unembed.W_U").double()
-    return {
-        "count": v.size, "max": float(v.max()), "min": float(v.min()),
-        "mean": float(v.mean()), "density": float((v > 0).mean()),
-        "top": [(int(i), int(best_pos[i]), float(best[i])) for i in order],
-        "corr_unit": top_corr, "corr_r": float(r[top_corr]),
-        "promotes": model.to_str_tokens(effect.topk(5).indices),
-        "promotes_values": effect.topk(5).values.tolist(),
-    }
+    return _page_numbers(model, point_activations(model, point, limit), feature, effect, k)
