@@ -10,6 +10,7 @@ where the data lives, so only the final slice moves.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +51,16 @@ class SaveContextHandle:
         entry of a local model comes back as a view: ``clone()`` it before writing in place.
         """
         return self._do("fetch", key, mode, ops)
+
+    def fetch_all(self, keys: Iterable[str] | None = None, mode: str = "stack"
+                  ) -> dict[str, Any]:
+        """Every key's entries (or those of ``keys``), as :meth:`fetch` joins them, in one request.
+
+        One round trip instead of one per key: through a server, or from a sharded model
+        (one read per rank that holds keys), that is what reading a whole capture costs.
+        """
+        wanted = None if keys is None else [keys] if isinstance(keys, str) else list(keys)
+        return self._do("fetch_many", wanted, mode)
 
     def __getitem__(self, key: str) -> TensorRef:
         return TensorRef(lambda ops: self.fetch(key, "stack", ops),

@@ -70,15 +70,15 @@ T_co = TypeVar("T_co", covariant=True)
 #: canonical point name -> probe functions, applied in order
 ProbePlanSpec = dict[str, list[Callable[..., Any]]]
 
-ContextAction = Literal["keys", "fetch", "state", "num_runs", "reducers", "result", "nbytes",
-                        "clear", "persist", "restore"]
-CONTEXT_ACTIONS: tuple[str, ...] = ("keys", "fetch", "state", "num_runs", "reducers", "result",
-                                    "nbytes", "clear", "persist", "restore")
+ContextAction = Literal["keys", "fetch", "fetch_many", "state", "num_runs", "reducers", "result",
+                        "nbytes", "clear", "persist", "restore"]
+CONTEXT_ACTIONS: tuple[str, ...] = ("keys", "fetch", "fetch_many", "state", "num_runs", "reducers",
+                                    "result", "nbytes", "clear", "persist", "restore")
 #: actions that change a save context: queued behind running work, never answered beside it
 _WRITING_ACTIONS = ("clear", "persist", "restore")
 #: how many arguments each save-context action takes (as the handle passes them)
-_ACTION_ARITY = {"keys": 0, "fetch": 3, "state": 0, "num_runs": 0, "reducers": 0, "result": 1,
-                 "nbytes": 0, "clear": 0, "persist": 1, "restore": 1}
+_ACTION_ARITY = {"keys": 0, "fetch": 3, "fetch_many": 2, "state": 0, "num_runs": 0, "reducers": 0,
+                 "result": 1, "nbytes": 0, "clear": 0, "persist": 1, "restore": 1}
 _FETCH_MODES = ("stack", "cat", "list")
 #: how the names of points derived by an attached dictionary begin (``dict:res3:features``)
 DERIVED_PREFIX = "dict:"
@@ -507,6 +507,14 @@ class Context(Request[Any]):
             if not isinstance(mode, str) or mode not in _FETCH_MODES:
                 _fail(self, "args[1] (the fetch mode)", f"must be one of {_FETCH_MODES}", mode)
             _ops(self, ops)
+        elif action == "fetch_many":
+            keys, mode = args
+            if keys is not None and not (isinstance(keys, (list, tuple))
+                                         and all(isinstance(k, str) for k in keys)):
+                _fail(self, "args[0] (the keys)", "must be None (every key) or a list of strings",
+                      keys)
+            if not isinstance(mode, str) or mode not in _FETCH_MODES:
+                _fail(self, "args[1] (the fetch mode)", f"must be one of {_FETCH_MODES}", mode)
         elif action == "result" and not isinstance(args[0], str):
             _fail(self, "args[0] (the reducer name)", "must be a string", args[0])
         elif action in ("persist", "restore") and not (isinstance(args[0], str) and args[0]):

@@ -1,7 +1,7 @@
 """What can be done to a save context held in this process: the handle's actions, executed.
 
-:func:`context_action` carries out one action (``keys``, ``fetch``, ``state``, ``num_runs``,
-``reducers``, ``result``, ``nbytes``, ``clear``, ``persist``, ``restore``) on a
+:func:`context_action` carries out one action (``keys``, ``fetch``, ``fetch_many``, ``state``,
+``num_runs``, ``reducers``, ``result``, ``nbytes``, ``clear``, ``persist``, ``restore``) on a
 :class:`~cloche.probes.store.SaveStore`. The local executor calls it for the user's handle, and
 every rank of a sharded model for its own part; :func:`write_context` / :func:`read_context`
 (``probes.disk``) are the one on-disk format for persisted contexts.
@@ -20,7 +20,7 @@ from cloche.probes.reducers import Reducer
 from cloche.probes.refs import Op, apply_ops
 from cloche.probes.store import SaveContext, SaveStore
 
-__all__ = ["FETCH_MODES", "combine", "context_action", "entries", "join_entries"]
+__all__ = ["FETCH_MODES", "combine", "context_action", "entries", "entries_of", "join_entries"]
 
 FETCH_MODES = ("stack", "cat", "list")
 
@@ -70,6 +70,20 @@ def entries(store: SaveStore, name: str, key: str) -> list[torch.Tensor]:
         return list(values)
 
 
+def entries_of(store: SaveStore, name: str, keys: list[str] | None
+               ) -> dict[str, list[torch.Tensor]]:
+    """The committed entries of several keys (``None``: every key), read under one lock hold."""
+    with store.lock:
+        ctx = store.find(name)
+        held = {} if ctx is None else ctx.entries
+        wanted = sorted(held) if keys is None else list(dict.fromkeys(keys))
+        missing = [key for key in wanted if key not in held]
+        if missing:
+            raise UsageError(f"save context {name!r} has no key(s) {missing}"
+                             f" (keys: {sorted(held)})")
+        return {key: list(held[key]) for key in wanted}
+
+
 def _copy_reducers(ctx: SaveContext | None) -> dict[str, Reducer]:
     if ctx is None:
         return {}
@@ -81,6 +95,10 @@ def context_action(store: SaveStore, name: str, action: str, args: tuple[Any, ..
     if action == "fetch":  # joined outside the lock: a big stack must not hold up commits
         key, mode, ops = _args(action, args, 3)
         return join_entries(entries(store, name, key), mode, key, ops)
+    if action == "fetch_many":
+        keys, mode = _args(action, args, 2)
+        held = entries_of(store, name, keys)
+        return {key: join_entries(values, mode, key, None) for key, values in held.items()}
     with store.lock:
         ctx = store.find(name)
         if action == "keys":

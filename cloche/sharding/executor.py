@@ -482,6 +482,27 @@ class ShardedExecutor:
                          for o, v in zip(part["order"], part["values"], strict=True))
         return join_entries([v for _, v in ordered], mode, key, ops)
 
+    def _context_fetch_many(self, name: str, keys: list[str] | None, mode: str
+                            ) -> dict[str, Any]:
+        """Several keys at once: one read per rank for the keys it alone holds, in key order."""
+        summaries = self._summaries(name)
+        wanted = self._context_keys(name) if keys is None else list(dict.fromkeys(keys))
+        holders = {key: [r for r, s in enumerate(summaries) if s and key in s["keys"]]
+                   for key in wanted}
+        missing = [key for key, ranks in holders.items() if not ranks]
+        if missing:
+            raise UsageError(f"save context {name!r} has no key(s) {missing}"
+                             f" (keys: {self._context_keys(name)})")
+        found: dict[str, Any] = {}
+        for rank in range(self.world_size):
+            alone = [key for key, ranks in holders.items() if ranks == [rank]]
+            if alone:
+                found.update(self._ctx(name, "fetch_many", alone, mode, ranks=[rank])[rank])
+        for key, ranks in holders.items():
+            if len(ranks) > 1:
+                found[key] = self._context_fetch(name, key, mode, None)
+        return {key: found[key] for key in wanted}
+
     def _context_state(self, name: str) -> dict[str, Any]:
         """``ctx.state`` is per rank; this is their union (a later rank wins a shared key)."""
         merged: dict[str, Any] = {}
@@ -515,6 +536,8 @@ class ShardedExecutor:
             return self._context_keys(name)
         if action == "fetch":
             return self._context_fetch(name, *args)
+        if action == "fetch_many":
+            return self._context_fetch_many(name, *args)
         if action == "state":
             return self._context_state(name)
         if action == "num_runs":

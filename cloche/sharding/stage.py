@@ -627,6 +627,9 @@ class Stage:
         if action == "fetch":
             joined = context_action(store, name, "fetch", args)
             return [v.cpu() for v in joined] if isinstance(joined, list) else joined.cpu()
+        if action == "fetch_many":
+            return {key: [v.cpu() for v in joined] if isinstance(joined, list) else joined.cpu()
+                    for key, joined in context_action(store, name, "fetch_many", args).items()}
         if action == "state":
             return context_action(store, name, "state")
         if action == "reducers":
@@ -640,7 +643,7 @@ class Stage:
             return None
         raise UsageError(f"unknown save-context action {action!r}")
 
-    LIGHT_ACTIONS = ("names", "summary", "entries", "fetch", "state", "reducers")
+    LIGHT_ACTIONS = ("names", "summary", "entries", "fetch", "fetch_many", "state", "reducers")
 
     def light(self, op: str, kwargs: dict[str, Any]) -> Any:
         """A read-only request on committed data, served beside a running command."""

@@ -95,6 +95,58 @@ def test_the_same_results_everywhere(models, kind):
         m.save_context("grad").clear()
 
 
+def _counted(executor, monkeypatch) -> list:
+    """The requests ``executor`` executes from now on (until ``monkeypatch.undo()``)."""
+    calls, execute = [], executor.execute
+
+    def counting(request, **kwargs):
+        calls.append(request)
+        return execute(request, **kwargs)
+
+    monkeypatch.setattr(executor, "execute", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fetch_all_reads_the_keys_in_one_request_as_fetch_does(models, kind, monkeypatch):
+    """Keys saved on the first and the last block (both ranks when sharded), and one key saved on
+    both: ``fetch_all`` equals a ``fetch`` per key in every mode, in one request."""
+    model = models[kind]
+
+    def keep(name):
+        def probe(ctx, x):
+            ctx.save(name, x)
+            ctx.save("both", x[:, :2, :8])
+        return probe
+
+    probes = {"layers.0.resid_post": keep("first"), "layers.3.mlp.post": keep("last")}
+    model.run(IDS, probes=probes, save="many", return_logits=False)
+    model.run(IDS.flip(0), probes=probes, save="many", return_logits=False)
+    handle = model.save_context("many")
+    try:
+        for mode in ("stack", "list"):
+            want = {key: handle.fetch(key, mode) for key in ("both", "first", "last")}
+            calls = _counted(model.executor, monkeypatch)
+            got = handle.fetch_all(mode=mode)
+            monkeypatch.undo()
+            assert len(calls) == 1 and list(got) == ["both", "first", "last"]
+            for key, value in want.items():
+                if mode == "list":
+                    assert all(torch.equal(a, b) for a, b in zip(got[key], value, strict=True))
+                else:
+                    assert torch.equal(got[key], value), key
+        some = handle.fetch_all(["last", "first"], mode="cat")
+        assert list(some) == ["last", "first"]
+        assert torch.equal(some["last"], handle.fetch("last", "cat"))
+        with pytest.raises(cloche.UsageError, match="no key"):
+            handle.fetch_all(["first", "nowhere"])
+        with pytest.raises(cloche.UsageError, match="fetch mode"):
+            handle.fetch_all(mode="sideways")
+        assert handle.keys() == ["both", "first", "last"]  # the refusals lost nothing
+    finally:
+        handle.clear()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_micro_batches_reach_every_executor(models, kind):
     """An argument of ``run`` is one field of one request: it reaches local, remote and sharded

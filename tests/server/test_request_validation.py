@@ -20,7 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.server.helpers import authenticated
-from tests.server.wrong_requests import FETCH_JUNK, LEGITIMATE, SAVED, wrong_request
+from tests.server.wrong_requests import (
+    FETCH_JUNK,
+    FETCH_MANY_JUNK,
+    LEGITIMATE,
+    SAVED,
+    wrong_request,
+)
 
 torch.set_num_threads(1)
 
@@ -82,3 +88,10 @@ def test_wrong_fetches_are_usage_errors(served, framed, args):
     reply = ask(framed, rq.Context(name=SAVED, action="fetch", args=args))
     if reply["kind"] == "error":
         assert reply["error"]["type"] == "UsageError", reply["error"]["message"]
+
+
+@pytest.mark.parametrize("args", FETCH_MANY_JUNK)
+def test_wrong_fetches_of_several_keys_are_usage_errors(served, framed, args):
+    reply = ask(framed, rq.Context(name=SAVED, action="fetch_many", args=args))
+    assert reply["kind"] == "error"
+    assert reply["error"]["type"] == "UsageError", reply["error"]["message"]

@@ -90,9 +90,15 @@ FETCH_JUNK = [
     ("key", "stack", [["index", [{"n": None}, {"b": True}, -(2**62)]]]),
 ]
 
+#: arguments of a fetch of several keys that are well-formed and wrong
+FETCH_MANY_JUNK = [
+    (["key", "nokey"], "stack"), (["key"], "bogus"), ("key", "stack"), ([1, "key"], "list"),
+    ({"key": 1}, "cat"), (None, None), ([["key"]], "stack"),
+]
+
 #: fields whose junk could write files on the server: only non-strings there
 PATH_ACTIONS = ("persist", "restore")
-READ_ACTIONS = ("keys", "fetch", "state", "num_runs", "reducers", "result", "nbytes")
+READ_ACTIONS = ("keys", "fetch", "fetch_many", "state", "num_runs", "reducers", "result", "nbytes")
 
 
 def field_names(kind: type) -> list[str]:
@@ -124,6 +130,8 @@ def wrong_request(pick: Callable[[Sequence[Any]], Any],
             values["args"] = (3,)  # never a path: junk must not write files on the server
         elif action == "fetch":
             values["args"] = pick(FETCH_JUNK) if "args" in wrong else ("key", "stack", None)
+        elif action == "fetch_many":
+            values["args"] = pick(FETCH_MANY_JUNK) if "args" in wrong else (None, "stack")
     record = object.__new__(kind)  # no constructor in the way: exactly what a peer can send
     for name, value in values.items():
         object.__setattr__(record, name, value)
