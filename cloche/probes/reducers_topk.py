@@ -8,11 +8,14 @@ split into batches or ranks, and merging partial top-k lists is exact.
 Each update selects a per-unit candidate set from the batch with ``torch.topk`` (ties at the
 k-th value are resolved by row order, which is made equal to (example id, position) order),
 then merges it with the kept rows by a stable lexicographic sort over at most 2k rows.
-The batch is worked on unit-major, (d, n), where topk and cumsum run fastest.
+The batch is worked on unit-major, (d, n), where topk and cumsum run fastest. Once k rows
+are kept, only the samples at or beyond a unit's k-th kept value are candidates: over a
+dataset that is a comparison and a handful of values per unit and batch.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cloche.errors import UsageError
@@ -22,6 +25,8 @@ __all__ = ["TopK"]
 
 _F64 = torch.float64
 _I64 = torch.int64
+#: dtypes whose CPU tensors numpy compares without a copy
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 class TopK(Reducer):
@@ -62,10 +67,21 @@ class TopK(Reducer):
         mask: torch.Tensor | None = None,
     ) -> None:
         """Fold a batch in; ``example_ids`` is required (see the class docstring)."""
-        key, ids, pos = self._flatten(x, example_ids, mask)
-        d, n = key.shape
+        rows, ids, pos, select = self._samples(x, example_ids, mask)
+        n = ids.shape[0]
         if n == 0:
             return
+        if not self._fold_beyond_floor(rows if select is None else rows.index_select(0, select),
+                                       ids, pos):
+            # unit-major, which is where topk and cumsum are fast: one copy either way
+            key = (rows.T.clone(memory_format=torch.contiguous_format) if select is None
+                   else rows.T.index_select(1, select))
+            self._fold_best(key, ids, pos)
+        self._count += n
+
+    def _fold_best(self, key: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        """Fold the kk best samples of every unit of ``key`` (d, n), our own copy, in."""
+        d, n = key.shape
         if not self.largest:
             key.neg_()  # our own copy; negation is exact, so it is undone exactly below
         kk = min(self.k, n)
@@ -77,15 +93,99 @@ class TopK(Reducer):
         if not self.largest:
             values.neg_()
         self._fold(values.T.to(_F64), ids[pick].T, pos[pick].T)
-        self._count += n
 
-    def _flatten(
+    def _fold_beyond_floor(self, rows: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor
+                           ) -> bool:
+        """Fold in only the samples that can still enter; False when that would not pay.
+
+        Once k rows are kept, a value worse than a unit's k-th kept value can never enter that
+        unit's list, and after a few batches almost every value is: a comparison and the few
+        candidates replace a top-k over the whole batch. Candidates are placed per unit into a
+        dense block padded with rows that rank below any real one (the worst value, the
+        largest id and position), so :meth:`_fold` keeps exactly the rows it would have kept.
+        Units with many candidates (ties at the floor, say a dead unit's zeros) take the
+        dense top-k path on their own.
+        """
+        kept = self._state["values"]
+        if kept.shape[0] < self.k or not rows.is_floating_point():
+            return False
+        n, d = rows.shape
+        sample, unit = self._reaching(rows, kept[self.k - 1])
+        per_unit = torch.bincount(unit, minlength=d)
+        heavy = per_unit > max(4 * self.k, 16)
+        heavy_units = heavy.nonzero().squeeze(1)
+        if heavy_units.numel() > d // 4:
+            return False  # mostly dense: the plain top-k is cheaper
+        if heavy_units.numel():
+            light = ~heavy[unit]
+            sample, unit = sample[light], unit[light]
+            per_unit = per_unit.masked_fill(heavy, 0)
+        kk = min(self.k, n)
+        m = max(int(per_unit.max()) if sample.numel() else 0, kk if heavy_units.numel() else 0)
+        if m == 0:
+            return True
+        worst = -torch.inf if self.largest else torch.inf
+        values = torch.full((m, d), worst, dtype=_F64, device=rows.device)
+        last = torch.iinfo(_I64).max
+        cand_ids = torch.full((m, d), last, dtype=_I64, device=rows.device)
+        cand_pos = torch.full((m, d), last, dtype=_I64, device=rows.device)
+        if sample.numel():
+            by_unit = torch.argsort(unit, stable=True)
+            sample, unit = sample[by_unit], unit[by_unit]
+            slot = torch.arange(unit.numel(), device=rows.device) - (
+                per_unit.cumsum(0) - per_unit)[unit]
+            values[slot, unit] = rows[sample, unit].to(_F64)
+            cand_ids[slot, unit] = ids[sample]
+            cand_pos[slot, unit] = pos[sample]
+        if heavy_units.numel():
+            key = rows.index_select(1, heavy_units).T.contiguous()
+            if not self.largest:
+                key.neg_()
+            pick = (self._pick_columns(key, kk) if kk < n
+                    else torch.arange(n, device=rows.device).expand(key.shape[0], n))
+            best = key.gather(1, pick)
+            if not self.largest:
+                best.neg_()
+            values[:kk, heavy_units] = best.T.to(_F64)
+            cand_ids[:kk, heavy_units] = ids[pick].T
+            cand_pos[:kk, heavy_units] = pos[pick].T
+        self._fold(values, cand_ids, cand_pos)
+        return True
+
+    def _reaching(self, rows: torch.Tensor, floor: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample, unit) of every value of ``rows`` (n, d) at or beyond its unit's ``floor``.
+
+        The comparison runs in the rows' dtype against the floor rounded outwards (towards
+        the values that cannot enter), so no sample that can enter is ever left out. On the
+        CPU numpy compares and finds the hits (several times faster than torch's boolean
+        kernels here: ~0.3 ms against ~1.5 ms for 1M values).
+        """
+        bound = floor.to(rows.dtype)
+        if self.largest:
+            outward = bound.new_tensor(-torch.inf)
+            bound = torch.where(bound.to(_F64) > floor, torch.nextafter(bound, outward), bound)
+        else:
+            outward = bound.new_tensor(torch.inf)
+            bound = torch.where(bound.to(_F64) < floor, torch.nextafter(bound, outward), bound)
+        d = rows.shape[1]
+        if rows.device.type == "cpu" and rows.dtype in _NUMPY_FLOATS:
+            values, limit = rows.detach().resolve_neg().numpy(), bound.numpy()
+            flat = torch.from_numpy(np.flatnonzero(values >= limit if self.largest
+                                                   else values <= limit))
+        else:
+            flat = (rows >= bound if self.largest else rows <= bound).view(-1).nonzero()
+            flat = flat.squeeze(1)
+        return flat // d, flat % d
+
+    def _samples(
         self, x: torch.Tensor, example_ids: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validate the inputs; return the kept values transposed, (d, n), ids and positions (n,).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validate the inputs; return the rows (N, d), and the kept samples' ids and positions.
 
-        Samples come out ordered by (example id, position), so that sample order is tie order.
-        The values are a fresh copy laid out unit-major, which is where topk and cumsum are fast.
+        Samples come out ordered by (example id, position), so that sample order is tie order:
+        the fourth value, when not None, selects and orders the kept rows; None means every
+        row, in order.
         """
         me = self._describe()
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
@@ -130,12 +230,8 @@ class TopK(Reducer):
         order = torch.argsort(pos, stable=True)
         order = order[torch.argsort(ids[order], stable=True)]
         if keep is None and bool((order == torch.arange(len(order), device=device)).all()):
-            # rows already in (id, position) order (ascending ids, no padding): a plain
-            # transposing copy, several times cheaper than the gather below
-            return rows.T.clone(memory_format=torch.contiguous_format), ids, pos
-        ids, pos = ids[order], pos[order]
-        values = rows.T.index_select(1, order if keep is None else keep[order])
-        return values, ids, pos
+            return rows, ids, pos, None  # already in (id, position) order, nothing masked
+        return rows, ids[order], pos[order], order if keep is None else keep[order]
 
     def _pick_columns(self, key: torch.Tensor, kk: int) -> torch.Tensor:
         """Per unit (row of ``key``, (d, n)), the kk samples with the largest key.
@@ -164,8 +260,8 @@ class TopK(Reducer):
         """Merge candidate rows (m, d) into the kept rows: sort lexicographically, keep k.
 
         Worked on unit-major (d, m) copies, where the sorts run along contiguous rows. When
-        no two of a unit's values tie, the value sort alone is the lexicographic order; only
-        otherwise are the example ids and positions sorted too.
+        no two of a unit's first k + 1 values tie, the value sort alone gives the kept rows
+        in lexicographic order; only otherwise are the example ids and positions sorted too.
         """
         if self._state["values"].shape[0]:
             values = torch.cat([self._state["values"], values])
@@ -174,7 +270,9 @@ class TopK(Reducer):
         values, ids, pos = values.T.contiguous(), ids.T.contiguous(), pos.T.contiguous()
         order = torch.argsort(values, dim=1, descending=self.largest, stable=True)
         ordered = values.gather(1, order)
-        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        t = min(self.k, ordered.shape[1] - 1)
+        # only ties among the first k + 1 decide what is kept and in which order
+        if bool((ordered[:, 1:t + 1] == ordered[:, :t]).any()):
             # Least significant key first; stable sorts keep the earlier keys' order on ties.
             order = torch.argsort(pos, dim=1, stable=True)
             order = order.gather(1, torch.argsort(ids.gather(1, order), dim=1, stable=True))

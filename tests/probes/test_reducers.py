@@ -358,6 +358,60 @@ def test_topk_of_long_batches_equals_brute_force_for_any_split(case, k, largest)
     test_topk_equals_brute_force_for_any_split.hypothesis.inner_test(case, k, largest)
 
 
+@st.composite
+def topk_stream(draw):
+    """Batches fed one after another into one reducer: once k rows are kept, only candidates
+    beyond each unit's k-th value are folded in (some units dense: dead, tied or heavy)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batches, batch, seq = draw(st.integers(2, 8)), draw(st.integers(1, 4)), draw(st.integers(8, 40))
+    d = draw(st.integers(8, 40))
+    shape = (batches * batch, seq, d)
+    x = rng.standard_normal(shape)
+    if draw(st.booleans()):  # ties everywhere
+        x = np.round(x * 2) / 2
+    dead = rng.random(d) < draw(st.sampled_from([0.0, 0.1, 0.5]))
+    x[..., dead] = 0.0  # a dead unit: every value ties at the floor
+    drift = draw(st.sampled_from([0.0, 0.5]))  # later batches larger: many new candidates
+    x += drift * np.arange(batches).repeat(batch)[:, None, None]
+    if draw(st.booleans()):
+        flat = x.reshape(-1)
+        flat[rng.choice(flat.size, size=8, replace=False)] = rng.choice([np.inf, -np.inf], 8)
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    x = torch.from_numpy(x).to(dtype).double().numpy()  # values exact in every dtype
+    ids = rng.permutation(10 * len(x))[: len(x)] if draw(st.booleans()) else rng.integers(
+        0, 4, len(x))
+    mask = (rng.random(shape[:-1]) < 0.8) if draw(st.booleans()) else None
+    return x, ids.astype(np.int64), mask, batches, dtype
+
+
+@PROPERTY
+@given(topk_stream(), st.integers(1, 6), st.booleans())
+def test_topk_fed_batch_after_batch_equals_brute_force(case, k, largest):
+    x, ids, mask, batches, dtype = case
+    (values, example_ids, positions), count = topk_reference(x, ids, mask, k, largest)
+    r = TopK(k, largest=largest)
+    for part in np.array_split(np.arange(len(x)), batches):
+        r.update(torch.from_numpy(x[part]).to(dtype), example_ids=torch.from_numpy(ids[part]),
+                 mask=None if mask is None else torch.from_numpy(mask[part]))
+    res = r.result()
+    assert res["count"].item() == count
+    np.testing.assert_array_equal(res["values"].numpy(), values)
+    np.testing.assert_array_equal(res["example_ids"].numpy(), example_ids)
+    np.testing.assert_array_equal(res["positions"].numpy(), positions)
+
+
+def test_topk_folds_only_the_candidates_beyond_the_floor(monkeypatch):
+    """After the first batch, a batch like it leaves a few candidates per unit: no top-k over
+    the batch runs (the path the property above checks for exactness)."""
+    r = TopK(4)
+    gen = torch.Generator().manual_seed(0)
+    r.update(torch.randn(8, 64, 32, generator=gen), example_ids=torch.arange(8))
+    calls = []
+    monkeypatch.setattr(TopK, "_fold_best", lambda self, *a: calls.append(a))
+    r.update(torch.randn(8, 64, 32, generator=gen), example_ids=torch.arange(8, 16))
+    assert calls == [] and r.count == 2 * 8 * 64
+
+
 def test_topk_breaks_ties_by_example_id_then_position():
     r = TopK(3)
     x = torch.ones(2, 3, 1)  # every value ties
