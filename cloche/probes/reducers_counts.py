@@ -6,6 +6,7 @@ batches or ranks cannot change the answer at all.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cloche.errors import UsageError
@@ -104,11 +105,7 @@ class Histogram(Reducer):
         scale = self.bins / (self.high - self.low)
         ulp = torch.finfo(r.dtype).eps
         near = min(0.5, 1e-3 + 8 * ulp * (self.bins + scale * max(abs(self.low), abs(self.high))))
-        t = (r - self.low).mul_(scale)
-        guess = t.floor()
-        # |frac - 1/2| > 1/2 - near: within ``near`` of either edge, in one comparison
-        off_centre = t.sub_(guess).sub_(0.5).abs_()
-        doubtful = (off_centre > 0.5 - near).view(-1).nonzero().squeeze(1)
+        guess, doubtful = self._guess(r, scale, near)
         # NaN (never doubtful: it compares false) -> bins + 2; ±inf clamp to the outer slots
         slot = guess.clamp_(-1, self.bins).nan_to_num_(self.bins + 1).to(index).add_(1)
         flat = slot.view(-1)
@@ -121,6 +118,31 @@ class Histogram(Reducer):
                 s.masked_fill_(v == high, self.bins)
             flat[doubtful] = s.to(index)
         return slot
+
+    def _guess(self, r: torch.Tensor, scale: float, near: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``floor((r - low) * scale)`` and the flat indices of the values within ``near`` of
+        an edge (|frac - 1/2| > 1/2 - near, one comparison for both edges).
+
+        On the CPU numpy does it, in the same dtype: its elementwise kernels and
+        ``flatnonzero`` take ~0.5 ms for 1M values where torch's take ~3 ms here.
+        """
+        if r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64):
+            a = r.detach().resolve_neg().numpy()
+            kind = a.dtype.type
+            with np.errstate(invalid="ignore", over="ignore"):  # ±inf and NaN are expected
+                t = a - kind(self.low)
+                t *= kind(scale)
+                guess = np.floor(t)
+                t -= guess
+                t -= kind(0.5)
+                np.abs(t, out=t)
+                doubtful = np.flatnonzero(t > kind(0.5 - near))
+            return torch.from_numpy(guess), torch.from_numpy(doubtful)
+        t = (r - self.low).mul_(scale)
+        guess = t.floor()
+        off_centre = t.sub_(guess).sub_(0.5).abs_()
+        return guess, (off_centre > 0.5 - near).view(-1).nonzero().squeeze(1)
 
     def _merge_state(self, other: dict[str, torch.Tensor], n_other: int) -> None:
         self._state["tally"] += other["tally"]
