@@ -8,6 +8,7 @@ accurate when the mean is large compared with the spread (activations often are)
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cloche.probes.reducers_base import Reducer
@@ -22,6 +23,18 @@ def _fold_mean(mean: torch.Tensor, mean_b: torch.Tensor, n_a: int, n_b: int) -> 
     delta = mean_b - mean
     mean.add_(delta, alpha=n_b / (n_a + n_b))
     return delta
+
+
+def _column_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Float64 sums over the rows of ``rows`` (n, d), a fresh tensor.
+
+    On the CPU numpy's reduction takes ~0.3 ms for 1M float32 values where torch's float64
+    sum takes ~0.5 ms: at ~1 ms per layer and batch, a Mean is most of its own cost.
+    """
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        values = rows.detach().resolve_neg().numpy()
+        return torch.from_numpy(np.add.reduce(values, axis=0, dtype=np.float64))
+    return rows.sum(0, dtype=_F64)
 
 
 def _count(n: int) -> torch.Tensor:
@@ -41,7 +54,7 @@ class Mean(Reducer):
         return {"mean": torch.zeros(d, dtype=_F64, device=device)}
 
     def _update_rows(self, rows: torch.Tensor, n: int) -> None:
-        self._fold(rows.sum(0, dtype=_F64).div_(n), n)
+        self._fold(_column_sums(rows).div_(n), n)
 
     def _merge_state(self, other: dict[str, torch.Tensor], n_other: int) -> None:
         self._fold(other["mean"], n_other)

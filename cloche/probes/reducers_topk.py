@@ -174,7 +174,7 @@ class TopK(Reducer):
             flat = torch.from_numpy(np.flatnonzero(values >= limit if self.largest
                                                    else values <= limit))
         else:
-            flat = (rows >= bound if self.largest else rows <= bound).view(-1).nonzero()
+            flat = (rows >= bound if self.largest else rows <= bound).reshape(-1).nonzero()
             flat = flat.squeeze(1)
         return flat // d, flat % d
 
