@@ -103,6 +103,10 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         help="serve off loopback without TLS (refused otherwise): only the"
                              " handshake is protected, so anyone on the network path can read"
                              " the traffic and inject code that runs as this user")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="never send replies to clients on this machine through shared"
+                             " memory (memfd), only over the socket (default: offered to"
+                             " clients that can prove they run on this host as this user)")
     parser.add_argument("--max-saved-bytes", type=parse_size_or_none, default=default_saved_cap(),
                         metavar="SIZE",
                         help="cap on memory held by save contexts of all sessions (on each rank"
@@ -205,6 +209,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
         tls_key=args.tls_key, session_idle_expiry=args.session_idle_expiry,
         request_timeout=args.request_timeout, state_dir=args.state_dir,
         insecure_no_tls=args.insecure_no_tls, max_saved_bytes=args.max_saved_bytes,
+        shared_memory=not args.no_shared_memory,
     )
     return config, generated
 

@@ -22,7 +22,7 @@ from cloche import errors
 from cloche.api.futures import RequestFuture
 from cloche.client.shipping import ship_local_modules
 from cloche.errors.payload import from_payload
-from cloche.wire import messages
+from cloche.wire import messages, shm
 from cloche.wire.frames import Limits
 from cloche.wire.handshake import ClientHandshake, code_skew
 from cloche.wire.transport import FramedSocket, open_connection
@@ -43,6 +43,7 @@ class ClientConnection:
         session: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 30.0,
+        shared_memory: bool = True,
     ) -> None:
         self.address = f"{host}:{port}"
         sock = open_connection(host, port, ssl_context=ssl_context, timeout=timeout)
@@ -56,12 +57,14 @@ class ClientConnection:
         self.peer_versions: dict[str, str] | None = None
         self._skew: str | None = None
         try:
-            welcome = self._handshake(token, session, timeout)
+            welcome = self._handshake(token, session, timeout,
+                                      shared_memory and shm.available())
+            # An authenticated server is trusted with big headers (large plain-data results).
+            self._framed.limits = Limits(max_header=1 << 30)
+            self._accept_shared_memory(welcome.get("shm"))
         except BaseException:
             self._framed.close()
             raise
-        # An authenticated server is trusted with big headers (large plain-data results).
-        self._framed.limits = Limits(max_header=1 << 30)
         self.session: str = welcome["session"]
         self.resumed: bool = bool(welcome.get("resumed"))
         self.info: dict[str, Any] = dict(welcome.get("info") or {})
@@ -69,8 +72,9 @@ class ClientConnection:
                                         name=f"cloche-client-{self.address}", daemon=True)
         self._reader.start()
 
-    def _handshake(self, token: str, session: str | None, timeout: float) -> dict:
-        shake = ClientHandshake(token, session=session)
+    def _handshake(self, token: str, session: str | None, timeout: float,
+                   shared_memory: bool) -> dict:
+        shake = ClientHandshake(token, session=session, shared_memory=shared_memory)
         self._framed.sock.settimeout(timeout)
         self._framed.send(shake.start())
         while not shake.done:
@@ -90,6 +94,33 @@ class ClientConnection:
         if self._skew:
             warnings.warn(self._skew, RuntimeWarning, stacklevel=5)
         return welcome
+
+    def _accept_shared_memory(self, offer: Any) -> None:
+        """Take the server's shared memory offer if this process can open it (same host, same
+        user, same pid namespace); otherwise stay on TCP, saying why at debug level."""
+        if offer is None:
+            return
+        try:
+            pid, proof = shm.accept_offer(offer)
+        except errors.ProtocolError as exc:
+            log.debug("shared memory with %s unavailable, using TCP: %s", self.address, exc)
+            return
+        # ready for shared memory frames before the server may send any (after the proof)
+        self._framed.shm_receiver = shm.Receiver(pid, self._release_shm,
+                                                 max_size=self._framed.limits.max_body)
+        self._framed.send(messages.shm_proof(proof))
+
+    def _release_shm(self, fd: int) -> None:
+        """The reader opened a shared memory frame's file: the server may close its copy."""
+        try:
+            self._framed.send(messages.shm_release(fd))
+        except errors.ConnectionError:
+            pass  # the connection is gone, and the server closes the files with it
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether large replies arrive through shared memory (negotiated at connect)."""
+        return self._framed.shm_receiver is not None
 
     # ----------------------------------------------------------------- requests
     @property
@@ -147,7 +178,11 @@ class ClientConnection:
             f"the server at {self.address} closed the connection")
         try:
             while True:
-                pending = self._framed.recv_pending(allow_code=True)
+                try:
+                    pending = self._framed.recv_pending(allow_code=True)
+                except shm.ShmFrameError as exc:  # read whole: fail its request, go on
+                    self._unmapped(exc)
+                    continue
                 if pending is None:
                     break
                 try:
@@ -172,6 +207,22 @@ class ClientConnection:
             self._closed = True
             self._framed.close()
             self._fail_all(failure)
+
+    def _unmapped(self, exc: shm.ShmFrameError) -> None:
+        """Fail the one request whose shared memory reply could not be mapped."""
+        peeked = exc.peek
+        rid = peeked.get("id") if type(peeked) is dict else None
+        if type(rid) is not int or peeked.get("kind") == messages.EVENT:
+            raise exc
+        with self._lock:
+            entry = self._calls.pop(rid, None)
+        if entry is not None:
+            try:
+                entry[0].set_exception(errors.ProtocolError(
+                    f"the reply to request {rid} could not be read from shared memory:"
+                    f" {exc.message}", request_id=rid))
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled on this side already
 
     def _unloadable(self, peeked: Any, exc: errors.UsageError) -> None:
         """Fail the one request whose reply could not be loaded; the stream is still in sync."""

@@ -60,6 +60,10 @@ class ServerConfig:
     sent: a client that stops reading is disconnected (its requests cancelled) instead of
     growing the server's memory; one reply of any size still goes to a client that reads.
 
+    ``shared_memory`` offers clients on this host (same user, same pid namespace: proven at
+    the handshake) to receive large replies through shared memory instead of the socket
+    (``cloche.wire.shm``).
+
     Off loopback the server needs TLS (``tls_cert``) unless ``insecure_no_tls`` says otherwise:
     the handshake proves who the client is, but only TLS protects the frames that follow it.
     """
@@ -85,6 +89,7 @@ class ServerConfig:
     max_saved_bytes: int | None = None
     state_dir: str | None = None
     insecure_no_tls: bool = False
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.principals:

@@ -23,7 +23,7 @@ from cloche.errors.payload import to_payload
 from cloche.server.principals import OWNER
 from cloche.server.session_executor import SessionExecutor
 from cloche.server.sessions import Session
-from cloche.wire import codec, frames, messages
+from cloche.wire import codec, frames, messages, shm
 from cloche.wire.frames import Limits
 from cloche.wire.handshake import ServerHandshake, code_skew, local_versions
 from cloche.wire.transport import FramedSocket
@@ -107,6 +107,7 @@ class ServerConnection:
         self.peer_versions: dict[str, str] | None = None
         self._authenticated = False
         self._evicted = False
+        self._shm_offer: shm.Offer | None = None  # offered in the welcome, until proven
 
     # ----------------------------------------------------------------- lifecycle
     def serve(self) -> None:
@@ -129,7 +130,8 @@ class ServerConnection:
                 self._outbox.append(None)
                 self._outbox_cond.notify_all()
             self._writer.join(timeout=5)
-        self.framed.close()
+        self.framed.close()  # closes the shared memory files the client did not release
+        self._close_offer()
         with self._lock:
             jobs = list(self.jobs.values())
         for job in jobs:
@@ -193,6 +195,12 @@ class ServerConnection:
         session, resumed = self.server.sessions.open(shake.session, principal)
         self.session = session
         welcome.update(session=session.id, resumed=resumed, info=self.server.info)
+        if shake.peer_wants_shm and config.shared_memory and shm.available():
+            try:
+                self._shm_offer = shm.Offer()
+                welcome["shm"] = self._shm_offer.message()
+            except OSError as exc:
+                log.debug("no shared memory for %s: %s", self.peer, exc)
         self.framed.send(welcome)
         self.framed.deadline = None
         self.framed.limits = Limits(max_body=config.max_frame_bytes)
@@ -283,6 +291,9 @@ class ServerConnection:
                     exc = errors.UsageError(f"{exc.message} ({skew})")
                 self.send_error(rid if type(rid) is int else None, exc, wait=True)
                 continue
+            if type(msg) is dict and msg.get("kind") in (messages.SHM, messages.SHM_RELEASE):
+                self._shared_memory(msg)
+                continue
             try:
                 request = messages.parse_request_or_cancel(msg)
             except errors.ProtocolError as exc:
@@ -291,6 +302,31 @@ class ServerConnection:
                 self.send_error(rid if type(rid) is int else None, exc, wait=True)
                 continue
             self._dispatch(request)
+
+    def _shared_memory(self, msg: dict) -> None:
+        """The client's proof that it opened the offer (from now on large replies go through
+        shared memory), or its release of one reply's file."""
+        if msg["kind"] == messages.SHM_RELEASE:
+            sender = self.framed.shm_sender
+            if sender is None or not sender.release(msg.get("fd")):
+                raise errors.ProtocolError(f"shm_release of {msg.get('fd')!r}, which is not a"
+                                           " shared memory file sent to this client"[:160])
+            return
+        offer = self._shm_offer
+        if offer is None:
+            raise errors.ProtocolError("a shared memory proof without an offer")
+        proven = offer.check(msg.get("proof"))
+        self._close_offer()
+        if proven:
+            self.framed.shm_sender = shm.Sender()
+            log.debug("%s receives large replies through shared memory", self.peer)
+        else:
+            log.debug("%s sent a wrong shared memory proof: replies stay on TCP", self.peer)
+
+    def _close_offer(self) -> None:
+        offer, self._shm_offer = self._shm_offer, None
+        if offer is not None:
+            offer.close()
 
     def _dispatch(self, request: messages.Request) -> None:
         if request.op is None:  # cancel

@@ -36,6 +36,7 @@ import torch
 
 from cloche.errors import ClocheError, ProtocolError, UsageError
 from cloche.wire.records import record_type, wire_name
+from cloche.wire.shm import ALIGN as _SHM_ALIGN
 
 __all__ = [
     "EXT_DTYPE",
@@ -54,6 +55,7 @@ __all__ = [
     "decode",
     "decode_header",
     "encode",
+    "peek_header",
 ]
 
 EXT_TUPLE = 1
@@ -139,19 +141,37 @@ def encode(message: Any) -> Encoded:
 
 
 def decode_header(header: bytes | bytearray | memoryview, body_len: int, *,
-                  allow_code: bool = False) -> PendingMessage:
+                  allow_code: bool = False, mapped: Any = None) -> PendingMessage:
     """Parse a header; allocate (but do not fill) the buffers it references.
 
     ``body_len`` is the frame's body length: the references must account for exactly that many
     bytes, which is checked reference by reference *before* each allocation.
+
+    ``mapped``: a writable buffer of ``body_len`` bytes (a shared memory frame's mapping, see
+    :mod:`cloche.wire.shm`) holding the buffers at the offsets of :func:`shm.layout`: tensors
+    and arrays are then views over it (no ``targets`` to fill), each checked to lie inside it.
     """
-    decoder = _Decoder(body_len, allow_code)
+    decoder = _Decoder(body_len, allow_code, mapped)
     tree = decoder.unpack(bytes(header))
-    if decoder.remaining:
+    if mapped is not None:
+        if decoder.cursor != body_len:
+            raise ProtocolError(f"a shared memory frame of {body_len} bytes holds buffers that"
+                                f" end at {decoder.cursor}")
+    elif decoder.remaining:
         raise ProtocolError(
             f"frame body has {decoder.remaining} bytes that no buffer reference accounts for"
         )
     return PendingMessage(tree, decoder.targets, decoder.deferred)
+
+
+def peek_header(header: bytes | bytearray | memoryview) -> Any:
+    """A header's message with every tensor, array and pickled field left out (None).
+
+    For a frame whose buffers cannot be had (a shared memory file that did not open): enough
+    to learn which request it answers. Raises ProtocolError for a malformed header.
+    """
+    decoder = _Decoder(0, False, _PEEK)
+    return decoder.unpack(bytes(header))
 
 
 def decode(header: bytes | bytearray | memoryview, body: bytes | bytearray | memoryview, *,
@@ -353,14 +373,21 @@ class _BufferUnpickler(pickle.Unpickler):
         return self.refs[pid]
 
 
+#: ``_Decoder``'s ``mapped`` when it only peeks at a header (see :func:`peek_header`)
+_PEEK: Any = object()
+
+
 class _Decoder:
-    def __init__(self, body_len: int, allow_code: bool) -> None:
+    def __init__(self, body_len: int, allow_code: bool, mapped: Any = None) -> None:
         if body_len < 0:
             raise ProtocolError(f"negative body length {body_len}")
         self.remaining = body_len
         self.allow_code = allow_code
         self.targets: list[memoryview] = []
         self.deferred = 0
+        self.mapped = mapped  # a shared memory frame's mapping, or _PEEK, or None
+        self.cursor = 0  # where the last mapped buffer ends
+        self.count = 0  # buffer references seen (mapped frames)
 
     def unpack(self, data: bytes) -> Any:
         try:
@@ -406,6 +433,8 @@ class _Decoder:
             raw, refs = self._list(data, 2, "pickled field")
             if type(raw) is not bytes or type(refs) is not list:
                 raise ProtocolError("malformed pickled field")
+            if self.mapped is _PEEK:
+                return None
             if not self.allow_code:
                 raise ProtocolError("a pickled field was sent on a connection that may not ship"
                                     " code")
@@ -430,10 +459,15 @@ class _Decoder:
             or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape)
         ):
             raise ProtocolError(f"malformed shape {shape!r}"[:200])
-        if index != len(self.targets):
-            raise ProtocolError(f"buffer index {index!r}, expected {len(self.targets)}")
+        expected = len(self.targets) if self.mapped is None else self.count
+        if index != expected:
+            raise ProtocolError(f"buffer index {index!r}, expected {expected}")
         itemsize = dtypes[name].itemsize
         nbytes = math.prod(shape) * itemsize
+        if self.mapped is not None:
+            self.count += 1
+            return None if self.mapped is _PEEK else self._view(dtypes[name], shape, nbytes,
+                                                                tensor=tensor)
         if nbytes > self.remaining:
             raise ProtocolError(
                 f"buffer {index} needs {nbytes} bytes but the frame body has only "
@@ -453,6 +487,23 @@ class _Decoder:
                 target = value.reshape(-1).view(np.uint8).data
         self.targets.append(target)
         return value
+
+    def _view(self, dtype: Any, shape: list[int], nbytes: int, *, tensor: bool) -> Any:
+        """A tensor/array over the mapping, at the next aligned offset (``shm.layout``)."""
+        start = -(-self.cursor // _SHM_ALIGN) * _SHM_ALIGN
+        if nbytes > self.remaining - start:
+            raise ProtocolError(f"buffer {self.count - 1} needs bytes up to {start + nbytes} but"
+                                f" the shared memory frame has only {self.remaining}")
+        self.cursor = start + nbytes
+        if tensor:
+            if not nbytes:
+                return torch.empty(shape, dtype=dtype)
+            flat = torch.frombuffer(self.mapped, dtype=torch.uint8, count=nbytes, offset=start)
+            return flat.view(dtype).view(shape)
+        if not nbytes:
+            return np.empty(shape, dtype=np.dtype(dtype.name))
+        flat_array = np.frombuffer(self.mapped, dtype=np.uint8, count=nbytes, offset=start)
+        return flat_array.view(np.dtype(dtype.name)).reshape(shape)
 
     def _record(self, data: bytes) -> Any:
         if not self.allow_code:

@@ -10,7 +10,7 @@ Byte layout (all integers big-endian)::
     offset  size  field
     0       4     magic  b"CLCH"
     4       1     protocol version (2)
-    5       1     flags (reserved, 0)
+    5       1     flags: 0, or FLAG_SHM (0x01) once shared memory was negotiated
     6       2     reserved (0)
     8       4     header length (u32)
     12      4     body length (u32); 0xFFFFFFFF is an escape: the real length follows as a u64
@@ -28,6 +28,7 @@ from cloche.errors import FrameTooLarge, ProtocolError, VersionMismatch
 
 __all__ = [
     "EXTENDED_SIZE",
+    "FLAG_SHM",
     "MAGIC",
     "PREAMBLE_SIZE",
     "PROTOCOL_VERSION",
@@ -42,6 +43,8 @@ MAGIC = b"CLCH"
 #: 2: the hello and the welcome carry the peers' versions, a refusal carries a code
 PROTOCOL_VERSION = 2
 PREAMBLE_SIZE = 16
+#: the body is a shared memory descriptor (``cloche.wire.shm``), not the buffers themselves
+FLAG_SHM = 0x01
 EXTENDED_SIZE = 8
 _ESCAPE = 0xFFFFFFFF
 _FIXED = struct.Struct(">4sBBHII")
@@ -81,25 +84,28 @@ class Preamble:
     header_len: int
     body_len: int
     extended: bool
+    flags: int = 0
 
 
-def encode_preamble(header_len: int, body_len: int) -> bytes:
-    """The preamble (16 or 24 bytes) for a frame with these part sizes."""
+def encode_preamble(header_len: int, body_len: int, flags: int = 0) -> bytes:
+    """The preamble (16 or 24 bytes) for a frame with these part sizes (and ``flags``)."""
     if not 0 <= header_len < _ESCAPE:
         raise ProtocolError(f"header length {header_len} cannot be framed")
     if body_len < 0 or body_len >= 1 << 64:
         raise ProtocolError(f"body length {body_len} cannot be framed")
     if body_len >= _ESCAPE:
-        return _FIXED.pack(MAGIC, PROTOCOL_VERSION, 0, 0, header_len, _ESCAPE) + _U64.pack(
+        return _FIXED.pack(MAGIC, PROTOCOL_VERSION, flags, 0, header_len, _ESCAPE) + _U64.pack(
             body_len
         )
-    return _FIXED.pack(MAGIC, PROTOCOL_VERSION, 0, 0, header_len, body_len)
+    return _FIXED.pack(MAGIC, PROTOCOL_VERSION, flags, 0, header_len, body_len)
 
 
-def parse_preamble(data: bytes | bytearray | memoryview, limits: Limits | None = None) -> Preamble:
+def parse_preamble(data: bytes | bytearray | memoryview, limits: Limits | None = None, *,
+                   allowed_flags: int = 0) -> Preamble:
     """Parse the 16 fixed bytes; raises ProtocolError for anything that is not a cloche frame.
 
     When the body length is escaped, ``body_len`` is -1 until :func:`parse_extended` is called.
+    ``allowed_flags``: the flag bits this connection negotiated (any other set bit is an error).
     """
     if len(data) != PREAMBLE_SIZE:
         raise ProtocolError(f"a frame preamble is {PREAMBLE_SIZE} bytes, got {len(data)}")
@@ -115,14 +121,14 @@ def parse_preamble(data: bytes | bytearray | memoryview, limits: Limits | None =
             f"the peer speaks cloche protocol version {version}, this side speaks"
             f" {PROTOCOL_VERSION}: install the same cloche release on both sides",
             received=version, speaks=PROTOCOL_VERSION)
-    if flags != 0 or reserved != 0:
+    if flags & ~allowed_flags or reserved != 0:
         raise ProtocolError(f"reserved preamble bits are set (flags={flags}, reserved={reserved})")
     if header_len == 0:
         raise ProtocolError("frame has an empty header")
     extended = body_len == _ESCAPE
     if limits is not None:
         limits.check(header_len, 0 if extended else body_len)
-    return Preamble(header_len, -1 if extended else body_len, extended)
+    return Preamble(header_len, -1 if extended else body_len, extended, flags)
 
 
 def parse_extended(
@@ -136,4 +142,4 @@ def parse_extended(
         raise ProtocolError(f"extended body length {body_len} should have used the short form")
     if limits is not None:
         limits.check(preamble.header_len, body_len)
-    return Preamble(preamble.header_len, body_len, True)
+    return Preamble(preamble.header_len, body_len, True, preamble.flags)

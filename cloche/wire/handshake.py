@@ -3,16 +3,20 @@
 Nothing but these four small messages is accepted before it completes, and none of them can
 carry code (the server decodes them with ``allow_code=False`` and a 4 KiB frame limit)::
 
-    1. client -> server  hello     {proto, nonce: Nc (32 random bytes), versions}
+    1. client -> server  hello     {proto, nonce: Nc (32 random bytes), versions, shm?}
     2. server -> client  challenge {proto, nonce: Ns (32 random bytes)}
     3. client -> server  auth      {proof: HMAC(token, "cloche-v1/client\\0" Ns Nc), session}
     4. server -> client  welcome   {proof: HMAC(token, "cloche-v1/server\\0" Nc Ns), session, info,
-                                    versions}
+                                    versions, shm?}
        or                refused   {reason, code}, and the server closes the connection
 
 HMAC is HMAC-SHA256, proofs are compared with :func:`hmac.compare_digest`. The client checks the
 server's proof too, so it never ships code to a peer that does not know the token. The two
 proofs use different labels, so a proof obtained from one side cannot be replayed to the other.
+
+``shm`` (optional both ways): a hello's ``1`` asks for same-host shared memory, a welcome's
+``{pid, fd}`` offers it (:mod:`cloche.wire.shm`; the connection layers carry it out after the
+handshake).
 
 ``versions`` ({cloche, python, cloudpickle}) lets each side explain a failure that version skew
 causes; the server tells its own only after authentication. A different protocol version is
@@ -163,6 +167,7 @@ class ServerHandshake:
         self.session: str | None = None
         self.principal: str | None = None
         self.peer_versions: dict[str, str] | None = None
+        self.peer_wants_shm = False  # the hello asked for shared memory (``cloche.wire.shm``)
 
     def receive(self, msg: Any) -> dict:
         if self.done:
@@ -170,6 +175,7 @@ class ServerHandshake:
         if self._client_nonce is None:
             self._client_nonce = _nonce(msg, messages.HELLO)
             self.peer_versions = _versions(msg)
+            self.peer_wants_shm = msg.get("shm") == 1
             return {"kind": messages.CHALLENGE, "proto": PROTOCOL_VERSION, "nonce": self._nonce}
         proof = _field(msg, messages.AUTH, "proof", bytes)
         session = msg.get("session")
@@ -207,9 +213,11 @@ class ClientHandshake:
     """
 
     def __init__(
-        self, token: str | bytes, *, session: str | None = None, nonce: bytes | None = None
+        self, token: str | bytes, *, session: str | None = None, nonce: bytes | None = None,
+        shared_memory: bool = False,
     ) -> None:
         self._token = _key(token)
+        self._shared_memory = shared_memory
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
         self._server_nonce: bytes | None = None
         self._session = session
@@ -219,8 +227,11 @@ class ClientHandshake:
         self.peer_versions: dict[str, str] | None = None
 
     def start(self) -> dict:
-        return {"kind": messages.HELLO, "proto": PROTOCOL_VERSION, "nonce": self._nonce,
-                "versions": self.versions}
+        hello = {"kind": messages.HELLO, "proto": PROTOCOL_VERSION, "nonce": self._nonce,
+                 "versions": self.versions}
+        if self._shared_memory:
+            hello["shm"] = 1
+        return hello
 
     def receive(self, msg: Any) -> dict | None:
         if type(msg) is dict and msg.get("kind") == messages.REFUSED:

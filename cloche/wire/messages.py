@@ -26,6 +26,8 @@ __all__ = [
     "REFUSED",
     "REQUEST",
     "RESULT",
+    "SHM",
+    "SHM_RELEASE",
     "WELCOME",
     "Request",
     "cancel",
@@ -35,6 +37,8 @@ __all__ = [
     "parse_response",
     "request",
     "result",
+    "shm_proof",
+    "shm_release",
 ]
 
 HELLO = "hello"
@@ -47,6 +51,10 @@ CANCEL = "cancel"
 RESULT = "result"
 ERROR = "error"
 EVENT = "event"
+#: shared memory (``cloche.wire.shm``): the client's proof that it opened the server's offer,
+#: and its word that it opened (or failed to open) the file of one shared memory frame
+SHM = "shm"
+SHM_RELEASE = "shm_release"
 
 _MAX_ID = (1 << 63) - 1
 
@@ -87,6 +95,14 @@ def error(rid: int | None, payload: dict[str, Any]) -> dict:
 
 def event(rid: int, payload: dict[str, Any]) -> dict:
     return {"kind": EVENT, "id": rid, "event": payload}
+
+
+def shm_proof(proof: bytes) -> dict:
+    return {"kind": SHM, "proof": proof}
+
+
+def shm_release(fd: int) -> dict:
+    return {"kind": SHM_RELEASE, "fd": fd}
 
 
 def _kind(msg: Any) -> str:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from cloche import errors
-from cloche.wire import codec, frames
+from cloche.wire import codec, frames, shm
 
 __all__ = [
     "FramedSocket",
@@ -43,6 +43,10 @@ class FramedSocket:
     ``limits`` may be replaced after the handshake (small before, large after). ``deadline``
     (a :func:`time.monotonic` time, or None) bounds every send and receive until it is reset:
     one deadline for a whole exchange, however slowly the peer trickles its bytes.
+
+    Once shared memory is negotiated (:mod:`cloche.wire.shm`), ``shm_sender`` sends frames
+    whose buffers reach ``shm.THRESHOLD`` bytes through a memfd, and ``shm_receiver`` maps the
+    peer's; both are None on a plain connection.
     """
 
     def __init__(self, sock: socket.socket, *, limits: frames.Limits | None = None) -> None:
@@ -56,6 +60,8 @@ class FramedSocket:
         self._ahead: memoryview | None = None
         self._ahead_start = 0
         self._ahead_end = 0
+        self.shm_sender: shm.Sender | None = None
+        self.shm_receiver: shm.Receiver | None = None
 
     def _arm(self) -> None:
         """Before each socket call under a deadline: time out when the deadline does."""
@@ -71,6 +77,16 @@ class FramedSocket:
 
     def send_encoded(self, encoded: codec.Encoded) -> None:
         body_len = encoded.body_len
+        sender = self.shm_sender
+        if sender is not None and body_len >= shm.THRESHOLD:
+            descriptor = sender.write(encoded.buffers)  # None: over TCP after all
+            if descriptor is not None:
+                encoded = codec.Encoded(encoded.header, [memoryview(descriptor)])
+                body_len = len(descriptor)
+                self.send_raw(frames.encode_preamble(len(encoded.header), body_len,
+                                                     frames.FLAG_SHM)
+                              + encoded.header + descriptor)
+                return
         head = frames.encode_preamble(len(encoded.header), body_len) + encoded.header
         try:
             with self._send_lock:
@@ -137,17 +153,41 @@ class FramedSocket:
         raw = bytearray(frames.PREAMBLE_SIZE)
         if not self._fill(memoryview(raw), at_boundary=True):
             return None
-        preamble = frames.parse_preamble(raw, self.limits)
+        receiver = self.shm_receiver
+        preamble = frames.parse_preamble(
+            raw, self.limits, allowed_flags=0 if receiver is None else frames.FLAG_SHM)
         if preamble.extended:
             extra = bytearray(frames.EXTENDED_SIZE)
             self._fill(memoryview(extra))
             preamble = frames.parse_extended(preamble, extra, self.limits)
         header = self._read_header(preamble.header_len)
+        if preamble.flags & frames.FLAG_SHM:
+            assert receiver is not None
+            return self._mapped_frame(receiver, header, preamble.body_len, allow_code)
         pending = codec.decode_header(header, preamble.body_len, allow_code=allow_code)
         for target in pending.targets:
             if target.nbytes:
                 self._fill(target)
         return pending
+
+    def _mapped_frame(self, receiver: shm.Receiver, header: bytes | bytearray, body_len: int,
+                      allow_code: bool) -> codec.PendingMessage:
+        """A frame whose buffers are in the peer's shared memory file: map it, decode views.
+
+        The frame is read whole before the file is opened, so a file that cannot be mapped
+        (:class:`shm.ShmFrameError`) leaves the stream in sync.
+        """
+        if body_len != shm.DESCRIPTOR_SIZE:
+            raise errors.ProtocolError(f"a shared memory frame's body is {shm.DESCRIPTOR_SIZE}"
+                                       f" bytes, not {body_len}")
+        descriptor = bytearray(body_len)
+        self._fill(memoryview(descriptor))
+        try:
+            mapped = receiver.map(descriptor)
+        except errors.ProtocolError as exc:
+            raise shm.ShmFrameError(exc.message, codec.peek_header(header)) from exc
+        return codec.decode_header(header, mapped.size, allow_code=allow_code,
+                                   mapped=mapped.buffer)
 
     def _read_header(self, size: int) -> bytes | bytearray:
         """The header's bytes, in memory that grows as they arrive.
@@ -234,6 +274,8 @@ class FramedSocket:
         with self._send_lock:
             self._closed = True
             self.sock.close()
+        if self.shm_sender is not None:
+            self.shm_sender.close()
 
     @property
     def closed(self) -> bool:
