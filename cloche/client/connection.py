@@ -106,16 +106,19 @@ class ClientConnection:
             log.debug("shared memory with %s unavailable, using TCP: %s", self.address, exc)
             return
         # ready for shared memory frames before the server may send any (after the proof)
-        self._framed.shm_receiver = shm.Receiver(pid, self._release_shm,
-                                                 max_size=self._framed.limits.max_body)
+        self._framed.shm_receiver = shm.Receiver(pid, max_size=self._framed.limits.max_body)
         self._framed.send(messages.shm_proof(proof))
 
-    def _release_shm(self, fd: int) -> None:
-        """The reader opened a shared memory frame's file: the server may close its copy."""
-        try:
-            self._framed.send(messages.shm_release(fd))
-        except errors.ConnectionError:
-            pass  # the connection is gone, and the server closes the files with it
+    def _release_shm(self) -> None:
+        """Give back the shared memory files whose mappings are gone (the server reuses them).
+
+        Called before each request and after each reply is read: never from the finalizer
+        that frees a mapping, which may run in the middle of a send on this very thread.
+        """
+        receiver = self._framed.shm_receiver
+        fds = receiver.given_back() if receiver is not None else None
+        if fds:
+            self._framed.send(messages.shm_release(fds))
 
     @property
     def shared_memory(self) -> bool:
@@ -141,6 +144,7 @@ class ClientConnection:
         events = "none" if on_event is None else getattr(on_event, "wanted_events", "all")
         message = messages.request(rid, op, events)
         try:
+            self._release_shm()
             self._framed.send(message)
         except errors.ConnectionError as exc:
             self._fail_all(exc)
@@ -185,6 +189,7 @@ class ClientConnection:
                     continue
                 if pending is None:
                     break
+                self._release_shm()
                 try:
                     msg = pending.finish()
                 except errors.UsageError as exc:  # a pickled result that cannot load here

@@ -305,12 +305,16 @@ class ServerConnection:
 
     def _shared_memory(self, msg: dict) -> None:
         """The client's proof that it opened the offer (from now on large replies go through
-        shared memory), or its release of one reply's file."""
+        shared memory), or its release of files it no longer maps (reused for later replies)."""
         if msg["kind"] == messages.SHM_RELEASE:
             sender = self.framed.shm_sender
-            if sender is None or not sender.release(msg.get("fd")):
-                raise errors.ProtocolError(f"shm_release of {msg.get('fd')!r}, which is not a"
-                                           " shared memory file sent to this client"[:160])
+            fds = msg.get("fds")
+            if sender is None or type(fds) is not list:
+                raise errors.ProtocolError("a malformed shm_release")
+            for fd in fds:
+                if not sender.release(fd):
+                    raise errors.ProtocolError(f"shm_release of {fd!r}, which is not a shared"
+                                               " memory file this client holds"[:160])
             return
         offer = self._shm_offer
         if offer is None:

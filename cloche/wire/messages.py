@@ -52,7 +52,7 @@ RESULT = "result"
 ERROR = "error"
 EVENT = "event"
 #: shared memory (``cloche.wire.shm``): the client's proof that it opened the server's offer,
-#: and its word that it opened (or failed to open) the file of one shared memory frame
+#: and its word that it no longer maps the files of these shared memory frames (or could not)
 SHM = "shm"
 SHM_RELEASE = "shm_release"
 
@@ -101,8 +101,8 @@ def shm_proof(proof: bytes) -> dict:
     return {"kind": SHM, "proof": proof}
 
 
-def shm_release(fd: int) -> dict:
-    return {"kind": SHM_RELEASE, "fd": fd}
+def shm_release(fds: list[int]) -> dict:
+    return {"kind": SHM_RELEASE, "fds": fds}
 
 
 def _kind(msg: Any) -> str:

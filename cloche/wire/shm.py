@@ -2,11 +2,16 @@
 
 When a notebook and its server run on one machine, a 60 MB result sent over TCP on 127.0.0.1
 is copied twice (into the kernel, then into fresh pages the receiver faults in). Here the
-sender instead writes the frame's buffers once into an anonymous ``memfd`` (no name in
-``/dev/shm``, so nothing can leak past the process), seals it against any change, and sends a
-16-byte *descriptor* in place of the body; the receiver opens the file through
-``/proc/<sender pid>/fd/<n>``, maps it copy-on-write and builds its tensors as views over the
-mapping: no second copy and no page zeroing.
+sender instead writes the frame's buffers into an anonymous ``memfd`` (no name in
+``/dev/shm``, so nothing can leak past the process) and sends a 16-byte *descriptor* in place
+of the body; the receiver opens the file through ``/proc/<sender pid>/fd/<n>``, maps it
+copy-on-write and builds its tensors as views over the mapping: no second copy, no page zeroing.
+
+The sender keeps a small pool of such files per connection and writes the next frame into a
+file the receiver has given back: writing into pages that already exist is a plain memcpy,
+where a fresh file costs a page allocation per 4 KiB (as much as the TCP copy it replaces).
+The receiver gives a file back (``shm_release``) once its mapping is gone — when the last
+tensor over it is freed —, never earlier, so a file is never rewritten under a live tensor.
 
 Negotiation (after authentication only, see ``docs/protocol.md``): the side that offers
 creates a small memfd holding a random nonce and tells its peer its pid and the fd number.
@@ -14,13 +19,16 @@ Only a peer on the same host, running as the same user in the same pid namespace
 it proves it did with ``HMAC(nonce, label)``. Any failure leaves the connection on plain TCP.
 
 A descriptor names only an fd number: the pid is the one fixed at the negotiation, so a peer
-cannot make the receiver open any other path. The receiver checks that the file is a sealed
-memfd (no shrinking — which would turn reads of the mapping into SIGBUS —, no growing, no
-writes) of exactly the announced size, and the codec checks every buffer against that size.
+cannot make the receiver open any other path. The receiver checks that the file is a memfd
+sealed against shrinking (truncating a mapped file would turn reads of the mapping into
+SIGBUS) that holds at least the announced size, and the codec checks every buffer against
+that size.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -33,7 +41,8 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,17 +74,25 @@ _DESCRIPTOR = struct.Struct(">IIQ")
 DESCRIPTOR_SIZE = _DESCRIPTOR.size
 NONCE_SIZE = 32
 _LABEL = b"cloche-v1/shm\x00"
-#: files that are not released by the receiver: past these, frames go over TCP again
+#: files the receiver holds (not given back): past these, frames go over TCP again
 _MAX_OUTSTANDING = 64
 _MAX_OUTSTANDING_BYTES = 4 << 30
+#: given-back files kept for reuse by a connection (their pages stay allocated)
+_MAX_IDLE = 4
+_MAX_IDLE_BYTES = 512 << 20
 _MAX_FD = (1 << 31) - 1
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 _SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
 _SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x4)
 _SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x8)
 _SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
-_REQUIRED_SEALS = _SEAL_SHRINK | _SEAL_GROW | _SEAL_WRITE
-_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+#: a frame file can grow (to be reused for a bigger frame) but never shrink under a mapping
+_FRAME_SEALS = _SEAL_SHRINK
+_OFFER_SEALS = _SEAL_SHRINK | _SEAL_GROW | _SEAL_WRITE
+#: copy-on-write: the receiver's tensors are writable, and a write copies only the pages it
+#: touches. Not MAP_POPULATE: on a writable private mapping it would break copy-on-write of
+#: every page up front (a full copy); read faults map 16 pages at a time (fault-around)
+_MAP_FLAGS = mmap.MAP_PRIVATE
 
 
 def available() -> bool:
@@ -123,8 +140,8 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _seal(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | _SEAL_SEAL)
+def _seal(fd: int, seals: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | _SEAL_SEAL)
 
 
 def _open_peer_file(pid: Any, fd: Any) -> int:
@@ -139,20 +156,19 @@ def _open_peer_file(pid: Any, fd: Any) -> int:
                             ) from exc
 
 
-def _check_sealed(fd: int, size: int | None) -> int:
-    """The size of the sealed memfd ``fd``; ProtocolError if it is anything else."""
+def _check_sealed(fd: int, seals: int, size: int) -> None:
+    """ProtocolError unless ``fd`` is a memfd with ``seals`` holding at least ``size`` bytes."""
     try:
         info = os.fstat(fd)
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        present = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as exc:  # EINVAL: not a file that supports seals (not a memfd)
         raise ProtocolError(f"the peer's shared memory reference is not a sealed memfd: {exc}"
                             ) from exc
-    if not stat.S_ISREG(info.st_mode) or seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+    if not stat.S_ISREG(info.st_mode) or present & seals != seals:
         raise ProtocolError("the peer's shared memory reference is not a sealed memfd")
-    if size is not None and info.st_size != size:
+    if info.st_size < size:
         raise ProtocolError(f"the peer's shared memory file has {info.st_size} bytes, the frame"
                             f" announced {size}")
-    return info.st_size
 
 
 # ------------------------------------------------------------------------------ negotiation
@@ -166,7 +182,7 @@ class Offer:
         self.fd = _sealed_memfd("cloche-shm-offer", NONCE_SIZE)
         try:
             _pwrite_all(self.fd, self._nonce, 0)
-            _seal(self.fd)
+            _seal(self.fd, _OFFER_SEALS)
         except BaseException:
             os.close(self.fd)
             raise
@@ -199,7 +215,7 @@ def accept_offer(offer: Any) -> tuple[int, bytes]:
     fd: Any = offer.get("fd")
     opened = _open_peer_file(pid, fd)  # checks that both are ints
     try:
-        _check_sealed(opened, NONCE_SIZE)
+        _check_sealed(opened, _OFFER_SEALS, NONCE_SIZE)
         nonce = os.pread(opened, NONCE_SIZE, 0)
     except OSError as exc:
         raise ProtocolError(f"cannot read the peer's shared memory offer: {exc}") from exc
@@ -214,66 +230,101 @@ def accept_offer(offer: Any) -> tuple[int, bytes]:
 
 
 class Sender:
-    """Writes frame bodies into sealed memfds and keeps each open until the peer releases it.
+    """Writes frame bodies into memfds the peer maps, reusing the files it gives back.
 
     ``write`` returns the descriptor to send as the frame's body, or None (the frame then goes
-    over TCP) when the peer holds too many unreleased files or the write fails (no memory).
+    over TCP) when the peer holds too many files or the write fails (no memory). A file stays
+    the peer's until :meth:`release`; then it is kept for reuse (up to ``_MAX_IDLE`` files).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[int, int] = {}  # fd -> size
-        self._bytes = 0
+        self._held: dict[int, int] = {}  # fd -> capacity, mapped by the peer
+        self._idle: dict[int, int] = {}  # fd -> capacity, given back: reusable
+        self._held_bytes = 0
         self._closed = False
 
     def write(self, buffers: Sequence[memoryview]) -> bytes | None:
         offsets, size = layout([buf.nbytes for buf in buffers])
         with self._lock:
-            if (self._closed or len(self._open) >= _MAX_OUTSTANDING
-                    or self._bytes + size > _MAX_OUTSTANDING_BYTES):
+            if (self._closed or len(self._held) >= _MAX_OUTSTANDING
+                    or self._held_bytes + size > _MAX_OUTSTANDING_BYTES):
                 return None
+            fd = self._take_idle(size)
         try:
-            fd = _sealed_memfd("cloche-frame", size)
-        except OSError as exc:
-            log.debug("shared memory unavailable for a frame of %d bytes: %s", size, exc)
-            return None
-        try:
+            if fd is None:
+                fd = _sealed_memfd("cloche-frame", size)
+                _seal(fd, _FRAME_SEALS)
+                capacity = size
+            else:
+                capacity = os.fstat(fd).st_size
+                if capacity < size:
+                    os.ftruncate(fd, size)  # grows it (a frame file never shrinks)
+                    capacity = size
             for buf, offset in zip(buffers, offsets, strict=True):
                 if buf.nbytes:
                     _pwrite_all(fd, buf, offset)
-            _seal(fd)
         except OSError as exc:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             log.debug("shared memory write of %d bytes failed: %s", size, exc)
             return None
         with self._lock:
             if self._closed:
                 os.close(fd)
                 return None
-            self._open[fd] = size
-            self._bytes += size
+            self._held[fd] = capacity
+            self._held_bytes += capacity
         return _DESCRIPTOR.pack(fd, 0, size)
 
+    def _take_idle(self, size: int) -> int | None:
+        """An idle file for a frame of ``size`` bytes: the smallest that holds it, else the
+        largest (to grow), else None. Called with the lock held."""
+        if not self._idle:
+            return None
+        fits = [fd for fd, capacity in self._idle.items() if capacity >= size]
+        fd = (min(fits, key=self._idle.__getitem__) if fits
+              else max(self._idle, key=self._idle.__getitem__))
+        del self._idle[fd]
+        return fd
+
     def release(self, fd: Any) -> bool:
-        """Close file ``fd`` once the peer has opened it; False if it is not one of ours."""
+        """The peer has unmapped file ``fd``: keep it for reuse (or close it); False if the peer
+        does not hold such a file."""
+        closing = []
         with self._lock:
-            size = self._open.pop(fd, None) if type(fd) is int else None
-            if size is None:
+            capacity = self._held.pop(fd, None) if type(fd) is int else None
+            if capacity is None:
                 return False
-            self._bytes -= size
-        os.close(fd)
+            self._held_bytes -= capacity
+            if self._closed:
+                closing.append(fd)
+            else:
+                self._idle[fd] = capacity
+                while len(self._idle) > _MAX_IDLE or sum(self._idle.values()) > _MAX_IDLE_BYTES:
+                    oldest = next(iter(self._idle))
+                    del self._idle[oldest]
+                    closing.append(oldest)
+        for each in closing:
+            os.close(each)
         return True
 
     @property
     def outstanding(self) -> int:
-        """Files written and not yet released by the peer."""
-        return len(self._open)
+        """Files the peer holds (mapped, not given back yet)."""
+        return len(self._held)
+
+    @property
+    def files(self) -> int:
+        """Files open on this side: held by the peer plus idle ones kept for reuse."""
+        return len(self._held) + len(self._idle)
 
     def close(self) -> None:
-        """Close every file still open (the connection is ending)."""
+        """Close every file (the connection is ending; the peer's mappings stay valid)."""
         with self._lock:
             self._closed = True
-            fds, self._open, self._bytes = list(self._open), {}, 0
+            fds = [*self._held, *self._idle]
+            self._held, self._idle, self._held_bytes = {}, {}, 0
         for fd in fds:
             os.close(fd)
 
@@ -290,47 +341,86 @@ class ShmFrameError(ProtocolError):
 
 @dataclass(frozen=True)
 class Mapped:
-    """A peer's frame body mapped copy-on-write: tensors are views over ``buffer``."""
+    """A peer's frame body mapped copy-on-write: tensors are views over ``buffer`` (a writable
+    ctypes array over the mapping, unmapped when the last view of it is gone)."""
 
-    buffer: mmap.mmap
+    buffer: Any
     size: int
+
+
+# The mapping is made with libc's mmap through ctypes rather than Python's mmap.mmap, which
+# keeps a duplicate of the file descriptor open for as long as the mapping lives (until Python
+# 3.13's trackfd=False): a notebook holding a few thousand fetched results would run out of
+# descriptors. This mapping holds none, and ctypes arrays export the buffer protocol that
+# torch.frombuffer and numpy.frombuffer read.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_private(fd: int, size: int) -> Any:
+    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, _MAP_FLAGS, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise ProtocolError(f"cannot map the peer's shared memory file: {os.strerror(code)}")
+    return (ctypes.c_char * size).from_address(address)
+
+
+def _unmap_and_give_back(address: int, size: int, given_back: collections.deque[int],
+                         fd: int) -> None:
+    _libc.munmap(address, size)
+    given_back.append(fd)
 
 
 class Receiver:
     """Maps the frames a peer (process ``pid``) sent through shared memory.
 
-    ``release(fd)`` is called once per descriptor, as soon as the file is open here or could
-    not be opened, so that the peer closes its copy of the descriptor.
+    Each descriptor's fd is given back to the peer once it is no longer mapped here: at once
+    when the file cannot be mapped, else when the mapping is freed (its last tensor is gone).
+    :meth:`given_back` collects those fds; the owner sends them (``shm_release``) with its next
+    frame — never from the finalizer itself, which may run inside a send holding its lock.
     """
 
-    def __init__(self, pid: int, release: Callable[[int], None], *, max_size: int) -> None:
+    def __init__(self, pid: int, *, max_size: int) -> None:
         self.pid = pid
-        self._release = release
         self.max_size = max_size
+        self._given_back: collections.deque[int] = collections.deque()
+
+    def given_back(self) -> list[int]:
+        """The fds to release to the peer now (each returned once)."""
+        fds = []
+        while True:
+            try:
+                fds.append(self._given_back.popleft())
+            except IndexError:
+                return fds
 
     def map(self, descriptor: bytes | bytearray) -> Mapped:
         if len(descriptor) != DESCRIPTOR_SIZE:
             raise ProtocolError(f"a shared memory descriptor is {DESCRIPTOR_SIZE} bytes,"
                                 f" got {len(descriptor)}")
         fd, reserved, size = _DESCRIPTOR.unpack(descriptor)
-        if reserved != 0:
-            raise ProtocolError("reserved bits of a shared memory descriptor are set")
-        if fd > _MAX_FD:  # never released: it cannot be one of the peer's descriptors
-            raise ProtocolError(f"bad fd {fd} in a shared memory descriptor")
+        if reserved != 0 or fd > _MAX_FD:
+            raise ProtocolError("malformed shared memory descriptor")
+        mapped = None
         try:
             if not 0 < size <= self.max_size:
                 raise ProtocolError(f"a shared memory frame of {size} bytes exceeds the limit"
                                     f" of {self.max_size} bytes")
             opened = _open_peer_file(self.pid, fd)
-        finally:
-            self._release(fd)
-        try:
-            _check_sealed(opened, size)
             try:
-                buffer = mmap.mmap(opened, size, flags=_MAP_FLAGS,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except (OSError, ValueError) as exc:
-                raise ProtocolError(f"cannot map the peer's shared memory file: {exc}") from exc
+                _check_sealed(opened, _FRAME_SEALS, size)
+                buffer = _map_private(opened, size)
+            finally:
+                os.close(opened)
+            mapped = Mapped(buffer, size)
+            address = ctypes.addressof(buffer)
+            weakref.finalize(buffer, _unmap_and_give_back, address, size, self._given_back, fd)
         finally:
-            os.close(opened)
-        return Mapped(buffer, size)
+            if mapped is None:
+                self._given_back.append(fd)
+        return mapped
