@@ -58,6 +58,7 @@ def connect(
     tls: bool | str | os.PathLike[str] | ssl.SSLContext | None = None,
     timeout: float = 30.0,
     reconnect_timeout: float = 60.0,
+    shared_memory: bool | None = None,
 ) -> Model:
     """Connect to ``cloche serve`` at ``address`` and authenticate with ``token``.
 
@@ -69,6 +70,10 @@ def connect(
     path trusts that certificate/CA file. When the connection drops (a network blip, a server
     restarted with ``--state-dir``), the next request reconnects to the same session, retrying
     for up to ``reconnect_timeout`` seconds.
+
+    ``shared_memory``: when the server runs on this machine as the same user, large results
+    arrive through shared memory instead of the socket (negotiated at connect; anything else
+    stays on TCP). Left out, it is on unless ``$CLOCHE_SHARED_MEMORY`` is ``0``.
     """
     if address is None:
         address = os.environ.get("CLOCHE_ADDRESS", "").strip()
@@ -80,15 +85,20 @@ def connect(
         if not token:
             raise errors.UsageError("connect needs the server's token (printed by `cloche"
                                     " serve`): pass token=... or set $CLOCHE_TOKEN")
+    if shared_memory is None:
+        shared_memory = os.environ.get("CLOCHE_SHARED_MEMORY", "1").strip().lower() not in (
+            "0", "false", "no", "off")
     return Model(RemoteExecutor(address, token=token, session=session, tls=tls,
-                                timeout=timeout, reconnect_timeout=reconnect_timeout))
+                                timeout=timeout, reconnect_timeout=reconnect_timeout,
+                                shared_memory=shared_memory))
 
 
 class RemoteExecutor:
     """Executes request records on a server; one connection, reopened to the same session."""
 
     def __init__(self, address: str | tuple[str, int], *, token: str, session: str | None = None,
-                 tls: Any = None, timeout: float = 30.0, reconnect_timeout: float = 60.0) -> None:
+                 tls: Any = None, timeout: float = 30.0, reconnect_timeout: float = 60.0,
+                 shared_memory: bool = True) -> None:
         if not isinstance(token, str) or not token:
             raise errors.UsageError("connect needs the server's token (printed by `cloche serve`)")
         self._host, self._port = parse_address(address)
@@ -96,6 +106,7 @@ class RemoteExecutor:
         self._ssl = client_ssl_context(os.fspath(tls) if isinstance(tls, os.PathLike) else tls)
         self._timeout = timeout
         self._reconnect_timeout = reconnect_timeout
+        self._shared_memory = shared_memory
         self._lock = threading.Lock()
         self._conn = self._open(session)
         self._info: ModelInfo | None = None
@@ -105,7 +116,8 @@ class RemoteExecutor:
     # ----------------------------------------------------------------- connection
     def _open(self, session: str | None) -> ClientConnection:
         conn = ClientConnection(self._host, self._port, token=self._token, session=session,
-                                ssl_context=self._ssl, timeout=self._timeout)
+                                ssl_context=self._ssl, timeout=self._timeout,
+                                shared_memory=self._shared_memory)
         if session is not None and not conn.resumed:  # never continue in an empty session
             conn.close()
             raise errors.SessionLost(
