@@ -79,7 +79,7 @@ _MAX_OUTSTANDING = 64
 _MAX_OUTSTANDING_BYTES = 4 << 30
 #: given-back files kept for reuse by a connection (their pages stay allocated)
 _MAX_IDLE = 4
-_MAX_IDLE_BYTES = 512 << 20
+_MAX_IDLE_BYTES = 256 << 20
 _MAX_FD = (1 << 31) - 1
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 _SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
