@@ -56,6 +56,7 @@ class ClientConnection:
         self._reader: threading.Thread | None = None
         self.peer_versions: dict[str, str] | None = None
         self._skew: str | None = None
+        self._shm_offer: shm.Offer | None = None  # for requests, until the server proves it
         try:
             welcome = self._handshake(token, session, timeout,
                                       shared_memory and shm.available())
@@ -64,6 +65,7 @@ class ClientConnection:
             self._accept_shared_memory(welcome.get("shm"))
         except BaseException:
             self._framed.close()
+            self._close_offer()
             raise
         self.session: str = welcome["session"]
         self.resumed: bool = bool(welcome.get("resumed"))
@@ -107,7 +109,37 @@ class ClientConnection:
             return
         # ready for shared memory frames before the server may send any (after the proof)
         self._framed.shm_receiver = shm.Receiver(pid, max_size=self._framed.limits.max_body)
-        self._framed.send(messages.shm_proof(proof))
+        try:  # and large requests may go the other way, once the server proves it can
+            self._shm_offer = shm.Offer()
+        except OSError as exc:
+            log.debug("cannot offer shared memory to %s: %s", self.address, exc)
+        offer = self._shm_offer
+        self._framed.send(messages.shm_proof(proof, offer.message() if offer else None))
+
+    def _shared_memory(self, msg: dict) -> None:
+        """The server's proof that it opened this client's offer (from now on large requests
+        go through shared memory), or its release of request files it no longer maps."""
+        if msg["kind"] == messages.SHM_RELEASE:
+            sender = self._framed.shm_sender
+            fds = msg.get("fds")
+            if sender is None or type(fds) is not list or not all(map(sender.release, fds)):
+                raise errors.ProtocolError("the server released shared memory files this"
+                                           " client did not send it")
+            return
+        offer = self._shm_offer
+        if offer is None:
+            raise errors.ProtocolError("a shared memory proof without an offer")
+        proven = offer.check(msg.get("proof"))
+        self._close_offer()
+        if proven:
+            self._framed.shm_sender = shm.Sender()
+        else:
+            log.debug("%s sent a wrong shared memory proof: requests stay on TCP", self.address)
+
+    def _close_offer(self) -> None:
+        offer, self._shm_offer = self._shm_offer, None
+        if offer is not None:
+            offer.close()
 
     def _release_shm(self) -> None:
         """Give back the shared memory files whose mappings are gone (the server reuses them).
@@ -195,6 +227,10 @@ class ClientConnection:
                 except errors.UsageError as exc:  # a pickled result that cannot load here
                     self._unloadable(pending.peek(), exc)
                     continue
+                if type(msg) is dict and msg.get("kind") in (messages.SHM,
+                                                             messages.SHM_RELEASE):
+                    self._shared_memory(msg)
+                    continue
                 kind, rid, payload = messages.parse_response(msg)
                 if kind == messages.EVENT:
                     self._event(rid, payload)
@@ -211,6 +247,7 @@ class ClientConnection:
         finally:
             self._closed = True
             self._framed.close()
+            self._close_offer()
             self._fail_all(failure)
 
     def _unmapped(self, exc: shm.ShmFrameError) -> None:

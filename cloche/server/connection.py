@@ -277,9 +277,18 @@ class ServerConnection:
     # ----------------------------------------------------------------- requests
     def _loop(self) -> None:
         while True:
-            pending = self.framed.recv_pending(allow_code=True)
+            try:
+                pending = self.framed.recv_pending(allow_code=True)
+            except shm.ShmFrameError as exc:  # read whole: fail its request, go on
+                peeked = exc.peek
+                rid = peeked.get("id") if type(peeked) is dict else None
+                if type(rid) is not int:
+                    raise
+                self.send_error(rid, exc, wait=True)
+                continue
             if pending is None:
                 return
+            self.release_shared_memory()
             try:
                 msg = pending.finish()
             except errors.UsageError as exc:  # shipped code that cannot load here
@@ -321,11 +330,29 @@ class ServerConnection:
             raise errors.ProtocolError("a shared memory proof without an offer")
         proven = offer.check(msg.get("proof"))
         self._close_offer()
-        if proven:
-            self.framed.shm_sender = shm.Sender()
-            log.debug("%s receives large replies through shared memory", self.peer)
-        else:
+        if not proven:
             log.debug("%s sent a wrong shared memory proof: replies stay on TCP", self.peer)
+            return
+        self.framed.shm_sender = shm.Sender()
+        log.debug("%s receives large replies through shared memory", self.peer)
+        if msg.get("offer") is None:
+            return
+        try:  # the client offers to send its large requests the same way
+            pid, proof = shm.accept_offer(msg["offer"])
+        except errors.ProtocolError as exc:
+            log.debug("%s offered shared memory that cannot be opened here: %s", self.peer, exc)
+            return
+        self.framed.shm_receiver = shm.Receiver(pid,
+                                                max_size=self.server.config.max_frame_bytes)
+        self.send(messages.shm_proof(proof))
+
+    def release_shared_memory(self) -> None:
+        """Give back the client's request files whose mappings are gone (it reuses them);
+        after each frame read and each result: never from the finalizer that frees one."""
+        receiver = self.framed.shm_receiver
+        fds = receiver.given_back() if receiver is not None else None
+        if fds:
+            self.send(messages.shm_release(fds))
 
     def _close_offer(self) -> None:
         offer, self._shm_offer = self._shm_offer, None
@@ -487,6 +514,7 @@ class ServerConnection:
             return False
 
     def send_result(self, rid: int, value: Any, *, wait: bool = False) -> None:
+        self.release_shared_memory()
         try:
             encoded = codec.encode(messages.result(rid, value))
         except errors.UsageError as exc:

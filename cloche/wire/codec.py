@@ -506,6 +506,9 @@ class _Decoder:
         return flat_array.view(np.dtype(dtype.name)).reshape(shape)
 
     def _record(self, data: bytes) -> Any:
+        if self.mapped is _PEEK:
+            self._list(data, 2, "record")  # still walked: it may hold buffer references
+            return None
         if not self.allow_code:
             raise ProtocolError("a record was sent on a connection that has not authenticated")
         path, fields = self._list(data, 2, "record")

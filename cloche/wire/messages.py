@@ -51,8 +51,9 @@ CANCEL = "cancel"
 RESULT = "result"
 ERROR = "error"
 EVENT = "event"
-#: shared memory (``cloche.wire.shm``): the client's proof that it opened the server's offer,
-#: and its word that it no longer maps the files of these shared memory frames (or could not)
+#: shared memory (``cloche.wire.shm``): a proof that one side opened the other's offer, and its
+#: word that it no longer maps the files of these shared memory frames (or could not). The
+#: client sends both for replies; the server sends both for requests, when the client offered
 SHM = "shm"
 SHM_RELEASE = "shm_release"
 
@@ -97,8 +98,12 @@ def event(rid: int, payload: dict[str, Any]) -> dict:
     return {"kind": EVENT, "id": rid, "event": payload}
 
 
-def shm_proof(proof: bytes) -> dict:
-    return {"kind": SHM, "proof": proof}
+def shm_proof(proof: bytes, offer: dict[str, int] | None = None) -> dict:
+    """A proof that the sender read the peer's offer; ``offer``: the sender's own offer (a
+    client offering to send its large requests through shared memory too)."""
+    if offer is None:
+        return {"kind": SHM, "proof": proof}
+    return {"kind": SHM, "proof": proof, "offer": offer}
 
 
 def shm_release(fds: list[int]) -> dict:

@@ -17,7 +17,7 @@ import torch
 from cloche.api import requests as rq
 from cloche.client.connection import ClientConnection
 from cloche.errors import ProtocolError
-from cloche.wire import messages, shm
+from cloche.wire import codec, frames, messages, shm
 from cloche.wire.handshake import ClientHandshake, ServerHandshake
 from cloche.wire.transport import FramedSocket
 
@@ -157,6 +157,38 @@ def test_a_server_in_a_subprocess_sends_through_shared_memory(served):
         plain.close()
 
 
+def inspect_argument(model, tensor, seed):
+    """On the server: whether a shipped tensor arrived through shared memory, and intact."""
+    gen = torch.Generator().manual_seed(seed)
+    expected = torch.randn(tensor.numel(), generator=gen)
+    tensor.add_(0)  # writable
+    return in_shared_frame(tensor), torch.equal(tensor, expected)
+
+
+def test_large_requests_travel_through_shared_memory_too(server):
+    model = cloche.connect(server.address, token=server.token)
+    plain = cloche.connect(server.address, token=server.token, shared_memory=False)
+    try:
+        for seed in range(5):  # the server gives each file back; the client reuses it
+            arg = torch.randn(N, generator=torch.Generator().manual_seed(seed))
+            assert model.call(inspect_argument, arg, seed) == (True, True)
+        assert plain.call(inspect_argument, arg, 4) == (False, True)
+        small = torch.randn(10, generator=torch.Generator().manual_seed(9))
+        assert model.call(inspect_argument, small, 9) == (False, True)
+    finally:
+        model.close()
+        plain.close()
+
+
+def test_a_server_in_a_subprocess_receives_requests_through_shared_memory(served):
+    model = cloche.connect(served.address, token=served.token)
+    try:
+        arg = torch.randn(N, generator=torch.Generator().manual_seed(3))
+        assert model.call(inspect_argument, arg, 3) == (True, True)
+    finally:
+        model.close()
+
+
 # ------------------------------------------------------------------ protocol, raw frames
 
 
@@ -230,3 +262,33 @@ def test_the_handshake_fields_are_optional():
     assert server.peer_wants_shm
     with pytest.raises(ProtocolError):
         shm.accept_offer({"pid": os.getpid(), "fd": "3"})
+
+
+def test_a_request_with_a_forged_reference_fails_alone(server):
+    framed, welcome = raw_handshake(server.address, server.token, shm_field=True)
+    offer = shm.Offer()
+    try:
+        pid, proof = shm.accept_offer(welcome["shm"])
+        framed.shm_receiver = shm.Receiver(pid, max_size=1 << 40)
+        framed.send(messages.shm_proof(proof, offer.message()))
+        answer = framed.recv()
+        assert answer["kind"] == "shm" and offer.check(answer["proof"])
+        # a request whose tensor is "in" a descriptor this process does not have open
+        encoded = codec.encode(messages.request(1, rq.Call(fn=make_big, args=(torch.ones(N),)),
+                                                "none"))
+        gone = os.open(os.devnull, os.O_RDONLY)
+        os.close(gone)
+        descriptor = shm._DESCRIPTOR.pack(gone, 0, N * 4)
+        framed.sock.sendall(frames.encode_preamble(len(encoded.header), len(descriptor),
+                                                   frames.FLAG_SHM)
+                            + encoded.header + descriptor)
+        reply = framed.recv(allow_code=True)
+        assert reply["kind"] == "error" and reply["id"] == 1
+        assert reply["error"]["type"] == "ProtocolError"
+        framed.send(messages.request(2, rq.Call(fn=make_big, args=(N, 1)), "none"))
+        # the connection goes on; the server gives the descriptor back (it could not map it)
+        assert framed.recv() == messages.shm_release([gone])
+        assert torch.equal(framed.recv(allow_code=True)["value"]["x"], make_big(None, N, 1)["x"])
+    finally:
+        offer.close()
+        framed.close()
