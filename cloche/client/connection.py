@@ -72,7 +72,14 @@ class ClientConnection:
         self.info: dict[str, Any] = dict(welcome.get("info") or {})
         self._reader = threading.Thread(target=self._read_loop,
                                         name=f"cloche-client-{self.address}", daemon=True)
+        # Shared memory files given back while no request goes out are sent by a thread of
+        # their own: the reader must never wait for the send lock (a caller sending a big
+        # request may hold it while the server waits for this client to read its replies).
+        self._releases = threading.Event()
         self._reader.start()
+        if self._framed.shm_receiver is not None:
+            threading.Thread(target=self._release_loop, daemon=True,
+                             name=f"cloche-release-{self.address}").start()
 
     def _handshake(self, token: str, session: str | None, timeout: float,
                    shared_memory: bool) -> dict:
@@ -141,11 +148,23 @@ class ClientConnection:
         if offer is not None:
             offer.close()
 
+    def _release_loop(self) -> None:
+        while not self._closed:
+            self._releases.wait()
+            self._releases.clear()
+            if self._closed:
+                return
+            try:
+                self._release_shm()
+            except errors.ConnectionError:
+                return  # the reader notices too and fails what is pending
+
     def _release_shm(self) -> None:
         """Give back the shared memory files whose mappings are gone (the server reuses them).
 
-        Called before each request and after each reply is read: never from the finalizer
-        that frees a mapping, which may run in the middle of a send on this very thread.
+        Called before each request, and by the release thread after each reply is read:
+        never from the finalizer that frees a mapping, which may run in the middle of a send
+        on this very thread.
         """
         receiver = self._framed.shm_receiver
         fds = receiver.given_back() if receiver is not None else None
@@ -221,7 +240,9 @@ class ClientConnection:
                     continue
                 if pending is None:
                     break
-                self._release_shm()
+                receiver = self._framed.shm_receiver
+                if receiver is not None and receiver.pending:
+                    self._releases.set()
                 try:
                     msg = pending.finish()
                 except errors.UsageError as exc:  # a pickled result that cannot load here
@@ -246,6 +267,7 @@ class ClientConnection:
                         f"lost the connection to {self.address}: {exc}")
         finally:
             self._closed = True
+            self._releases.set()  # the release thread ends
             self._framed.close()
             self._close_offer()
             self._fail_all(failure)

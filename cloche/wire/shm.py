@@ -390,6 +390,11 @@ class Receiver:
         self.max_size = max_size
         self._given_back: collections.deque[int] = collections.deque()
 
+    @property
+    def pending(self) -> bool:
+        """Whether fds wait to be given back."""
+        return bool(self._given_back)
+
     def given_back(self) -> list[int]:
         """The fds to release to the peer now (each returned once)."""
         fds = []
