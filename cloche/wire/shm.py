@@ -67,8 +67,10 @@ __all__ = [
 
 log = logging.getLogger("cloche.wire.shm")
 
-#: a frame whose buffers take at least this many bytes goes through shared memory
-THRESHOLD = 256 * 1024
+#: a frame whose buffers take at least this many bytes goes through shared memory: below it,
+#: the fixed cost (open, map, unmap, a release frame: ~80 µs) outweighs the copies saved
+#: (over TCP on 127.0.0.1: 256 KiB 0.68 ms by TCP, 0.90 ms shared; 1 MiB 1.8 ms, 1.3 ms)
+THRESHOLD = 1 << 20
 #: every buffer starts at a multiple of this offset in the shared file (any dtype's alignment)
 ALIGN = 64
 #: the body of a shared-memory frame: fd number (u32), reserved (u32, 0), file size (u64)
