@@ -80,10 +80,8 @@ class FramedSocket:
         sender = self.shm_sender
         if sender is not None and body_len >= shm.THRESHOLD:
             descriptor = sender.write(encoded.buffers)  # None: over TCP after all
-            if descriptor is not None:
-                encoded = codec.Encoded(encoded.header, [memoryview(descriptor)])
-                body_len = len(descriptor)
-                self.send_raw(frames.encode_preamble(len(encoded.header), body_len,
+            if descriptor is not None:  # the body is the descriptor of the file holding it
+                self.send_raw(frames.encode_preamble(len(encoded.header), len(descriptor),
                                                      frames.FLAG_SHM)
                               + encoded.header + descriptor)
                 return
