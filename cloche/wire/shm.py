@@ -416,9 +416,29 @@ def _map_private(fd: int, size: int) -> Any:
 
 
 def _unmap_and_give_back(address: int, size: int, given_back: collections.deque[int],
-                         fd: int) -> None:
+                         fd: int, forks: int) -> None:
     _libc.munmap(address, size)
-    given_back.append(fd)
+    if _forks[0] == forks:
+        given_back.append(fd)
+    # else a child forked while it was mapped may still read it: never given back, so the
+    # peer never rewrites it (it closes it with the connection)
+
+
+#: forks of this process so far (counted once a Receiver exists)
+_forks = [0]
+_forks_counted = threading.Lock()
+_counting: list[bool] = []
+
+
+def _count_forks() -> None:
+    with _forks_counted:
+        if not _counting:
+            _counting.append(True)
+            os.register_at_fork(after_in_parent=_forked)
+
+
+def _forked() -> None:
+    _forks[0] += 1
 
 
 class Receiver:
@@ -434,6 +454,7 @@ class Receiver:
         self.pid = pid
         self.max_size = max_size
         self._given_back: collections.deque[int] = collections.deque()
+        _count_forks()
 
     @property
     def pending(self) -> bool:
@@ -469,7 +490,8 @@ class Receiver:
                 os.close(opened)
             mapped = Mapped(buffer, size)
             address = ctypes.addressof(buffer)
-            weakref.finalize(buffer, _unmap_and_give_back, address, size, self._given_back, fd)
+            weakref.finalize(buffer, _unmap_and_give_back, address, size, self._given_back, fd,
+                             _forks[0])
         finally:
             if mapped is None:
                 self._given_back.append(fd)

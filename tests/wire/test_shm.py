@@ -325,3 +325,25 @@ def test_reserved_descriptor_bits_are_refused():
         receiver.map(b"short")
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         shm.Receiver(os.getpid(), max_size=10).map(descriptor(3, 16))
+
+
+# Python 3.12+ warns on fork() in a process with threads; this child only reads and exits
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_file_mapped_when_the_process_forked_is_never_given_back():
+    a, b = pair()
+    try:
+        got = exchange(a, b, {"t": torch.ones(BIG // 4)})["t"]
+        pid = os.fork()
+        if pid == 0:  # the child may still read the mapping: it must never be rewritten
+            os._exit(0 if got.sum().item() == BIG // 4 else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        del got
+        gc.collect()
+        assert b.shm_receiver is not None and b.shm_receiver.given_back() == []
+        later = exchange(a, b, {"t": torch.ones(BIG // 4)})["t"]
+        del later
+        gc.collect()
+        assert len(b.shm_receiver.given_back()) == 1  # mapped after the fork: given back
+    finally:
+        a.close()
+        b.close()
