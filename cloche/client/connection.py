@@ -127,21 +127,14 @@ class ClientConnection:
         """The server's proof that it opened this client's offer (from now on large requests
         go through shared memory), or its release of request files it no longer maps."""
         if msg["kind"] == messages.SHM_RELEASE:
-            sender = self._framed.shm_sender
-            fds = msg.get("fds")
-            if sender is None or type(fds) is not list or not all(map(sender.release, fds)):
-                raise errors.ProtocolError("the server released shared memory files this"
-                                           " client did not send it")
+            shm.take_back(self._framed.shm_sender, msg.get("fds"))
             return
-        offer = self._shm_offer
-        if offer is None:
-            raise errors.ProtocolError("a shared memory proof without an offer")
-        proven = offer.check(msg.get("proof"))
+        sender = shm.proven_sender(self._shm_offer, msg.get("proof"))
         self._close_offer()
-        if proven:
-            self._framed.shm_sender = shm.Sender()
-        else:
+        if sender is None:
             log.debug("%s sent a wrong shared memory proof: requests stay on TCP", self.address)
+        else:
+            self._framed.shm_sender = sender
 
     def _close_offer(self) -> None:
         offer, self._shm_offer = self._shm_offer, None

@@ -316,24 +316,14 @@ class ServerConnection:
         """The client's proof that it opened the offer (from now on large replies go through
         shared memory), or its release of files it no longer maps (reused for later replies)."""
         if msg["kind"] == messages.SHM_RELEASE:
-            sender = self.framed.shm_sender
-            fds = msg.get("fds")
-            if sender is None or type(fds) is not list:
-                raise errors.ProtocolError("a malformed shm_release")
-            for fd in fds:
-                if not sender.release(fd):
-                    raise errors.ProtocolError(f"shm_release of {fd!r}, which is not a shared"
-                                               " memory file this client holds"[:160])
+            shm.take_back(self.framed.shm_sender, msg.get("fds"))
             return
-        offer = self._shm_offer
-        if offer is None:
-            raise errors.ProtocolError("a shared memory proof without an offer")
-        proven = offer.check(msg.get("proof"))
+        sender = shm.proven_sender(self._shm_offer, msg.get("proof"))
         self._close_offer()
-        if not proven:
+        if sender is None:
             log.debug("%s sent a wrong shared memory proof: replies stay on TCP", self.peer)
             return
-        self.framed.shm_sender = shm.Sender()
+        self.framed.shm_sender = sender
         log.debug("%s receives large replies through shared memory", self.peer)
         if msg.get("offer") is None:
             return

@@ -63,6 +63,8 @@ __all__ = [
     "available",
     "layout",
     "proof",
+    "proven_sender",
+    "take_back",
 ]
 
 log = logging.getLogger("cloche.wire.shm")
@@ -228,6 +230,28 @@ def accept_offer(offer: Any) -> tuple[int, bytes]:
     if len(nonce) != NONCE_SIZE:
         raise ProtocolError("the peer's shared memory offer is truncated")
     return pid, proof(nonce)
+
+
+def proven_sender(offer: Offer | None, peer_proof: Any) -> Sender | None:
+    """After the peer's proof: a :class:`Sender` if it read ``offer``'s nonce, else None (the
+    connection stays on TCP). A proof nobody offered for is a ProtocolError."""
+    if offer is None:
+        raise ProtocolError("a shared memory proof without an offer")
+    return Sender() if offer.check(peer_proof) else None
+
+
+def take_back(sender: Sender | None, fds: Any) -> None:
+    """Take back, for reuse, the files a peer's ``shm_release`` names.
+
+    A ProtocolError (which ends the connection) when the message is malformed or names a file
+    this side did not send that peer or that the peer no longer holds.
+    """
+    if sender is None or type(fds) is not list:
+        raise ProtocolError("a malformed shm_release")
+    for fd in fds:
+        if not sender.release(fd):
+            raise ProtocolError(f"shm_release of {fd!r}, which is not a shared memory file"
+                                " the peer holds"[:160])
 
 
 # -------------------------------------------------------------------------------- transfer
