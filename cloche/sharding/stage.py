@@ -41,7 +41,7 @@ from cloche.runtime.usercode import backward_objective, run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
 from cloche.sharding.decode import Follower, Step, StepRecorder
-from cloche.sharding.p2p import Channel
+from cloche.sharding.p2p import AnyChannel
 from cloche.sharding.plan import ShardPlan
 from cloche.sharding.shard import Ownership, Skeleton, build_shard
 
@@ -143,7 +143,7 @@ class Stage:
     """This rank's shard and the code that runs commands on it."""
 
     def __init__(self, sk: Skeleton, plan: ShardPlan, rank: int, device: torch.device,
-                 control: Control, channel: Channel, *, state_dir: str | None = None) -> None:
+                 control: Control, channel: AnyChannel, *, state_dir: str | None = None) -> None:
         self.rank = rank
         self.plan = plan
         self.last = plan.last
