@@ -54,8 +54,10 @@ _MSG, _ACK = 1, 2
 _OBJECT, _WANTS_ACK = 1, 2  # flags
 _NO_COMMAND = -1
 _SLICE_S = 0.05
+_IO_SLICE_S = 0.2
 _LIVENESS_EVERY_S = 0.2
 _HANDSHAKE_S = 10.0
+_EXPLAIN_S = 1.0  # how long a broken connection waits for liveness to say why
 #: the prefix of an acknowledgement's mailbox key (message keys never start with it)
 ACK = "\0ack/"
 
@@ -125,7 +127,8 @@ class Links:
         self._closing = False
         self._readers = []
         for peer, sock in sockets.items():
-            sock.settimeout(_SLICE_S)  # sends and reads are sliced: neither blocks for good
+            # sends and reads are sliced, so neither blocks for good (close() wakes a reader)
+            sock.settimeout(_IO_SLICE_S)
             reader = threading.Thread(target=self._read_loop, args=(peer, sock),
                                       name=f"cloche-link-{rank}<{peer}", daemon=True)
             reader.start()
@@ -326,19 +329,29 @@ class Links:
         while True:
             with self._cond:
                 item = self._box.pop((src, key), None)
-                if item is None:
-                    if src in self._dead:
-                        raise WorkerLost(f"rank {src} was lost (its connection to rank"
-                                         f" {self.rank} broke: {self._dead[src]})", rank=src)
+                broken = self._dead.get(src) if item is None else None
+                if item is None and broken is None:
                     self._cond.wait(_SLICE_S)
                     item = self._box.pop((src, key), None)
             if item is not None:
                 return item
+            if broken is not None:
+                self._explain(src, broken, checkpoint)
             now = time.monotonic()
             slow = now >= next_check
             if slow:
                 next_check = now + _LIVENESS_EVERY_S
             checkpoint(slow)
+
+    def _explain(self, src: int, broken: str, checkpoint: Callable[[bool], None]) -> None:
+        """Raise for ``src``'s broken connection: liveness's word if it has one soon (a local
+        launcher knows the exit code of a rank that died), else the connection's."""
+        until = time.monotonic() + _EXPLAIN_S
+        while time.monotonic() < until:
+            checkpoint(True)
+            time.sleep(_SLICE_S)
+        raise WorkerLost(f"rank {src} was lost (its connection to rank {self.rank} broke:"
+                         f" {broken})", rank=src)
 
     def drop_through(self, command: int) -> int:
         """Drop every message of commands up to ``command``, now and when it arrives later.
