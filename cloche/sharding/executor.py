@@ -52,6 +52,7 @@ from cloche.runtime.derived import DerivedPoints, is_derived, make_derived
 from cloche.runtime.usercode import run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
+from cloche.sharding.framing import frame
 from cloche.sharding.p2p import open_channel
 from cloche.sharding.sealing import seal
 from cloche.sharding.stage import TRANSACTIONAL, Command, Stage, error_envelope
@@ -198,15 +199,14 @@ class ShardedExecutor:
             seq = self._seq + 1
             txn = f"{self._launch:020d}:{seq:012d}" if op in TRANSACTIONAL else None
             cmd = Command(seq, op, kwargs, txn)
-            try:
-                payload = cloudpickle.dumps(cmd)
+            try:  # tensors (token ids, a probe's captured vectors) ride beside the pickle
+                sealed = frame(self._key, f"cmd/{seq}", cmd, code=True).numpy().tobytes()
             except Exception as exc:  # the sequence number stays unused: ranks wait for it
                 raise UsageError(f"cannot ship the {op} request to the other ranks: {exc}"
                                  ) from exc
             self._seq = seq
             store = self._control.store
             try:
-                sealed = seal(self._key, f"cmd/{seq}", payload)
                 for r in range(1, self.world_size):
                     self._channel.post(r, f"cmd/{seq}", sealed)
                 self._control.begin(seq, cancel)

@@ -13,6 +13,7 @@ other ranks run their shard once per decode step (``sharding.decode``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,18 @@ TRANSACTIONAL = ("run", "generate", "dataset")
 
 
 OrderKey = tuple[int, int, int, int, int]
+
+_USE_CACHE: dict[type, bool] = {}
+
+
+def _accepts_use_cache(hf_model: Any) -> bool:
+    cls = type(hf_model)
+    if cls not in _USE_CACHE:
+        try:
+            _USE_CACHE[cls] = "use_cache" in inspect.signature(hf_model.forward).parameters
+        except (TypeError, ValueError):
+            _USE_CACHE[cls] = False
+    return _USE_CACHE[cls]
 
 
 @dataclass(frozen=True)
@@ -310,6 +323,9 @@ class Stage:
         attachment = self._attachment(plan, info)
         needed = head or grad or self._mode == "generate" or self.local.reads_head(plan)
         extra = head_kwargs(self.hf, needed=needed)
+        if self._mode != "generate" and _accepts_use_cache(self.hf):
+            # one pass builds no KV cache: every rank would build (and fill) its own for nothing
+            extra["use_cache"] = False
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf(input_ids=ids, attention_mask=mask, **extra)
 

@@ -37,6 +37,7 @@ from cloche.errors import Aborted, ProtocolError, UsageError, WorkerLost
 from cloche.model.hub import resolve_model
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
+from cloche.sharding.framing import unframe
 from cloche.sharding.layout import DistConfig, Layout
 from cloche.sharding.p2p import AnyChannel, open_channel
 from cloche.sharding.sealing import key_from_token, open_sealed
@@ -107,15 +108,19 @@ def _lost_exit(rank: int, grace_s: float = 0.0) -> Callable[[WorkerLost], None]:
     return on_lost
 
 
-def receive_sealed(channel: AnyChannel, key: bytes, name: str, rank: int) -> Any:
+def receive_sealed(channel: AnyChannel, key: bytes, name: str, rank: int, *,
+                   framed: bool = False) -> Any:
     """Wait for rank 0's control message ``name`` and unpickle it — only if rank 0 sealed it.
 
+    ``framed``: a message of ``sharding.framing`` (a command), else a sealed cloudpickle.
     A payload that is not sealed with the group's key is dropped unread (and said on stderr),
     and the wait goes on: a stranger's write neither runs nor stalls anything.
     """
     while True:
         raw = channel.take(0, name)
         try:
+            if framed:
+                return unframe(key, name, torch.frombuffer(bytearray(raw), dtype=torch.uint8))
             payload = open_sealed(key, name, raw)
         except ProtocolError as exc:
             print(f"cloche rank {rank}: {exc}", file=sys.stderr, flush=True)
@@ -148,7 +153,8 @@ def command_loop(rank: Rank) -> int:
     shutting_down = False
     while True:
         try:
-            cmd = receive_sealed(channel, rank.layout.key, f"cmd/{seq}", rank.layout.rank)
+            cmd = receive_sealed(channel, rank.layout.key, f"cmd/{seq}", rank.layout.rank,
+                                 framed=True)
             if cmd.op == "shutdown":
                 # Rank 0 may exit, and the control store it hosts with it, once every rank has
                 # departed (or its wait ran out): stop the heartbeat poller now, and read a
