@@ -442,7 +442,10 @@ class Stage:
         out = None
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                if self.device.type == "cpu":  # torch.manual_seed also seeds every
+                    torch.default_generator.manual_seed(seed)  # accelerator API (~1 ms)
+                else:
+                    torch.manual_seed(seed)
                 if self.rank == 0:
                     out = self._drive_generation(plan, writes, ids, mask, options)
                 else:
