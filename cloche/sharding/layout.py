@@ -6,7 +6,8 @@ saved data, heartbeats, cancellation) travels on the *control plane*: a TCP key-
 (``torch.distributed.TCPStore``) whose waits can be sliced and retried, and a gloo group for
 pickled objects. No collective is ever started without a timeout, and no data-plane operation is
 posted before its peer has announced it (see ``sharding.p2p``), so the process-group timeout bounds
-only transfers, never a peer's thinking time.
+only transfers, never a peer's thinking time. CPU groups also open a direct connection between
+every pair of ranks (``sharding.links``), which then carries all their messages.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ unreceived sends are parked. Every announcement is also listed per command and r
 before the next command each rank receives and drops whatever was announced to it but not
 consumed (:meth:`Channel.drain`), so no stale message is ever matched by a later receive (NCCL
 matches messages by order, not by tag) and parked sends complete.
+
+This is the path of CUDA (NCCL) groups. CPU groups keep the same contract over direct
+connections between the ranks, without the store (:class:`~cloche.sharding.direct.DirectChannel`);
+:func:`open_channel` picks one. Control messages (commands, decisions, light requests) go the
+same way: :meth:`Channel.post` / :meth:`Channel.take`.
 """
 
 from __future__ import annotations
