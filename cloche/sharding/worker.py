@@ -322,6 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="module:function called on rank 0 with the model")
     parser.add_argument("--state-dir", default=None,
                         help="keep this rank's committed save contexts in STATE_DIR/rank-N")
+    parser.add_argument("--no-direct-links", dest="direct_links", action="store_false",
+                        help="CPU ranks talk through the control store and gloo (as CUDA"
+                             " groups do) instead of direct connections; every rank alike")
     return parser.parse_args(argv)
 
 
@@ -344,7 +347,8 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                     backend: str | None = None, device: str | None = None,
                     dtype: str | None = None, timeout_s: float = 60.0, micro_batches: int = 1,
                     threads: int | None = None, store_port_offset: int = 1,
-                    token: str | None = None, state_dir: str | None = None) -> DistConfig:
+                    token: str | None = None, state_dir: str | None = None,
+                    direct_links: bool = True) -> DistConfig:
     """The entry point's one look at the environment torchrun (or the launcher) prepared.
 
     ``token`` is the server token when the caller read it elsewhere (``--token-file``).
@@ -370,7 +374,8 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                       backend=backend, device=device, local_rank=local_rank, dtype=dtype,
                       layers_per_rank=layers, timeout_s=timeout_s,
                       micro_batches=micro_batches, threads=threads,
-                      control_key=control_key(env, token), state_dir=state_dir)
+                      control_key=control_key(env, token), state_dir=state_dir,
+                      direct_links=direct_links)
 
 
 def model_directory(model: str, revision: str | None = None) -> str:
@@ -390,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         layers_per_rank=args.layers_per_rank,
         backend=args.backend, device=args.device, dtype=args.dtype, timeout_s=args.timeout,
         micro_batches=args.micro_batches, threads=args.threads,
-        store_port_offset=args.store_port_offset, state_dir=args.state_dir)
+        store_port_offset=args.store_port_offset, state_dir=args.state_dir,
+        direct_links=args.direct_links)
     return run_rank(config, _import(args.serve) if args.serve else None)
 
 

@@ -220,3 +220,37 @@ def test_objects_travel_sealed_and_control_messages_arrive(pair):
     sender.post(1, "empty", b"")
     assert receiver.take(0, "cmd/9") == b"sealed bytes"
     assert receiver.take(0, "empty") == b""
+
+
+def _save_first(ctx, x):
+    ctx.save("first", x[:, 0])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_cpu_group_on_either_path_matches_local(tiny4_dir, direct):
+    """Direct connections (the default on CPU) and the store + gloo path that CUDA groups use
+    (kept testable on CPU with ``direct_links=False``) give the local model's results."""
+    import cloche
+    from cloche.sharding.launch import start_local
+
+    from tests.sharding.conftest import TIMEOUT_S, ids_batch
+    from tests.threads import TORCH_THREADS
+
+    path = tiny4_dir("gpt2")
+    local = cloche.load(path)
+    batch = ids_batch(seed=5)
+    model = start_local(path, 2, timeout_s=TIMEOUT_S, threads=TORCH_THREADS,
+                        direct_links=direct)
+    try:
+        links = model.executor._rank.layout.links
+        assert (links is not None) == direct
+        assert isinstance(model.executor._rank.channel, DirectChannel) == direct
+        got = model.run(batch, probes={"layers.3.resid_post": _save_first}, save="s")
+        want = local.run(batch, probes={"layers.3.resid_post": _save_first}, save="s")
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.save_context("s").fetch("first", "list"),
+                                   local.save_context("s").fetch("first", "list"))
+        prompt = batch["input_ids"][1:, 3:]
+        assert torch.equal(model.generate(prompt, 4).tokens, local.generate(prompt, 4).tokens)
+    finally:
+        model.close()
