@@ -66,14 +66,12 @@ ACK = "\0ack/"
 
 def reachable_host(master_addr: str) -> str:
     """The address of this machine on the route to ``master_addr`` (where peers find us)."""
+    family, _, _, _, address = socket.getaddrinfo(master_addr, 9, type=socket.SOCK_DGRAM)[0]
+    if ipaddress.ip_address(address[0]).is_loopback:
+        return str(address[0])
+    probe = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if ipaddress.ip_address(socket.gethostbyname(master_addr)).is_loopback:
-            return "127.0.0.1"
-    except (OSError, ValueError):
-        pass
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect((master_addr, 9))  # UDP: picks the route, sends nothing
+        probe.connect(address)  # UDP: picks the route, sends nothing
         return str(probe.getsockname()[0])
     finally:
         probe.close()
@@ -196,7 +194,8 @@ class Links:
     def open(cls, store: Any, rank: int, world_size: int, key: bytes, host: str,
              timeout_s: float) -> Links:
         """Connect to every other rank (each rank calls this at the same stage of joining)."""
-        listener = socket.create_server((host, 0), backlog=max(world_size, 8))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, 0), family=family, backlog=max(world_size, 8))
         sockets: dict[int, socket.socket] = {}
         try:
             port = listener.getsockname()[1]
