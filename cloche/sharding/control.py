@@ -150,18 +150,31 @@ class Control:
                 self.liveness.check()
                 raise WorkerLost(f"the control store failed (rank 0 died?): {exc}",
                                  rank=0) from exc
-            if abortable and command is not None and self.abort_event.is_set():
-                self._raise_aborted(command)
-            if self.closing.is_set():
-                raise Aborted(f"stopped waiting for {key}: shutting down")
             now = time.monotonic()
-            if now >= next_check:
+            slow = now >= next_check
+            if slow:
                 next_check = now + _LIVENESS_EVERY_S
-                if abortable and command is not None:
-                    self._read_abort(self.store, command)
-                self.liveness.check()
+            self.between_slices(key, command=command, abortable=abortable, slow=slow)
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+    def between_slices(self, what: str, *, command: int | None, abortable: bool,
+                       slow: bool) -> None:
+        """What every wait checks between two slices: raises when the wait must end.
+
+        Always: the command's abort flag (abortable waits) and shutdown; ``slow`` (every
+        0.2 s or so): the abort flag in the store and every rank's liveness too.
+        """
+        if abortable and command is not None and self.abort_event.is_set():
+            self._raise_aborted(command)
+        if self.closing.is_set():
+            raise Aborted(f"stopped waiting for {what}: shutting down")
+        if slow:
+            if abortable and command is not None:
+                self._read_abort(self.store, command)
+                if self.abort_event.is_set():
+                    self._raise_aborted(command)
+            self.liveness.check()
 
     def _raise_aborted(self, command: int) -> None:
         if self.abort_origin == self.rank:

@@ -52,7 +52,8 @@ from cloche.runtime.derived import DerivedPoints, is_derived, make_derived
 from cloche.runtime.usercode import run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
-from cloche.sharding.p2p import Channel
+from cloche.sharding.framing import frame
+from cloche.sharding.p2p import open_channel
 from cloche.sharding.sealing import seal
 from cloche.sharding.stage import TRANSACTIONAL, Command, Stage, error_envelope
 from cloche.sharding.worker import Rank
@@ -94,9 +95,7 @@ class ShardedExecutor:
                                 rank.config.heartbeat_s)
         light_control.liveness = self._control.liveness  # one view of who is alive
         self._key = rank.layout.key
-        self._light_channel = Channel(light_control, 0, rank.layout.device,
-                                      rank.layout.tensor_group, rank.layout.object_group,
-                                      key=self._key, announce=False)
+        self._light_channel = open_channel(light_control, rank.layout, announce=False)
         self._broken: WorkerLost | None = None
         self._on_lost = on_lost
         self._shapes: dict[str, Any] | None = None
@@ -200,16 +199,16 @@ class ShardedExecutor:
             seq = self._seq + 1
             txn = f"{self._launch:020d}:{seq:012d}" if op in TRANSACTIONAL else None
             cmd = Command(seq, op, kwargs, txn)
-            try:
-                payload = cloudpickle.dumps(cmd)
+            try:  # tensors (token ids, a probe's captured vectors) ride beside the pickle
+                sealed = frame(self._key, f"cmd/{seq}", cmd, code=True).numpy().tobytes()
             except Exception as exc:  # the sequence number stays unused: ranks wait for it
                 raise UsageError(f"cannot ship the {op} request to the other ranks: {exc}"
                                  ) from exc
             self._seq = seq
             store = self._control.store
             try:
-                sealed = seal(self._key, f"cmd/{seq}", payload)
-                store.set(f"cmd/{seq}", sealed)  # type: ignore[arg-type]  # bytes work too
+                for r in range(1, self.world_size):
+                    self._channel.post(r, f"cmd/{seq}", sealed)
                 self._control.begin(seq, cancel)
                 try:
                     envelopes = [self._stage.execute(cmd, **(local or {}))]
@@ -229,7 +228,7 @@ class ShardedExecutor:
                                      for r in range(1, self.world_size))
                 finally:
                     self._control.end()
-                store.delete_key(f"cmd/{seq}")
+                self._channel.done(f"cmd/{seq}")
                 store.delete_key(f"abort/{seq}")
             except WorkerLost as exc:
                 self._lost(exc)
@@ -252,7 +251,12 @@ class ShardedExecutor:
         no rank, as a failed run must be.
         """
         try:
-            self._control.store.set(f"decide/{seq}", "1" if ok else "0")
+            for r in range(1, self.world_size):
+                self._channel.post(r, f"decide/{seq}", b"1" if ok else b"0")
+        except WorkerLost as exc:
+            self._lost(exc)
+            self._stage.settle(seq, False)
+            raise
         except RuntimeError as exc:
             lost = WorkerLost(f"the control store failed: {exc}", rank=0)
             self._lost(lost)
@@ -286,18 +290,11 @@ class ShardedExecutor:
 
     def _await_settled(self, seq: int) -> None:
         """Wait until every worker applied the decision, so reads that follow see it."""
-        store = self._control.store
-        deadline_checks = 0
-        delay = 1e-4
         try:
-            while int(store.add(f"settled/{seq}", 0)) < self.world_size - 1:
-                time.sleep(delay)
-                delay = min(delay * 2, 0.01)
-                deadline_checks += 1
-                if deadline_checks % 20 == 0:
-                    self._control.liveness.check()
-            store.delete_key(f"settled/{seq}")
-            store.delete_key(f"decide/{seq}")  # every worker read it before counting itself
+            for r in range(1, self.world_size):
+                self._channel.take(r, f"settled/{seq}/{r}")
+                self._channel.done(f"settled/{seq}/{r}")
+            self._channel.done(f"decide/{seq}")  # every worker read it before it settled
         except WorkerLost as exc:
             self._lost(exc)
             raise
@@ -583,7 +580,6 @@ class ShardedExecutor:
             if self._closed:
                 raise UsageError("the sharded model was closed")
             payload = cloudpickle.dumps((op, kwargs))
-            store = self._light_channel.control.store
             values: list[Any] = [None] * self.world_size
             sent = []
             try:
@@ -592,7 +588,7 @@ class ShardedExecutor:
                         continue
                     self._light_seq[r] += 1
                     name = f"light/{r}/{self._light_seq[r]}"
-                    store.set(name, seal(self._key, name, payload))  # type: ignore[arg-type]
+                    self._light_channel.post(r, name, seal(self._key, name, payload))
                     sent.append((r, self._light_seq[r]))
                 if 0 in targets:
                     values[0] = self._stage.light(op, kwargs)

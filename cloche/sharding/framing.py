@@ -22,6 +22,7 @@ import io
 import pickle
 from typing import Any
 
+import cloudpickle
 import torch
 
 from cloche.errors import ProtocolError
@@ -55,6 +56,17 @@ class _Pickler(pickle.Pickler):
         return index
 
 
+class _CloudPickler(cloudpickle.Pickler):
+    """:class:`_Pickler` for values that carry code (commands: probe functions by value)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}
+
+    persistent_id = _Pickler.persistent_id
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
         super().__init__(file)
@@ -75,10 +87,11 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def frame(key: bytes, name: str, value: Any) -> torch.Tensor:
-    """``value`` as one sealed uint8 message (raises what pickling raises)."""
+def frame(key: bytes, name: str, value: Any, *, code: bool = False) -> torch.Tensor:
+    """``value`` as one sealed uint8 message (raises what pickling raises); ``code``: pickled
+    with cloudpickle, so functions defined in a notebook or a closure travel by value."""
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer)
+    pickler: _Pickler | _CloudPickler = _CloudPickler(buffer) if code else _Pickler(buffer)
     pickler.dump(value)
     table = pickle.dumps([(str(t.dtype).removeprefix("torch."), tuple(t.shape))
                           for t in pickler.tensors], protocol=pickle.HIGHEST_PROTOCOL)

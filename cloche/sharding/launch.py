@@ -92,8 +92,10 @@ def _spawn_workers(model_dir: str, world_size: int, port: int, options: list[str
 
 def _options(layers_per_rank: Sequence[int] | None, backend: str | None, dtype: str | None,
              timeout_s: float, micro_batches: int, threads: int | None,
-             state_dir: str | None) -> list[str]:
+             state_dir: str | None, direct_links: bool = True) -> list[str]:
     opts = ["--timeout", str(timeout_s), "--micro-batches", str(micro_batches)]
+    if not direct_links:
+        opts += ["--no-direct-links"]
     if state_dir is not None:
         opts += ["--state-dir", state_dir]
     if layers_per_rank is not None:
@@ -114,20 +116,23 @@ def start_local(model_dir: str | os.PathLike[str], world_size: int, *,
                 micro_batches: int = 1, threads: int | None = None,
                 master_addr: str = "127.0.0.1", port: int | None = None,
                 on_lost: Callable[[WorkerLost], None] | None = None,
-                state_dir: str | os.PathLike[str] | None = None) -> Model:
+                state_dir: str | os.PathLike[str] | None = None,
+                direct_links: bool = True) -> Model:
     """A :class:`cloche.Model` sharded over ``world_size`` ranks of this machine (rank 0 here).
 
     ``model_dir`` is a directory or a hub name (at ``revision``), resolved here once through the
     Hugging Face cache: every rank gets the local snapshot path and downloads nothing.
     ``model.executor.group`` holds the worker processes; ``model.close()`` shuts them down.
     ``state_dir`` keeps every rank's committed save contexts on disk (``rank-{r}`` inside it).
+    ``direct_links=False``: CPU ranks talk through the control store and gloo, as CUDA groups do
+    (``sharding.p2p``), instead of direct connections (``sharding.links``).
     """
     executor, _ = _start_group(model_dir, world_size, revision=revision,
                                layers_per_rank=layers_per_rank,
                                backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
                                micro_batches=micro_batches, threads=threads,
                                master_addr=master_addr, port=port, on_lost=on_lost,
-                               state_dir=state_dir)
+                               state_dir=state_dir, direct_links=direct_links)
     return Model(executor)
 
 
@@ -137,7 +142,7 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
                  device: str | None, dtype: str | None, timeout_s: float, micro_batches: int,
                  threads: int | None, master_addr: str, port: int | None,
                  on_lost: Callable[[WorkerLost], None] | None,
-                 state_dir: str | os.PathLike[str] | None = None
+                 state_dir: str | os.PathLike[str] | None = None, direct_links: bool = True
                  ) -> tuple[ShardedExecutor, LocalGroup]:
     """Rank 0's executor (joined to the group) and the worker processes it drives."""
     from cloche.sharding.executor import ShardedExecutor
@@ -149,7 +154,8 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
     port = port or _free_port(master_addr)
     key = secrets.token_bytes(32)  # this group's control key: the workers get it, nobody else
     state = None if state_dir is None else str(Path(state_dir).expanduser().resolve())
-    options = _options(layers_per_rank, backend, dtype, timeout_s, micro_batches, threads, state)
+    options = _options(layers_per_rank, backend, dtype, timeout_s, micro_batches, threads, state,
+                       direct_links)
     group = _spawn_workers(model_dir, world_size, port, options, master_addr,
                            "cuda" if device and device.startswith("cuda") else device, key)
     config = DistConfig(model_dir=model_dir, rank=0, world_size=world_size,
@@ -157,7 +163,7 @@ def _start_group(model_dir: str | os.PathLike[str], world_size: int, *,
                         backend=backend, device=device, dtype=dtype,
                         layers_per_rank=tuple(layers_per_rank) if layers_per_rank else None,
                         timeout_s=timeout_s, micro_batches=micro_batches, threads=threads,
-                        control_key=key, state_dir=state)
+                        control_key=key, state_dir=state, direct_links=direct_links)
     try:
         rank = join(config, local_check=group.dead)
     except BaseException:

@@ -6,7 +6,8 @@ saved data, heartbeats, cancellation) travels on the *control plane*: a TCP key-
 (``torch.distributed.TCPStore``) whose waits can be sliced and retried, and a gloo group for
 pickled objects. No collective is ever started without a timeout, and no data-plane operation is
 posted before its peer has announced it (see ``sharding.p2p``), so the process-group timeout bounds
-only transfers, never a peer's thinking time.
+only transfers, never a peer's thinking time. CPU groups also open a direct connection between
+every pair of ranks (``sharding.links``), which then carries all their messages.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from cloche.errors import UsageError, WorkerLost
+from cloche.sharding.links import Links, reachable_host
 from cloche.sharding.sealing import store_prefix
 
 __all__ = ["DistConfig", "Layout"]
@@ -54,6 +56,8 @@ class DistConfig:
     threads: int | None = None
     control_key: bytes = field(default=b"", repr=False)
     state_dir: str | None = None  # each rank keeps its save contexts in state_dir/rank-{r}
+    #: CPU (gloo) groups: messages between ranks go over direct connections (sharding.links)
+    direct_links: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.control_key, bytes) or len(self.control_key) < 16:
@@ -142,6 +146,12 @@ class Layout:
             self.object_group = self.tensor_group
         else:
             self.object_group = tdist.new_group(backend="gloo", timeout=timeout)
+        #: this rank's direct connections to the others (CPU groups), else None
+        self.links: Links | None = None
+        if backend == "gloo" and config.direct_links:
+            self.links = Links.open(self.store, self.rank, self.world_size, self.key,
+                                    reachable_host(config.master_addr),
+                                    config.connect_timeout_s)
 
     def _meet(self, timeout: datetime.timedelta) -> None:
         """Wait (bounded) until every rank has reached the store, so the group forms at once."""
@@ -168,6 +178,8 @@ class Layout:
         return tdist.PrefixStore(self._prefix, client)
 
     def close(self) -> None:
+        if self.links is not None:
+            self.links.close()
         if tdist.is_initialized():
             try:
                 tdist.destroy_process_group()

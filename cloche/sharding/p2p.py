@@ -13,22 +13,31 @@ unreceived sends are parked. Every announcement is also listed per command and r
 before the next command each rank receives and drops whatever was announced to it but not
 consumed (:meth:`Channel.drain`), so no stale message is ever matched by a later receive (NCCL
 matches messages by order, not by tag) and parked sends complete.
+
+This is the path of CUDA (NCCL) groups. CPU groups keep the same contract over direct
+connections between the ranks, without the store (:class:`~cloche.sharding.direct.DirectChannel`);
+:func:`open_channel` picks one. Control messages (commands, decisions, light requests) go the
+same way: :meth:`Channel.post` / :meth:`Channel.take`.
 """
 
 from __future__ import annotations
 
 import collections
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as tdist
 
 from cloche.errors import Cancelled, WorkerLost
 from cloche.sharding.control import Aborted, Control
+from cloche.sharding.direct import DirectChannel
 from cloche.sharding.framing import frame, unframe
 
-__all__ = ["Channel"]
+if TYPE_CHECKING:
+    from cloche.sharding.layout import Layout
+
+__all__ = ["AnyChannel", "Channel", "open_channel"]
 
 
 def _tag(key: str) -> int:
@@ -167,3 +176,29 @@ class Channel:
         """An object ``src`` sent with :meth:`send_object`; refused unless its seal verifies."""
         data = self.recv(src, key, abortable=abortable)
         return unframe(self.key, f"obj/{key}", data)
+
+    # ----------------------------------------------------------------- control messages
+    def post(self, dst: int, name: str, payload: bytes) -> None:
+        """A control message (a command, a decision; sealed by the caller): a store key here,
+        which every rank may read (``dst`` is who waits for it)."""
+        self.control.store.set(name, payload)  # type: ignore[arg-type]  # bytes work too
+
+    def take(self, src: int, name: str) -> bytes:
+        """A control message posted under ``name`` (waits, checking liveness, not aborts)."""
+        return self.control.wait(name, abortable=False)
+
+    def done(self, name: str) -> None:
+        """Every reader has taken ``name``: remove it from the store."""
+        self.control.store.delete_key(name)
+
+
+#: what a rank sends and receives through: direct connections on CPU groups, else the store
+AnyChannel = Channel | DirectChannel
+
+
+def open_channel(control: Control, layout: Layout, *, announce: bool = True) -> AnyChannel:
+    """A channel for one thread of this rank (``announce``: see :class:`Channel`)."""
+    if layout.links is not None:
+        return DirectChannel(control, layout.links, layout.rank, layout.device, key=layout.key)
+    return Channel(control, layout.rank, layout.device, layout.tensor_group,
+                   layout.object_group, key=layout.key, announce=announce)

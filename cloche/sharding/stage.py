@@ -13,6 +13,7 @@ other ranks run their shard once per decode step (``sharding.decode``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from cloche.runtime.usercode import backward_objective, run_user_function
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
 from cloche.sharding.decode import Follower, Step, StepRecorder
-from cloche.sharding.p2p import Channel
+from cloche.sharding.p2p import AnyChannel
 from cloche.sharding.plan import ShardPlan
 from cloche.sharding.shard import Ownership, Skeleton, build_shard
 
@@ -63,6 +64,18 @@ TRANSACTIONAL = ("run", "generate", "dataset")
 
 
 OrderKey = tuple[int, int, int, int, int]
+
+_USE_CACHE: dict[type, bool] = {}
+
+
+def _accepts_use_cache(hf_model: Any) -> bool:
+    cls = type(hf_model)
+    if cls not in _USE_CACHE:
+        try:
+            _USE_CACHE[cls] = "use_cache" in inspect.signature(hf_model.forward).parameters
+        except (TypeError, ValueError):
+            _USE_CACHE[cls] = False
+    return _USE_CACHE[cls]
 
 
 @dataclass(frozen=True)
@@ -143,7 +156,7 @@ class Stage:
     """This rank's shard and the code that runs commands on it."""
 
     def __init__(self, sk: Skeleton, plan: ShardPlan, rank: int, device: torch.device,
-                 control: Control, channel: Channel, *, state_dir: str | None = None) -> None:
+                 control: Control, channel: AnyChannel, *, state_dir: str | None = None) -> None:
         self.rank = rank
         self.plan = plan
         self.last = plan.last
@@ -310,6 +323,9 @@ class Stage:
         attachment = self._attachment(plan, info)
         needed = head or grad or self._mode == "generate" or self.local.reads_head(plan)
         extra = head_kwargs(self.hf, needed=needed)
+        if self._mode != "generate" and _accepts_use_cache(self.hf):
+            # one pass builds no KV cache: every rank would build (and fill) its own for nothing
+            extra["use_cache"] = False
         with attachment.attached(), torch.set_grad_enabled(grad):
             return self.hf(input_ids=ids, attention_mask=mask, **extra)
 
@@ -426,7 +442,10 @@ class Stage:
         out = None
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                if self.device.type == "cpu":  # torch.manual_seed also seeds every
+                    torch.default_generator.manual_seed(seed)  # accelerator API (~1 ms)
+                else:
+                    torch.manual_seed(seed)
                 if self.rank == 0:
                     out = self._drive_generation(plan, writes, ids, mask, options)
                 else:

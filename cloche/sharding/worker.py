@@ -37,8 +37,9 @@ from cloche.errors import Aborted, ProtocolError, UsageError, WorkerLost
 from cloche.model.hub import resolve_model
 from cloche.sharding.channel_keys import keys
 from cloche.sharding.control import Control
+from cloche.sharding.framing import unframe
 from cloche.sharding.layout import DistConfig, Layout
-from cloche.sharding.p2p import Channel
+from cloche.sharding.p2p import AnyChannel, open_channel
 from cloche.sharding.sealing import key_from_token, open_sealed
 from cloche.sharding.shard import make_plan, skeleton
 from cloche.sharding.stage import Stage, error_envelope
@@ -57,7 +58,7 @@ class Rank:
     config: DistConfig
     layout: Layout
     control: Control
-    channel: Channel
+    channel: AnyChannel
     stage: Stage
 
     def close(self) -> None:
@@ -75,8 +76,7 @@ def join(config: DistConfig,
     try:
         control = Control(layout.store, layout.new_store_client(), layout.rank,
                           layout.world_size, config.timeout_s, config.heartbeat_s, local_check)
-        channel = Channel(control, layout.rank, layout.device, layout.tensor_group,
-                          layout.object_group, key=layout.key)
+        channel = open_channel(control, layout)
         sk = skeleton(config.model_dir, config.dtype)
         plan = make_plan(sk, layout.world_size, config.layers_per_rank)
         stage = Stage(sk, plan, layout.rank, layout.device, control, channel,
@@ -108,24 +108,28 @@ def _lost_exit(rank: int, grace_s: float = 0.0) -> Callable[[WorkerLost], None]:
     return on_lost
 
 
-def receive_sealed(control: Control, key: bytes, name: str, rank: int) -> Any:
-    """Wait for ``name`` in the store and unpickle it — only if rank 0 sealed it.
+def receive_sealed(channel: AnyChannel, key: bytes, name: str, rank: int, *,
+                   framed: bool = False) -> Any:
+    """Wait for rank 0's control message ``name`` and unpickle it — only if rank 0 sealed it.
 
+    ``framed``: a message of ``sharding.framing`` (a command), else a sealed cloudpickle.
     A payload that is not sealed with the group's key is dropped unread (and said on stderr),
     and the wait goes on: a stranger's write neither runs nor stalls anything.
     """
     while True:
-        raw = control.wait(name, abortable=False)
+        raw = channel.take(0, name)
         try:
+            if framed:
+                return unframe(key, name, torch.frombuffer(bytearray(raw), dtype=torch.uint8))
             payload = open_sealed(key, name, raw)
         except ProtocolError as exc:
             print(f"cloche rank {rank}: {exc}", file=sys.stderr, flush=True)
-            control.store.delete_key(name)
+            channel.done(name)
             continue
         return cloudpickle.loads(payload)
 
 
-def send_reply(channel: Channel, name: str, envelope: dict[str, Any], what: str,
+def send_reply(channel: AnyChannel, name: str, envelope: dict[str, Any], what: str,
                rank: int) -> None:
     """Send an envelope to rank 0; one whose value cannot be pickled becomes a clear error."""
     try:
@@ -149,7 +153,8 @@ def command_loop(rank: Rank) -> int:
     shutting_down = False
     while True:
         try:
-            cmd = receive_sealed(control, rank.layout.key, f"cmd/{seq}", rank.layout.rank)
+            cmd = receive_sealed(channel, rank.layout.key, f"cmd/{seq}", rank.layout.rank,
+                                 framed=True)
             if cmd.op == "shutdown":
                 # Rank 0 may exit, and the control store it hosts with it, once every rank has
                 # departed (or its wait ran out): stop the heartbeat poller now, and read a
@@ -164,9 +169,10 @@ def command_loop(rank: Rank) -> int:
             channel.flush()
             control.end()
             if cmd.txn is not None:  # rank 0 decides once it heard from every rank
-                verdict = control.wait(f"decide/{seq}", abortable=False)
+                verdict = channel.take(0, f"decide/{seq}")
                 stage.settle(seq, verdict == b"1")
-                control.store.add(f"settled/{seq}", 1)  # reads after this see the outcome
+                # reads after this see the outcome
+                channel.post(0, f"settled/{seq}/{rank.layout.rank}", b"1")
         except WorkerLost as exc:
             if not shutting_down:
                 _lost_exit(rank.layout.rank, grace)(exc)
@@ -234,16 +240,15 @@ class LightService(threading.Thread):
         self.control = Control(layout.new_store_client(), None, layout.rank, layout.world_size,
                                rank.config.timeout_s, rank.config.heartbeat_s)
         self.key = layout.key
-        self.channel = Channel(self.control, layout.rank, layout.device, layout.tensor_group,
-                               layout.object_group, key=layout.key, announce=False)
+        self.channel = open_channel(self.control, layout, announce=False)
 
     def run(self) -> None:
         n = 1
         while True:
             try:
                 key = f"light/{self.rank}/{n}"
-                op, kwargs = receive_sealed(self.control, self.key, key, self.rank)
-                self.control.store.delete_key(key)
+                op, kwargs = receive_sealed(self.channel, self.key, key, self.rank)
+                self.channel.done(key)
                 try:
                     reply = {"ok": True, "value": self.stage.light(op, kwargs)}
                 except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
@@ -317,6 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="module:function called on rank 0 with the model")
     parser.add_argument("--state-dir", default=None,
                         help="keep this rank's committed save contexts in STATE_DIR/rank-N")
+    parser.add_argument("--no-direct-links", dest="direct_links", action="store_false",
+                        help="CPU ranks talk through the control store and gloo (as CUDA"
+                             " groups do) instead of direct connections; every rank alike")
     return parser.parse_args(argv)
 
 
@@ -339,7 +347,8 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                     backend: str | None = None, device: str | None = None,
                     dtype: str | None = None, timeout_s: float = 60.0, micro_batches: int = 1,
                     threads: int | None = None, store_port_offset: int = 1,
-                    token: str | None = None, state_dir: str | None = None) -> DistConfig:
+                    token: str | None = None, state_dir: str | None = None,
+                    direct_links: bool = True) -> DistConfig:
     """The entry point's one look at the environment torchrun (or the launcher) prepared.
 
     ``token`` is the server token when the caller read it elsewhere (``--token-file``).
@@ -365,7 +374,8 @@ def config_from_env(env: dict[str, str], *, model_dir: str, layers_per_rank: str
                       backend=backend, device=device, local_rank=local_rank, dtype=dtype,
                       layers_per_rank=layers, timeout_s=timeout_s,
                       micro_batches=micro_batches, threads=threads,
-                      control_key=control_key(env, token), state_dir=state_dir)
+                      control_key=control_key(env, token), state_dir=state_dir,
+                      direct_links=direct_links)
 
 
 def model_directory(model: str, revision: str | None = None) -> str:
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         layers_per_rank=args.layers_per_rank,
         backend=args.backend, device=args.device, dtype=args.dtype, timeout_s=args.timeout,
         micro_batches=args.micro_batches, threads=args.threads,
-        store_port_offset=args.store_port_offset, state_dir=args.state_dir)
+        store_port_offset=args.store_port_offset, state_dir=args.state_dir,
+        direct_links=args.direct_links)
     return run_rank(config, _import(args.serve) if args.serve else None)
 
 

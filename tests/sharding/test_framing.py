@@ -64,3 +64,18 @@ def test_a_message_sealed_under_another_name_or_key_is_refused() -> None:
         unframe(KEY, "obj/2/res/1", message)
     with pytest.raises(ProtocolError):
         unframe(b"j" * 32, "obj/1/res/1", message)
+
+
+def test_code_travels_by_value_with_its_captured_tensors_beside_the_pickle() -> None:
+    vector = torch.randn(16)
+
+    def steer(ctx: object, x: torch.Tensor) -> torch.Tensor:  # a closure, as in a notebook
+        return x + vector
+
+    message = frame(KEY, "cmd/1", {"probe": steer, "ids": torch.arange(8)}, code=True)
+    assert message.numel() > vector.numel() * 4  # the vector's bytes are in the message
+    got = unframe(KEY, "cmd/1", message)
+    assert torch.equal(got["probe"](None, torch.zeros(16)), vector)
+    assert torch.equal(got["ids"], torch.arange(8))
+    with pytest.raises(ProtocolError):
+        unframe(KEY, "cmd/2", message)
