@@ -14,6 +14,7 @@ from tests.conftest_server import (  # noqa: F401
     server_model_dir,
     server_token,
 )
+from tests.needs import missing
 from tests.threads import TORCH_THREADS
 from tests.tiny_models import save_tiny
 
@@ -58,6 +59,17 @@ def _torch_threads(_torch_threads_for_the_session):
     torch.set_num_threads(TORCH_THREADS)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def needs_shared_memory():
+    """The shared-memory tests need what cloche's same-host path needs; elsewhere it stays on
+    TCP, and under CI (Linux) their absence is a failure, not a silent skip."""
+    from cloche.wire import shm
+
+    if not shm.available():
+        missing("same-host shared memory needs Linux with memfd_create, file seals and /proc"
+                " (on other platforms cloche stays on TCP)")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from cloche.wire.transport import FramedSocket
 
 from tests.server.helpers import InProcessServer, raw_socket, wait_for
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs Linux memfd and /proc")
+pytestmark = pytest.mark.usefixtures("needs_shared_memory")
 
 N = 1 << 18  # float32 elements: 1 MiB, over the threshold
 

@@ -21,7 +21,7 @@ from cloche.wire.transport import FramedSocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs Linux memfd and /proc")
+pytestmark = pytest.mark.usefixtures("needs_shared_memory")
 
 BIG = shm.THRESHOLD
 
