@@ -61,13 +61,7 @@ def join_entries(values: list[torch.Tensor], mode: str, key: str, ops: list[Op] 
 
 def entries(store: SaveStore, name: str, key: str) -> list[torch.Tensor]:
     """The committed entries under ``key`` (a copy of the list, not of the tensors)."""
-    with store.lock:
-        ctx = store.find(name)
-        values = None if ctx is None else ctx.entries.get(key)
-        if values is None:
-            keys = [] if ctx is None else sorted(ctx.entries)
-            raise UsageError(f"save context {name!r} has no key {key!r} (keys: {keys})")
-        return list(values)
+    return entries_of(store, name, [key])[key]
 
 
 def entries_of(store: SaveStore, name: str, keys: list[str] | None
@@ -79,8 +73,8 @@ def entries_of(store: SaveStore, name: str, keys: list[str] | None
         wanted = sorted(held) if keys is None else list(dict.fromkeys(keys))
         missing = [key for key in wanted if key not in held]
         if missing:
-            raise UsageError(f"save context {name!r} has no key(s) {missing}"
-                             f" (keys: {sorted(held)})")
+            named = repr(missing[0]) if len(missing) == 1 else str(missing)
+            raise UsageError(f"save context {name!r} has no key {named} (keys: {sorted(held)})")
         return {key: list(held[key]) for key in wanted}
 
 
